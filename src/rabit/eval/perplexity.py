@@ -1,0 +1,53 @@
+"""Perplexity over non-overlapping windows (the usual WikiText-2 protocol)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: int | None = None,
+               max_windows: int | None = None, batch_size: int = 1, progress: bool = False,
+               autocast_dtype: torch.dtype | None = None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens of a 1-D token stream.
+
+    The tail shorter than a window is dropped, as in the common GPTQ-style protocol. With bos_token_id, each
+    window is prefixed by BOS (then every token of the window is scored), which some models (Llama 2, Gemma) expect.
+    max_windows limits the evaluation to the first windows, for quick checks.
+    """
+    if tokens.ndim != 1:
+        raise ValueError(f"expected a 1-D token stream, got shape {tuple(tokens.shape)}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    n = tokens.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {seq_len}")
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        n = min(n, max_windows)
+    windows = tokens[: n * seq_len].view(n, seq_len)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll_sum, count = 0.0, 0
+    try:
+        for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
+            batch = batch.to(device)
+            if bos_token_id is not None:
+                batch = torch.cat([batch.new_full((batch.shape[0], 1), bos_token_id), batch], dim=1)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                logits = model(input_ids=batch, use_cache=False).logits
+            # With BOS every real token is scored (the first one given BOS); without, all but the first.
+            pred = logits[:, :-1].float()
+            target = batch[:, 1:]
+            nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+                                                    reduction="sum")
+            nll_sum += nll.item()
+            count += target.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(nll_sum / count)

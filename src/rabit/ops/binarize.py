@@ -10,8 +10,7 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     torch.sign maps 0 to 0, which would drop a weight from every path; +1 keeps B_i strictly binary so that
     it packs into one bit.
     """
-    return torch.where(x >= 0, torch.ones((), dtype=x.dtype, device=x.device),
-                       -torch.ones((), dtype=x.dtype, device=x.device))
+    return (x >= 0).to(x.dtype).mul_(2).sub_(1)
 
 
 def ste_mask(latent: torch.Tensor, bound: torch.Tensor | None, clip: float) -> torch.Tensor | None:

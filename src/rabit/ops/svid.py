@@ -23,27 +23,33 @@ def reconstruct(paths: list[Path]) -> torch.Tensor:
     return out
 
 
-def rank1_nonnegative(m: torch.Tensor, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+def rank1_nonnegative(m: torch.Tensor, iters: int = 30, v0: torch.Tensor | None = None,
+                      tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-1 approximation u v^T of a non-negative matrix, with u, v >= 0.
 
     By Perron-Frobenius the leading singular vectors of a non-negative matrix can be taken non-negative, so
     power iteration started from a positive vector stays non-negative. Non-negative matrices have a large
     spectral gap, so a few dozen iterations reach the SVD's answer to float precision (tested against SVD);
-    this is much cheaper than a full SVD of an 11008 x 4096 matrix. The singular value is split evenly
-    (u = sqrt(s) * left, v = sqrt(s) * right).
+    this is much cheaper than a full SVD of an 11008 x 4096 matrix. It stops early once v moves by less than
+    `tol`; `v0` warm-starts it (iterative residual SVID passes the previous fit's h). The singular value is
+    split evenly (u = sqrt(s) * left, v = sqrt(s) * right).
     """
     if m.ndim != 2:
         raise ValueError(f"rank1_nonnegative needs a 2-D matrix, got shape {tuple(m.shape)}")
     m = m.to(torch.float32)
-    v = m.mean(dim=0)
+    v = m.mean(dim=0) if v0 is None or not torch.any(v0 > 0) else v0.to(torch.float32).clamp_min(0)
     if not torch.any(v > 0):
         return m.new_zeros(m.shape[0]), m.new_zeros(m.shape[1])
     v = v / v.norm()
     for _ in range(iters):
         u = m @ v
         u = u / u.norm().clamp_min(1e-30)
-        v = m.T @ u
-        v = v / v.norm().clamp_min(1e-30)
+        v_next = m.T @ u
+        v_next = v_next / v_next.norm().clamp_min(1e-30)
+        done = (v_next - v).norm() < tol
+        v = v_next
+        if done:
+            break
     u = m @ v
     s = u.norm()
     u = u / s.clamp_min(1e-30)
@@ -51,17 +57,18 @@ def rank1_nonnegative(m: torch.Tensor, iters: int = 30) -> tuple[torch.Tensor, t
     return (root * u).clamp_min(0), (root * v).clamp_min(0)
 
 
-def svid(w: torch.Tensor, iters: int = 30) -> Path:
+def svid(w: torch.Tensor, iters: int = 30, v0: torch.Tensor | None = None, check: bool = True) -> Path:
     """Sign-Value-Independent Decomposition: w ~ g * sign(w) * h with (g, h) the rank-1 factors of |w|.
 
     For non-negative g, h the sign is the optimal B for any magnitudes, and then ||w - g B h||_F = ||(|w| -
     g h^T)||_F, which the best rank-1 approximation of |w| minimizes: the pair is the exact optimum of a
     single path (up to the power iteration's convergence).
     """
-    _check_matrix(w)
+    if check:
+        _check_matrix(w)
     w = w.to(torch.float32)
     B = binarize(w)
-    g, h = rank1_nonnegative(w.abs(), iters)
+    g, h = rank1_nonnegative(w.abs(), iters, v0)
     return g, B, h
 
 
@@ -104,18 +111,17 @@ def iterative_residual_svid(
     """
     w = w.to(torch.float32)
     paths = residual_svid(w, num_paths, iters)
-    approx = reconstruct(paths)
+    mats = [path_matrix(*p) for p in paths]
+    approx = torch.stack(mats).sum(0) if num_paths > 1 else mats[0].clone()
     errors = [torch.linalg.matrix_norm(w - approx).item()]
     for _ in range(rounds):
         for i in range(num_paths):
-            others = approx - path_matrix(*paths[i])
-            target = w - others
-            candidate = svid(target, iters)
-            old_err = torch.linalg.matrix_norm(target - path_matrix(*paths[i]))
-            new_err = torch.linalg.matrix_norm(target - path_matrix(*candidate))
-            if new_err <= old_err:
-                paths[i] = candidate
-            approx = others + path_matrix(*paths[i])
+            target = w - (approx - mats[i])
+            candidate = svid(target, iters, v0=paths[i][2], check=False)
+            cand_mat = path_matrix(*candidate)
+            if torch.linalg.matrix_norm(target - cand_mat) <= torch.linalg.matrix_norm(target - mats[i]):
+                approx = approx + (cand_mat - mats[i])
+                paths[i], mats[i] = candidate, cand_mat
         errors.append(torch.linalg.matrix_norm(w - approx).item())
     return (paths, errors) if return_errors else paths
 

@@ -21,7 +21,7 @@ def add_parser(sub):
     p.add_argument("--alpha-in", type=float, default=RaBiTConfig.alpha_in)
     p.add_argument("--alpha-out", type=float, default=RaBiTConfig.alpha_out)
     p.add_argument("--calib-source", default="wikitext2-valid")
-    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--eval-source", default="wikitext2-test")
     p.add_argument("--seq-len", type=int, default=2048)

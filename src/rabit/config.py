@@ -41,8 +41,8 @@ class RaBiTConfig:
     init: str = "isvid"
     isvid_rounds: int = 4
     precondition: bool = True
-    alpha_in: float = 0.5
-    alpha_out: float = 0.25
+    alpha_in: float = 1.0
+    alpha_out: float = 0.5
     ste: str = "identity"
     ste_clip: float = 1.0
     latent_init: str = "weight"

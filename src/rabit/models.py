@@ -94,7 +94,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     try:
         if is_rabit_folder(path):
             from .serialization import load_quantized  # packed 2-bit folders
-            model = load_quantized(path, device=device)
+            model = load_quantized(path, device=device, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:

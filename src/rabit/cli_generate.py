@@ -1,0 +1,63 @@
+"""`rabit generate PATH --prompt "..."`: stream text from a (packed 2-bit or full-precision) model, report tokens/s."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="generate text from a saved model (static KV cache), print tokens/s")
+    p.add_argument("path", help="a folder written by rabit.save_quantized / `rabit quantize`, or any HF model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (slow to compile on CPU; see docs/INFERENCE.md)")
+    p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"],
+                   help="kernel backend of the packed layers")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from .generate import generate
+    from .models import load_model
+    from .serialization import packed_layers
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.path, device=args.device)
+    for m in packed_layers(model).values():
+        m.backend = args.backend
+    load_s = time.perf_counter() - t0
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if not args.no_stream:
+        write(args.prompt)
+    res = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=None if args.no_stream else write,
+                   compile=args.compile, chat=args.chat, stop_at_eos=not args.ignore_eos)
+    if args.no_stream:
+        write(args.prompt + res.text)
+    write("\n")
+    r = res.result
+    kind = "2-bit rabit" if packed_layers(model) else "full precision"
+    print(f"[{kind}; load {load_s:.1f} s; prompt {r.prompt_tokens} tokens in {r.prefill_s * 1e3:.0f} ms; "
+          f"{len(r.tokens)} new tokens; decode {r.tokens_per_s:.1f} tokens/s; {torch.get_num_threads()} threads]",
+          file=sys.stderr)
+    return 0

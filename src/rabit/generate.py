@@ -1,0 +1,557 @@
+"""Fast batch-1 text generation with a static KV cache (gpt-fast style), for full-precision and packed models.
+
+Two decoders share one interface (``prefill(ids) -> logits``, ``step(token) -> logits``, ``reset()``):
+
+* ``StaticDecoder``: a lean forward over the model's *own* modules (embeddings, norms, projections, MLP,
+  rotary embedding) for Llama-family models (llama, mistral without sliding window, qwen2, qwen3). The KV
+  cache is one preallocated tensor per layer; decoding attends to the filled prefix only, with the query
+  heads of each KV group stacked as rows (no GQA repeat, no mask). Every linear is called as a module, so
+  ``nn.Linear``, ``RaBiTLinear`` and ``PackedRaBiTLinear`` all work, and the logits match the Hugging Face
+  forward to float rounding. ``compile=True`` switches to fixed-shape attention over the whole cache with a
+  position mask and wraps the step in ``torch.compile``.
+* ``HFStaticDecoder``: any other causal LM, through ``model(...)`` with transformers' ``StaticCache``.
+
+``make_decoder`` picks one; ``generate`` runs prompt -> text (streaming through a callback) and reports
+tokens/s; ``decode_tokens`` is the timing core the benchmarks use.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LEAN_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def lean_supported(model: nn.Module) -> tuple[bool, str]:
+    """Whether StaticDecoder can run this model, and why not."""
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in _LEAN_TYPES:
+        return False, f"model_type {mtype!r} is not one of {_LEAN_TYPES}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return False, "no model.model.layers / rotary_emb"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return False, "sliding-window attention layers"
+    if mtype == "mistral" and getattr(cfg, "sliding_window", None):
+        return False, "sliding-window attention"
+    if getattr(model, "lm_head", None) is None:
+        return False, "no lm_head"
+    return True, ""
+
+
+def _fast_norm(norm: nn.Module):
+    """F.rms_norm for the usual RMSNorm modules (weight * x / rms(x), computed in fp32), else the module itself."""
+    w = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if type(norm).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm") \
+            or w is None or eps is None or w.dim() != 1:
+        return norm
+    shape = (w.shape[0],)
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return F.rms_norm(x, shape, w, eps)
+        return norm(x)
+
+    return rms
+
+
+def _with_threads(fn, threads: int):
+    def call(x):
+        torch.set_num_threads(threads)
+        try:
+            return fn(x)
+        finally:
+            torch.set_num_threads(1)
+
+    return call
+
+
+_GEMV_OP = None
+
+
+def _gemv_op():
+    """The native CPU kernel as a torch custom op (rabit::linear_cpu), so torch.compile keeps one graph."""
+    global _GEMV_OP
+    if _GEMV_OP is None:
+        from .kernels.cpu import rabit_linear_cpu
+
+        @torch.library.custom_op("rabit::linear_cpu", mutates_args=())
+        def linear_cpu(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+                       bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+            return rabit_linear_cpu(x, packed, g, h, bias, num_threads=threads)
+
+        @linear_cpu.register_fake
+        def _(x, packed, g, h, bias, threads):
+            return x.new_empty(*x.shape[:-1], g.shape[-1])
+
+        _GEMV_OP = linear_cpu
+    return _GEMV_OP
+
+
+def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False):
+    """A callable x -> mod(x) for the decode loop, using `threads` threads for the matrix-vector product.
+
+    PackedRaBiTLinear layers whose backend resolves to the native CPU kernel call it directly with `threads`
+    (skipping the per-call dispatch); nn.Linear and anything else run under torch.set_num_threads(threads)
+    when the rest of the step runs single-threaded (serial=True).
+    """
+    from .packed import PackedRaBiTLinear
+
+    if isinstance(mod, PackedRaBiTLinear) and mod.packed.device.type == "cpu":
+        from . import kernels
+
+        probe = torch.zeros(1, mod.in_features)
+        try:
+            backend = kernels.select_backend(probe, mod.backend)
+        except (ValueError, RuntimeError):
+            backend = None
+        if backend == "cpu":
+            from .kernels.cpu import rabit_linear_cpu
+
+            packed, g, h, bias = mod.packed, mod.g, mod.h, mod.bias
+            if compile:
+                op = _gemv_op()
+                return lambda x: op(x, packed, g, h, bias, threads)
+            return lambda x: rabit_linear_cpu(x, packed, g, h, bias, num_threads=threads)
+    if type(mod) is nn.Linear:
+        w, b = mod.weight, mod.bias
+        fn = lambda x: F.linear(x, w, b)  # noqa: E731
+    else:
+        fn = mod
+    return _with_threads(fn, threads) if serial else fn
+
+
+def _mlp_fn(mlp: nn.Module, threads: int, serial: bool, compile: bool = False):
+    """down(act(gate(x)) * up(x)) with fast linears, for the usual gated MLP; else the module itself."""
+    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    if any(p is None for p in parts) or type(mlp).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP",
+                                                                     "Qwen3MLP"):
+        return _with_threads(mlp, threads) if serial else mlp
+    gate, up, down = (_linear_fn(p, threads, serial, compile) for p in parts[:3])
+    act = parts[3]
+    return lambda x: down(act(gate(x)) * up(x))
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    emb = model.get_input_embeddings()
+    return emb.weight.dtype
+
+
+class StaticDecoder:
+    """gpt-fast style decoding over a Llama-family Hugging Face model, batch 1, static KV cache.
+
+    max_len: prompt + new tokens capacity. compile: torch.compile the one-token step (fixed shapes).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, compile: bool = False, dtype: torch.dtype | None = None,
+                 threads: int | None = None, serial_small_ops: bool = True):
+        ok, why = lean_supported(model)
+        if not ok:
+            raise ValueError(f"StaticDecoder does not support this model: {why}")
+        cfg = model.config
+        self.model = model
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.max_len = int(max_len)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.groups = self.n_heads // self.n_kv
+        self.dtype = dtype or _model_dtype(model)
+        self.device = model.get_input_embeddings().weight.device
+        self.scaling = [getattr(l.self_attn, "scaling", self.head_dim ** -0.5) for l in self.layers]
+        self.q_norms = [getattr(l.self_attn, "q_norm", None) for l in self.layers]
+        self.k_norms = [getattr(l.self_attn, "k_norm", None) for l in self.layers]
+        shape = (1, self.n_kv, self.max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        with torch.no_grad():
+            pos = torch.arange(self.max_len, device=self.device)[None]
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = self.inner.rotary_emb(probe, pos)
+        self.cos = cos[0].to(self.dtype).contiguous()   # (max_len, head_dim)
+        self.sin = sin[0].to(self.dtype).contiguous()
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == x.roll(half) * sin_signed: one op instead of two slices, a neg and a cat
+        self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1).contiguous()
+        self.half = half
+        self.in_norms = [_fast_norm(l.input_layernorm) for l in self.layers]
+        self.post_norms = [_fast_norm(l.post_attention_layernorm) for l in self.layers]
+        self.final_norm = _fast_norm(self.inner.norm)
+        self.pos = 0
+        # Batch-1 decoding: the elementwise ops, norms and the attention over the cache are tiny, and waking
+        # OpenMP threads for them costs more than it saves (badly so on a busy machine); only the GEMVs use
+        # `threads` (default: torch.get_num_threads() at construction).
+        self.threads = threads or torch.get_num_threads()
+        # (torch.compile traces one graph per step: no thread switching there, and the native kernel is called
+        # through a registered custom op so that it does not break the graph)
+        self.compiled = bool(compile)
+        self.serial = bool(serial_small_ops) and self.threads > 1 and self.device.type == "cpu" and not compile
+        self.lin = [{n: _linear_fn(getattr(l.self_attn, n + "_proj"), self.threads, self.serial, compile)
+                     for n in ("q", "k", "v", "o")} for l in self.layers]
+        self.mlp = [_mlp_fn(l.mlp, self.threads, self.serial, compile) for l in self.layers]
+        self.head = _linear_fn(self.model.lm_head, self.threads, self.serial, compile)
+        self._step_fn = self._step_masked
+        if compile:
+            self._arange = torch.arange(self.max_len, device=self.device)
+            self._step_fn = torch.compile(self._step_masked, dynamic=False)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    # --------------------------------------------------------------------------------------------- internals
+    def _decode_one(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token at position `pos`: the hot loop, with as few tensor ops as possible."""
+        if not self.serial:
+            return self._decode_one_impl(ids, pos)
+        torch.set_num_threads(1)
+        try:
+            return self._decode_one_impl(ids, pos)
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def _decode_one_impl(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        end = pos + 1
+        x = self.inner.embed_tokens(ids).to(self.dtype)          # (1, 1, hidden)
+        cos, sin = self.cos[pos], self.sin_signed[pos]
+        H, KV, G, D, half = self.n_heads, self.n_kv, self.groups, self.head_dim, self.half
+        for i in range(len(self.layers)):
+            lin = self.lin[i]
+            h = self.in_norms[i](x)
+            q = lin["q"](h).view(H, D)
+            k = lin["k"](h).view(KV, D)
+            v = lin["v"](h).view(KV, D)
+            if self.q_norms[i] is not None:
+                q = self.q_norms[i](q)
+                k = self.k_norms[i](k)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            kc, vc = self.k_cache[i][0], self.v_cache[i][0]        # (KV, max_len, D)
+            kc[:, pos] = k
+            vc[:, pos] = v
+            scores = torch.matmul(q.view(KV, G, D), kc[:, :end].transpose(1, 2))   # (KV, G, end)
+            probs = torch.softmax(scores.mul_(self.scaling[i]), dim=-1, dtype=torch.float32).to(v.dtype)
+            o = torch.matmul(probs, vc[:, :end])                   # (KV, G, D)
+            x = x + lin["o"](o.view(1, 1, H * D))
+            x = x + self.mlp[i](self.post_norms[i](x))
+        return self.head(self.final_norm(x))
+
+    def _qkv(self, i: int, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        T = h.shape[1]
+        attn = layer.self_attn
+        q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim)
+        k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim)
+        v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim)
+        if self.q_norms[i] is not None:
+            q = self.q_norms[i](q)
+            k = self.k_norms[i](k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (1, heads, T, D)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _forward(self, ids: torch.Tensor, start: int, last_only: bool) -> torch.Tensor:
+        T = ids.shape[1]
+        end = start + T
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the decoder's max_len {self.max_len}")
+        x = self.inner.embed_tokens(ids).to(self.dtype)
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        mask = None
+        if T > 1 and start > 0:   # a chunk after earlier tokens: causal within the chunk, full to the past
+            mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(i, layer, h, cos, sin)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[:, :, start:end] = k
+            vc[:, :, start:end] = v
+            keys, values = kc[:, :, :end], vc[:, :, :end]
+            if T == 1:
+                # (1, kv, groups, D): all query heads of one KV head attend at the same position, no mask needed
+                qg = q.reshape(1, self.n_kv, self.groups, self.head_dim)
+                o = F.scaled_dot_product_attention(qg, keys, values, scale=self.scaling[i])
+                o = o.reshape(1, 1, self.n_heads * self.head_dim)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                   scale=self.scaling[i], enable_gqa=self.groups > 1)
+                o = o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim)
+            x = x + layer.self_attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if last_only:
+            x = x[:, -1:]
+        x = self.inner.norm(x)
+        return self.model.lm_head(x)
+
+    def _step_masked(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token at position `pos` (0-d long tensor) with fixed shapes (for torch.compile): attends to the
+        whole cache with a mask."""
+        x = self.inner.embed_tokens(ids).to(self.dtype)
+        idx = pos.view(1)
+        cos = self.cos.index_select(0, idx)
+        sin = self.sin_signed.index_select(0, idx)
+        valid = (self._arange <= pos).view(1, 1, self.max_len)
+        H, KV, G, D, half = self.n_heads, self.n_kv, self.groups, self.head_dim, self.half
+        for i in range(len(self.layers)):
+            lin = self.lin[i]
+            h = self.in_norms[i](x)
+            q = lin["q"](h).view(H, D)
+            k = lin["k"](h).view(KV, D)
+            v = lin["v"](h).view(KV, D)
+            if self.q_norms[i] is not None:
+                q = self.q_norms[i](q)
+                k = self.k_norms[i](k)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            kc, vc = self.k_cache[i][0], self.v_cache[i][0]
+            kc.index_copy_(1, idx, k.view(KV, 1, D))
+            vc.index_copy_(1, idx, v.view(KV, 1, D))
+            scores = torch.matmul(q.view(KV, G, D), kc.transpose(1, 2)) * self.scaling[i]
+            scores = scores.masked_fill(~valid, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+            o = torch.matmul(probs, vc)
+            x = x + lin["o"](o.view(1, 1, H * D))
+            x = x + self.mlp[i](self.post_norms[i](x))
+        return self.head(self.final_norm(x))
+
+    # ------------------------------------------------------------------------------------------------- API
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Feed prompt tokens (1, T) after the current position; returns logits (1, T or 1, vocab)."""
+        ids = ids.to(self.device).view(1, -1)
+        out = self._forward(ids, self.pos, last_only=not all_logits)
+        self.pos += ids.shape[1]
+        return out
+
+    @torch.inference_mode()
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token; returns its logits (1, 1, vocab)."""
+        if self.pos >= self.max_len:
+            raise ValueError(f"the KV cache is full ({self.max_len} tokens)")
+        ids = torch.as_tensor(token, device=self.device).view(1, 1)
+        if self.compiled:
+            out = self._step_fn(ids, torch.tensor(self.pos, device=self.device))
+        else:
+            out = self._decode_one(ids, self.pos)
+        self.pos += 1
+        return out
+
+
+class HFStaticDecoder:
+    """Generic fallback: the model's own forward with transformers' StaticCache."""
+
+    def __init__(self, model: nn.Module, max_len: int, compile: bool = False):
+        from transformers import StaticCache
+
+        self.model = model
+        self.max_len = int(max_len)
+        self.device = model.get_input_embeddings().weight.device
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        self.pos = 0
+        self.compiled = bool(compile)
+        self._fwd = torch.compile(model.forward, dynamic=False) if compile else model.forward
+
+    def reset(self) -> None:
+        with torch.inference_mode():
+            self.cache.reset()
+        self.pos = 0
+
+    def _run(self, ids: torch.Tensor, fwd) -> torch.Tensor:
+        T = ids.shape[1]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"sequence of {self.pos + T} tokens exceeds the decoder's max_len {self.max_len}")
+        cache_position = torch.arange(self.pos, self.pos + T, device=self.device)
+        out = fwd(input_ids=ids, past_key_values=self.cache, cache_position=cache_position,
+                  position_ids=cache_position[None], use_cache=True)
+        self.pos += T
+        return out.logits
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        logits = self._run(ids.to(self.device).view(1, -1), self.model.forward)
+        return logits if all_logits else logits[:, -1:]
+
+    @torch.inference_mode()
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        return self._run(torch.as_tensor(token, device=self.device).view(1, 1), self._fwd)
+
+
+def make_decoder(model: nn.Module, max_len: int, compile: bool = False, lean: bool | None = None):
+    """StaticDecoder for Llama-family models (lean=None/True), else HFStaticDecoder."""
+    if lean is None:
+        lean = lean_supported(model)[0]
+    if lean:
+        return StaticDecoder(model, max_len, compile=compile)
+    return HFStaticDecoder(model, max_len, compile=compile)
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """Next token id from (..., vocab) logits (last position): greedy when temperature <= 0."""
+    logits = logits.reshape(-1, logits.shape[-1])[-1].float()
+    if temperature is None or temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) > top_p   # keep the smallest prefix with mass >= top_p
+        logits = logits.scatter(0, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]                 # generated ids (without the prompt)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float                   # time for the tokens after the first one
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decoding speed: generated tokens after the first (whose time is the prefill) per second."""
+        n = len(self.step_times)
+        return n / self.decode_s if self.decode_s > 0 and n else float("nan")
+
+
+def decode_tokens(decoder, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+                  generator: torch.Generator | None = None,
+                  on_token: Callable[[int], None] | None = None) -> DecodeResult:
+    """Prefill `input_ids` (1, T), then generate up to `max_new_tokens`. The decoder is reset first.
+
+    The first new token comes from the prefill logits; each further one costs one `step`, timed individually.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    ids = torch.as_tensor(input_ids).view(1, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty (0 tokens)")
+    eos = set()
+    if eos_token_id is not None:
+        eos = set(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else {int(eos_token_id)}
+    decoder.reset()
+    t0 = time.perf_counter()
+    logits = decoder.prefill(ids)
+    out: list[int] = []
+    steps: list[float] = []
+    prefill_s = 0.0
+    if max_new_tokens > 0:
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        prefill_s = time.perf_counter() - t0
+        out.append(tok)
+        if on_token:
+            on_token(tok)
+        while len(out) < max_new_tokens and tok not in eos:
+            t = time.perf_counter()
+            logits = decoder.step(tok)
+            tok = sample(logits, temperature, top_k, top_p, generator)
+            steps.append(time.perf_counter() - t)
+            out.append(tok)
+            if on_token:
+                on_token(tok)
+    else:
+        prefill_s = time.perf_counter() - t0
+    return DecodeResult(out, ids.shape[1], prefill_s, sum(steps), steps)
+
+
+class TextStreamer:
+    """Incremental detokenization: calls `write(text)` with each new printable piece."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):       # an incomplete UTF-8 sequence: wait for the next token
+            return
+        if len(text) > self.printed:
+            self.write(text[self.printed:])
+            self.printed = len(text)
+
+    def flush(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.write(text[self.printed:])
+            self.printed = len(text)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    result: DecodeResult
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.result.tokens_per_s
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=False)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return torch.as_tensor(ids).view(1, -1)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0 and tokenizer.bos_token_id is not None:
+        ids = torch.tensor([[tokenizer.bos_token_id]])
+    return ids
+
+
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stream: Callable[[str], None] | None = None, compile: bool = False, chat: bool = False,
+             stop_at_eos: bool = True, decoder=None) -> GenerationResult:
+    """Generate text for `prompt` (greedy unless temperature > 0), streaming pieces to `stream` if given."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    ids = encode_prompt(tokenizer, prompt, chat)
+    if decoder is None:
+        decoder = make_decoder(model, ids.shape[1] + max_new_tokens, compile=compile)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+    streamer = TextStreamer(tokenizer, stream) if stream else None
+    res = decode_tokens(decoder, ids, max_new_tokens, temperature, top_k, top_p,
+                        eos_token_id=tokenizer.eos_token_id if stop_at_eos else None, generator=gen,
+                        on_token=streamer)
+    if streamer:
+        streamer.flush()
+    text = tokenizer.decode(res.tokens, skip_special_tokens=True)
+    return GenerationResult(text, res)
+
+
+__all__ = ["StaticDecoder", "HFStaticDecoder", "make_decoder", "lean_supported", "sample", "decode_tokens",
+           "DecodeResult", "generate", "GenerationResult", "TextStreamer", "encode_prompt"]

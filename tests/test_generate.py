@@ -1,0 +1,118 @@
+"""Static-cache decoding: logits match the Hugging Face forward; sampling; the generate / bench CLIs."""
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from rabit.generate import (HFStaticDecoder, StaticDecoder, TextStreamer, decode_tokens, generate, lean_supported,
+                            make_decoder, sample)
+
+IDS = torch.tensor([[1, 5, 9, 33, 17, 2, 60, 71, 8, 90, 4, 3]])
+
+
+def _packed_tiny(scale_dtype=torch.float32, vocab_size=96):
+    from rabit import RaBiTConfig, quantize_
+    from rabit.serialization import pack_model_
+
+    model = make_tiny_llama(vocab_size=vocab_size)
+    quantize_(model, RaBiTConfig(precondition=False, init="svid", isvid_rounds=0))
+    return pack_model_(model.eval(), scale_dtype=scale_dtype)
+
+
+def _incremental(decoder, ids, split):
+    outs = [decoder.prefill(ids[:, :split], all_logits=True)]
+    for t in ids[0, split:]:
+        outs.append(decoder.step(int(t)))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cls", [StaticDecoder, HFStaticDecoder])
+def test_decoder_logits_match_hf_forward(cls, packed):
+    model = _packed_tiny() if packed else make_tiny_llama()
+    with torch.no_grad():
+        ref = model(IDS).logits
+    dec = cls(model, max_len=16)
+    torch.testing.assert_close(_incremental(dec, IDS, 5), ref, rtol=0, atol=1e-4)
+    dec.reset()   # reuse after reset, prompt given in two chunks
+    dec.prefill(IDS[:, :3])
+    torch.testing.assert_close(dec.prefill(IDS[:, 3:], all_logits=True), ref[:, 3:], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="max_len"):
+        dec.prefill(torch.ones(1, 8, dtype=torch.long))
+
+
+def test_greedy_generation_matches_transformers_generate():
+    from rabit.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=512)
+    prompt = "It is a truth universally acknowledged"
+    res = generate(model, tok, prompt, max_new_tokens=12, stop_at_eos=False)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert res.result.tokens == hf[0, ids.shape[1]:].tolist()
+    assert res.text == tok.decode(res.result.tokens, skip_special_tokens=True)
+    assert len(res.result.step_times) == 11 and res.tokens_per_s > 0
+    assert lean_supported(model)[0] and isinstance(make_decoder(model, 8), StaticDecoder)
+
+
+def test_sampling_options():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5]])
+    assert sample(logits) == 1
+    assert sample(logits, temperature=1.0, top_k=1) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, temperature=1.0, top_k=2, generator=g) for _ in range(50)}
+    assert draws == {1, 3}
+    draws = {sample(logits, temperature=1.0, top_p=0.5, generator=g) for _ in range(20)}
+    assert draws == {1}
+    model = make_tiny_llama()
+    dec = StaticDecoder(model, 24)
+    a = decode_tokens(dec, IDS[:, :4], 8, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3))
+    b = decode_tokens(dec, IDS[:, :4], 8, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3))
+    assert a.tokens == b.tokens and len(a.tokens) == 8
+    stop = decode_tokens(dec, IDS[:, :4], 8, eos_token_id=a.tokens[0])
+    assert decode_tokens(dec, IDS[:, :4], 8).tokens[0] != a.tokens[0] or len(stop.tokens) == 1
+    with pytest.raises(ValueError, match="temperature"):
+        decode_tokens(dec, IDS[:, :4], 4, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        decode_tokens(dec, IDS[:, :4], 4, temperature=1, top_p=1.5)
+
+
+def test_streamer_waits_for_complete_characters():
+    from rabit.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok("café — naïve").input_ids
+    pieces = []
+    s = TextStreamer(tok, pieces.append)
+    for i in ids:
+        s(i)
+    s.flush()
+    assert "".join(pieces) == "café — naïve" and not any("\ufffd" in p for p in pieces)
+
+
+def test_generate_cli_on_saved_packed_model(tmp_path, capsys):
+    from rabit.cli import main
+    from rabit.serialization import save_quantized
+    from rabit.testing import tiny_tokenizer
+
+    model = _packed_tiny(torch.float16, vocab_size=512)   # the tiny tokenizer's vocabulary
+    save_quantized(model, tmp_path / "m", tokenizer=tiny_tokenizer())
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "Elizabeth", "--max-new-tokens", "6",
+                 "--threads", "1", "--ignore-eos"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("Elizabeth") and "tokens/s" in out.err and "2-bit rabit" in out.err
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_bench_decode_cli_tiny(capsys):
+    from rabit.cli import main
+
+    rc = main(["bench", "decode", "--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4",
+               "--kv-heads", "2", "--vocab", "256", "--prompt-len", "4", "--new-tokens", "3", "--reps", "2",
+               "--engines", "rabit,fp32", "--threads", "1", "--omp-wait-policy", "inherit"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| rabit 2-bit" in out and "| PyTorch fp32 |" in out and "2 x 3 tok" in out
+    assert main(["bench", "decode", "--engines", "nope", "--layers", "1"]) == 2

@@ -11,7 +11,7 @@ def rabit_linear_reference(x: torch.Tensor, packed: torch.Tensor, g: torch.Tenso
                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """y = sum_i g_i * ((h_i * x) @ B_i^T) + bias, computed in ``compute_dtype``, returned in x.dtype.
 
-    x: (..., in); packed: tiled16 uint8 (k, out_pad/16, in_pad/8, 16); g: (k, out); h: (k, in); bias: (out,).
+    x: (..., in); packed: tiled16x32 uint8 (k, out_pad/16, in_pad/32, 16, 4); g: (k, out); h: (k, in); bias: (out,).
     """
     k, out, inf = g.shape[0], g.shape[-1], h.shape[-1]
     signs = unpack_signs(packed, out, inf, dtype=compute_dtype)            # (k, out, in) of +-1

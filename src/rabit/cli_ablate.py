@@ -1,0 +1,167 @@
+"""`rabit ablate`: train {independent, frozen, coupled} x {svid, isvid, isvid+pre} at one fixed budget and
+tabulate perplexity, PIQA, distillation loss, throughput, optimizer-state bytes and path correlations.
+
+Each cell is an ordinary `rabit quantize` run (in its own sub-folder, resumable), followed by `rabit eval`
+(PIQA) and `rabit diagnose` on the saved model, all as subprocesses so that one failing cell does not lose
+the others. The table is rebuilt from the run folders each time, so an interrupted ablation resumes.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .models import DEFAULT_MODEL
+
+INIT_FLAGS = {
+    "svid": ["--init", "svid", "--no-precondition"],
+    "isvid": ["--init", "isvid", "--no-precondition"],
+    "isvid+pre": ["--init", "isvid"],
+}
+MODES = ("independent", "frozen", "coupled")
+
+
+def add_parser(sub):
+    p = sub.add_parser("ablate", help="train every mode x init at one budget and write a comparison table")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--inits", default=",".join(INIT_FLAGS))
+    p.add_argument("--tokens", type=int, default=20480, help="training tokens per cell (default: 20480)")
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--piqa-limit", type=int, default=200, help="PIQA items (0: skip PIQA)")
+    p.add_argument("--diagnose-samples", type=int, default=4, help="calibration sequences for correlations "
+                   "(0: skip)")
+    p.add_argument("--out-dir", default="runs/ablation")
+    p.add_argument("--table", default=None, help="markdown table path (default: <out-dir>/ablation.md)")
+    p.add_argument("--extra", default="", help="extra arguments passed to every `rabit quantize` run")
+    return p
+
+
+def _run(cmd: list[str], log: Path) -> int:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def optimizer_state_bytes(run_dir: Path) -> dict[str, int] | None:
+    """Bytes of optimizer tensors in the last checkpoint, split into latent-matrix state and the rest."""
+    from safetensors import safe_open
+
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*/optim.safetensors"))
+    if not ckpts:
+        return None
+    latent = other = 0
+    with safe_open(str(ckpts[-1]), "pt") as f:
+        for k in f.keys():
+            if k.startswith("rng"):
+                continue
+            sl = f.get_slice(k)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+            nbytes = n * {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}.get(sl.get_dtype(), 4)
+            if k.lower().startswith("muon") or "latent" in k:
+                latent += nbytes
+            else:
+                other += nbytes
+    return {"latent": latent, "other": other}
+
+
+def collect(out_dir: Path, modes, inits) -> list[dict]:
+    rows = []
+    for init in inits:
+        for mode in modes:
+            cell = out_dir / f"{mode}-{init}"
+            row = {"mode": mode, "init": init, "dir": str(cell)}
+            s = cell / "summary.json"
+            if s.exists():
+                summary = json.loads(s.read_text())
+                ev, tr = summary.get("eval", {}), summary.get("train", {})
+                row.update(fp_ppl=ev.get("fp"), init_ppl=ev.get("init"), ppl=ev.get("final"),
+                           loss=(tr.get("val_after") or {}).get("loss"), tokens=tr.get("tokens"),
+                           tok_s=tr.get("tokens_per_second"))
+            row["optim_bytes"] = optimizer_state_bytes(cell)
+            for name, key in (("piqa.json", "piqa"), ("diagnose.json", "diag")):
+                f = cell / name
+                if f.exists():
+                    row[key] = json.loads(f.read_text())
+            rows.append(row)
+    return rows
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def _piqa_acc(row):
+    tasks = (row.get("piqa") or {}).get("tasks") or {}
+    return (tasks.get("piqa") or {}).get("acc")
+
+
+def _mean_corr(row, key):
+    summary = (row.get("diag") or {}).get("summary") or {}
+    return summary.get(f"{key}_mean")
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [f"Ablation on {args.model}: {args.tokens:,} training tokens per cell, WikiText-2 test perplexity on "
+             f"the first {args.eval_windows} windows of 2048 tokens, PIQA on the first {args.piqa_limit} items.",
+             "", "| mode | init | PPL after init | PPL after training | held-out distill loss | PIQA acc | "
+             "Corr(y1,y2) | Corr(yt-y1,y2) | train tok/s | latent optimizer state (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ob = r.get("optim_bytes") or {}
+        lines.append(f"| {r['mode']} | {r['init']} | {_fmt(r.get('init_ppl'))} | {_fmt(r.get('ppl'))} | "
+                     f"{_fmt(r.get('loss'), '.4f')} | {_fmt(_piqa_acc(r), '.3f')} | "
+                     f"{_fmt(_mean_corr(r, 'corr_paths'), '.3f')} | {_fmt(_mean_corr(r, 'corr_residual'), '.3f')} | "
+                     f"{_fmt(r.get('tok_s'), '.0f')} | {_fmt(ob.get('latent', None) and ob['latent'] / 1e6, '.1f')} |")
+    fp = next((r.get("fp_ppl") for r in rows if r.get("fp_ppl")), None)
+    lines += ["", f"Full precision perplexity on the same windows: {_fmt(fp)}."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    modes = [m for m in args.modes.split(",") if m]
+    inits = [i for i in args.inits.split(",") if i]
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    for i in inits:
+        if i not in INIT_FLAGS:
+            raise ValueError(f"unknown init {i!r}; choose from {', '.join(INIT_FLAGS)}")
+    if args.tokens < 1 or args.eval_windows < 1:
+        raise ValueError("--tokens and --eval-windows must be >= 1")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rabit = [sys.executable, "-m", "rabit"]
+    for init in inits:
+        for mode in modes:
+            cell = out_dir / f"{mode}-{init}"
+            log = out_dir / f"{mode}-{init}.log"
+            if not (cell / "summary.json").exists():
+                flag = ["--resume"] if (cell / "run.json").exists() else []
+                cmd = rabit + ["quantize", "--model", args.model, "--out", str(cell), "--mode", mode,
+                               "--tokens", str(args.tokens), "--eval-windows", str(args.eval_windows),
+                               "--no-progress", *INIT_FLAGS[init], *flag, *args.extra.split()]
+                print(f"[ablate] training {mode} / {init} ...", flush=True)
+                if _run(cmd, log) != 0:
+                    print(f"[ablate] {mode} / {init} failed; see {log}", flush=True)
+                    continue
+            qdir = cell / "quantized"
+            if args.piqa_limit and qdir.exists() and not (cell / "piqa.json").exists():
+                _run(rabit + ["eval", str(qdir), "--tasks", "piqa", "--limit", str(args.piqa_limit), "--ppl", "none",
+                              "--offline", "--json", str(cell / "piqa.json")], log)
+            if args.diagnose_samples and qdir.exists() and not (cell / "diagnose.json").exists():
+                _run(rabit + ["diagnose", str(qdir), "--teacher", args.model, "--calib-samples",
+                              str(args.diagnose_samples), "--json", str(cell / "diagnose.json"),
+                              "--plot", str(cell / "diagnose.png")], log)
+            table = markdown(collect(out_dir, modes, inits), args)
+            (Path(args.table) if args.table else out_dir / "ablation.md").write_text(table)
+    rows = collect(out_dir, modes, inits)
+    (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2, default=str))
+    table = markdown(rows, args)
+    (Path(args.table) if args.table else out_dir / "ablation.md").write_text(table)
+    print(table)
+    return 0

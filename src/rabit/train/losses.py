@@ -121,19 +121,19 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       gamma: float = 100.0, temperature: float = 1.0, chunk_tokens: int = 256) -> DistillLoss:
     """KL(teacher || student) + gamma * MSE(hidden states after each decoder block).
 
-    With gamma == 0 the hidden states are not needed (pass None) and mse is a zero tensor.
+    The MSE is computed (and reported) whenever both hidden-state lists are given; with gamma == 0 they may
+    be None, and mse is then a zero tensor.
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     kl = kl_divergence(student_logits, teacher_logits, temperature, chunk_tokens)
-    if gamma > 0:
-        if student_hidden is None or teacher_hidden is None:
-            raise ValueError("gamma > 0 needs the student's and the teacher's hidden states")
+    if student_hidden is not None and teacher_hidden is not None:
         mse = hidden_mse(student_hidden, teacher_hidden)
-        total = kl + gamma * mse
+    elif gamma > 0:
+        raise ValueError("gamma > 0 needs the student's and the teacher's hidden states")
     else:
         mse = torch.zeros((), device=kl.device)
-        total = kl
+    total = kl + gamma * mse if gamma > 0 else kl
     return DistillLoss(total, kl, mse)
 
 

@@ -108,6 +108,7 @@ class OptimConfig:
     latent_weight_decay: float = 0.0   # Muon (decoupled; pulls latents towards 0, i.e. towards sign flips)
     betas: tuple[float, float] = (0.9, 0.95)
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5             # Newton-Schulz iterations of Muon's orthogonalization
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
 
@@ -122,6 +123,8 @@ class OptimConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise ValueError(f"muon_ns_steps must be in [1, 99], got {self.muon_ns_steps}")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
 
@@ -143,7 +146,8 @@ class Optimizers:
         if split.latents:
             self.muon = torch.optim.Muon([p for _, p in split.latents], lr=config.latent_lr,
                                          weight_decay=config.latent_weight_decay, momentum=config.muon_momentum,
-                                         nesterov=True, adjust_lr_fn="match_rms_adamw")
+                                         nesterov=True, ns_steps=config.muon_ns_steps,
+                                         adjust_lr_fn="match_rms_adamw")
         if split.others:
             self.adamw = torch.optim.AdamW([p for _, p in split.others], lr=config.scale_lr,
                                            betas=config.betas, weight_decay=config.weight_decay)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import RaBiTConfig
 from ..layer import RaBiTLinear
-from ..quantize import _set_module, find_linear_layers, quantize_, rabit_layers
+from ..quantize import _set_module, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, save_checkpoint, set_rng_state)
 from .losses import BlockOutputs, distillation_loss
@@ -37,13 +37,14 @@ class TrainConfig:
     temperature: float = 1.0
     kl_chunk: int = 256             # tokens per chunk of the fused KL
     autocast: bool | None = None    # bf16 autocast; None = where the device has native bf16
-    teacher_bf16: bool | None = None  # run a bf16 copy of the teacher; None = same as autocast
+    teacher_bf16: bool = False      # run a bf16 copy of the teacher (measured: no faster than autocast on CPU)
     gradient_checkpointing: bool = False
     max_grad_norm: float = 0.0      # 0 = no clipping (the norm is still computed and logged)
     save_every: int = 50            # steps between checkpoints (a checkpoint is also written at the end)
     keep_checkpoints: int = 1
     seed: int = 0
     train_fp_weights: bool = False
+    keep_last_good: bool = True     # keep an in-memory copy of the last state with a finite loss (for NaN stops)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
@@ -77,14 +78,22 @@ def native_bf16(device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------------------- student
 def make_student(teacher: nn.Module, config: RaBiTConfig, calibration: torch.Tensor | None = None,
-                 stats=None, initialize: bool = True, progress: bool = False) -> nn.Module:
-    """A quantized copy of `teacher` (which is left untouched).
+                 stats=None, initialize: bool = True, progress: bool = False,
+                 calib_autocast: bool = False) -> nn.Module:
+    """A quantized copy of `teacher` (which is left untouched: calibration runs on the copy).
 
     initialize=False builds the same structure with uninitialized RaBiTLinear layers, to be filled from a
-    checkpoint (no calibration, no decomposition).
+    checkpoint (no calibration, no decomposition). calib_autocast runs the calibration passes (activation and
+    gradient statistics) under bf16 autocast; the decomposition itself always runs in fp32.
     """
     student = copy.deepcopy(teacher)
     if initialize:
+        if config.precondition and stats is None and calibration is not None:
+            device = next(student.parameters()).device
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if calib_autocast else nullcontext()
+            with ctx:
+                stats = collect_channel_stats(student, find_linear_layers(student, config), calibration,
+                                              progress=progress)
         quantize_(student, config, calibration=calibration, stats=stats, progress=progress)
     else:
         config.validate()
@@ -193,6 +202,58 @@ class TrainResult:
     last: dict | None           # the last step's log row
 
 
+class _LastGood:
+    """An in-memory copy of the trainable parameters, the optimizer state and the step/data/RNG position,
+    taken just before each optimizer step (when the step's losses and gradients were all finite), into
+    buffers allocated once. If a later step produces NaN/Inf, this is the state that is saved."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.sources: list[torch.Tensor] = []
+        self.position: dict | None = None
+
+    @staticmethod
+    def _tensors(trainer) -> list[torch.Tensor]:
+        out = [p for _, p in trainer.split.latents + trainer.split.others]
+        for opt in trainer.optim.named().values():
+            for p in opt.param_groups[0]["params"] + [q for g in opt.param_groups[1:] for q in g["params"]]:
+                for v in opt.state.get(p, {}).values():
+                    if torch.is_tensor(v):
+                        out.append(v)
+        return out
+
+    @torch.no_grad()
+    def capture(self, trainer, position: dict) -> None:
+        src = self._tensors(trainer)
+        same = len(src) == len(self.sources) and all(a is b for a, b in zip(src, self.sources))
+        if not same:
+            self.sources = src
+            self.buffers = [torch.empty_like(t) for t in src]
+        torch._foreach_copy_(self.buffers, self.sources)
+        self.position = position
+
+    @torch.no_grad()
+    def restore(self, trainer) -> bool:
+        if self.position is None:
+            return False
+        current = self._tensors(trainer)
+        n = len(self.sources)
+        if len(current) < n or any(a is not b for a, b in zip(current, self.sources)):
+            return False  # the optimizer replaced its state tensors: cannot restore in place
+        if len(current) > n:
+            # the optimizer state was created after the capture (it was empty then): drop it again
+            for opt in trainer.optim.named().values():
+                opt.state.clear()
+        torch._foreach_copy_(self.sources, self.buffers)
+        pos = self.position
+        trainer.step = pos["step"]
+        trainer.optim.step_count = pos["step"]
+        trainer.optim.apply_schedule()
+        trainer.sampler.load_state_dict(pos["data"])
+        torch.set_rng_state(pos["rng"])
+        return True
+
+
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Distills `student` (a RaBiT-quantized copy) from `teacher` on rows of `train` (N, L) token ids.
@@ -217,9 +278,8 @@ class Trainer:
         self.step_callback = step_callback
         self.device = next(student.parameters()).device
         self.autocast = native_bf16(self.device) if config.autocast is None else bool(config.autocast)
-        teacher_bf16 = self.autocast if config.teacher_bf16 is None else config.teacher_bf16
-        # The teacher is never modified: a bf16 run uses a bf16 copy of it.
-        self.teacher_run = copy.deepcopy(teacher).to(torch.bfloat16) if teacher_bf16 else teacher
+        # The teacher is never modified: teacher_bf16 runs a bf16 copy of it.
+        self.teacher_run = copy.deepcopy(teacher).to(torch.bfloat16) if config.teacher_bf16 else teacher
         self.teacher_run.eval()
         self.split = prepare_student(student, train_fp_weights=config.train_fp_weights)
         self.optim = Optimizers(self.split, config.optim, config.steps)
@@ -229,11 +289,15 @@ class Trainer:
         self.log = StepLog(self.run_dir / "log.jsonl")
         self.resumed_from: int | None = None
         self.last_saved = -1
+        self._last_good = _LastGood() if config.keep_last_good else None
         if config.gradient_checkpointing:
-            enable = getattr(student, "gradient_checkpointing_enable", None)
-            if not callable(enable):
+            kwargs = {"use_reentrant": False}
+            if callable(getattr(student, "activation_checkpointing_enable", None)):  # transformers >= 5.x
+                student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            elif callable(getattr(student, "gradient_checkpointing_enable", None)):
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
                 raise ValueError(f"{type(student).__name__} does not support gradient checkpointing")
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(config.seed)
 
     # ------------------------------------------------------------------------------- checkpoints
@@ -335,13 +399,19 @@ class Trainer:
 
     def _diverged(self, what: str, value: float, step: int) -> None:
         self.optim.zero_grad()
-        if self._trainable_ok() and self.step > self.last_saved:
+        if self._last_good is not None and self._last_good.restore(self):
+            # state after step (step - 2): the last one whose step produced finite losses and gradients
+            # (the state after step - 1 is what produced the non-finite value, so it is not trusted)
             path = self.save()
             where = f"saved the last good state (after step {self.step}) to {path}"
+        elif self._trainable_ok() and self.step > self.last_saved:
+            path = self.save()
+            where = f"saved the last state with finite parameters (after step {self.step}) to {path}"
         elif self.last_saved >= 0:
-            where = f"the last good state is checkpoint step {self.last_saved} in {self.run_dir / 'checkpoints'}"
+            where = (f"the last good state is the checkpoint of step {self.last_saved} in "
+                     f"{self.run_dir / 'checkpoints'}")
         else:
-            where = "no good state was saved (the parameters are not finite)"
+            where = "no good state could be saved (the initial parameters are not finite)"
         raise TrainingDiverged(f"{what} is {value} at step {step}; stopped and {where}. "
                                "Try lower learning rates (--latent-lr / --scale-lr).")
 
@@ -356,28 +426,33 @@ class Trainer:
         session_tokens = 0
         last = None
         params = [p for _, p in self.split.latents + self.split.others]
+        self.log.truncate_after(self.step)  # drop steps a killed session logged after its last checkpoint
         try:
             while self.step < total:
                 step_no = self.step + 1
                 if self.step_callback is not None:
                     self.step_callback(self, step_no)
                 t0 = time.perf_counter()
+                position = ({"step": self.step, "data": self.sampler.state_dict(), "rng": torch.get_rng_state()}
+                            if self._last_good is not None else None)
                 sums = {"loss": 0.0, "kl": 0.0, "mse": 0.0}
                 for _ in range(cfg.grad_accum):
                     idx = self.sampler.take(cfg.batch_size)
                     batch = self.train_rows[idx].to(self.device)
                     out = self.losses(batch)
-                    value = float(out.total)
+                    value = float(out.total.detach())
                     if not math.isfinite(value):
                         self._diverged("the loss", value, step_no)
                     (out.total / cfg.grad_accum).backward()
                     sums["loss"] += value / cfg.grad_accum
-                    sums["kl"] += float(out.kl) / cfg.grad_accum
-                    sums["mse"] += float(out.mse) / cfg.grad_accum
+                    sums["kl"] += float(out.kl.detach()) / cfg.grad_accum
+                    sums["mse"] += float(out.mse.detach()) / cfg.grad_accum
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 if not math.isfinite(grad_norm):
                     self._diverged("the gradient norm", grad_norm, step_no)
+                if self._last_good is not None:
+                    self._last_good.capture(self, position)
                 lrs = self.optim.lrs()
                 self.optim.step()
                 self.optim.zero_grad()

@@ -1,0 +1,200 @@
+"""Multi-process distillation (torch.distributed, gloo on CPU, FSDP2 + DCP) on a tiny random Llama.
+
+One launch of 2 processes (module fixture) runs: a bit-exactness check of DistributedMuon on unevenly sharded
+matrices, an uninterrupted 4-step run, the same run stopped after step 2, and a run where rank 1 fails. The tests
+then compare the 2-process losses with the ordinary 1-process Trainer at the same global batch, resume the stopped
+run in 1 process, and check that the failure stopped both ranks with the error.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from rabit.config import RaBiTConfig
+from rabit.train import distributed as D
+from rabit.train.trainer import StepLog, Trainer, TrainConfig, make_student
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+RCFG = dict(init="naive", precondition=False)  # coupled, k=2; a cheap init (the values come from a file anyway)
+REL = 1e-4
+
+
+def _config() -> TrainConfig:
+    # global micro-batch 4 (2 rows per rank at 2 processes), 2 micro-batches per step, checkpoints every 2 steps
+    return TrainConfig(steps=4, batch_size=4, grad_accum=2, gamma=10.0, autocast=False, save_every=2,
+                       keep_checkpoints=2, keep_last_good=False, seed=0)
+
+
+def _models(root: Path):
+    teacher = make_tiny_llama()
+    student = make_student(teacher, RaBiTConfig(**RCFG), initialize=False)
+    student.load_state_dict(torch.load(root / "student.pt"))
+    return teacher, student
+
+
+def _muon_check(env) -> bool:
+    """DistributedMuon on Shard(0) DTensors (uneven rows; one matrix with no row on rank 1) == torch.optim.Muon."""
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(7, 5), (5, 9), (1, 3), (6, 4)]
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]
+    kw = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw")
+    ref = [nn.Parameter(w.clone()) for w in weights]
+    sharded = [nn.Parameter(distribute_tensor(w.clone(), env.mesh, [Shard(0)])) for w in weights]
+    ref_opt = torch.optim.Muon(ref, **kw)
+    opt = D.DistributedMuon(sharded, bucket_numel=40, **kw)  # small buckets: several rounds of gathers
+    for step_grads in grads:
+        for p, q, gr in zip(ref, sharded, step_grads):
+            p.grad = gr.clone()
+            q.grad = distribute_tensor(gr.clone(), env.mesh, [Shard(0)])
+        ref_opt.step()
+        opt.step()
+    return all(torch.equal(p.detach(), q.detach().full_tensor()) for p, q in zip(ref, sharded))
+
+
+def _worker(root: str) -> None:
+    """Body of each of the 2 spawned processes."""
+    root = Path(root)
+    env = D.init_distributed("cpu")
+    ok = _muon_check(env)
+    (root / f"muon-{env.rank}.json").write_text(json.dumps({"equal": ok}))
+    train = torch.load(root / "train.pt")
+
+    teacher, student = _models(root)
+    D.DistributedTrainer(teacher, student, train, _config(), root / "two", env, progress=False).train()
+
+    teacher, student = _models(root)
+    D.DistributedTrainer(teacher, student, train, _config(), root / "stopped", env, progress=False).train(stop_at=2)
+
+    def fail_on_rank1(trainer, step):
+        if step == 2 and trainer.env.rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+
+    (root / "fail-start").write_text(str(time.time()))
+    teacher, student = _models(root)
+    D.DistributedTrainer(teacher, student, train, _config(), root / "fail", env, progress=False,
+                         step_callback=fail_on_rank1).train()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    teacher = make_tiny_llama()
+    student = make_student(teacher, RaBiTConfig(**RCFG))
+    torch.save(student.state_dict(), root / "student.pt")
+    train = torch.randint(0, 96, (16, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(train, root / "train.pt")
+    # the 1-process reference: the ordinary single-process Trainer with the same global batch
+    Trainer(teacher, student, train, _config(), root / "ref", progress=False).train()
+    error = None
+    try:
+        D.spawn(_worker, 2, str(root), threads=1)
+    except Exception as e:  # noqa: BLE001 - the injected failure, checked below
+        error = e
+    return {"root": root, "error": error, "ended": time.time()}
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in StepLog.read(run_dir / "log.jsonl")]
+
+
+def test_distributed_muon_equals_torch_muon_bit_for_bit(runs):
+    for rank in (0, 1):
+        assert json.loads((runs["root"] / f"muon-{rank}.json").read_text())["equal"]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    root = runs["root"]
+    ref, two = _losses(root / "ref"), _losses(root / "two")
+    assert len(ref) == len(two) == 4
+    assert two == pytest.approx(ref, rel=REL)
+    rows = StepLog.read(root / "two" / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["world_size"] for r in rows} == {2}
+    assert rows[-1]["tokens"] == 4 * 4 * 2 * 16  # steps x global batch x micro-batches x seq_len
+    assert (root / "two" / "dcp" / "step-000004" / ".metadata").is_file()
+
+
+def test_stopped_two_process_run_resumes_with_one_process(runs, monkeypatch):
+    root = runs["root"]
+    run = root / "stopped"
+    assert [r["step"] for r in StepLog.read(run / "log.jsonl")] == [1, 2]
+    state = json.loads((run / "dcp" / "step-000002" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
+    # a 1-process group in this process
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()), RANK="0", WORLD_SIZE="1",
+                     LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    env = D.init_distributed("cpu")
+    try:
+        assert env.world_size == 1
+        teacher, student = _models(root)  # initial weights: the checkpoint must replace them
+        trainer = D.DistributedTrainer(teacher, student, torch.load(root / "train.pt"), _config(), run, env,
+                                       progress=False)
+        assert trainer.resume() and trainer.step == 2 and trainer.sampler.state_dict()["index"] == 16
+        trainer.train()
+    finally:
+        D.destroy_distributed()
+    resumed, two, ref = _losses(run), _losses(root / "two"), _losses(root / "ref")
+    assert len(resumed) == 4
+    assert resumed[:2] == two[:2]  # the first session's rows are kept as written
+    assert resumed[2:] == pytest.approx(two[2:], rel=REL)  # the same continuation as the uninterrupted run
+    assert resumed[2:] == pytest.approx(ref[2:], rel=REL)
+    assert StepLog.read(run / "log.jsonl")[-1]["world_size"] == 1
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_the_error(runs):
+    err = runs["error"]
+    assert err is not None, "the injected failure did not stop the run"
+    assert "injected failure on rank 1" in str(err)
+    started = float((runs["root"] / "fail-start").read_text())
+    assert runs["ended"] - started < 60  # no rank was left waiting in a collective
+    assert multiprocessing.active_children() == []
+    # rank 0 logged the one step that completed, and no checkpoint was claimed for the failed step
+    assert [r["step"] for r in StepLog.read(runs["root"] / "fail" / "log.jsonl")] == [1]
+    assert not (runs["root"] / "fail" / "dcp" / "latest").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("RABIT_SLOW_TESTS"), reason="end-to-end torchrun CLI run (~30 s): set "
+                    "RABIT_SLOW_TESTS=1")
+def test_cli_nproc_2_end_to_end(tmp_path):
+    """`python -m rabit.train.distributed --nproc 2`: torchrun, rank-0-only output, a saved model; resume at 1."""
+    from rabit.testing import tiny_tokenizer
+
+    make_tiny_llama(vocab_size=512).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    corpora = Path(__file__).resolve().parents[1] / "src" / "rabit" / "corpora" / "austen"
+    (tmp_path / "train.txt").write_text((corpora / "emma.txt").read_text(encoding="utf-8")[:20000])
+    (tmp_path / "eval.txt").write_text((corpora / "persuasion.txt").read_text(encoding="utf-8")[:6000])
+    def cmd(out, *extra):
+        args = ["--model", tmp_path / "model", "--out", out, "--train-data", tmp_path / "train.txt",
+                "--eval-data", tmp_path / "eval.txt", "--eval-seq-len", "64", "--eval-windows", "1", "--seq-len",
+                "32", "--tokens", "256", "--batch-size", "2", "--grad-accum", "1", "--save-every", "2",
+                "--calib-samples", "2", "--calib-len", "32", "--val-sequences", "2", "--no-progress", "--threads",
+                "1", "--skip-init-eval", *extra]
+        return [sys.executable, "-m", "rabit.train.distributed", *map(str, args)]
+
+    env = dict(os.environ, RABIT_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run(cmd(tmp_path / "run", "--nproc", "2"), capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("run folder:") == 1 and p.stderr.count("2-bit after distillation") == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train"]["steps"] == 4 and summary["eval"]["final"] > 1
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "memory.json").is_file()
+    # an error found by rank 0 is printed once, and every rank stops
+    p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3"), capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode != 0 and p.stderr.count("must be divisible by the 2 processes") == 1

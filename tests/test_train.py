@@ -1,0 +1,338 @@
+"""Distillation training: the loss, the optimizer split, the teacher's safety, NaN handling, and the
+`rabit quantize` command's refusals of bad input (all on tiny random Llama models)."""
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from rabit import RaBiTConfig, RaBiTLinear, rabit_layers
+from rabit.train import (BlockOutputs, OptimConfig, Trainer, TrainConfig, TrainingDiverged, distillation_loss,
+                         hidden_mse, kl_divergence, make_student, prepare_student)
+from rabit.train.checkpoint import latest_checkpoint, load_checkpoint
+from rabit.train.losses import kl_divergence_reference
+from rabit.train.optim import lr_factor
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting on busy cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_student(mode="coupled", vocab=96, seed=0):
+    teacher = make_tiny_llama(vocab_size=vocab, seed=seed)
+    return teacher, make_student(teacher, RaBiTConfig(mode=mode, precondition=False))
+
+
+def rows(n=8, seq=16, vocab=96, seed=0):
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def test_kl_is_zero_when_student_equals_teacher():
+    logits = torch.randn(2, 5, 40)
+    kl = kl_divergence(logits.clone().requires_grad_(True), logits, temperature=1.0)
+    assert abs(kl.item()) < 1e-6
+    kl2 = kl_divergence(logits.clone(), logits, temperature=3.0)
+    assert abs(kl2.item()) < 1e-6
+    # and through whole models: a student identical to the teacher has zero loss, KL and MSE
+    teacher = make_tiny_llama()
+    student = copy.deepcopy(teacher)
+    ids = rows(2)
+    with BlockOutputs(teacher) as rt:
+        t = teacher(input_ids=ids).logits
+    with BlockOutputs(student) as rs:
+        s = student(input_ids=ids).logits
+    out = distillation_loss(s, t, rs.hidden(), rt.hidden(), gamma=100.0)
+    assert len(rs.hidden()) == 2
+    assert abs(out.kl.item()) < 1e-6 and out.mse.item() == 0.0 and abs(out.total.item()) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kl_matches_autograd_reference(temperature, dtype):
+    torch.manual_seed(0)
+    s = (torch.randn(3, 7, 50) * 3).to(dtype).requires_grad_(True)
+    t = (torch.randn(3, 7, 50) * 3).to(dtype)
+    a = kl_divergence(s, t, temperature, chunk_tokens=4)
+    b = kl_divergence_reference(s, t, temperature)
+    assert a.item() > 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    (ga,) = torch.autograd.grad(2.5 * a, s)
+    (gb,) = torch.autograd.grad(2.5 * b, s)
+    assert ga.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=tol, atol=tol)
+
+
+def test_mse_term_scales_with_gamma():
+    torch.manual_seed(0)
+    s_logits, t_logits = torch.randn(2, 4, 30), torch.randn(2, 4, 30)
+    s_hidden = [torch.randn(2, 4, 8) for _ in range(3)]
+    t_hidden = [torch.randn(2, 4, 8) for _ in range(3)]
+    mse = hidden_mse(s_hidden, t_hidden)
+    manual = sum((a - b).pow(2).mean() for a, b in zip(s_hidden, t_hidden)) / 3
+    torch.testing.assert_close(mse, manual)
+    kl = distillation_loss(s_logits, t_logits, None, None, gamma=0.0).total
+    for gamma in (0.0, 1.0, 10.0, 100.0):
+        out = distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma=gamma)
+        torch.testing.assert_close(out.total, kl + gamma * mse)
+        torch.testing.assert_close(out.mse, mse)
+    with pytest.raises(ValueError, match="gamma"):
+        distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma=-1.0)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------ optimizer split
+@pytest.mark.parametrize("mode", ["coupled", "independent", "frozen"])
+def test_optimizer_split_latents_to_muon_rest_to_adamw(mode, tmp_path):
+    teacher, student = tiny_student(mode)
+    tr = Trainer(teacher, student, rows(), TrainConfig(steps=2, autocast=False), tmp_path, progress=False)
+    muon = {id(p) for g in tr.optim.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in tr.optim.adamw.param_groups for p in g["params"]}
+    assert isinstance(tr.optim.muon, torch.optim.Muon) and isinstance(tr.optim.adamw, torch.optim.AdamW)
+    assert not muon & adamw
+    latents, scales, frozen = set(), set(), set()
+    for layer in rabit_layers(student).values():
+        for p in layer.latent_parameters():
+            (latents if p.requires_grad else frozen).add(id(p))
+        for p in layer.scale_parameters():
+            (scales if p.requires_grad else frozen).add(id(p))
+    assert muon == latents
+    assert scales <= adamw
+    if mode == "frozen":
+        assert len(frozen) == 3 * len(rabit_layers(student))  # latent + 2 scales of path 0 per layer
+    else:
+        assert not frozen
+    # everything else in AdamW is a 1-D norm weight; embeddings and lm_head train nowhere
+    for name, p in student.named_parameters():
+        if id(p) in adamw and id(p) not in scales:
+            assert p.ndim == 1 and "norm" in name
+        if "embed" in name or "lm_head" in name:
+            assert not p.requires_grad and id(p) not in muon | adamw
+        if id(p) in frozen:
+            assert id(p) not in muon | adamw
+    # every trainable parameter is in exactly one optimizer
+    trainable = {id(p) for p in student.parameters() if p.requires_grad}
+    assert trainable == muon | adamw
+
+
+def test_muon_uses_adamw_matched_lr():
+    teacher, student = tiny_student()
+    split = prepare_student(student)
+    from rabit.train.optim import Optimizers
+
+    opt = Optimizers(split, OptimConfig(latent_lr=1e-4, scale_lr=1e-3, warmup_steps=0), total_steps=10)
+    assert opt.muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    assert opt.lrs() == {"muon": pytest.approx(1e-4), "adamw": pytest.approx(1e-3)}
+
+
+# ------------------------------------------------------------------------------------------- training
+def test_training_reduces_loss_and_never_touches_the_teacher(tmp_path):
+    teacher = make_tiny_llama()
+    # 1 bit with the naive init leaves something to learn on a random tiny model
+    student = make_student(teacher, RaBiTConfig(num_paths=1, init="naive", precondition=False))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in teacher.named_parameters()}
+    data = rows(16, 24)
+    cfg = TrainConfig(steps=12, grad_accum=2, gamma=10.0, autocast=False, save_every=5,
+                      optim=OptimConfig(latent_lr=3e-3, scale_lr=3e-3))
+    tr = Trainer(teacher, student, data, cfg, tmp_path, progress=False)
+    first = tr.evaluate(data[:4])
+    result = tr.train()
+    last = tr.evaluate(data[:4])
+    assert result.steps == 12 and result.tokens == 12 * 2 * 24
+    assert last["loss"] < 0.8 * first["loss"]
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, p in teacher.named_parameters():
+        assert p.grad is None and p.requires_grad == flags[k]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert {"loss", "kl", "mse", "grad_norm", "lr_latent", "lr_scale", "tokens_per_s"} <= set(log[0])
+    assert latest_checkpoint(tmp_path).name == "step-000012"
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path):
+    teacher, student = tiny_student()
+    cfg = TrainConfig(steps=2, autocast=True, gradient_checkpointing=True, save_every=10)
+    tr = Trainer(teacher, student, rows(), cfg, tmp_path, progress=False)
+    res = tr.train()
+    assert res.steps == 2 and all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_nan_in_the_loss_stops_with_the_step_after_saving_the_last_good_state(tmp_path):
+    teacher, student = tiny_student()
+
+    def poison(trainer, step):
+        if step == 4:
+            layer = next(iter(rabit_layers(trainer.student).values()))
+            with torch.no_grad():
+                layer.scale_out[0][0] = float("nan")
+
+    cfg = TrainConfig(steps=10, autocast=False, save_every=100)
+    tr = Trainer(teacher, student, rows(), cfg, tmp_path, progress=False, step_callback=poison)
+    with pytest.raises(TrainingDiverged, match=r"step 4\b") as info:
+        tr.train()
+    assert "last good state" in str(info.value)
+    # the poisoned state (after step 3) produced the NaN, so the state saved is the one after step 2
+    assert "after step 2" in str(info.value)
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ck.step == 2 and ck.state["scheduler"]["step"] == 2 and ck.state["data"]["index"] == 2
+    assert all(torch.isfinite(t).all() for t in ck.model.values() if t.is_floating_point())
+
+
+def test_nan_in_the_second_step_saves_the_initial_state(tmp_path):
+    teacher, student = tiny_student()
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def poison(trainer, step):
+        if step == 2:
+            with torch.no_grad():
+                next(iter(rabit_layers(trainer.student).values())).latent[0, 0] = float("inf")
+
+    tr = Trainer(teacher, student, rows(), TrainConfig(steps=5, autocast=False, save_every=100), tmp_path,
+                 progress=False, step_callback=poison)
+    with pytest.raises(TrainingDiverged, match="at step 2"):
+        tr.train()
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ck.step == 0 and not ck.state["optimizers"]["muon"]["state"]
+    for k, v in initial.items():
+        assert torch.equal(ck.model[k], v), k
+    # and that state resumes
+    teacher2, student2 = tiny_student()
+    tr2 = Trainer(teacher2, student2, rows(), TrainConfig(steps=5, autocast=False, save_every=100), tmp_path,
+                  progress=False)
+    assert tr2.resume() and tr2.step == 0
+    assert tr2.train().steps == 5
+
+
+def test_huge_learning_rate_is_reported_as_divergence(tmp_path):
+    teacher, student = tiny_student()
+    cfg = TrainConfig(steps=20, autocast=False, save_every=100, optim=OptimConfig(latent_lr=1e30, scale_lr=1e30))
+    tr = Trainer(teacher, student, rows(), cfg, tmp_path, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"(NaN|nan|inf) at step \d+") as info:
+        tr.train()
+    assert "saved the last good state" in str(info.value)
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(t).all() for t in ck.model.values() if t.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------ CLI refusals
+@pytest.fixture(scope="module")
+def tiny_run_files(tmp_path_factory):
+    """A tiny Llama + tiny tokenizer folder and small local corpora."""
+    from rabit.testing import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    make_tiny_llama(vocab_size=512).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpora = Path(__file__).resolve().parents[1] / "src" / "rabit" / "corpora" / "austen"
+    (root / "train.txt").write_text((corpora / "emma.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    (root / "eval.txt").write_text((corpora / "persuasion.txt").read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    (root / "tiny.txt").write_text("Too short.", encoding="utf-8")
+    return root
+
+
+def cli_args(files, out, *extra):
+    return ["quantize", "--model", str(files / "model"), "--out", str(out), "--train-data", str(files / "train.txt"),
+            "--eval-data", str(files / "eval.txt"), "--eval-seq-len", "64", "--eval-windows", "2", "--seq-len", "32",
+            "--tokens", "128", "--grad-accum", "1", "--save-every", "2", "--calib-samples", "2", "--calib-len", "32",
+            "--val-sequences", "1", "--no-progress", "--threads", "1", *extra]
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    from rabit.cli import main
+
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+
+    def run(args):
+        return main([str(a) for a in args])
+    return run
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_full_run_then_refuses_to_clobber_it(cli, tiny_run_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(cli_args(tiny_run_files, out)) == 0
+    for name in ("run.json", "log.jsonl", "loss.png", "summary.json", "summary.md", "model.safetensors", "evals.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["steps"] == 4 and summary["train"]["tokens"] == 128
+    assert summary["eval"]["fp"] > 1 and summary["eval"]["init"] > 1 and summary["eval"]["final"] > 1
+    assert "first 2 windows of 64 tokens" in capsys.readouterr().out
+    # the FP perplexity is cached under RABIT_CACHE/ppl
+    assert list((tmp_path / "cache" / "ppl").glob("*.json"))
+    before = snapshot(out)
+    # a different run in the same folder: refused, nothing touched
+    assert cli(cli_args(tiny_run_files, out, "--gamma", "5")) == 2
+    assert "different run" in capsys.readouterr().err
+    # the same run again without --resume: refused too
+    assert cli(cli_args(tiny_run_files, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    # a folder with someone else's files
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli(cli_args(tiny_run_files, other)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert snapshot(out) == before and (other / "notes.txt").read_text() == "mine"
+    # resuming a finished run only finishes the report (no training step is redone)
+    assert cli(cli_args(tiny_run_files, out, "--resume", "--skip-init-eval")) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    # --overwrite starts over, replacing only the run's files
+    (out / "keep.txt").write_text("keep")
+    assert cli(cli_args(tiny_run_files, out, "--gamma", "5", "--overwrite")) == 0
+    assert json.loads((out / "run.json").read_text())["train"]["gamma"] == 5.0
+    assert (out / "keep.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("case", ["eval-data", "too-small", "budget", "bad-model", "no-tokenizer", "bad-lr"])
+def test_cli_bad_input_is_refused_and_writes_nothing(case, cli, tiny_run_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = cli_args(tiny_run_files, out)
+    if case == "eval-data":
+        args[args.index("--train-data") + 1] = "wikitext2-test"
+        expect = "evaluation data"
+    elif case == "too-small":
+        args[args.index("--train-data") + 1] = str(tiny_run_files / "tiny.txt")
+        expect = "fewer than"
+    elif case == "budget":
+        args[args.index("--tokens") + 1] = "31"
+        expect = "smaller than one optimizer step"
+    elif case == "bad-model":
+        args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+        expect = "does not exist"
+    elif case == "no-tokenizer":
+        bare = tmp_path / "bare"
+        make_tiny_llama(vocab_size=512).save_pretrained(bare)
+        args[args.index("--model") + 1] = str(bare)
+        expect = "tokenizer"
+    else:
+        args += ["--latent-lr", "-1"]
+        expect = "latent_lr"
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 or err.count("error:") == 1
+    assert not out.exists()

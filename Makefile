@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job: quantize the default model end to end (resuming an earlier demo run rather than overwriting
+# it), then decode from the saved 2-bit folder to show its speed.
+DEMO_OUT ?= runs/demo
 demo: install
-	$(VENV)/bin/rabit quantize $(ARGS)
+	$(VENV)/bin/rabit quantize --out $(DEMO_OUT) $$(test -f $(DEMO_OUT)/run.json && echo --resume) $(ARGS)
+	OMP_WAIT_POLICY=passive $(VENV)/bin/rabit generate $(DEMO_OUT)/quantized --prompt "The meaning of life is" --max-new-tokens 48
 
 test: install
 	$(PY) -m pytest -q

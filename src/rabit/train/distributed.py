@@ -252,8 +252,7 @@ def place_model(model: nn.Module, env: DistEnv, shard: bool, from_rank0: bool,
         set_model_state_dict(model, full_sd if env.is_main else {}, options=opts)
         with torch.no_grad():
             for _, buf in model.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the sd
-                if buf.is_floating_point() or buf.dtype in (torch.long, torch.int, torch.bool):
-                    dist.broadcast(buf.data, src=0)
+                dist.broadcast(buf.data, src=0)
         del full_sd
         gc.collect()
     for layer in rabit_layers(model).values():

@@ -135,6 +135,9 @@ def add_parser(sub):
     e.add_argument("--eval-bos", action="store_true", help="prefix each perplexity window with BOS")
     e.add_argument("--skip-init-eval", action="store_true",
                    help="do not measure the perplexity of the initialized model before training")
+    from .train.distributed import add_distributed_args
+
+    add_distributed_args(p)
     return p
 
 
@@ -266,6 +269,11 @@ def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------- run
 def run(args) -> int:
+    from .train.distributed import maybe_distributed
+
+    status = maybe_distributed(args)  # --nproc N, or launched by torchrun: the FSDP2 path
+    if status is not None:
+        return status
     from .data import eval_tokens, training_sequences
     from .eval.perplexity import perplexity
     from .models import load_model, resolve_model_path

@@ -325,10 +325,10 @@ class DistributedMuon(torch.optim.Muon):
             momentum = group["momentum"]
             buf.lerp_(g, 1 - momentum)
             update = g.lerp(buf, momentum) if group["nesterov"] else buf
-            if not _is_dtensor(p) or world == 1:
-                if _is_dtensor(p) is False and world > 1:
-                    raise RuntimeError("DistributedMuon: a non-sharded parameter in a multi-process run; shard "
-                                       "the model with fully_shard first")
+            if not _is_dtensor(p) and world > 1:
+                raise RuntimeError("DistributedMuon: a non-sharded parameter in a multi-process run; shard the "
+                                   "model with fully_shard first")
+            if world == 1:  # the local rows are the whole matrix
                 o = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 finish(group, p, o)
                 continue

@@ -21,7 +21,8 @@ def plot_losses(rows: list[dict], path: str | Path, gamma: float | None = None, 
     for key, label, mult in series:
         ys = [r.get(key, float("nan")) * mult for r in rows]
         if any(math.isfinite(y) and y > 0 for y in ys):
-            ax.plot(steps, ys, label=label, linewidth=1.0, alpha=0.85)
+            ax.plot(steps, ys, label=label, linewidth=1.0, alpha=0.85,
+                    marker="o" if len(steps) < 20 else None)  # a short run would show no line at all
             # A moving average makes the trend readable through the per-batch noise.
             w = max(1, len(ys) // 20)
             if w > 1:

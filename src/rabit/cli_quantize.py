@@ -30,8 +30,8 @@ from .models import DEFAULT_MODEL, cache_root
 # Defaults sized for the default model on 2 CPU cores (see docs/TRAINING.md for the measurements).
 DEFAULT_TOKENS = 40_960
 DEFAULT_SEQ_LEN = 512
-DEFAULT_LATENT_LR = 3e-5
-DEFAULT_SCALE_LR = 3e-4
+DEFAULT_LATENT_LR = 3e-3
+DEFAULT_SCALE_LR = 1e-3
 DEFAULT_EVAL_WINDOWS = 16
 DEFAULT_GRAD_ACCUM = 4
 DEFAULT_SAVE_EVERY = 10

@@ -102,8 +102,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 @dataclass
 class OptimConfig:
-    latent_lr: float = 3e-5
-    scale_lr: float = 3e-4
+    latent_lr: float = 3e-3
+    scale_lr: float = 1e-3
     weight_decay: float = 0.0          # AdamW (scales, norms)
     latent_weight_decay: float = 0.0   # Muon (decoupled; pulls latents towards 0, i.e. towards sign flips)
     betas: tuple[float, float] = (0.9, 0.95)

@@ -305,6 +305,15 @@ def test_cli_full_run_then_refuses_to_clobber_it(cli, tiny_run_files, tmp_path, 
     assert cli(cli_args(tiny_run_files, out, "--gamma", "5", "--overwrite")) == 0
     assert json.loads((out / "run.json").read_text())["train"]["gamma"] == 5.0
     assert (out / "keep.txt").read_text() == "keep"
+    # the second run took its initialized paths from the init cache the first one wrote: same starting model
+    assert len(list((tmp_path / "cache" / "init").glob("*.safetensors"))) == 1
+    evals = json.loads((out / "evals.json").read_text())
+    assert evals["init_cached"] is True and evals["init"] == summary["eval"]["init"]
+    # ... and an independent run with the same init settings shares them too
+    indep = tmp_path / "indep"
+    assert cli(cli_args(tiny_run_files, indep, "--mode", "independent")) == 0
+    evals = json.loads((indep / "evals.json").read_text())
+    assert evals["init_cached"] is True and evals["init"] == summary["eval"]["init"]
 
 
 @pytest.mark.parametrize("case", ["eval-data", "too-small", "budget", "bad-model", "no-tokenizer", "bad-lr"])

@@ -122,6 +122,58 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Two panels: per-step training loss of every cell (log scale), and perplexity after init vs after
+    training per cell."""
+    cells = [r for r in rows if (Path(r["dir"]) / "log.jsonl").exists()]
+    if not cells:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from .train.trainer import StepLog
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
+    styles = {"coupled": "-", "independent": "--", "frozen": ":"}
+    colors = dict(zip(INIT_FLAGS, ("tab:orange", "tab:green", "tab:blue")))
+    for r in cells:
+        log = StepLog.read(Path(r["dir"]) / "log.jsonl")
+        if log:
+            ax.plot([x["tokens"] for x in log], [x["loss"] for x in log], styles.get(r["mode"], "-"),
+                    color=colors.get(r["init"]), marker="o" if len(log) < 20 else None, markersize=3,
+                    label=f"{r['mode']} / {r['init']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("distillation loss (train batches)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    labels = [f"{r['mode']}\n{r['init']}" for r in rows]
+    xs = range(len(rows))
+    init = [r.get("init_ppl") or float("nan") for r in rows]
+    final = [r.get("ppl") or float("nan") for r in rows]
+    bx.bar([x - 0.2 for x in xs], init, width=0.4, label="after init", color="lightgray")
+    bx.bar([x + 0.2 for x in xs], final, width=0.4, label="after training",
+           color=[colors.get(r["init"], "tab:gray") for r in rows])
+    fp = next((r.get("fp_ppl") for r in rows if r.get("fp_ppl")), None)
+    if fp:
+        bx.axhline(fp, color="black", linewidth=1, label=f"full precision ({fp:.1f})")
+    bx.set_yscale("log")
+    bx.set_xticks(list(xs))
+    bx.set_xticklabels(labels, fontsize=7)
+    bx.set_ylabel("WikiText-2 perplexity")
+    bx.legend(fontsize=8)
+    bx.grid(True, axis="y", which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def run(args) -> int:
     modes = [m for m in args.modes.split(",") if m]
     inits = [i for i in args.inits.split(",") if i]
@@ -162,6 +214,13 @@ def run(args) -> int:
     rows = collect(out_dir, modes, inits)
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2, default=str))
     table = markdown(rows, args)
-    (Path(args.table) if args.table else out_dir / "ablation.md").write_text(table)
+    table_path = Path(args.table) if args.table else out_dir / "ablation.md"
+    table_path.write_text(table)
+    figure = plot(rows, table_path.with_suffix(".png"), f"RaBiT ablation: {args.model}, {args.tokens:,} tokens per cell")
     print(table)
+    print(f"table: {table_path}" + (f"; plot: {figure}" if figure else ""))
+    failed = [f"{r['mode']}/{r['init']}" for r in rows if r.get("ppl") is None]
+    if failed:
+        print(f"[ablate] cells without a result: {', '.join(failed)} (see their .log files; run again to resume)")
+        return 1
     return 0

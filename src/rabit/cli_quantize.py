@@ -126,6 +126,10 @@ def add_parser(sub):
                    help="run a bf16 copy of the teacher (more memory; no faster than autocast on CPU)")
     t.add_argument("--seed", type=int, default=0)
 
+    q.add_argument("--no-init-cache", dest="init_cache", action="store_false",
+                   help="always calibrate and initialize from scratch (default: reuse initialized paths from "
+                        "~/.cache/rabit/init when the model, init settings and calibration data are the same)")
+
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default="wikitext2-test", help="perplexity corpus (default: wikitext2-test)")
     e.add_argument("--eval-seq-len", type=int, default=2048, help="perplexity window (default: 2048)")
@@ -265,6 +269,37 @@ def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
         save_quantized(student, out / "quantized", tokenizer)
         written.append(out / "quantized")
     return written
+
+
+def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool, use_cache: bool):
+    """The calibrated and initialized student, with its paths reused from (or saved to) the init cache.
+
+    Returns (student, whether the paths came from the cache)."""
+    from . import init_cache
+    from .quantize import find_linear_layers, rabit_layers
+    from .train.trainer import make_student
+
+    key = path = None
+    if use_cache:
+        calib_desc = None
+        if calib is not None:
+            calib_desc = {"tokens_sha256": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),
+                          "shape": list(calib.shape), "autocast": bool(autocast)}
+        key = init_cache.init_key(_model_fingerprint(teacher), rcfg, calib_desc)
+        path = init_cache.cache_path(cache_root() / "init", key)
+        student = make_student(teacher, rcfg, initialize=False)
+        if init_cache.load_paths(path, rabit_layers(student), find_linear_layers(teacher, rcfg), key):
+            return student, True
+        del student
+    n_calib = "no calibration" if calib is None else f"{calib.shape[0]} x {calib.shape[1]} calibration tokens"
+    _say(f"calibrating ({n_calib}) and initializing ({rcfg.init}) ...")
+    student = make_student(teacher, rcfg, calibration=calib, progress=progress, calib_autocast=autocast)
+    if use_cache:
+        try:
+            init_cache.save_paths(path, rabit_layers(student), key)
+        except OSError as e:
+            _say(f"(could not write the init cache {path}: {e})")
+    return student, False
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -416,10 +451,10 @@ def run(args) -> int:
 
             calib = calibration_batch(tok, calib_sources, args.calib_samples, args.calib_len, seed=args.seed)
         t0 = time.time()
-        _say(f"calibrating ({args.calib_samples} x {args.calib_len} tokens) and initializing ({rcfg.init}) ...")
-        student = make_student(teacher, rcfg, calibration=calib, progress=progress, calib_autocast=autocast)
+        student, cached = _initialized_student(teacher, rcfg, calib, autocast, progress, args.init_cache)
         evals["init_seconds"] = time.time() - t0
-        _say(f"initialized in {evals['init_seconds']:.0f} s")
+        evals["init_cached"] = cached
+        _say(f"initialized in {evals['init_seconds']:.0f} s" + (" (paths from the init cache)" if cached else ""))
         if not args.skip_init_eval and "init" not in evals:
             evals["init"] = ppl(student, f"{args.num_paths}-bit initialized")
             _say(f"{args.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")

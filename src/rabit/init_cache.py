@@ -1,0 +1,106 @@
+"""A disk cache of initialized paths, so runs that share an initialization compute it once.
+
+Calibration plus iterative residual SVID costs minutes on a CPU (about 6 on 2 cores for the default model),
+and the paths it produces do not depend on the training mode: coupled, independent and frozen runs all start
+from the same (g_i, B_i, h_i) and differ only in how their latent weights are set from them (see
+RaBiTLinear.load_paths). The cache stores, per quantized layer, the scales in fp32 and the signs packed 8 per
+byte, in one safetensors file keyed by everything the initialization depends on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import RaBiTConfig
+
+FORMAT = "rabit-init-paths"
+VERSION = 1
+# RaBiTConfig fields that change the initialized paths (mode, latent_init and the STE do not).
+INIT_FIELDS = ("num_paths", "init", "isvid_rounds", "precondition", "alpha_in", "alpha_out", "exclude",
+               "svid_power_iters")
+
+
+def init_key(model_fingerprint: str, config: RaBiTConfig, calibration: dict | None) -> dict:
+    """Everything the initialized paths depend on. `calibration` describes the calibration data and how the
+    statistics were gathered (None when not preconditioned)."""
+    fields = {f: getattr(config, f) for f in INIT_FIELDS}
+    fields["exclude"] = list(config.exclude_patterns)
+    return {"format": FORMAT, "version": VERSION, "model": model_fingerprint, "config": fields,
+            "calibration": calibration if config.precondition else None}
+
+
+def cache_path(root: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return root / f"{digest}.safetensors"
+
+
+def _pack_signs(B: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits((B > 0).cpu().numpy(), axis=-1))
+
+
+def _unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    bits = np.unpackbits(packed.numpy(), axis=-1, count=in_features)
+    return torch.from_numpy(bits).to(torch.float32).mul_(2).sub_(1)
+
+
+def save_paths(path: Path, layers: dict[str, nn.Module], key: dict) -> None:
+    """Write the paths of every RaBiTLinear in `layers` (name -> layer) atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, layer in layers.items():
+        for i, (g, B, h) in enumerate(layer.paths()):
+            tensors[f"{name}.{i}.g"] = g.detach().float().cpu().contiguous()
+            tensors[f"{name}.{i}.h"] = h.detach().float().cpu().contiguous()
+            tensors[f"{name}.{i}.signs"] = _pack_signs(B).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def load_paths(path: Path, layers: dict[str, nn.Module], originals: dict[str, nn.Linear], key: dict) -> bool:
+    """Fill `layers` (name -> uninitialized RaBiTLinear) from the cache file, with `originals` (name -> the
+    full-precision nn.Linear it replaces) for the latent weights and biases. Returns False when the file is missing, was
+    written for another key, or does not cover exactly these layers; a damaged file also gives False (the
+    caller then initializes from scratch), never a half-loaded model."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            if json.loads((f.metadata() or {}).get("key", "null")) != json.loads(json.dumps(key, sort_keys=True)):
+                return False
+            names = set(f.keys())
+            plan = {}
+            for name, layer in layers.items():
+                paths = []
+                for i in range(layer.num_paths):
+                    g, h = f.get_tensor(f"{name}.{i}.g"), f.get_tensor(f"{name}.{i}.h")
+                    B = _unpack_signs(f.get_tensor(f"{name}.{i}.signs"), layer.in_features)
+                    if g.shape != (layer.out_features,) or h.shape != (layer.in_features,) or \
+                            B.shape != (layer.out_features, layer.in_features):
+                        return False
+                    paths.append((g, B, h))
+                plan[name] = paths
+            if names != {f"{n}.{i}.{p}" for n, l in layers.items() for i in range(l.num_paths)
+                         for p in ("g", "h", "signs")}:
+                return False
+    except Exception:  # a truncated or foreign file: recompute rather than fail the run
+        return False
+    for name, layer in layers.items():
+        device = layer.scale_out[0].device
+        linear = originals[name]
+        w = linear.weight.detach().float().to(device)
+        with torch.no_grad():
+            layer.load_paths([(g.to(device), B.to(device), h.to(device)) for g, B, h in plan[name]], w)
+            if layer.bias is not None and linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().float())
+    return True

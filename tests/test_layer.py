@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from rabit import RaBiTConfig, RaBiTLinear
-from rabit.ops import binarize, reconstruct
+from rabit.ops import binarize
 
 
 def make_layer(mode="coupled", k=2, out=12, inp=20, seed=0, **kw):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from rabit import RaBiTConfig, RaBiTLinear, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
+from rabit import RaBiTConfig, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
 from conftest import make_tiny_llama
 
 

@@ -2,14 +2,13 @@
 `rabit quantize` command's refusals of bad input (all on tiny random Llama models)."""
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_tiny_llama
-from rabit import RaBiTConfig, RaBiTLinear, rabit_layers
+from rabit import RaBiTConfig, rabit_layers
 from rabit.train import (BlockOutputs, OptimConfig, Trainer, TrainConfig, TrainingDiverged, distillation_loss,
                          hidden_mse, kl_divergence, make_student, prepare_student)
 from rabit.train.checkpoint import latest_checkpoint, load_checkpoint

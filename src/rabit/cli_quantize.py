@@ -302,6 +302,43 @@ def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, prog
     return student, False
 
 
+def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str, final: float, result,
+               val_after: dict | None, autocast: bool, wall0: float, world_size: int = 1,
+               extra: dict | None = None) -> int:
+    """The end of a run (one process or several): save the student, plot the losses, write and print the
+    summary. `extra` adds keys to summary.json (the distributed path adds memory figures)."""
+    from .train.checkpoint import atomic_write_json
+    from .train.report import plot_losses, summary_markdown
+    from .train.trainer import StepLog
+
+    written = save_student(student, out, tokenizer, args.model)
+    rows = StepLog.read(out / "log.jsonl")
+    procs = f" ({world_size} processes)" if world_size > 1 else ""
+    plot_losses(rows, out / "loss.png", gamma=args.gamma,
+                title=f"RaBiT {args.mode} k={args.num_paths}: {args.model}{procs}")
+    train_seconds = sum(r.get("seconds", 0.0) for r in rows)
+    summary = {
+        "model": args.model, "mode": args.mode, "num_paths": args.num_paths, "out": str(out),
+        **({"world_size": world_size} if world_size > 1 else {}),
+        "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"), "final": final},
+        "train": {"steps": result.steps, "tokens": result.tokens, "seconds": train_seconds,
+                  "tokens_per_second": result.tokens / train_seconds if train_seconds else None,
+                  "session_tokens_per_second": result.tokens_per_second, "resumed_from": result.resumed_from,
+                  "bf16": autocast, "val_before": evals.get("val_before"), "val_after": val_after,
+                  "last": result.last},
+        **(extra or {}),
+        "init_seconds": evals.get("init_seconds"),
+        "wall_seconds": time.time() - wall0,
+        "files": [str(p) for p in written] + [str(out / "loss.png"), str(out / "log.jsonl")],
+    }
+    atomic_write_json(out / "summary.json", summary)
+    md = summary_markdown(summary)
+    (out / "summary.md").write_text(md)
+    print(md)
+    print(f"saved {', '.join(str(p) for p in written)}; loss curves in {out / 'loss.png'}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- run
 def run(args) -> int:
     from .train.distributed import maybe_distributed
@@ -314,8 +351,7 @@ def run(args) -> int:
     from .models import load_model, resolve_model_path
     from .train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json
     from .train.optim import OptimConfig
-    from .train.report import plot_losses, summary_markdown
-    from .train.trainer import StepLog, Trainer, TrainConfig, make_student, native_bf16
+    from .train.trainer import Trainer, TrainConfig, make_student, native_bf16
 
     wall0 = time.time()
     _validate_args(args)
@@ -475,26 +511,4 @@ def run(args) -> int:
 
     final = ppl(student, f"{args.num_paths}-bit distilled")
     _say(f"{args.num_paths}-bit after distillation: perplexity {final:.3f}")
-    written = save_student(student, out, tok, args.model)
-    rows = StepLog.read(out / "log.jsonl")
-    plot_losses(rows, out / "loss.png", gamma=args.gamma,
-                title=f"RaBiT {args.mode} k={args.num_paths}: {args.model}")
-    train_seconds = sum(r.get("seconds", 0.0) for r in rows)
-    summary = {
-        "model": args.model, "mode": args.mode, "num_paths": args.num_paths, "out": str(out),
-        "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"), "final": final},
-        "train": {"steps": result.steps, "tokens": result.tokens, "seconds": train_seconds,
-                  "tokens_per_second": result.tokens / train_seconds if train_seconds else None,
-                  "session_tokens_per_second": result.tokens_per_second, "resumed_from": result.resumed_from,
-                  "bf16": autocast, "val_before": evals.get("val_before"), "val_after": val_after,
-                  "last": result.last},
-        "init_seconds": evals.get("init_seconds"),
-        "wall_seconds": time.time() - wall0,
-        "files": [str(p) for p in written] + [str(out / "loss.png"), str(out / "log.jsonl")],
-    }
-    atomic_write_json(out / "summary.json", summary)
-    md = summary_markdown(summary)
-    (out / "summary.md").write_text(md)
-    print(md)
-    print(f"saved {', '.join(str(p) for p in written)}; loss curves in {out / 'loss.png'}")
-    return 0
+    return finish_run(args, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MODES = ("coupled", "independent", "frozen")
 INITS = ("naive", "svid", "isvid")

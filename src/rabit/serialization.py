@@ -293,8 +293,8 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, tuple[torch.dt
         if name == "__metadata__":
             continue
         try:
-            dt, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+            dt, shape, b = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"][1]
+        except (KeyError, TypeError, ValueError, IndexError):
             raise ValueError(f"{file}: malformed header entry for tensor {name!r}") from None
         end = max(end, int(b))
         out[name] = (_ST_DTYPES.get(dt) or dt, shape)

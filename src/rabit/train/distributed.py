@@ -50,7 +50,6 @@ import sys
 import time
 import traceback
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -60,10 +59,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layer import RaBiTLinear
 from ..quantize import rabit_layers
 from .checkpoint import CheckpointError, atomic_write_json, read_json
-from .losses import BlockOutputs, decoder_layers, distillation_loss
+from .losses import batch_distillation_loss, decoder_layers
 from .optim import Optimizers, prepare_student, split_parameters
 from .trainer import SequenceSampler, StepLog, TrainConfig, TrainingDiverged, TrainResult, native_bf16
 
@@ -513,11 +511,6 @@ class DistributedTrainer:
         self.train_peak_bytes: int | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _ctx(self):
-        if self.autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def _all_mean(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.env.backend == "nccl" else "cpu")
         if self.env.world_size > 1:
@@ -531,20 +524,10 @@ class DistributedTrainer:
         return idx[self.env.rank * b:(self.env.rank + 1) * b]
 
     def losses(self, batch: torch.Tensor, need_grad: bool = True):
+        """The distillation loss of one batch (a DistillLoss of scalars)."""
         cfg = self.cfg
-        want_hidden = cfg.gamma > 0
-        with torch.no_grad(), self._ctx():
-            rec_t = BlockOutputs(self.teacher) if want_hidden else nullcontext()
-            with rec_t:
-                t_logits = self.teacher(input_ids=batch, use_cache=False).logits
-            t_hidden = rec_t.hidden() if want_hidden else None
-        with torch.set_grad_enabled(need_grad), self._ctx():
-            rec_s = BlockOutputs(self.student) if want_hidden else nullcontext()
-            with rec_s:
-                s_logits = self.student(input_ids=batch, use_cache=False).logits
-            s_hidden = rec_s.hidden() if want_hidden else None
-            return distillation_loss(s_logits, t_logits, s_hidden, t_hidden, cfg.gamma, cfg.temperature,
-                                     cfg.kl_chunk)
+        return batch_distillation_loss(self.teacher, self.student, batch, cfg.gamma, cfg.temperature,
+                                       cfg.kl_chunk, self.autocast, need_grad)
 
     def _grad_norm_and_clip(self, params: list[torch.Tensor]) -> float:
         """Global L2 norm of the gradients (over all shards), clipped like clip_grad_norm_ when configured."""
@@ -1014,7 +997,6 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
     from ..eval.perplexity import perplexity
     from ..models import load_model, resolve_model_path
     from .optim import OptimConfig
-    from .report import plot_losses, summary_markdown
     from .trainer import make_student
 
     wall0 = time.time()
@@ -1210,32 +1192,10 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
     final_student.to(env.device).eval()
     final = ppl(final_student, f"{args.num_paths}-bit distilled")
     _say0(env, f"{args.num_paths}-bit after distillation: perplexity {final:.3f}")
-    written = cq.save_student(final_student, out, tok, args.model)
-    rows = StepLog.read(out / "log.jsonl")
-    plot_losses(rows, out / "loss.png", gamma=args.gamma,
-                title=f"RaBiT {args.mode} k={args.num_paths}: {args.model} ({env.world_size} processes)")
-    train_seconds = sum(r.get("seconds", 0.0) for r in rows)
-    summary = {
-        "model": args.model, "mode": args.mode, "num_paths": args.num_paths, "out": str(out),
-        "world_size": env.world_size,
-        "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"), "final": final},
-        "train": {"steps": result.steps, "tokens": result.tokens, "seconds": train_seconds,
-                  "tokens_per_second": result.tokens / train_seconds if train_seconds else None,
-                  "session_tokens_per_second": result.tokens_per_second, "resumed_from": result.resumed_from,
-                  "bf16": info["autocast"], "val_before": evals.get("val_before"), "val_after": val_after,
-                  "last": result.last},
-        "memory": {"peak_bytes_per_rank": [r["peak_bytes"] for r in mem["ranks"]],
-                   "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]},
-        "init_seconds": evals.get("init_seconds"),
-        "wall_seconds": time.time() - wall0,
-        "files": [str(p) for p in written] + [str(out / "loss.png"), str(out / "log.jsonl")],
-    }
-    atomic_write_json(out / "summary.json", summary)
-    md = summary_markdown(summary)
-    (out / "summary.md").write_text(md)
-    print(md)
-    print(f"saved {', '.join(str(p) for p in written)}; loss curves in {out / 'loss.png'}")
-    return 0
+    memory = {"peak_bytes_per_rank": [r["peak_bytes"] for r in mem["ranks"]],
+              "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]}
+    return cq.finish_run(args, out, final_student, tok, evals, eval_desc, final, result, val_after,
+                         info["autocast"], wall0, world_size=env.world_size, extra={"memory": memory})
 
 
 def _mib(b) -> str:

@@ -199,3 +199,27 @@ class BlockOutputs(contextlib.AbstractContextManager):
         if missing:
             raise RuntimeError(f"decoder blocks {missing} produced no output during the forward pass")
         return list(self.outputs)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on `device` when enabled, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def batch_distillation_loss(teacher: nn.Module, student: nn.Module, batch: torch.Tensor, gamma: float,
+                            temperature: float, kl_chunk: int, autocast: bool = False,
+                            need_grad: bool = True) -> DistillLoss:
+    """Run teacher (without gradients) and student on one batch of token ids and return the distillation loss;
+    the per-block hidden states are recorded only when gamma > 0."""
+    want_hidden = gamma > 0
+    with torch.no_grad(), autocast_context(batch.device, autocast):
+        rec_t = BlockOutputs(teacher) if want_hidden else contextlib.nullcontext()
+        with rec_t:
+            t_logits = teacher(input_ids=batch, use_cache=False).logits
+        t_hidden = rec_t.hidden() if want_hidden else None
+    with torch.set_grad_enabled(need_grad), autocast_context(batch.device, autocast):
+        rec_s = BlockOutputs(student) if want_hidden else contextlib.nullcontext()
+        with rec_s:
+            s_logits = student(input_ids=batch, use_cache=False).logits
+        s_hidden = rec_s.hidden() if want_hidden else None
+        return distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma, temperature, kl_chunk)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from ..layer import RaBiTLinear
 from ..quantize import _set_module, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, save_checkpoint, set_rng_state)
-from .losses import BlockOutputs, distillation_loss
+from .losses import autocast_context, batch_distillation_loss
 from .optim import OptimConfig, Optimizers, prepare_student
 
 
@@ -90,8 +89,7 @@ def make_student(teacher: nn.Module, config: RaBiTConfig, calibration: torch.Ten
     if initialize:
         if config.precondition and stats is None and calibration is not None:
             device = next(student.parameters()).device
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if calib_autocast else nullcontext()
-            with ctx:
+            with autocast_context(device, calib_autocast):
                 stats = collect_channel_stats(student, find_linear_layers(student, config), calibration,
                                               progress=progress)
         quantize_(student, config, calibration=calibration, stats=stats, progress=progress)
@@ -360,27 +358,11 @@ class Trainer:
         return True
 
     # -------------------------------------------------------------------------------------- steps
-    def _ctx(self):
-        if self.autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def losses(self, batch: torch.Tensor, need_grad: bool = True):
         """The distillation loss of one batch (a DistillLoss of scalars)."""
         cfg = self.cfg
-        want_hidden = cfg.gamma > 0
-        with torch.no_grad(), self._ctx():
-            rec_t = BlockOutputs(self.teacher_run) if want_hidden else nullcontext()
-            with rec_t:
-                t_logits = self.teacher_run(input_ids=batch, use_cache=False).logits
-            t_hidden = rec_t.hidden() if want_hidden else None
-        with torch.set_grad_enabled(need_grad), self._ctx():
-            rec_s = BlockOutputs(self.student) if want_hidden else nullcontext()
-            with rec_s:
-                s_logits = self.student(input_ids=batch, use_cache=False).logits
-            s_hidden = rec_s.hidden() if want_hidden else None
-            return distillation_loss(s_logits, t_logits, s_hidden, t_hidden, cfg.gamma, cfg.temperature,
-                                     cfg.kl_chunk)
+        return batch_distillation_loss(self.teacher_run, self.student, batch, cfg.gamma, cfg.temperature,
+                                       cfg.kl_chunk, self.autocast, need_grad)
 
     @torch.no_grad()
     def evaluate(self, rows: torch.Tensor, batch_size: int | None = None) -> dict:

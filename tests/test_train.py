@@ -88,6 +88,33 @@ def test_mse_term_scales_with_gamma():
         distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma=-1.0)
 
 
+def test_relative_hidden_loss_weighs_tokens_equally():
+    from rabit.train.losses import hidden_relative_error
+
+    torch.manual_seed(0)
+    t = [torch.randn(1, 4, 8) for _ in range(2)]
+    assert float(hidden_relative_error(t, t)) == 0.0
+    # every token off by 10% of its own norm: 0.01 whatever the tokens' scales
+    scales = torch.tensor([1.0, 300.0, 0.01, 5.0]).view(1, 4, 1)  # token 1 is a "massive activation"
+    big = [x * scales for x in t]
+    noise = [torch.randn_like(x) for x in big]
+    off = [x + 0.1 * n / n.norm(dim=-1, keepdim=True) * x.norm(dim=-1, keepdim=True) for x, n in zip(big, noise)]
+    torch.testing.assert_close(hidden_relative_error(off, big), torch.tensor(0.01), rtol=1e-4, atol=0)
+    # the plain MSE of the same error is ~all token 1's
+    mse = hidden_mse(off, big)
+    only_1 = hidden_mse([o[:, 1:2] for o in off], [b[:, 1:2] for b in big]) / 4
+    assert abs(float(mse) / float(only_1) - 1) < 1e-3
+    # scale invariance, and selection through distillation_loss
+    logits = torch.randn(1, 4, 30)
+    a = distillation_loss(logits, logits, off, big, gamma=10.0, hidden_loss="relative")
+    b = distillation_loss(logits, logits, [7 * o for o in off], [7 * x for x in big], gamma=10.0,
+                          hidden_loss="relative")
+    torch.testing.assert_close(a.total, b.total)
+    torch.testing.assert_close(a.total, 10 * a.mse + a.kl)
+    with pytest.raises(ValueError, match="hidden_loss"):
+        distillation_loss(logits, logits, off, big, hidden_loss="l1")
+
+
 def test_lr_schedule_warmup_and_cosine():
     assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
@@ -295,7 +322,11 @@ def test_cli_full_run_then_refuses_to_clobber_it(cli, tiny_run_files, tmp_path, 
     assert cli(cli_args(tiny_run_files, other)) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert snapshot(out) == before and (other / "notes.txt").read_text() == "mine"
-    # resuming a finished run only finishes the report (no training step is redone)
+    # resuming a finished run only finishes the report (no training step is redone); a run.json written
+    # before a setting existed (here hidden_loss) resumes as that setting's default
+    info = json.loads((out / "run.json").read_text())
+    del info["train"]["hidden_loss"]
+    (out / "run.json").write_text(json.dumps(info))
     assert cli(cli_args(tiny_run_files, out, "--resume", "--skip-init-eval")) == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]

@@ -42,6 +42,8 @@ RUN_FILES = ("run.json", "log.jsonl", "evals.json", "loss.png", "summary.json", 
 RUN_DIRS = ("checkpoints", "quantized")
 # run.json keys that may change between a run and its --resume (they do not affect the trained model).
 NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version")
+# Training settings added after version 1 of run.json, with the value older runs implicitly used.
+ADDED_TRAIN_SETTINGS = {"hidden_loss": "mse"}
 
 
 def add_parser(sub):
@@ -112,6 +114,9 @@ def add_parser(sub):
     t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor (default: 0.1)")
     t.add_argument("--gamma", type=float, default=100.0,
                    help="weight of the per-block hidden-state MSE (paper: 100 for Llama, 0 for Gemma 3)")
+    t.add_argument("--hidden-loss", choices=("mse", "relative"), default="mse",
+                   help="hidden-state term: mse (the paper's) or relative (per-token ||s-t||^2/||t||^2, every "
+                        "token and block weighted equally; use a gamma around 1-10) (default: mse)")
     t.add_argument("--temperature", type=float, default=1.0, help="KL temperature (default: 1)")
     t.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off)")
     t.add_argument("--bf16", dest="bf16", action="store_true", default=None,
@@ -204,7 +209,8 @@ def _identity_diff(old: dict, new: dict) -> list[str]:
         if k in NON_IDENTITY:
             continue
         if k == "train":
-            a = {x: y for x, y in (old.get(k) or {}).items() if x not in NON_IDENTITY}
+            # A run written before a setting existed ran with that setting's default.
+            a = {**ADDED_TRAIN_SETTINGS, **{x: y for x, y in (old.get(k) or {}).items() if x not in NON_IDENTITY}}
             b = {x: y for x, y in (new.get(k) or {}).items() if x not in NON_IDENTITY}
             for x in sorted(set(a) | set(b)):
                 if a.get(x) != b.get(x):
@@ -393,7 +399,7 @@ def run(args) -> int:
     warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
     autocast = native_bf16(device) if args.bf16 is None else args.bf16
     tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, gamma=args.gamma,
-                       temperature=args.temperature, autocast=autocast,
+                       hidden_loss=args.hidden_loss, temperature=args.temperature, autocast=autocast,
                        gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm,
                        save_every=args.save_every, seed=args.seed, teacher_bf16=args.teacher_bf16,
                        optim=OptimConfig(latent_lr=args.latent_lr, scale_lr=args.scale_lr,

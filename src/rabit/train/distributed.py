@@ -527,7 +527,7 @@ class DistributedTrainer:
         """The distillation loss of one batch (a DistillLoss of scalars)."""
         cfg = self.cfg
         return batch_distillation_loss(self.teacher, self.student, batch, cfg.gamma, cfg.temperature,
-                                       cfg.kl_chunk, self.autocast, need_grad)
+                                       cfg.kl_chunk, self.autocast, need_grad, cfg.hidden_loss)
 
     def _grad_norm_and_clip(self, params: list[torch.Tensor]) -> float:
         """Global L2 norm of the gradients (over all shards), clipped like clip_grad_norm_ when configured."""
@@ -1041,6 +1041,7 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
         warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
         autocast = native_bf16(env.device) if args.bf16 is None else args.bf16
         tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, gamma=args.gamma,
+                           hidden_loss=args.hidden_loss,
                            temperature=args.temperature, autocast=autocast,
                            gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm,
                            save_every=args.save_every, seed=args.seed, teacher_bf16=args.teacher_bf16,

@@ -109,6 +109,33 @@ def hidden_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[
     return total / len(student_hidden)
 
 
+HIDDEN_LOSSES = ("mse", "relative")
+
+
+def hidden_relative_error(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                          eps: float = 1e-6) -> torch.Tensor:
+    """Mean over blocks and tokens of ||s - t||^2 / ||t||^2 (each token's hidden vector, in fp32).
+
+    Why: in many LMs a few tokens (the first of a sequence, attention sinks) carry hidden states hundreds of
+    times larger than the rest, and the residual stream grows with depth; a plain MSE is then dominated by
+    those tokens and the last blocks, and swings by 10x from batch to batch. The relative error weighs every
+    token and every block equally and is invariant to the scale of the hidden states.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student hidden states vs {len(teacher_hidden)} teacher ones")
+    if not student_hidden:
+        raise ValueError("no hidden states to compare")
+    total = None
+    for s, t in zip(student_hidden, teacher_hidden):
+        if s.shape != t.shape:
+            raise ValueError(f"hidden state shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+        t = t.detach().float()
+        err = (s.float() - t).pow(2).sum(-1)
+        term = (err / t.pow(2).sum(-1).clamp_min(eps)).mean()
+        total = term if total is None else total + term
+    return total / len(student_hidden)
+
+
 @dataclass
 class DistillLoss:
     total: torch.Tensor
@@ -118,17 +145,22 @@ class DistillLoss:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       student_hidden: Sequence[torch.Tensor] | None, teacher_hidden: Sequence[torch.Tensor] | None,
-                      gamma: float = 100.0, temperature: float = 1.0, chunk_tokens: int = 256) -> DistillLoss:
-    """KL(teacher || student) + gamma * MSE(hidden states after each decoder block).
+                      gamma: float = 100.0, temperature: float = 1.0, chunk_tokens: int = 256,
+                      hidden_loss: str = "mse") -> DistillLoss:
+    """KL(teacher || student) + gamma * D(hidden states after each decoder block).
 
-    The MSE is computed (and reported) whenever both hidden-state lists are given; with gamma == 0 they may
-    be None, and mse is then a zero tensor.
+    D is the mean squared error (hidden_loss="mse", the paper's) or the per-token relative squared error
+    (hidden_loss="relative", see hidden_relative_error). It is computed (and reported, as `mse`) whenever
+    both hidden-state lists are given; with gamma == 0 they may be None, and mse is then a zero tensor.
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if hidden_loss not in HIDDEN_LOSSES:
+        raise ValueError(f"unknown hidden_loss {hidden_loss!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
     kl = kl_divergence(student_logits, teacher_logits, temperature, chunk_tokens)
     if student_hidden is not None and teacher_hidden is not None:
-        mse = hidden_mse(student_hidden, teacher_hidden)
+        fn = hidden_mse if hidden_loss == "mse" else hidden_relative_error
+        mse = fn(student_hidden, teacher_hidden)
     elif gamma > 0:
         raise ValueError("gamma > 0 needs the student's and the teacher's hidden states")
     else:
@@ -208,7 +240,7 @@ def autocast_context(device: torch.device, enabled: bool):
 
 def batch_distillation_loss(teacher: nn.Module, student: nn.Module, batch: torch.Tensor, gamma: float,
                             temperature: float, kl_chunk: int, autocast: bool = False,
-                            need_grad: bool = True) -> DistillLoss:
+                            need_grad: bool = True, hidden_loss: str = "mse") -> DistillLoss:
     """Run teacher (without gradients) and student on one batch of token ids and return the distillation loss;
     the per-block hidden states are recorded only when gamma > 0."""
     want_hidden = gamma > 0
@@ -222,4 +254,5 @@ def batch_distillation_loss(teacher: nn.Module, student: nn.Module, batch: torch
         with rec_s:
             s_logits = student(input_ids=batch, use_cache=False).logits
         s_hidden = rec_s.hidden() if want_hidden else None
-        return distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma, temperature, kl_chunk)
+        return distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma, temperature, kl_chunk,
+                                 hidden_loss)

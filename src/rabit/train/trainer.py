@@ -19,7 +19,7 @@ from ..layer import RaBiTLinear
 from ..quantize import _set_module, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, save_checkpoint, set_rng_state)
-from .losses import autocast_context, batch_distillation_loss
+from .losses import HIDDEN_LOSSES, autocast_context, batch_distillation_loss
 from .optim import OptimConfig, Optimizers, prepare_student
 
 
@@ -32,7 +32,8 @@ class TrainConfig:
     steps: int                      # optimizer steps
     batch_size: int = 1             # sequences per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
-    gamma: float = 100.0            # weight of the hidden-state MSE
+    gamma: float = 100.0            # weight of the hidden-state term
+    hidden_loss: str = "mse"        # hidden-state term: "mse" (paper) or "relative" (per-token relative error)
     temperature: float = 1.0
     kl_chunk: int = 256             # tokens per chunk of the fused KL
     autocast: bool | None = None    # bf16 autocast; None = where the device has native bf16
@@ -52,6 +53,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"unknown hidden_loss {self.hidden_loss!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.max_grad_norm < 0:
@@ -362,7 +365,7 @@ class Trainer:
         """The distillation loss of one batch (a DistillLoss of scalars)."""
         cfg = self.cfg
         return batch_distillation_loss(self.teacher_run, self.student, batch, cfg.gamma, cfg.temperature,
-                                       cfg.kl_chunk, self.autocast, need_grad)
+                                       cfg.kl_chunk, self.autocast, need_grad, cfg.hidden_loss)
 
     @torch.no_grad()
     def evaluate(self, rows: torch.Tensor, batch_size: int | None = None) -> dict:

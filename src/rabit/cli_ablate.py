@@ -80,7 +80,8 @@ def collect(out_dir: Path, modes, inits) -> list[dict]:
                 summary = json.loads(s.read_text())
                 ev, tr = summary.get("eval", {}), summary.get("train", {})
                 row.update(fp_ppl=ev.get("fp"), init_ppl=ev.get("init"), ppl=ev.get("final"),
-                           loss=(tr.get("val_after") or {}).get("loss"), tokens=tr.get("tokens"),
+                           loss=(tr.get("val_after") or {}).get("loss"), kl=(tr.get("val_after") or {}).get("kl"),
+                           tokens=tr.get("tokens"),
                            tok_s=tr.get("tokens_per_second"))
             row["optim_bytes"] = optimizer_state_bytes(cell)
             for name, key in (("piqa.json", "piqa"), ("diagnose.json", "diag")):
@@ -106,15 +107,18 @@ def _mean_corr(row, key):
 
 
 def markdown(rows: list[dict], args) -> str:
+    settings = f" Every cell: `rabit quantize` defaults plus `{args.extra.strip()}`." if args.extra.strip() else \
+        " Every cell: `rabit quantize` defaults."
     lines = [f"Ablation on {args.model}: {args.tokens:,} training tokens per cell, WikiText-2 test perplexity on "
-             f"the first {args.eval_windows} windows of 2048 tokens, PIQA on the first {args.piqa_limit} items.",
-             "", "| mode | init | PPL after init | PPL after training | held-out distill loss | PIQA acc | "
+             f"the first {args.eval_windows} windows of 2048 tokens, PIQA on the first {args.piqa_limit} items."
+             + settings,
+             "", "| mode | init | PPL after init | PPL after training | held-out distill loss | held-out KL | PIQA acc | "
              "Corr(y1,y2) | Corr(yt-y1,y2) | train tok/s | latent optimizer state (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ob = r.get("optim_bytes") or {}
         lines.append(f"| {r['mode']} | {r['init']} | {_fmt(r.get('init_ppl'))} | {_fmt(r.get('ppl'))} | "
-                     f"{_fmt(r.get('loss'), '.4f')} | {_fmt(_piqa_acc(r), '.3f')} | "
+                     f"{_fmt(r.get('loss'), '.1f')} | {_fmt(r.get('kl'), '.3f')} | {_fmt(_piqa_acc(r), '.3f')} | "
                      f"{_fmt(_mean_corr(r, 'corr_paths'), '.3f')} | {_fmt(_mean_corr(r, 'corr_residual'), '.3f')} | "
                      f"{_fmt(r.get('tok_s'), '.0f')} | {_fmt(ob.get('latent', None) and ob['latent'] / 1e6, '.1f')} |")
     fp = next((r.get("fp_ppl") for r in rows if r.get("fp_ppl")), None)

@@ -30,7 +30,7 @@ def test_ablate_runs_cells_writes_table_and_resumes(tiny_files, tmp_path, monkey
     out = tmp_path / "abl"
     args = ["ablate", "--model", str(tiny_files / "model"), "--modes", "coupled,independent", "--inits", "isvid+pre",
             "--tokens", "64", "--eval-windows", "2", "--piqa-limit", "0", "--diagnose-samples", "1",
-            "--out-dir", str(out), f"--extra={extra}"]
+            "--out-dir", str(out), "--jobs", "2", f"--extra={extra}"]
     assert main(args) == 0
     rows = json.loads((out / "ablation.json").read_text())
     assert [(r["mode"], r["init"]) for r in rows] == [("coupled", "isvid+pre"), ("independent", "isvid+pre")]

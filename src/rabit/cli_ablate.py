@@ -8,8 +8,11 @@ the others. The table is rebuilt from the run folders each time, so an interrupt
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .models import DEFAULT_MODEL
@@ -35,14 +38,17 @@ def add_parser(sub):
     p.add_argument("--out-dir", default="runs/ablation")
     p.add_argument("--table", default=None, help="markdown table path (default: <out-dir>/ablation.md)")
     p.add_argument("--extra", default="", help="extra arguments passed to every `rabit quantize` run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells trained at once, the cores split between them (default: 1; throughput columns are "
+                        "then per-cell under sharing)")
     return p
 
 
-def _run(cmd: list[str], log: Path) -> int:
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> int:
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
 def optimizer_state_bytes(run_dir: Path) -> dict[str, int] | None:
@@ -178,6 +184,31 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def _run_cell(args, out_dir: Path, mode: str, init: str, env: dict | None) -> None:
+    """Train one cell (resuming a killed one), then PIQA and path correlations on the saved model; each step
+    is skipped when its result file already exists."""
+    rabit = [sys.executable, "-m", "rabit"]
+    cell = out_dir / f"{mode}-{init}"
+    log = out_dir / f"{mode}-{init}.log"
+    if not (cell / "summary.json").exists():
+        flag = ["--resume"] if (cell / "run.json").exists() else []
+        cmd = rabit + ["quantize", "--model", args.model, "--out", str(cell), "--mode", mode,
+                       "--tokens", str(args.tokens), "--eval-windows", str(args.eval_windows),
+                       "--no-progress", *INIT_FLAGS[init], *flag, *args.extra.split()]
+        print(f"[ablate] training {mode} / {init} ...", flush=True)
+        if _run(cmd, log, env) != 0:
+            print(f"[ablate] {mode} / {init} failed; see {log}", flush=True)
+            return
+    qdir = cell / "quantized"
+    if args.piqa_limit and qdir.exists() and not (cell / "piqa.json").exists():
+        _run(rabit + ["eval", str(qdir), "--tasks", "piqa", "--limit", str(args.piqa_limit), "--ppl", "none",
+                      "--offline", "--json", str(cell / "piqa.json")], log, env)
+    if args.diagnose_samples and qdir.exists() and not (cell / "diagnose.json").exists():
+        _run(rabit + ["diagnose", str(qdir), "--teacher", args.model, "--calib-samples",
+                      str(args.diagnose_samples), "--json", str(cell / "diagnose.json"),
+                      "--plot", str(cell / "diagnose.png")], log, env)
+
+
 def run(args) -> int:
     modes = [m for m in args.modes.split(",") if m]
     inits = [i for i in args.inits.split(",") if i]
@@ -187,34 +218,31 @@ def run(args) -> int:
     for i in inits:
         if i not in INIT_FLAGS:
             raise ValueError(f"unknown init {i!r}; choose from {', '.join(INIT_FLAGS)}")
-    if args.tokens < 1 or args.eval_windows < 1:
-        raise ValueError("--tokens and --eval-windows must be >= 1")
+    if args.tokens < 1 or args.eval_windows < 1 or args.jobs < 1:
+        raise ValueError("--tokens, --eval-windows and --jobs must be >= 1")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rabit = [sys.executable, "-m", "rabit"]
-    for init in inits:
-        for mode in modes:
-            cell = out_dir / f"{mode}-{init}"
-            log = out_dir / f"{mode}-{init}.log"
-            if not (cell / "summary.json").exists():
-                flag = ["--resume"] if (cell / "run.json").exists() else []
-                cmd = rabit + ["quantize", "--model", args.model, "--out", str(cell), "--mode", mode,
-                               "--tokens", str(args.tokens), "--eval-windows", str(args.eval_windows),
-                               "--no-progress", *INIT_FLAGS[init], *flag, *args.extra.split()]
-                print(f"[ablate] training {mode} / {init} ...", flush=True)
-                if _run(cmd, log) != 0:
-                    print(f"[ablate] {mode} / {init} failed; see {log}", flush=True)
-                    continue
-            qdir = cell / "quantized"
-            if args.piqa_limit and qdir.exists() and not (cell / "piqa.json").exists():
-                _run(rabit + ["eval", str(qdir), "--tasks", "piqa", "--limit", str(args.piqa_limit), "--ppl", "none",
-                              "--offline", "--json", str(cell / "piqa.json")], log)
-            if args.diagnose_samples and qdir.exists() and not (cell / "diagnose.json").exists():
-                _run(rabit + ["diagnose", str(qdir), "--teacher", args.model, "--calib-samples",
-                              str(args.diagnose_samples), "--json", str(cell / "diagnose.json"),
-                              "--plot", str(cell / "diagnose.png")], log)
+    env = None
+    if args.jobs > 1:
+        # Split the cores between the cells that run at once (torch reads OMP_NUM_THREADS at import).
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+    lock = threading.Lock()
+
+    def cell_done():
+        with lock:
             table = markdown(collect(out_dir, modes, inits), args)
             (Path(args.table) if args.table else out_dir / "ablation.md").write_text(table)
+
+    cells = [(mode, init) for init in inits for mode in modes]
+    if args.jobs > 1:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for fut in [pool.submit(_run_cell, args, out_dir, mode, init, env) for mode, init in cells]:
+                fut.result()
+                cell_done()
+    else:
+        for mode, init in cells:
+            _run_cell(args, out_dir, mode, init, env)
+            cell_done()
     rows = collect(out_dir, modes, inits)
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2, default=str))
     table = markdown(rows, args)

@@ -285,27 +285,34 @@ def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, prog
     from .quantize import find_linear_layers, rabit_layers
     from .train.trainer import make_student
 
-    key = path = None
-    if use_cache:
-        calib_desc = None
-        if calib is not None:
-            calib_desc = {"tokens_sha256": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),
-                          "shape": list(calib.shape), "autocast": bool(autocast)}
-        key = init_cache.init_key(_model_fingerprint(teacher), rcfg, calib_desc)
-        path = init_cache.cache_path(cache_root() / "init", key)
+    if not use_cache:
+        return _calibrate_and_initialize(teacher, rcfg, calib, autocast, progress), False
+    calib_desc = None
+    if calib is not None:
+        calib_desc = {"tokens_sha256": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),
+                      "shape": list(calib.shape), "autocast": bool(autocast)}
+    key = init_cache.init_key(_model_fingerprint(teacher), rcfg, calib_desc)
+    path = init_cache.cache_path(cache_root() / "init", key)
+    # Runs started together (rabit ablate --jobs) wait for the first one's initialization instead of repeating it.
+    with init_cache.lock(path):
         student = make_student(teacher, rcfg, initialize=False)
         if init_cache.load_paths(path, rabit_layers(student), find_linear_layers(teacher, rcfg), key):
             return student, True
         del student
-    n_calib = "no calibration" if calib is None else f"{calib.shape[0]} x {calib.shape[1]} calibration tokens"
-    _say(f"calibrating ({n_calib}) and initializing ({rcfg.init}) ...")
-    student = make_student(teacher, rcfg, calibration=calib, progress=progress, calib_autocast=autocast)
-    if use_cache:
+        student = _calibrate_and_initialize(teacher, rcfg, calib, autocast, progress)
         try:
             init_cache.save_paths(path, rabit_layers(student), key)
         except OSError as e:
             _say(f"(could not write the init cache {path}: {e})")
     return student, False
+
+
+def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool):
+    from .train.trainer import make_student
+
+    n_calib = "no calibration" if calib is None else f"{calib.shape[0]} x {calib.shape[1]} calibration tokens"
+    _say(f"calibrating ({n_calib}) and initializing ({rcfg.init}) ...")
+    return make_student(teacher, rcfg, calibration=calib, progress=progress, calib_autocast=autocast)
 
 
 def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str, final: float, result,

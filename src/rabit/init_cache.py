@@ -8,6 +8,7 @@ byte, in one safetensors file keyed by everything the initialization depends on.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,25 @@ def init_key(model_fingerprint: str, config: RaBiTConfig, calibration: dict | No
 def cache_path(root: Path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return root / f"{digest}.safetensors"
+
+
+@contextlib.contextmanager
+def lock(path: Path):
+    """An exclusive advisory lock on `path` (a .lock file beside it) for the calling process; a no-op where
+    fcntl or the folder is unavailable (the cache then only risks computing the same paths twice)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(path.name + ".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def _pack_signs(B: torch.Tensor) -> torch.Tensor:

@@ -168,8 +168,6 @@ def test_a_failure_on_one_rank_stops_every_rank_with_the_error(runs):
     assert not (runs["root"] / "fail" / "dcp" / "latest").exists()
 
 
-@pytest.mark.skipif(not os.environ.get("RABIT_SLOW_TESTS"), reason="end-to-end torchrun CLI run (~30 s): set "
-                    "RABIT_SLOW_TESTS=1")
 def test_cli_nproc_2_end_to_end(tmp_path):
     """`python -m rabit.train.distributed --nproc 2`: torchrun, rank-0-only output, a saved model; resume at 1."""
     from rabit.testing import tiny_tokenizer

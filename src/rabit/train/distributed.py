@@ -918,9 +918,8 @@ def build_parser():
 
     parser = argparse.ArgumentParser(prog="python -m rabit.train.distributed")
     sub = parser.add_subparsers(dest="command")
-    p = add_parser(sub)
+    p = add_parser(sub)  # includes add_distributed_args
     p.prog = "python -m rabit.train.distributed"
-    add_distributed_args(p)
     return p
 
 
@@ -1132,9 +1131,9 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
                 calib = calibration_batch(tok, local["calib_sources"], args.calib_samples, args.calib_len,
                                           seed=args.seed)
             t0 = time.time()
-            _say0(env, f"calibrating and initializing ({rcfg.init}) on rank 0 ...")
-            student = make_student(teacher, rcfg, calibration=calib, progress=progress,
-                                   calib_autocast=info["autocast"])
+            _say0(env, f"initializing ({rcfg.init}) on rank 0 ...")
+            student, evals["init_cached"] = cq._initialized_student(teacher, rcfg, calib, info["autocast"], progress,
+                                                                    getattr(args, "init_cache", True))
             evals["init_seconds"] = time.time() - t0
             if not args.skip_init_eval and "init" not in evals:
                 evals["init"] = ppl(student, f"{args.num_paths}-bit initialized")

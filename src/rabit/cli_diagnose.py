@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
+
+from .atomic_io import atomic_write_json
 
 # Keys under which a rabit folder's config.json may record the model it was quantized from (first found wins):
 # in "quantization_config", then at the top level.
@@ -137,10 +138,7 @@ def run(args) -> int:
     doc = dict(model=args.path, teacher=teacher_name, ptq=args.ptq, calib_source=args.calib_source,
                calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, seconds=seconds,
                summary=summary, layers=results)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, out_json)
+    atomic_write_json(out_json, doc, allow_nan=True, sort_keys=False)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     plot_correlations(results, out_png, title=f"{args.path}{' (PTQ init)' if args.ptq else ''}: path correlations "
                                                f"on {args.calib_source}")

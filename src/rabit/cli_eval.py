@@ -1,13 +1,13 @@
 """`rabit eval PATH`: perplexity on named corpora and zero-shot tasks (lm-eval) of a model, as a table + JSON."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
 from pathlib import Path
 
+from .atomic_io import atomic_write_json
 from .models import DEFAULT_MODEL
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -192,9 +192,6 @@ def run(args) -> int:
                                          batch_size=args.batch_size, seed=args.seed)
         result["tasks_seconds"] = time.time() - t0
     print_table(result)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, out_path)
+    atomic_write_json(out_path, result, allow_nan=True, sort_keys=False)
     print(f"\nwrote {out_path}")
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -256,17 +255,14 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
 
 def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
     """Save the trained student: a plain safetensors state dict now, plus the packed format when available."""
-    from safetensors.torch import save_file
-
-    from .train.checkpoint import atomic_write_json, dedup_state_dict
+    from .atomic_io import atomic_save_safetensors, atomic_write_json
+    from .train.checkpoint import dedup_state_dict
 
     cfg = getattr(student, "rabit_config", None)
     unique, aliases = dedup_state_dict(student.state_dict())
     meta = {"format": "rabit-state-dict", "base_model": base_model, "aliases": json.dumps(aliases),
             "rabit_config": cfg.to_json() if cfg is not None else "{}"}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(unique, str(tmp), metadata=meta)
-    os.replace(tmp, out / "model.safetensors")
+    atomic_save_safetensors(unique, out / "model.safetensors", metadata=meta)
     if cfg is not None:
         atomic_write_json(out / "rabit_config.json", cfg.to_dict())
     written = [out / "model.safetensors"]

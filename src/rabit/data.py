@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -403,32 +402,21 @@ def _load_cache(path: Path, digest: str) -> torch.Tensor | None:
 
 
 def _save_cache(path: Path, ids: torch.Tensor, digest: str, source: str, tokenizer) -> None:
-    from safetensors.torch import save_file
+    from .atomic_io import atomic_save_safetensors
 
-    tmp = None
+    small = ids.numel() == 0 or int(ids.max()) < 2**31
+    meta = {
+        "key": digest,
+        "source": source,
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "n_tokens": str(ids.numel()),
+        "format": str(_CACHE_FORMAT),
+    }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        small = ids.numel() == 0 or int(ids.max()) < 2**31
-        meta = {
-            "key": digest,
-            "source": source,
-            "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
-            "n_tokens": str(ids.numel()),
-            "format": str(_CACHE_FORMAT),
-        }
-        save_file({"input_ids": ids.to(torch.int32 if small else torch.int64).contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
+        atomic_save_safetensors({"input_ids": ids.to(torch.int32 if small else torch.int64).contiguous()}, path,
+                                metadata=meta)
+    except OSError as e:  # a read-only cache folder costs a re-tokenization next time, not the run
         warnings.warn(f"could not write token cache {str(path)!r}: {e}")
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def tokenize_corpus(tokenizer, source: str, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic_io import atomic_save_safetensors
 from .config import RaBiTConfig
 
 FORMAT = "rabit-init-paths"
@@ -71,18 +71,13 @@ def _unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def save_paths(path: Path, layers: dict[str, nn.Module], key: dict) -> None:
     """Write the paths of every RaBiTLinear in `layers` (name -> layer) atomically."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, layer in layers.items():
         for i, (g, B, h) in enumerate(layer.paths()):
             tensors[f"{name}.{i}.g"] = g.detach().float().cpu().contiguous()
             tensors[f"{name}.{i}.h"] = h.detach().float().cpu().contiguous()
             tensors[f"{name}.{i}.signs"] = _pack_signs(B).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-    os.replace(tmp, path)
+    atomic_save_safetensors(tensors, path, metadata={"key": json.dumps(key, sort_keys=True)})
 
 
 def load_paths(path: Path, layers: dict[str, nn.Module], originals: dict[str, nn.Linear], key: dict) -> bool:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import packing
+from .atomic_io import atomic_save_safetensors
 
 QUANT_METHOD = "rabit"
 FORMAT_VERSION = 1
@@ -108,8 +109,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
         model. dtype: cast the other floating-point tensors (embeddings, norms, lm_head) to this dtype (None: keep).
     Returns the folder path.
     """
-    from safetensors.torch import save_file
-
     RaBiT, Packed = _layer_classes()
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -183,9 +182,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     validate_quantization_config(qc)
 
     weights = path / WEIGHTS_NAME
-    tmp = weights.with_name(WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "rabit_format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, weights)
+    atomic_save_safetensors(tensors, weights, metadata={"format": "pt", "rabit_format_version": str(FORMAT_VERSION)})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(weights, 0o666 & ~umask)

@@ -175,7 +175,7 @@ class StepLog:
 
     def truncate_after(self, step: int) -> None:
         """Keep only the steps <= `step` (those a resumed run does not redo)."""
-        from .checkpoint import atomic_write_bytes
+        from ..atomic_io import atomic_write_bytes
 
         rows = [r for r in self.read(self.path) if r.get("step", 0) <= step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())

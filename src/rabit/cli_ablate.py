@@ -27,15 +27,21 @@ MODES = ("independent", "frozen", "coupled")
 
 def add_parser(sub):
     p = sub.add_parser("ablate", help="train every mode x init at one budget and write a comparison table")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--inits", default=",".join(INIT_FLAGS))
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated training modes (default: {','.join(MODES)})")
+    p.add_argument("--inits", default=",".join(INIT_FLAGS),
+                   help=f"comma-separated initializations (default: {','.join(INIT_FLAGS)}; "
+                        "isvid+pre = ISVID on the I/O-preconditioned weight)")
     p.add_argument("--tokens", type=int, default=20480, help="training tokens per cell (default: 20480)")
-    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--eval-windows", type=int, default=8,
+                   help="WikiText-2 test windows of 2048 tokens for perplexity (default: 8; 0: all 147). "
+                        "Few windows are noisy: see docs/RESULTS.md section 2b")
     p.add_argument("--piqa-limit", type=int, default=200, help="PIQA items (0: skip PIQA)")
     p.add_argument("--diagnose-samples", type=int, default=4, help="calibration sequences for correlations "
                    "(0: skip)")
-    p.add_argument("--out-dir", default="runs/ablation")
+    p.add_argument("--out-dir", default="runs/ablation",
+                   help="one sub-folder per cell; rerunning resumes unfinished cells (default: runs/ablation)")
     p.add_argument("--table", default=None, help="markdown table path (default: <out-dir>/ablation.md)")
     p.add_argument("--extra", default="", help="extra arguments passed to every `rabit quantize` run")
     p.add_argument("--jobs", type=int, default=1,

@@ -206,21 +206,53 @@ def _run_state(out: Path) -> str:
     return "foreign" if any(out.iterdir()) else "empty"
 
 
-def _identity_diff(old: dict, new: dict) -> list[str]:
-    diffs = []
-    for k in sorted(set(old) | set(new)):
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
         if k in NON_IDENTITY:
             continue
-        if k == "train":
-            # A run written before a setting existed ran with that setting's default.
-            a = {**ADDED_TRAIN_SETTINGS, **{x: y for x, y in (old.get(k) or {}).items() if x not in NON_IDENTITY}}
-            b = {x: y for x, y in (new.get(k) or {}).items() if x not in NON_IDENTITY}
-            for x in sorted(set(a) | set(b)):
-                if a.get(x) != b.get(x):
-                    diffs.append(f"train.{x}: {a.get(x)!r} -> {b.get(x)!r}")
-        elif old.get(k) != new.get(k):
-            diffs.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
-    return diffs
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _identity_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every run.json setting that differs and defines the run."""
+    # A run written before a setting existed ran with that setting's default.
+    a = {**{f"train.{k}": v for k, v in ADDED_TRAIN_SETTINGS.items()}, **_flatten(old)}
+    b = _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _identity_diff(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {x!r} -> {y!r}" for k, x, y in _identity_changes(old, new)]
+
+
+def _option_strings() -> set[str]:
+    import argparse
+
+    quantize = add_parser(argparse.ArgumentParser(add_help=False).add_subparsers())
+    return {o for a in quantize._actions for o in a.option_strings}
+
+
+def different_run_error(out: Path, old: dict, new: dict) -> ValueError | None:
+    """The error for a folder that holds another run, naming the settings that differ and, where a flag sets
+    one, the flags that would reproduce the stored run (defaults may have changed since it started)."""
+    changes = _identity_changes(old, new)
+    if not changes:
+        return None
+    flags = _option_strings()
+    hint = []
+    for key, was, _ in changes:
+        flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+        if flag in flags and isinstance(was, (int, float, str)) and not isinstance(was, bool):
+            hint.append(f"{flag} {was}")
+    msg = f"{out} holds a different run ({'; '.join(_identity_diff(old, new)[:6])})"
+    if hint:
+        msg += f"; to continue that run pass its settings: --resume {' '.join(hint)}"
+    return ValueError(msg + "; or use another --out, or --overwrite to replace it")
 
 
 def _model_fingerprint(model) -> str:
@@ -431,10 +463,9 @@ def run(args) -> int:
     }
     run_info = json.loads(json.dumps(run_info))
     if old_run is not None and not args.overwrite:
-        diffs = _identity_diff(old_run, run_info)
-        if diffs:
-            raise ValueError(f"{out} holds a different run ({'; '.join(diffs[:6])}); use another --out, or "
-                             "--overwrite to replace it")
+        err = different_run_error(out, old_run, run_info)
+        if err is not None:
+            raise err
         if not args.resume:
             raise ValueError(f"{out} already holds this run; pass --resume to continue it or --overwrite to "
                              "start over")

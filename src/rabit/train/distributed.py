@@ -1065,10 +1065,9 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
             if "distributed" not in old_run:
                 raise ValueError(f"{out} holds a single-process run (its checkpoints are not DCP checkpoints); "
                                  "resume it without --nproc / torchrun, or use another --out")
-            diffs = cq._identity_diff(old_run, run_info)
-            if diffs:
-                raise ValueError(f"{out} holds a different run ({'; '.join(diffs[:6])}); use another --out, or "
-                                 "--overwrite to replace it")
+            err = cq.different_run_error(out, old_run, run_info)
+            if err is not None:
+                raise err
             if not args.resume:
                 raise ValueError(f"{out} already holds this run; pass --resume to continue it or --overwrite")
         ck = DistributedTrainer.latest(out) if args.resume else None

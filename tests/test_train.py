@@ -313,8 +313,8 @@ def test_cli_full_run_then_refuses_to_clobber_it(cli, tiny_run_files, tmp_path, 
     assert cli(cli_args(tiny_run_files, out, "--gamma", "5", "--isvid-rounds", "2")) == 2
     err = capsys.readouterr().err
     # the error names each differing setting and the flags that would continue the stored run
-    assert "different run" in err and "train.gamma: 0.0 -> 5.0" in err and "rabit_config.isvid_rounds: 4 -> 2" in err
-    assert "--resume --isvid-rounds 4 --gamma 0.0" in err
+    assert "different run" in err and "train.gamma: 0.0 -> 5.0" in err and "rabit_config.isvid_rounds: 8 -> 2" in err
+    assert "--resume --isvid-rounds 8 --gamma 0.0" in err
     # the same run again without --resume: refused too
     assert cli(cli_args(tiny_run_files, out)) == 2
     assert "--resume" in capsys.readouterr().err

@@ -73,7 +73,8 @@ def add_parser(sub):
                         "independent with all but the last path frozen (default: coupled)")
     q.add_argument("--num-paths", type=int, default=2, help="binary paths per layer = bits per weight (default: 2)")
     q.add_argument("--init", choices=INITS, default="isvid", help="path initialization (default: isvid)")
-    q.add_argument("--isvid-rounds", type=int, default=RaBiTConfig.isvid_rounds)
+    q.add_argument("--isvid-rounds", type=int, default=RaBiTConfig.isvid_rounds,
+                   help=f"Gauss-Seidel rounds of iterative residual SVID (default: {RaBiTConfig.isvid_rounds})")
     q.add_argument("--svid-power-iters", type=int, default=RaBiTConfig.svid_power_iters)
     q.add_argument("--no-precondition", action="store_true", help="skip activation/gradient preconditioning")
     q.add_argument("--alpha-in", type=float, default=RaBiTConfig.alpha_in)

@@ -21,18 +21,15 @@ import torch
 from rabit import RaBiTConfig
 from rabit.data import training_sequences
 from rabit.models import DEFAULT_MODEL, load_model
+from rabit.train.distributed import optimizer_state_bytes
 from rabit.train.optim import OptimConfig
 from rabit.train.trainer import StepLog, Trainer, TrainConfig, make_student
 
 MODES = ("coupled", "independent", "frozen")
 
 
-def optimizer_state_bytes(trainer: Trainer) -> int:
-    total = 0
-    for opt in (trainer.optim.muon, trainer.optim.adamw):
-        for state in (opt.state.values() if opt is not None else ()):
-            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    return total
+def trainer_state_bytes(trainer: Trainer) -> int:
+    return sum(optimizer_state_bytes(o) for o in (trainer.optim.muon, trainer.optim.adamw) if o is not None)
 
 
 def main() -> None:
@@ -67,7 +64,7 @@ def main() -> None:
             secs = [r["seconds"] for r in StepLog.read(tr.run_dir / "log.jsonl")][1:]  # drop warm-up
             med = statistics.median(secs)
             rows[mode] = {"median_step_seconds": med, "tokens_per_s": tr.tokens_per_step / med,
-                          "steps_timed": len(secs), "optimizer_state_bytes": optimizer_state_bytes(tr)}
+                          "steps_timed": len(secs), "optimizer_state_bytes": trainer_state_bytes(tr)}
     base = rows.get("coupled", next(iter(rows.values())))
     print(f"{args.model}, {args.grad_accum} x {args.seq_len} tokens per step, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds interleaved ({time.time() - t0:.0f} s)")

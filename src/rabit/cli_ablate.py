@@ -240,15 +240,16 @@ def run(args) -> int:
             (Path(args.table) if args.table else out_dir / "ablation.md").write_text(table)
 
     cells = [(mode, init) for init in inits for mode in modes]
-    if args.jobs > 1:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for fut in [pool.submit(_run_cell, args, out_dir, mode, init, env) for mode, init in cells]:
+    # With --jobs 1 the pool runs the cells one after another, in order.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(_run_cell, args, out_dir, mode, init, env) for mode, init in cells]
+        try:
+            for fut in futures:
                 fut.result()
                 cell_done()
-    else:
-        for mode, init in cells:
-            _run_cell(args, out_dir, mode, init, env)
-            cell_done()
+        except BaseException:  # Ctrl-C or a failing cell: start no further cells
+            pool.shutdown(cancel_futures=True)
+            raise
     rows = collect(out_dir, modes, inits)
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2, default=str))
     table = markdown(rows, args)

@@ -227,10 +227,6 @@ def _identity_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _identity_diff(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {x!r} -> {y!r}" for k, x, y in _identity_changes(old, new)]
-
-
 def _option_strings() -> set[str]:
     import argparse
 
@@ -250,7 +246,7 @@ def different_run_error(out: Path, old: dict, new: dict) -> ValueError | None:
         flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
         if flag in flags and isinstance(was, (int, float, str)) and not isinstance(was, bool):
             hint.append(f"{flag} {was}")
-    msg = f"{out} holds a different run ({'; '.join(_identity_diff(old, new)[:6])})"
+    msg = f"{out} holds a different run ({'; '.join(f'{k}: {x!r} -> {y!r}' for k, x, y in changes[:6])})"
     if hint:
         msg += f"; to continue that run pass its settings: --resume {' '.join(hint)}"
     return ValueError(msg + "; or use another --out, or --overwrite to replace it")

@@ -328,20 +328,22 @@ def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, prog
         if init_cache.load_paths(path, rabit_layers(student), find_linear_layers(teacher, rcfg), key):
             return student, True
         del student
-        student = _calibrate_and_initialize(teacher, rcfg, calib, autocast, progress)
+        recorder = init_cache.PathRecorder()
+        student = _calibrate_and_initialize(teacher, rcfg, calib, autocast, progress, on_init=recorder)
         try:
-            init_cache.save_paths(path, rabit_layers(student), key)
+            recorder.save(path, key)
         except OSError as e:
             _say(f"(could not write the init cache {path}: {e})")
     return student, False
 
 
-def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool):
+def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool, on_init=None):
     from .train.trainer import make_student
 
     n_calib = "no calibration" if calib is None else f"{calib.shape[0]} x {calib.shape[1]} calibration tokens"
     _say(f"calibrating ({n_calib}) and initializing ({rcfg.init}) ...")
-    return make_student(teacher, rcfg, calibration=calib, progress=progress, calib_autocast=autocast)
+    return make_student(teacher, rcfg, calibration=calib, progress=progress, calib_autocast=autocast,
+                        on_init=on_init)
 
 
 def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str, final: float, result,

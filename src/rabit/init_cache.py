@@ -21,7 +21,8 @@ from .atomic_io import atomic_save_safetensors
 from .config import RaBiTConfig
 
 FORMAT = "rabit-init-paths"
-VERSION = 1
+# 2: the decomposition's paths; version 1 files could hold a coupled layer's re-derived signs instead.
+VERSION = 2
 # RaBiTConfig fields that change the initialized paths (mode, latent_init and the STE do not).
 INIT_FIELDS = ("num_paths", "init", "isvid_rounds", "precondition", "alpha_in", "alpha_out", "exclude",
                "svid_power_iters")
@@ -69,15 +70,26 @@ def _unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.from_numpy(bits).to(torch.float32).mul_(2).sub_(1)
 
 
-def save_paths(path: Path, layers: dict[str, nn.Module], key: dict) -> None:
-    """Write the paths of every RaBiTLinear in `layers` (name -> layer) atomically."""
-    tensors = {}
-    for name, layer in layers.items():
-        for i, (g, B, h) in enumerate(layer.paths()):
-            tensors[f"{name}.{i}.g"] = g.detach().float().cpu().contiguous()
-            tensors[f"{name}.{i}.h"] = h.detach().float().cpu().contiguous()
-            tensors[f"{name}.{i}.signs"] = _pack_signs(B).contiguous()
-    atomic_save_safetensors(tensors, path, metadata={"key": json.dumps(key, sort_keys=True)})
+class PathRecorder:
+    """Collects each layer's initialization paths as quantize_ produces them (pass it as `on_init`), signs
+    packed to bits at once, then writes them with `save`.
+
+    The initialization's paths, not a layer's paths(): a coupled layer re-derives B_2.. from its latent, which
+    differs from the decomposition at a few weights, so a cache written from it would start independent and
+    frozen runs from other signs than their own initialization gives."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, paths) -> None:
+        for i, (g, B, h) in enumerate(paths):
+            self.tensors[f"{name}.{i}.g"] = g.detach().float().cpu().contiguous()
+            self.tensors[f"{name}.{i}.h"] = h.detach().float().cpu().contiguous()
+            self.tensors[f"{name}.{i}.signs"] = _pack_signs(B).contiguous()
+
+    def save(self, path: Path, key: dict) -> None:
+        """Write the recorded paths atomically."""
+        atomic_save_safetensors(self.tensors, path, metadata={"key": json.dumps(key, sort_keys=True)})
 
 
 def load_paths(path: Path, layers: dict[str, nn.Module], originals: dict[str, nn.Linear], key: dict) -> bool:

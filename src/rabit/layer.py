@@ -1,6 +1,8 @@
 """RaBiTLinear: the trainable k-path binary linear layer (coupled, independent or frozen)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,8 +45,12 @@ class RaBiTLinear(nn.Module):
     # ----------------------------------------------------------------------------------------------- init
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: RaBiTConfig, in_stat: torch.Tensor | None = None,
-                    out_stat: torch.Tensor | None = None, name: str = "") -> "RaBiTLinear":
-        """Build from an nn.Linear, initializing the paths with config.init (preconditioned when stats given)."""
+                    out_stat: torch.Tensor | None = None, name: str = "",
+                    on_paths: Callable[[list[Path]], None] | None = None) -> "RaBiTLinear":
+        """Build from an nn.Linear, initializing the paths with config.init (preconditioned when stats given).
+
+        on_paths receives the initialization's paths, which in coupled mode differ from the layer's own
+        paths() (those re-derive B_2.. from the latent) at a few weights."""
         w = linear.weight.detach()
         where = f" in module {name!r}" if name else ""
         if w.ndim != 2:
@@ -52,7 +58,9 @@ class RaBiTLinear(nn.Module):
         if not torch.isfinite(w).all():
             raise ValueError(f"weight{where} contains NaN or Inf")
         layer = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, config=config, device=w.device)
-        layer.initialize(w, in_stat, out_stat)
+        paths = layer.initialize(w, in_stat, out_stat)
+        if on_paths is not None:
+            on_paths(paths)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach().float())
         return layer

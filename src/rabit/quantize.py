@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import RaBiTConfig
 from .layer import RaBiTLinear
+from .ops.svid import Path
 
 
 @dataclass
@@ -125,11 +128,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_(model: nn.Module, config: RaBiTConfig | None = None, calibration: torch.Tensor | None = None,
-              stats: dict[str, ChannelStats] | None = None, progress: bool = False) -> nn.Module:
+              stats: dict[str, ChannelStats] | None = None, progress: bool = False,
+              on_init: Callable[[str, list[Path]], None] | None = None) -> nn.Module:
     """Replace every eligible nn.Linear of `model` by an initialized RaBiTLinear, in place.
 
     calibration: (n_samples, seq_len) token ids, needed when config.precondition is set (unless precomputed
-    `stats` from collect_channel_stats are passed). Returns the model.
+    `stats` from collect_channel_stats are passed). on_init(name, paths) is called with each layer's
+    initialization paths (e.g. to cache them). Returns the model.
     """
     config = config or RaBiTConfig()
     config.validate()
@@ -145,7 +150,7 @@ def quantize_(model: nn.Module, config: RaBiTConfig | None = None, calibration: 
     for name, linear in tqdm(list(layers.items()), desc="initializing", disable=not progress):
         st = stats.get(name) if (stats is not None and config.precondition) else None
         new = RaBiTLinear.from_linear(linear, config, st.in_stat if st else None, st.out_stat if st else None,
-                                      name=name)
+                                      name=name, on_paths=None if on_init is None else partial(on_init, name))
         _set_module(model, name, new)
     setattr(model, "rabit_config", config)
     return model

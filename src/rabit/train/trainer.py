@@ -81,12 +81,13 @@ def native_bf16(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------------------- student
 def make_student(teacher: nn.Module, config: RaBiTConfig, calibration: torch.Tensor | None = None,
                  stats=None, initialize: bool = True, progress: bool = False,
-                 calib_autocast: bool = False) -> nn.Module:
+                 calib_autocast: bool = False, on_init=None) -> nn.Module:
     """A quantized copy of `teacher` (which is left untouched: calibration runs on the copy).
 
     initialize=False builds the same structure with uninitialized RaBiTLinear layers, to be filled from a
     checkpoint (no calibration, no decomposition). calib_autocast runs the calibration passes (activation and
-    gradient statistics) under bf16 autocast; the decomposition itself always runs in fp32.
+    gradient statistics) under bf16 autocast; the decomposition itself always runs in fp32. on_init: see
+    quantize_.
     """
     student = copy.deepcopy(teacher)
     if initialize:
@@ -95,7 +96,7 @@ def make_student(teacher: nn.Module, config: RaBiTConfig, calibration: torch.Ten
             with autocast_context(device, calib_autocast):
                 stats = collect_channel_stats(student, find_linear_layers(student, config), calibration,
                                               progress=progress)
-        quantize_(student, config, calibration=calibration, stats=stats, progress=progress)
+        quantize_(student, config, calibration=calibration, stats=stats, progress=progress, on_init=on_init)
     else:
         config.validate()
         layers = find_linear_layers(student, config)

@@ -1,0 +1,145 @@
+"""Block-wise reconstruction (rabit.train.blockwise) on tiny random Llama models."""
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from rabit import RaBiTConfig, rabit_layers
+from rabit.train import make_student
+from rabit.train.blockwise import BlockConfig, BlockReconstruction, block_loss
+from rabit.train.checkpoint import CheckpointError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(mode="coupled", layers=3, seed=0):
+    teacher = make_tiny_llama(layers=layers, seed=seed)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(seed))
+    student = make_student(teacher, RaBiTConfig(mode=mode), calibration=calib[:4])
+    return teacher, student, calib
+
+
+def cfg(**kw):
+    base = dict(samples=8, seq_len=16, epochs=3, batch_size=2, latent_lr=3e-3, scale_lr=3e-3, refine_samples=4)
+    base.update(kw)
+    return BlockConfig(**base)
+
+
+def test_block_loss_relative_weighs_tokens_equally():
+    t = torch.ones(1, 2, 4)
+    t[0, 1] *= 100.0  # one token with a massive activation
+    s = t.clone()
+    s[0, 0] += 0.1
+    s[0, 1] += 0.1 * 100.0
+    # the same relative error on both tokens: relative loss sees both, MSE is dominated by the big one
+    assert block_loss(s, t, "relative") == pytest.approx(0.01, rel=1e-5)
+    small_only = t.clone()
+    small_only[0, 0] += 0.1
+    assert block_loss(small_only, t, "mse") < 1e-3 * block_loss(s, t, "mse")
+
+
+@pytest.mark.parametrize("mode", ["coupled", "independent", "frozen"])
+def test_training_lowers_every_blocks_loss(mode):
+    teacher, student, calib = setup(mode)
+    frozen_before = {n: p.clone() for n, p in student.named_parameters() if not p.requires_grad}
+    records = BlockReconstruction(teacher, student, calib, cfg(refine_rounds=0), progress=False).run()
+    assert [r.block for r in records] == [0, 1, 2]
+    for r in records:
+        assert r.steps == 12
+        assert r.loss_after < 0.9 * r.loss_before
+    # frozen paths (mode "frozen") and flags stay as they were
+    for n, p in student.named_parameters():
+        if n in frozen_before:
+            assert not p.requires_grad and torch.equal(p, frozen_before[n])
+
+
+def test_refinement_alone_lowers_block_losses_and_keeps_coupled_signs():
+    teacher, student, calib = setup()
+    plain = copy.deepcopy(student)
+    base = BlockReconstruction(teacher, plain, calib, cfg(epochs=0, refine_rounds=0), progress=False).run()
+    refined = BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=2), progress=False).run()
+    assert all(r.refine_ratio is not None and r.refine_ratio < 1 for r in refined)
+    assert refined[0].loss_after < base[0].loss_after
+    # the whole model is closer to the teacher
+    x = calib[:4]
+    with torch.no_grad():
+        t = teacher(x).logits
+        assert (student(x).logits - t).pow(2).mean() < (plain(x).logits - t).pow(2).mean()
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    teacher, student, calib = setup()
+    init = copy.deepcopy(student)
+    BlockReconstruction(teacher, student, calib, cfg(), run_dir=tmp_path / "a", progress=False).run()
+
+    killed = copy.deepcopy(init)
+    stage = BlockReconstruction(teacher, killed, calib, cfg(), run_dir=tmp_path / "b", progress=False)
+    real = stage._train_block
+
+    def train_then_die(i, *args):
+        if i == 2:
+            raise KeyboardInterrupt
+        return real(i, *args)
+
+    monkeypatch.setattr(stage, "_train_block", train_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run()
+    assert sorted(p.name for p in (tmp_path / "b" / "blocks").glob("block_*.safetensors")) == [
+        "block_000.safetensors", "block_001.safetensors"]
+
+    resumed = copy.deepcopy(init)
+    records = BlockReconstruction(teacher, resumed, calib, cfg(), run_dir=tmp_path / "b", progress=False).run()
+    assert [r.block for r in records] == [0, 1, 2]
+    for (n, a), (_, b) in zip(student.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
+    teacher, student, calib = setup(layers=2)
+    init = copy.deepcopy(student)
+    BlockReconstruction(teacher, student, calib, cfg(epochs=1), run_dir=tmp_path, progress=False).run()
+    with pytest.raises(CheckpointError, match="other settings"):
+        BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(epochs=2), run_dir=tmp_path,
+                            progress=False).run()
+    (tmp_path / "blocks" / "block_001.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="block_001"):
+        BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(epochs=1), run_dir=tmp_path,
+                            progress=False).run()
+
+
+def test_memory_mapped_activations_give_the_same_result(tmp_path):
+    teacher, student, calib = setup(layers=2)
+    on_disk = copy.deepcopy(student)
+    BlockReconstruction(teacher, student, calib, cfg(), progress=False).run()
+    BlockReconstruction(teacher, on_disk, calib, cfg(max_memory_gb=1e-9), run_dir=tmp_path, progress=False).run()
+    for (n, a), (_, b) in zip(student.state_dict().items(), on_disk.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not list((tmp_path / "blocks" / "activations").glob("*.f32"))  # removed after use
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="multiple"):
+        BlockConfig(samples=7, batch_size=2).validate()
+    with pytest.raises(ValueError, match="loss"):
+        BlockConfig(loss="l1").validate()
+    teacher, student, calib = setup(layers=1)
+    with pytest.raises(ValueError, match="calibration"):
+        BlockReconstruction(teacher, student, calib[:2], cfg(), progress=False)
+
+
+def test_scale_only_blocks_leave_latents_untouched():
+    teacher, student, calib = setup(layers=2)
+    latents = {n: m.latent.clone() for n, m in rabit_layers(student).items()}
+    records = BlockReconstruction(teacher, student, calib, cfg(latent_lr=0.0, refine_rounds=0),
+                                  progress=False).run()
+    assert all(r.loss_after < r.loss_before for r in records)
+    for n, m in rabit_layers(student).items():
+        assert torch.equal(m.latent, latents[n])
+        assert m.latent.requires_grad  # flags restored

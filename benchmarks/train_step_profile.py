@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=100.0)
     ap.add_argument("--latent-lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-seed", type=int, default=None, help="shuffle the rows with this seed (same model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--latent-sgd", action="store_true",
@@ -62,6 +63,8 @@ def main() -> None:
     teacher, rows = build(args.model, args.seed)
     teacher.eval().requires_grad_(False)
     rows = rows[:, :args.seq_len]
+    if args.data_seed is not None:
+        rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(args.data_seed))]
     student = make_student(teacher, RaBiTConfig(mode=args.mode, init="naive", precondition=False))
     student.train()
     split = prepare_student(student)

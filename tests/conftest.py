@@ -4,6 +4,15 @@ import torch
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_tiny_llama(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -45,7 +45,7 @@ RUN_DIRS = ("checkpoints", "quantized")
 # run.json keys that may change between a run and its --resume (they do not affect the trained model).
 NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version")
 # Training settings added after version 1 of run.json, with the value older runs implicitly used.
-ADDED_TRAIN_SETTINGS = {"hidden_loss": "mse"}
+ADDED_TRAIN_SETTINGS = {"hidden_loss": "mse", "optim.muon_ns_dtype": "auto"}
 
 
 def add_parser(sub):

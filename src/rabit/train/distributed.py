@@ -914,7 +914,7 @@ def maybe_distributed(args, argv: list[str] | None = None) -> int | None:
 def build_parser():
     import argparse
 
-    from ..cli_quantize import add_parser
+    from ..cli.quantize import add_parser
 
     parser = argparse.ArgumentParser(prog="python -m rabit.train.distributed")
     sub = parser.add_subparsers(dest="command")
@@ -975,7 +975,7 @@ def run_quantize(args) -> int:
     (DistributedTrainer), and rank 0 gathers the result, evaluates it and saves it like the single-process
     command. Run folder: run.json, log.jsonl, dcp/ (checkpoints), memory.json, evals.json, summary, model.
     """
-    from .. import cli_quantize as cq
+    from ..cli import quantize as cq
 
     env = init_distributed(getattr(args, "device", "cpu"), timeout_minutes=getattr(args, "dist_timeout", 60.0))
     try:

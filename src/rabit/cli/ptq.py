@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from .config import RaBiTConfig
-from .models import DEFAULT_MODEL, load_model
+from ..config import RaBiTConfig
+from ..models import DEFAULT_MODEL, load_model
 
 
 def add_parser(sub):
@@ -40,9 +40,9 @@ METHODS = {
 
 
 def run(args) -> int:
-    from .data import calibration_batch, eval_tokens
-    from .eval.perplexity import perplexity
-    from .quantize import collect_channel_stats, find_linear_layers, quantize_
+    from ..data import calibration_batch, eval_tokens
+    from ..eval.perplexity import perplexity
+    from ..quantize import collect_channel_stats, find_linear_layers, quantize_
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:

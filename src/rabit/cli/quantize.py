@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .config import INITS, LATENT_INITS, MODES, STES, RaBiTConfig
-from .models import DEFAULT_MODEL, cache_root
+from ..config import INITS, LATENT_INITS, MODES, STES, RaBiTConfig
+from ..models import DEFAULT_MODEL, cache_root
 
 # Defaults sized for the default model on 2 CPU cores (see docs/TRAINING.md for the measurements).
 DEFAULT_TOKENS = 40_960
@@ -148,7 +148,7 @@ def add_parser(sub):
     e.add_argument("--eval-bos", action="store_true", help="prefix each perplexity window with BOS")
     e.add_argument("--skip-init-eval", action="store_true",
                    help="do not measure the perplexity of the initialized model before training")
-    from .train.distributed import add_distributed_args
+    from ..train.distributed import add_distributed_args
 
     add_distributed_args(p)
     return p
@@ -274,7 +274,7 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
         pass
     value = compute()
     try:
-        from .train.checkpoint import atomic_write_json
+        from ..train.checkpoint import atomic_write_json
 
         atomic_write_json(path, {"key": key, "ppl": value})
     except OSError as e:
@@ -284,8 +284,8 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
 
 def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
     """Save the trained student: a plain safetensors state dict now, plus the packed format when available."""
-    from .atomic_io import atomic_save_safetensors, atomic_write_json
-    from .train.checkpoint import dedup_state_dict
+    from ..atomic_io import atomic_save_safetensors, atomic_write_json
+    from ..train.checkpoint import dedup_state_dict
 
     cfg = getattr(student, "rabit_config", None)
     unique, aliases = dedup_state_dict(student.state_dict())
@@ -297,7 +297,7 @@ def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
     written = [out / "model.safetensors"]
     # ---- packed 2-bit export: the single call site for rabit.serialization (built separately) ----
     try:
-        from .serialization import save_quantized
+        from ..serialization import save_quantized
     except ImportError:
         save_quantized = None
     if save_quantized is not None:
@@ -310,9 +310,9 @@ def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, prog
     """The calibrated and initialized student, with its paths reused from (or saved to) the init cache.
 
     Returns (student, whether the paths came from the cache)."""
-    from . import init_cache
-    from .quantize import find_linear_layers, rabit_layers
-    from .train.trainer import make_student
+    from .. import init_cache
+    from ..quantize import find_linear_layers, rabit_layers
+    from ..train.trainer import make_student
 
     if not use_cache:
         return _calibrate_and_initialize(teacher, rcfg, calib, autocast, progress), False
@@ -338,7 +338,7 @@ def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, prog
 
 
 def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool, on_init=None):
-    from .train.trainer import make_student
+    from ..train.trainer import make_student
 
     n_calib = "no calibration" if calib is None else f"{calib.shape[0]} x {calib.shape[1]} calibration tokens"
     _say(f"calibrating ({n_calib}) and initializing ({rcfg.init}) ...")
@@ -351,9 +351,9 @@ def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str,
                extra: dict | None = None) -> int:
     """The end of a run (one process or several): save the student, plot the losses, write and print the
     summary. `extra` adds keys to summary.json (the distributed path adds memory figures)."""
-    from .train.checkpoint import atomic_write_json
-    from .train.report import plot_losses, summary_markdown
-    from .train.trainer import StepLog
+    from ..train.checkpoint import atomic_write_json
+    from ..train.report import plot_losses, summary_markdown
+    from ..train.trainer import StepLog
 
     written = save_student(student, out, tokenizer, args.model)
     rows = StepLog.read(out / "log.jsonl")
@@ -385,17 +385,17 @@ def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str,
 
 # --------------------------------------------------------------------------------------------- run
 def run(args) -> int:
-    from .train.distributed import maybe_distributed
+    from ..train.distributed import maybe_distributed
 
     status = maybe_distributed(args)  # --nproc N, or launched by torchrun: the FSDP2 path
     if status is not None:
         return status
-    from .data import eval_tokens, training_sequences
-    from .eval.perplexity import perplexity
-    from .models import load_model, resolve_model_path
-    from .train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json
-    from .train.optim import OptimConfig
-    from .train.trainer import Trainer, TrainConfig, make_student, native_bf16
+    from ..data import eval_tokens, training_sequences
+    from ..eval.perplexity import perplexity
+    from ..models import load_model, resolve_model_path
+    from ..train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json
+    from ..train.optim import OptimConfig
+    from ..train.trainer import Trainer, TrainConfig, make_student, native_bf16
 
     wall0 = time.time()
     _validate_args(args)
@@ -470,7 +470,7 @@ def run(args) -> int:
                              "start over")
     ck_path = latest_checkpoint(out) if args.resume else None  # raises CheckpointError when damaged
     if args.resume and ck_path is not None:
-        from .train.checkpoint import verify_checkpoint
+        from ..train.checkpoint import verify_checkpoint
 
         verify_checkpoint(ck_path)  # report a corrupt checkpoint before any other work
     eval_stream = eval_tokens(tok, args.eval_data)
@@ -506,7 +506,7 @@ def run(args) -> int:
         except CheckpointError as e:
             _say(f"({e}; measuring again)")
             evals = {}
-    from .data import tokenizer_fingerprint
+    from ..data import tokenizer_fingerprint
 
     if "fp" not in evals:
         t0 = time.time()
@@ -526,7 +526,7 @@ def run(args) -> int:
     else:
         calib = None
         if rcfg.precondition:
-            from .data import calibration_batch
+            from ..data import calibration_batch
 
             calib = calibration_batch(tok, calib_sources, args.calib_samples, args.calib_len, seed=args.seed)
         t0 = time.time()

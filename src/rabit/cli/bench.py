@@ -74,7 +74,7 @@ def add_parser(sub):
 
 # ---------------------------------------------------------------------------------------------------- gemv
 def _run_gemv(args) -> int:
-    from . import bench
+    from .. import bench
 
     shapes = getattr(bench, "DEFAULT_SHAPES", None)
     if args.shapes:
@@ -125,7 +125,7 @@ def packed_copy(model, quantize_head: bool = True, scale_dtype=None, seed: int =
     import torch
     from torch import nn
 
-    from .packed import PackedRaBiTLinear
+    from ..packed import PackedRaBiTLinear
 
     gen = torch.Generator().manual_seed(seed + 1)
     head = model.get_output_embeddings()
@@ -169,7 +169,7 @@ def llama_cpp_tools(llama_dir: Path) -> dict:
 
 def _bench_tokenizer_folder(vocab: int) -> Path:
     """A tokenizer that llama.cpp's converter recognizes, with at most `vocab` tokens (SmolLM2's: 49152)."""
-    from .models import default_model_folder
+    from ..models import default_model_folder
 
     folder = default_model_folder()
     tok = json.loads((folder / "tokenizer.json").read_text())
@@ -262,7 +262,7 @@ def llama_bench_once(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, 
 
 # ------------------------------------------------------------------------------------------------- decode
 def _torch_run(decoder, prompt, timed: int) -> float:
-    from .generate import decode_tokens
+    from ..generate import decode_tokens
 
     res = decode_tokens(decoder, prompt, timed + 1)   # the first token comes from the prefill, untimed
     return len(res.step_times) / res.decode_s
@@ -276,8 +276,8 @@ def run_decode_bench(shape: dict | None = None, prompt_len: int = 128, new_token
     """Interleaved end-to-end decoding benchmark; returns {"rows": [...], "config": {...}}."""
     import torch
 
-    from .generate import StaticDecoder
-    from .serialization import bits_per_weight
+    from ..generate import StaticDecoder
+    from ..serialization import bits_per_weight
 
     shape = dict(BENCH_SHAPE if shape is None else shape)
     names = [e.strip().lower() for e in (engines.split(",") if isinstance(engines, str) else engines) if e.strip()]

@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL
 
 INIT_FLAGS = {
     "svid": ["--init", "svid", "--no-precondition"],
@@ -149,7 +149,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .train.trainer import StepLog
+    from ..train.trainer import StepLog
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
     styles = {"coupled": "-", "independent": "--", "frozen": ":"}

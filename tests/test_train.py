@@ -210,7 +210,7 @@ def test_nan_in_the_loss_stops_with_the_step_after_saving_the_last_good_state(tm
             with torch.no_grad():
                 layer.scale_out[0][0] = float("nan")
 
-    cfg = TrainConfig(steps=10, autocast=False, save_every=100)
+    cfg = TrainConfig(steps=10, grad_accum=1, autocast=False, save_every=100)
     tr = Trainer(teacher, student, rows(), cfg, tmp_path, progress=False, step_callback=poison)
     with pytest.raises(TrainingDiverged, match=r"step 4\b") as info:
         tr.train()
@@ -231,7 +231,7 @@ def test_nan_in_the_second_step_saves_the_initial_state(tmp_path):
             with torch.no_grad():
                 next(iter(rabit_layers(trainer.student).values())).latent[0, 0] = float("inf")
 
-    tr = Trainer(teacher, student, rows(), TrainConfig(steps=5, autocast=False, save_every=100), tmp_path,
+    tr = Trainer(teacher, student, rows(), TrainConfig(steps=5, grad_accum=1, autocast=False, save_every=100), tmp_path,
                  progress=False, step_callback=poison)
     with pytest.raises(TrainingDiverged, match="at step 2"):
         tr.train()
@@ -241,7 +241,7 @@ def test_nan_in_the_second_step_saves_the_initial_state(tmp_path):
         assert torch.equal(ck.model[k], v), k
     # and that state resumes
     teacher2, student2 = tiny_student()
-    tr2 = Trainer(teacher2, student2, rows(), TrainConfig(steps=5, autocast=False, save_every=100), tmp_path,
+    tr2 = Trainer(teacher2, student2, rows(), TrainConfig(steps=5, grad_accum=1, autocast=False, save_every=100), tmp_path,
                   progress=False)
     assert tr2.resume() and tr2.step == 0
     assert tr2.train().steps == 5

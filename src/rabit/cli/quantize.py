@@ -15,37 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import INITS, LATENT_INITS, MODES, STES, RaBiTConfig
+from ..config import RaBiTConfig
+from ..job import JobSpec
 from ..models import DEFAULT_MODEL, cache_root
-
-# Defaults sized for the default model on 2 CPU cores (see docs/TRAINING.md for the measurements).
-DEFAULT_TOKENS = 40_960
-DEFAULT_SEQ_LEN = 512
-DEFAULT_LATENT_LR = 3e-3
-DEFAULT_SCALE_LR = 1e-3
-# KL only: at 24k tokens on SmolLM2, gamma 0 reached perplexity 411 vs 486 (relative hidden loss, gamma 10) and
-# 801 (the paper's Llama recipe, MSE with gamma 100); docs/RESULTS.md section 2.
-DEFAULT_GAMMA = 0.0
-DEFAULT_EVAL_WINDOWS = 16
-DEFAULT_GRAD_ACCUM = 4
-DEFAULT_SAVE_EVERY = 10
-
-# Files a run writes (the only ones --overwrite removes; anything else in the folder is left alone).
-RUN_FILES = ("run.json", "log.jsonl", "evals.json", "loss.png", "summary.json", "summary.md",
-             "model.safetensors", "rabit_config.json")
-RUN_DIRS = ("checkpoints", "quantized")
-# run.json keys that may change between a run and its --resume (they do not affect the trained model).
-NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version")
-# Training settings added after version 1 of run.json, with the value older runs implicitly used.
-ADDED_TRAIN_SETTINGS = {"hidden_loss": "mse"}
+from .options import add_job_arguments, job_from_args
 
 
 def add_parser(sub):
@@ -55,201 +34,12 @@ def add_parser(sub):
                     "preconditioning), distill from the full-precision model for a token budget, "
                     "evaluate perplexity before and after, and save the result. With no arguments, "
                     f"runs on {DEFAULT_MODEL} with defaults sized for ~15 minutes on 2 CPU cores.")
-    g = p.add_argument_group("model and output")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name or local Hugging Face folder (default: {DEFAULT_MODEL}, offline)")
-    g.add_argument("--out", default=None, help="run folder (default: runs/<model>-<mode>)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start over in a folder that holds another run (removes that run's files only)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice, usually the number of cores)")
-
-    q = p.add_argument_group("RaBiT layers")
-    q.add_argument("--mode", choices=MODES, default="coupled",
-                   help="coupled = RaBiT (one shared latent), independent = residual QAT, frozen = "
-                        "independent with all but the last path frozen (default: coupled)")
-    q.add_argument("--num-paths", type=int, default=2, help="binary paths per layer = bits per weight (default: 2)")
-    q.add_argument("--init", choices=INITS, default="isvid", help="path initialization (default: isvid)")
-    q.add_argument("--isvid-rounds", type=int, default=RaBiTConfig.isvid_rounds,
-                   help=f"Gauss-Seidel rounds of iterative residual SVID (default: {RaBiTConfig.isvid_rounds})")
-    q.add_argument("--svid-power-iters", type=int, default=RaBiTConfig.svid_power_iters)
-    q.add_argument("--no-precondition", action="store_true", help="skip activation/gradient preconditioning")
-    q.add_argument("--alpha-in", type=float, default=RaBiTConfig.alpha_in)
-    q.add_argument("--alpha-out", type=float, default=RaBiTConfig.alpha_out)
-    q.add_argument("--ste", choices=STES, default="identity", help="straight-through estimator (default: identity)")
-    q.add_argument("--ste-clip", type=float, default=RaBiTConfig.ste_clip)
-    q.add_argument("--latent-init", choices=LATENT_INITS, default="weight",
-                   help="coupled mode: start the latent from the original weight or the reconstruction")
-    q.add_argument("--exclude", action="append", default=None, metavar="REGEX",
-                   help="module-name regex kept in full precision (repeatable; default: embed, lm_head)")
-
-    d = p.add_argument_group("data")
-    d.add_argument("--train-data", default="wikitext2-valid",
-                   help="training corpora, comma-separated: built-in names (wikitext2-valid, austen), .txt/.jsonl "
-                        "files or folders, hf:NAME[:CONFIG][:SPLIT] (default: wikitext2-valid)")
-    d.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="training sequence length (default: 512)")
-    d.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the training text")
-    d.add_argument("--val-sequences", type=int, default=4,
-                   help="held-out sequences for the before/after distillation loss (0: skip; default: 4)")
-    d.add_argument("--calib-data", default=None, help="calibration corpus (default: the first --train-data)")
-    d.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default: 16)")
-    d.add_argument("--calib-len", type=int, default=512, help="calibration sequence length (default: 512)")
-
-    t = p.add_argument_group("distillation")
-    t.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                   help=f"training token budget (default: {DEFAULT_TOKENS:,}, ~10 minutes of training on 2 CPU "
-                        "cores with the default model)")
-    t.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default: 1)")
-    t.add_argument("--grad-accum", type=int, default=DEFAULT_GRAD_ACCUM,
-                   help=f"micro-batches per optimizer step (default: {DEFAULT_GRAD_ACCUM}; Muon's orthogonalization "
-                        "costs about 1.6 micro-batches of 512 tokens on CPU, so fewer, larger steps are faster)")
-    t.add_argument("--latent-lr", type=float, default=DEFAULT_LATENT_LR,
-                   help=f"Muon learning rate of the latent weights, AdamW-matched RMS (default: {DEFAULT_LATENT_LR:g})")
-    t.add_argument("--scale-lr", type=float, default=DEFAULT_SCALE_LR,
-                   help=f"AdamW learning rate of scales and norms (default: {DEFAULT_SCALE_LR:g})")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    t.add_argument("--latent-weight-decay", type=float, default=0.0, help="Muon weight decay (default: 0)")
-    t.add_argument("--warmup", type=float, default=0.05,
-                   help="warm-up: a fraction of the steps if < 1, else a number of steps (default: 0.05)")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor (default: 0.1)")
-    t.add_argument("--gamma", type=float, default=DEFAULT_GAMMA,
-                   help="weight of the per-block hidden-state term (default: 0, logits KL only, which trained best "
-                        "on SmolLM2 at CPU budgets, see docs/RESULTS.md; the paper uses 100 for Llama, 0 for Gemma 3)")
-    t.add_argument("--hidden-loss", choices=("mse", "relative"), default="mse",
-                   help="hidden-state term: mse (the paper's) or relative (per-token ||s-t||^2/||t||^2, every "
-                        "token and block weighted equally; use a gamma around 1-10) (default: mse)")
-    t.add_argument("--temperature", type=float, default=1.0, help="KL temperature (default: 1)")
-    t.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off)")
-    t.add_argument("--bf16", dest="bf16", action="store_true", default=None,
-                   help="bf16 autocast (default: on where the device has native bf16)")
-    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
-    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    t.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY,
-                   help=f"checkpoint every N steps (default: {DEFAULT_SAVE_EVERY}; also at the end)")
-    t.add_argument("--muon-ns-steps", type=int, default=5,
-                   help="Newton-Schulz iterations in Muon (default: 5; fewer is faster, less orthogonal)")
-    t.add_argument("--teacher-bf16", action="store_true",
-                   help="run a bf16 copy of the teacher (more memory; no faster than autocast on CPU)")
-    t.add_argument("--seed", type=int, default=0)
-
-    q.add_argument("--no-init-cache", dest="init_cache", action="store_false",
-                   help="always calibrate and initialize from scratch (default: reuse initialized paths from "
-                        "~/.cache/rabit/init when the model, init settings and calibration data are the same)")
-
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-data", default="wikitext2-test", help="perplexity corpus (default: wikitext2-test)")
-    e.add_argument("--eval-seq-len", type=int, default=2048, help="perplexity window (default: 2048)")
-    e.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
-                   help=f"evaluate the first N windows (default: {DEFAULT_EVAL_WINDOWS}; 0 = the whole corpus, "
-                        "~13 min per model on 2 CPU cores)")
-    e.add_argument("--eval-bos", action="store_true", help="prefix each perplexity window with BOS")
-    e.add_argument("--skip-init-eval", action="store_true",
-                   help="do not measure the perplexity of the initialized model before training")
-    from ..train.distributed import add_distributed_args
-
-    add_distributed_args(p)
+    add_job_arguments(p)
     return p
 
 
-# ----------------------------------------------------------------------------------------- helpers
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _slug(name: str) -> str:
-    base = Path(name.rstrip("/")).name or name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "model"
-
-
-def _validate_args(args) -> None:
-    checks = [("--tokens", args.tokens, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
-              ("--grad-accum", args.grad_accum, 1), ("--save-every", args.save_every, 1),
-              ("--calib-samples", args.calib_samples, 1), ("--calib-len", args.calib_len, 2),
-              ("--eval-seq-len", args.eval_seq_len, 2), ("--eval-windows", args.eval_windows, 0),
-              ("--val-sequences", args.val_sequences, 0), ("--num-paths", args.num_paths, 1)]
-    for flag, value, low in checks:
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pick one")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if not 0 <= args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-
-
-def _rabit_config(args) -> RaBiTConfig:
-    return RaBiTConfig(num_paths=args.num_paths, mode=args.mode, init=args.init, isvid_rounds=args.isvid_rounds,
-                       precondition=not args.no_precondition, alpha_in=args.alpha_in, alpha_out=args.alpha_out,
-                       ste=args.ste, ste_clip=args.ste_clip, latent_init=args.latent_init,
-                       exclude=tuple(args.exclude) if args.exclude else None,
-                       svid_power_iters=args.svid_power_iters)
-
-
-def _sources(spec: str) -> list[str]:
-    out = [s.strip() for s in spec.split(",") if s.strip()]
-    if not out:
-        raise ValueError("no training corpus given")
-    return out
-
-
-def _run_state(out: Path) -> str:
-    """'missing', 'empty', 'run' (holds run.json) or 'foreign' (other files)."""
-    if not out.exists():
-        return "missing"
-    if not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if (out / "run.json").exists():
-        return "run"
-    return "foreign" if any(out.iterdir()) else "empty"
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if k in NON_IDENTITY:
-            continue
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _identity_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(dotted key, old value, new value) for every run.json setting that differs and defines the run."""
-    # A run written before a setting existed ran with that setting's default.
-    a = {**{f"train.{k}": v for k, v in ADDED_TRAIN_SETTINGS.items()}, **_flatten(old)}
-    b = _flatten(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _option_strings() -> set[str]:
-    import argparse
-
-    quantize = add_parser(argparse.ArgumentParser(add_help=False).add_subparsers())
-    return {o for a in quantize._actions for o in a.option_strings}
-
-
-def different_run_error(out: Path, old: dict, new: dict) -> ValueError | None:
-    """The error for a folder that holds another run, naming the settings that differ and, where a flag sets
-    one, the flags that would reproduce the stored run (defaults may have changed since it started)."""
-    changes = _identity_changes(old, new)
-    if not changes:
-        return None
-    flags = _option_strings()
-    hint = []
-    for key, was, _ in changes:
-        flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-        if flag in flags and isinstance(was, (int, float, str)) and not isinstance(was, bool):
-            hint.append(f"{flag} {was}")
-    msg = f"{out} holds a different run ({'; '.join(f'{k}: {x!r} -> {y!r}' for k, x, y in changes[:6])})"
-    if hint:
-        msg += f"; to continue that run pass its settings: --resume {' '.join(hint)}"
-    return ValueError(msg + "; or use another --out, or --overwrite to replace it")
 
 
 def _model_fingerprint(model) -> str:
@@ -346,7 +136,7 @@ def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool,
                         on_init=on_init)
 
 
-def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str, final: float, result,
+def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_desc: str, final: float, result,
                val_after: dict | None, autocast: bool, wall0: float, world_size: int = 1,
                extra: dict | None = None) -> int:
     """The end of a run (one process or several): save the student, plot the losses, write and print the
@@ -355,14 +145,15 @@ def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str,
     from ..train.report import plot_losses, summary_markdown
     from ..train.trainer import StepLog
 
-    written = save_student(student, out, tokenizer, args.model)
+    written = save_student(student, out, tokenizer, spec.model)
     rows = StepLog.read(out / "log.jsonl")
     procs = f" ({world_size} processes)" if world_size > 1 else ""
-    plot_losses(rows, out / "loss.png", gamma=args.gamma,
-                title=f"RaBiT {args.mode} k={args.num_paths}: {args.model}{procs}")
+    rc = spec.rabit
+    plot_losses(rows, out / "loss.png", gamma=spec.train.gamma,
+                title=f"RaBiT {rc.mode} k={rc.num_paths}: {spec.model}{procs}")
     train_seconds = sum(r.get("seconds", 0.0) for r in rows)
     summary = {
-        "model": args.model, "mode": args.mode, "num_paths": args.num_paths, "out": str(out),
+        "model": spec.model, "mode": rc.mode, "num_paths": rc.num_paths, "out": str(out),
         **({"world_size": world_size} if world_size > 1 else {}),
         "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"), "final": final},
         "train": {"steps": result.steps, "tokens": result.tokens, "seconds": train_seconds,
@@ -382,136 +173,84 @@ def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str,
     print(f"saved {', '.join(str(p) for p in written)}; loss curves in {out / 'loss.png'}")
     return 0
 
-
 # --------------------------------------------------------------------------------------------- run
 def run(args) -> int:
-    from ..train.distributed import maybe_distributed
+    spec = job_from_args(args)
+    spec.validate()
+    from .quantize_distributed import maybe_distributed
 
-    status = maybe_distributed(args)  # --nproc N, or launched by torchrun: the FSDP2 path
+    status = maybe_distributed(spec)  # --nproc N, or started by torchrun: the multi-process path
     if status is not None:
         return status
-    from ..data import eval_tokens, training_sequences
+    return run_job(spec)
+
+
+def run_job(spec: JobSpec) -> int:
+    """The whole quantize job in this process (spec validated)."""
+    from .. import run_folder
+    from ..data import calibration_batch, eval_tokens, tokenizer_fingerprint, training_sequences
     from ..eval.perplexity import perplexity
     from ..models import load_model, resolve_model_path
-    from ..train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json
-    from ..train.optim import OptimConfig
-    from ..train.trainer import Trainer, TrainConfig, make_student, native_bf16
+    from ..train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json, verify_checkpoint
+    from ..train.trainer import Trainer, make_student, native_bf16
 
     wall0 = time.time()
-    _validate_args(args)
-    rcfg = _rabit_config(args)
-    out = Path(args.out) if args.out else Path("runs") / f"{_slug(args.model)}-{args.mode}"
-    state = _run_state(out)  # read-only look at the folder; nothing is written before all checks pass
-    if args.resume and state != "run":
-        raise FileNotFoundError(f"--resume: {out} holds no run to resume")
-    if state == "foreign" and not args.overwrite:
-        raise ValueError(f"{out} is not empty and holds no rabit run; choose another --out or pass --overwrite "
-                         "(only the files a run writes would be replaced)")
-    old_run = None
-    if state == "run":
-        try:
-            old_run = json.loads((out / "run.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            if not args.overwrite:
-                raise ValueError(f"{out / 'run.json'} is unreadable ({e}); pass --overwrite to start over") from None
-    progress = not args.no_progress
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    rc, d, ev, rs = spec.rabit, spec.data, spec.eval, spec.run
+    out = spec.out_dir
+    state, old_run = run_folder.check_folder(out, rs.resume, rs.overwrite)  # reads only
+    progress = rs.progress
+    if rs.threads is not None:
+        torch.set_num_threads(rs.threads)
+    device = torch.device(rs.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
 
     # ---- model, data, budget: every failure here leaves the run folder untouched
-    _say(f"loading {args.model} ...")
-    teacher, tok = load_model(args.model, device=str(device))
-    sources = _sources(args.train_data)
-    train, val = training_sequences(tok, sources, args.seq_len, val_fraction=args.val_fraction, seed=args.seed)
-    calib_sources = _sources(args.calib_data) if args.calib_data else sources[:1]
-    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
-    steps = args.tokens // tokens_per_step
-    if steps < 1:
-        raise ValueError(f"--tokens {args.tokens} is smaller than one optimizer step "
-                         f"({args.batch_size} x {args.grad_accum} x {args.seq_len} = {tokens_per_step} tokens)")
-    warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
-    autocast = native_bf16(device) if args.bf16 is None else args.bf16
-    tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, gamma=args.gamma,
-                       hidden_loss=args.hidden_loss, temperature=args.temperature, autocast=autocast,
-                       gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm,
-                       save_every=args.save_every, seed=args.seed, teacher_bf16=args.teacher_bf16,
-                       optim=OptimConfig(latent_lr=args.latent_lr, scale_lr=args.scale_lr,
-                                         weight_decay=args.weight_decay,
-                                         latent_weight_decay=args.latent_weight_decay,
-                                         muon_ns_steps=args.muon_ns_steps,
-                                         warmup_steps=min(warmup, steps), min_lr_ratio=args.min_lr_ratio))
-    tcfg.validate()
-    eval_desc = (f"{args.eval_data}, " + (f"the first {args.eval_windows} windows of {args.eval_seq_len} tokens "
-                 f"({args.eval_windows * args.eval_seq_len:,} tokens; --eval-windows 0 for the whole corpus)"
-                 if args.eval_windows else f"all windows of {args.eval_seq_len} tokens")
-                 + (", BOS-prefixed" if args.eval_bos else ""))
-    run_info = {
-        "format": "rabit-quantize-run", "version": 1, "model": args.model,
-        "model_path": str(resolve_model_path(args.model)), "rabit_config": rcfg.to_dict(),
-        "train": tcfg.to_dict(), "tokens": steps * tokens_per_step,
-        "data": {"train": sources, "seq_len": args.seq_len, "val_fraction": args.val_fraction,
-                 "train_sequences": int(train.shape[0]), "calib": calib_sources,
-                 "calib_samples": args.calib_samples, "calib_len": args.calib_len},
-        "eval": {"data": args.eval_data, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
-                 "bos": args.eval_bos, "val_sequences": args.val_sequences, "skip_init": args.skip_init_eval},
-    }
-    run_info = json.loads(json.dumps(run_info))
-    if old_run is not None and not args.overwrite:
-        err = different_run_error(out, old_run, run_info)
-        if err is not None:
-            raise err
-        if not args.resume:
-            raise ValueError(f"{out} already holds this run; pass --resume to continue it or --overwrite to "
-                             "start over")
-    ck_path = latest_checkpoint(out) if args.resume else None  # raises CheckpointError when damaged
-    if args.resume and ck_path is not None:
-        from ..train.checkpoint import verify_checkpoint
-
+    _say(f"loading {spec.model} ...")
+    teacher, tok = load_model(spec.model, device=str(device))
+    sources = d.sources
+    train, val = training_sequences(tok, sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed)
+    autocast = native_bf16(device) if spec.train.autocast is None else spec.train.autocast
+    tcfg = spec.train_config(autocast)
+    steps = tcfg.steps
+    run_info = spec.run_record(str(resolve_model_path(spec.model)), int(train.shape[0]), autocast)
+    run_folder.check_same_run(out, old_run, run_info, rs.resume, rs.overwrite)
+    ck_path = latest_checkpoint(out) if rs.resume else None  # raises CheckpointError when damaged
+    if ck_path is not None:
         verify_checkpoint(ck_path)  # report a corrupt checkpoint before any other work
-    eval_stream = eval_tokens(tok, args.eval_data)
-    if eval_stream.numel() < args.eval_seq_len:
-        raise ValueError(f"--eval-data {args.eval_data} has {eval_stream.numel()} tokens, fewer than one "
-                         f"window of {args.eval_seq_len}")
+    eval_stream = eval_tokens(tok, ev.data)
+    if eval_stream.numel() < ev.seq_len:
+        raise ValueError(f"--eval-data {ev.data} has {eval_stream.numel()} tokens, fewer than one "
+                         f"window of {ev.seq_len}")
+    eval_desc = ev.description()
 
     # ---- all checks passed: prepare the folder
-    if args.overwrite and state in ("run", "foreign"):
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "run.json", run_info)
+    run_folder.prepare(out, state, rs.overwrite, run_info)
     _say(f"run folder: {out}")
-    _say(f"training: {steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens from "
-         f"{', '.join(sources)} ({train.shape[0]} sequences of {args.seq_len}), bf16 autocast "
-         f"{'on' if autocast else 'off'}, mode {args.mode}, k={args.num_paths}")
+    _say(f"training: {steps} steps x {spec.tokens_per_step} tokens = {steps * spec.tokens_per_step:,} tokens from "
+         f"{', '.join(sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
+         f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}")
 
-    bos = tok.bos_token_id if args.eval_bos else None
-    windows = args.eval_windows or None
+    bos = tok.bos_token_id if ev.bos else None
+    windows = ev.windows or None
 
     def ppl(model, what):
         _say(f"perplexity of the {what} model on {eval_desc} ...")
-        return perplexity(model, eval_stream, args.eval_seq_len, bos, windows, progress=progress)
+        return perplexity(model, eval_stream, ev.seq_len, bos, windows, progress=progress)
 
     evals_path = out / "evals.json"
     evals = {}
-    if args.resume and evals_path.exists():
+    if rs.resume and evals_path.exists():
         try:
             evals = read_json(evals_path, "evaluation record")
         except CheckpointError as e:
             _say(f"({e}; measuring again)")
             evals = {}
-    from ..data import tokenizer_fingerprint
 
     if "fp" not in evals:
         t0 = time.time()
         key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
-               "corpus": args.eval_data, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
+               "corpus": ev.data, "seq_len": ev.seq_len, "windows": ev.windows,
                "bos": bos, "dtype": "float32"}
         fp, hit = _fp_ppl_cached(teacher, key, lambda: ppl(teacher, "full-precision"))
         evals["fp"] = fp
@@ -522,21 +261,19 @@ def run(args) -> int:
     # ---- student: from the checkpoint, or calibrated and initialized
     if ck_path is not None:
         _say(f"resuming from {ck_path}")
-        student = make_student(teacher, rcfg, initialize=False)
+        student = make_student(teacher, rc, initialize=False)
     else:
         calib = None
-        if rcfg.precondition:
-            from ..data import calibration_batch
-
-            calib = calibration_batch(tok, calib_sources, args.calib_samples, args.calib_len, seed=args.seed)
+        if rc.precondition:
+            calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed)
         t0 = time.time()
-        student, cached = _initialized_student(teacher, rcfg, calib, autocast, progress, args.init_cache)
+        student, cached = _initialized_student(teacher, rc, calib, autocast, progress, rs.init_cache)
         evals["init_seconds"] = time.time() - t0
         evals["init_cached"] = cached
         _say(f"initialized in {evals['init_seconds']:.0f} s" + (" (paths from the init cache)" if cached else ""))
-        if not args.skip_init_eval and "init" not in evals:
-            evals["init"] = ppl(student, f"{args.num_paths}-bit initialized")
-            _say(f"{args.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
+        if not ev.skip_init and "init" not in evals:
+            evals["init"] = ppl(student, f"{rc.num_paths}-bit initialized")
+            _say(f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
         atomic_write_json(evals_path, evals)
     student.to(device)
 
@@ -544,7 +281,7 @@ def run(args) -> int:
     if ck_path is not None:
         trainer.resume()
         _say(f"resumed at step {trainer.step} of {steps}")
-    val_rows = val[: args.val_sequences] if args.val_sequences and val.shape[0] else None
+    val_rows = val[: d.val_sequences] if d.val_sequences and val.shape[0] else None
     if val_rows is not None and "val_before" not in evals:
         evals["val_before"] = trainer.evaluate(val_rows)
         atomic_write_json(evals_path, evals)
@@ -552,6 +289,6 @@ def run(args) -> int:
     val_after = trainer.evaluate(val_rows) if val_rows is not None else None
     trainer.teacher_run = None  # free the bf16 teacher copy before evaluation
 
-    final = ppl(student, f"{args.num_paths}-bit distilled")
-    _say(f"{args.num_paths}-bit after distillation: perplexity {final:.3f}")
-    return finish_run(args, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0)
+    final = ppl(student, f"{rc.num_paths}-bit distilled")
+    _say(f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
+    return finish_run(spec, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0)

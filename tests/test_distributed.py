@@ -214,7 +214,7 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "memory.json").is_file()
     # a batch the user set that does not split: one line from the launching process, nothing started or written
     p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3"), capture_output=True, text=True,
-                       env=env, timeout=120)
+                       env=env, timeout=300)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "must be divisible by the 2 processes" in p.stderr, p.stderr
     assert not (tmp_path / "run2").exists()
@@ -250,10 +250,10 @@ def test_a_worker_error_is_shown_once_and_the_others_stop_quietly():
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", "import sys\nfrom rabit.train.launch import launch_workers\n"
                         f"sys.exit(launch_workers([sys.executable, '-c', {_FAILING_WORKER!r}], 2))"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 1
     assert p.stderr.count("injected failure on rank 1") == 1, p.stderr
     assert p.stderr.count("Traceback") == 1  # an internal error keeps its traceback, shown once
     assert "Connection" not in p.stderr and "gloo" not in p.stderr.lower()
-    assert time.time() - t0 < 100
+    assert time.time() - t0 < 280
     assert launch_workers  # imported in this process too: the module is importable without a process group

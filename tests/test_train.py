@@ -384,3 +384,24 @@ def test_cli_bad_input_is_refused_and_writes_nothing(case, cli, tiny_run_files, 
     assert expect in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 or err.count("error:") == 1
     assert not out.exists()
+
+
+def test_train_latents_false_keeps_latents_bit_identical_and_trains_scales(tmp_path):
+    teacher, student = tiny_student()
+    layers = list(rabit_layers(student).values())
+    latents0 = [p.detach().clone() for layer in layers for p in layer.latent_parameters()]
+    scales0 = [p.detach().clone() for layer in layers for p in layer.scale_parameters()]
+    cfg = TrainConfig(steps=2, grad_accum=1, autocast=False, train_latents=False)
+    tr = Trainer(teacher, student, rows(), cfg, tmp_path, progress=False)
+    assert tr.optim.muon is None and not tr.split.latents
+    tr.train()
+    latents = [p.detach() for layer in layers for p in layer.latent_parameters()]
+    scales = [p.detach() for layer in layers for p in layer.scale_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(latents0, latents))
+    assert any(not torch.equal(a, b) for a, b in zip(scales0, scales))
+    # part of the run identity: a checkpoint written with frozen latents does not resume a run that trains them
+    from rabit.run_identity import train_settings_changes
+
+    assert [k for k, _, _ in train_settings_changes(cfg.to_dict(), TrainConfig(steps=2, grad_accum=1,
+                                                                               autocast=False).to_dict())] \
+        == ["train.train_latents"]

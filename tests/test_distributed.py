@@ -108,7 +108,7 @@ def runs(tmp_path_factory):
     Trainer(teacher, student, train, _config(), root / "one-then-two", progress=False).train(stop_at=2)
     error = None
     try:
-        D.spawn(_worker, 2, str(root), threads=1, timeout=240)
+        D.spawn(_worker, 2, str(root), threads=1, timeout=600)
     except Exception as e:  # noqa: BLE001 - the injected failure, checked below
         error = e
     return {"root": root, "error": error, "ended": time.time()}

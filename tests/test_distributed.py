@@ -226,21 +226,21 @@ import torch.distributed as dist
 from rabit.cli.quantize_distributed import run_worker
 from rabit.train.process_group import init_distributed
 
-class Spec:  # run_worker only needs something run_quantize accepts; the failure comes first
-    pass
-
 def run_quantize(spec):
     env = init_distributed("cpu")
-    dist.barrier()
-    if env.rank == 1:
-        raise RuntimeError("injected failure on rank 1")
-    time.sleep(0.5)
-    dist.barrier()  # rank 0 waits for rank 1, which is gone: its own error is a consequence and not shown
-    return 0
+    try:
+        dist.barrier()
+        if env.rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+        time.sleep(0.5)
+        dist.barrier()  # rank 0 waits for rank 1, which is gone: its own error is a consequence and not shown
+        return 0
+    finally:
+        dist.destroy_process_group()
 
 import rabit.cli.quantize_distributed as q
 q.run_quantize = run_quantize
-sys.exit(run_worker(Spec()))
+sys.exit(run_worker(None))  # the spec only reaches run_quantize, replaced here
 """
 
 

@@ -71,7 +71,7 @@ def run_worker(spec: JobSpec) -> int:
             return 2
         bad = isinstance(e, BAD_INPUT) and not os.environ.get("RABIT_DEBUG")
         line = f"rabit quantize: error: {e}" if bad else None
-        if not report_worker_error(e, line):
+        if not report_worker_error(e, line, 2 if bad else 1):
             if not bad:
                 raise
             print(line, file=sys.stderr, flush=True)

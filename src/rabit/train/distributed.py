@@ -298,11 +298,7 @@ class DistributedTrainer(DistillLoop):
         set_model_state_dict(self.student, state["model"])
         for key, opt in self.optim.named().items():
             set_optimizer_state_dict(self.student, opt, state["optim"][key])
-        try:
-            self.optim.load_scheduler_state(st["scheduler"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: bad scheduler state: {e}") from None
-        self.sampler.load_state_dict(st["data"])
+        self._load_position(path, st)
         rng = torch.frombuffer(bytearray(base64.b64decode(st["rng"]["torch"])), dtype=torch.uint8)
         torch.set_rng_state(rng.clone())
         version, internal, gauss = st["rng"]["python"]
@@ -344,11 +340,7 @@ class DistributedTrainer(DistillLoop):
                 set_optimizer_state_dict(self.student, opt, {"state": state, "param_groups": groups}, options=full)
         except (KeyError, IndexError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from None
-        try:
-            self.optim.load_scheduler_state(ck.state["scheduler"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: bad scheduler state: {e}") from None
-        self.sampler.load_state_dict(ck.state["data"])
+        self._load_position(path, ck.state)
         set_rng_state(ck.optim, ck.state["rng"])
         self._resumed_at(ck.step, ck.state.get("extra"))
 

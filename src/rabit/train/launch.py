@@ -21,16 +21,16 @@ from .process_group import free_port
 ERROR_FILE_ENV = "RABIT_ERROR_FILE"
 
 
-def report_worker_error(error: BaseException, message: str | None) -> bool:
-    """Record this worker's error for the launcher (message: one line for bad input, None for the traceback).
-    Returns False when no launcher asked for it (the caller prints it itself)."""
+def report_worker_error(error: BaseException, message: str | None, exit_status: int) -> bool:
+    """Record this worker's error for the launcher (message: one line for bad input, None for the traceback;
+    exit_status: what the launcher returns). Returns False when no launcher asked for it (the caller prints it)."""
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
         return False
     text = message if message is not None else "".join(traceback.format_exception(error))
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"time": time.time(), "rank": os.environ.get("RANK"), "text": text}, f)
+        json.dump({"time": time.time(), "rank": os.environ.get("RANK"), "text": text, "exit_status": exit_status}, f)
     os.replace(tmp, path)
     return True
 
@@ -51,8 +51,10 @@ def launch_workers(command: list[str], nproc: int, threads: int | None = None, p
             procs.append(subprocess.Popen(command, env=env))
         failed = None
         try:
+            # a worker has failed when it ended with an error, or reported one (it may hang on its way out)
             while failed is None and any(p.poll() is None for p in procs):
-                failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+                failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)
+                               or (Path(tmp) / f"rank-{r}.json").exists()), None)
                 if failed is None:
                     time.sleep(poll_seconds)
             if failed is None:
@@ -71,9 +73,9 @@ def launch_workers(command: list[str], nproc: int, threads: int | None = None, p
         if errors:
             first = min(errors, key=lambda e: e["time"])
             print(first["text"].rstrip("\n"), file=sys.stderr, flush=True)
-        else:
-            print(f"rabit: worker {failed} of {nproc} ended with exit status {procs[failed].returncode}",
-                  file=sys.stderr, flush=True)
+            return int(first.get("exit_status") or 1)
+        print(f"rabit: worker {failed} of {nproc} ended with exit status {procs[failed].returncode}",
+              file=sys.stderr, flush=True)
         code = procs[failed].returncode
         return code if code and code > 0 else 1
 

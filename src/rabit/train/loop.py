@@ -171,6 +171,16 @@ class DistillLoop:
 
     checkpoint_root: Path
 
+    def _load_position(self, path: Path, state: dict) -> None:
+        """The schedule and data position a checkpoint's state stores (both checkpoint kinds store them alike)."""
+        from .checkpoint import CheckpointError
+
+        try:
+            self.optim.load_scheduler_state(state["scheduler"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: bad scheduler state: {e}") from None
+        self.sampler.load_state_dict(state["data"])
+
     def _trainable_ok(self) -> bool:
         ok = all(bool(torch.isfinite(_local(p)).all()) for _, p in self.split.latents + self.split.others)
         return self.collective.all_true(ok)

@@ -294,11 +294,7 @@ class Trainer(DistillLoop):
             raise CheckpointError(f"checkpoint {path} has optimizers {sorted(meta)}, this run {sorted(self.optim.named())}")
         for key, opt in self.optim.named().items():
             optimizer_from_tensors(opt, ck.optim, meta[key], key)
-        try:
-            self.optim.load_scheduler_state(ck.state["scheduler"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: bad scheduler state: {e}") from None
-        self.sampler.load_state_dict(ck.state["data"])
+        self._load_position(path, ck.state)
         set_rng_state(ck.optim, ck.state["rng"])
         self.step = ck.step
         self.resumed_from = ck.step

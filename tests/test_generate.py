@@ -120,7 +120,7 @@ def test_bench_decode_cli_tiny(capsys):
 
 def test_bench_decode_reports_a_failing_engine_and_runs_the_others(monkeypatch):
     from rabit import decode_bench
-    from rabit.cli_bench import format_decode_table, run_decode_bench
+    from rabit.cli.bench import format_decode_table, run_decode_bench
 
     calls = []
 

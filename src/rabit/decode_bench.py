@@ -86,7 +86,7 @@ def worker(spec: dict) -> dict:
     """Build the engine's model (deterministic from the seed), warm up, time one run: {"tokens_per_s": ...}."""
     import torch
 
-    from .cli_bench import _torch_run, make_random_llama, packed_copy
+    from .cli.bench import _torch_run, make_random_llama, packed_copy
     from .generate import StaticDecoder
 
     torch.set_num_threads(spec["threads"])

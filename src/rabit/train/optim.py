@@ -33,17 +33,20 @@ class ParamSplit:
                 "frozen_tensors": len(self.frozen)}
 
 
-def prepare_student(model: nn.Module, train_fp_weights: bool = False) -> ParamSplit:
+def prepare_student(model: nn.Module, train_fp_weights: bool = False, train_latents: bool = True) -> ParamSplit:
     """Set requires_grad on the student (see the module docstring) and return the parameter split.
 
     Parameters that are already frozen (requires_grad=False) inside RaBiTLinear layers stay frozen.
     With train_fp_weights, full-precision matrices outside RaBiTLinear (except embeddings) train with AdamW.
+    train_latents=False freezes every latent weight (no Muon): only scales, norms and biases train.
     """
     rabit_params: dict[int, str] = {}
     for mname, module in model.named_modules():
         if isinstance(module, RaBiTLinear):
             for p in module.latent_parameters():
                 rabit_params[id(p)] = "latent"
+                if not train_latents:
+                    p.requires_grad_(False)
             for p in module.scale_parameters():
                 rabit_params[id(p)] = "other"
             if module.bias is not None:

@@ -7,24 +7,31 @@ import time
 
 import torch
 
-from .config import RaBiTConfig
-from .models import DEFAULT_MODEL, load_model
+import dataclasses
+
+from ..config import RaBiTConfig
+from ..job import DataSpec, EvalSpec, JobSpec
+from ..models import load_model
+
+# PTQ has no training to amortize it: twice the calibration sequences of `rabit quantize` (measured cheap).
+PTQ_CALIB_SAMPLES = 32
 
 
 def add_parser(sub):
+    d = JobSpec()
     p = sub.add_parser("ptq", help="initialize a 2-bit model without training and compare perplexity with FP")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=d.model)
     p.add_argument("--methods", default="isvid+pre",
                    help="comma list of: naive, svid, isvid, isvid+pre (default: isvid+pre)")
-    p.add_argument("--num-paths", type=int, default=2)
-    p.add_argument("--isvid-rounds", type=int, default=RaBiTConfig.isvid_rounds)
-    p.add_argument("--alpha-in", type=float, default=RaBiTConfig.alpha_in)
-    p.add_argument("--alpha-out", type=float, default=RaBiTConfig.alpha_out)
-    p.add_argument("--calib-source", default="wikitext2-valid")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=512)
-    p.add_argument("--eval-source", default="wikitext2-test")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--num-paths", type=int, default=d.rabit.num_paths)
+    p.add_argument("--isvid-rounds", type=int, default=d.rabit.isvid_rounds)
+    p.add_argument("--alpha-in", type=float, default=d.rabit.alpha_in)
+    p.add_argument("--alpha-out", type=float, default=d.rabit.alpha_out)
+    p.add_argument("--calib-source", default=d.data.train)
+    p.add_argument("--calib-samples", type=int, default=PTQ_CALIB_SAMPLES)
+    p.add_argument("--calib-len", type=int, default=d.data.calib_len)
+    p.add_argument("--eval-source", default=d.eval.data)
+    p.add_argument("--seq-len", type=int, default=d.eval.seq_len)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--bos", action="store_true", help="prefix each evaluation window with BOS")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -39,20 +46,32 @@ METHODS = {
 }
 
 
+def job_from_args(args) -> JobSpec:
+    """The JobSpec `rabit ptq` works from (RaBiT, calibration and evaluation settings; no training)."""
+    return JobSpec(model=args.model,
+                   rabit=RaBiTConfig(num_paths=args.num_paths, isvid_rounds=args.isvid_rounds, alpha_in=args.alpha_in,
+                                     alpha_out=args.alpha_out),
+                   data=DataSpec(calib=args.calib_source, calib_samples=args.calib_samples, calib_len=args.calib_len),
+                   eval=EvalSpec(data=args.eval_source, seq_len=args.seq_len, windows=args.max_windows or 0,
+                                 bos=args.bos))
+
+
 def run(args) -> int:
-    from .data import calibration_batch, eval_tokens
-    from .eval.perplexity import perplexity
-    from .quantize import collect_channel_stats, find_linear_layers, quantize_
+    from ..data import calibration_batch, eval_tokens
+    from ..eval.perplexity import perplexity
+    from ..quantize import collect_channel_stats, find_linear_layers, quantize_
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    spec = job_from_args(args)
+    ev, d = spec.eval, spec.data
     torch.manual_seed(0)
-    model, tok = load_model(args.model)
-    tokens = eval_tokens(tok, args.eval_source)
-    bos = tok.bos_token_id if args.bos else None
-    ppl = lambda m: perplexity(m, tokens, args.seq_len, bos, args.max_windows, progress=True)
+    model, tok = load_model(spec.model)
+    tokens = eval_tokens(tok, ev.data)
+    bos = tok.bos_token_id if ev.bos else None
+    ppl = lambda m: perplexity(m, tokens, ev.seq_len, bos, ev.windows or None, progress=True)
     rows = []
     t0 = time.time()
     fp = ppl(model)
@@ -60,17 +79,16 @@ def run(args) -> int:
     print(f"full precision: perplexity {fp:.3f}", flush=True)
     stats = None
     for m in methods:
-        cfg = RaBiTConfig(num_paths=args.num_paths, isvid_rounds=args.isvid_rounds, alpha_in=args.alpha_in,
-                          alpha_out=args.alpha_out, **METHODS[m])
+        cfg = dataclasses.replace(spec.rabit, **METHODS[m])
         if cfg.precondition and stats is None:
-            calib = calibration_batch(tok, args.calib_source, args.calib_samples, args.calib_len)
+            calib = calibration_batch(tok, d.calib, d.calib_samples, d.calib_len)
             stats = collect_channel_stats(model, find_linear_layers(model, cfg), calib, progress=True)
         t0 = time.time()
         q = quantize_(copy.deepcopy(model), cfg, stats=stats)
         init_s = time.time() - t0
         value = ppl(q)
         rows.append(dict(method=m, ppl=value, init_seconds=init_s, config=cfg.to_dict()))
-        print(f"{m} (k={args.num_paths}, {args.num_paths} bits/weight): perplexity {value:.3f} "
+        print(f"{m} (k={cfg.num_paths}, {cfg.num_paths} bits/weight): perplexity {value:.3f} "
               f"(init {init_s:.1f} s)", flush=True)
         del q
     print("\n| method | WikiText-2 PPL |\n|---|---|")

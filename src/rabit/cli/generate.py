@@ -29,9 +29,9 @@ def add_parser(sub):
 def run(args) -> int:
     import torch
 
-    from .generate import generate
-    from .models import load_model
-    from .serialization import packed_layers
+    from ..generate import generate
+    from ..models import load_model
+    from ..serialization import packed_layers
 
     if args.threads is not None:
         if args.threads < 1:

@@ -7,8 +7,8 @@ import re
 import time
 from pathlib import Path
 
-from .atomic_io import atomic_write_json
-from .models import DEFAULT_MODEL
+from ..atomic_io import atomic_write_json
+from ..models import DEFAULT_MODEL
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -136,9 +136,9 @@ def run(args) -> int:
         set_offline()
     import torch
 
-    from .data import eval_tokens
-    from .eval.perplexity import perplexity
-    from .models import is_rabit_folder, load_model, resolve_model_path
+    from ..data import eval_tokens
+    from ..eval.perplexity import perplexity
+    from ..models import is_rabit_folder, load_model, resolve_model_path
 
     device = args.device
     if device == "auto":
@@ -149,7 +149,7 @@ def run(args) -> int:
     # Bad task names / unreachable task data fail here, before the (slow) model load.
     prepared = None
     if tasks:
-        from .eval.zeroshot import prepare_tasks
+        from ..eval.zeroshot import prepare_tasks
 
         print(f"preparing tasks: {', '.join(tasks)}", flush=True)
         prepared = prepare_tasks(tasks, args.zeroshot_backend, include_paths=args.include_path)
@@ -185,7 +185,7 @@ def run(args) -> int:
                                             seconds=time.time() - t0)
         print(f"{corpus}: perplexity {value:.3f} ({windows} windows, {time.time() - t0:.1f} s)", flush=True)
     if prepared is not None:
-        from .eval.zeroshot import evaluate_tasks
+        from ..eval.zeroshot import evaluate_tasks
 
         t0 = time.time()
         result["tasks"] = evaluate_tasks(model, tok, prepared, limit=args.limit, num_fewshot=args.num_fewshot,

@@ -74,7 +74,7 @@ def add_parser(sub):
 
 # ---------------------------------------------------------------------------------------------------- gemv
 def _run_gemv(args) -> int:
-    from . import bench
+    from .. import bench
 
     shapes = getattr(bench, "DEFAULT_SHAPES", None)
     if args.shapes:
@@ -125,7 +125,7 @@ def packed_copy(model, quantize_head: bool = True, scale_dtype=None, seed: int =
     import torch
     from torch import nn
 
-    from .packed import PackedRaBiTLinear
+    from ..packed import PackedRaBiTLinear
 
     gen = torch.Generator().manual_seed(seed + 1)
     head = model.get_output_embeddings()
@@ -169,7 +169,7 @@ def llama_cpp_tools(llama_dir: Path) -> dict:
 
 def _bench_tokenizer_folder(vocab: int) -> Path:
     """A tokenizer that llama.cpp's converter recognizes, with at most `vocab` tokens (SmolLM2's: 49152)."""
-    from .models import default_model_folder
+    from ..models import default_model_folder
 
     folder = default_model_folder()
     tok = json.loads((folder / "tokenizer.json").read_text())
@@ -248,7 +248,7 @@ def llama_bench_once(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, 
     """tokens/s of one llama-bench generation run of `new_tokens` after a `prompt_len`-token context.
 
     Raises decode_bench.EngineFailed when llama-bench fails or crashes."""
-    from .decode_bench import EngineFailed, run_engine_process
+    from ..decode_bench import EngineFailed, run_engine_process
 
     cmd = [str(bench), "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-t", str(threads), "-r", "1",
            "-o", "json"]
@@ -267,7 +267,7 @@ def llama_bench_once(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, 
 
 # ------------------------------------------------------------------------------------------------- decode
 def _torch_run(decoder, prompt, timed: int) -> float:
-    from .generate import decode_tokens
+    from ..generate import decode_tokens
 
     res = decode_tokens(decoder, prompt, timed + 1)   # the first token comes from the prefill, untimed
     return len(res.step_times) / res.decode_s
@@ -281,7 +281,7 @@ def run_decode_bench(shape: dict | None = None, prompt_len: int = 128, new_token
     """Interleaved end-to-end decoding benchmark, every run in its own process (rabit.decode_bench); returns
     {"rows": [...], "failed": {engine: reason}, "config": {...}}. An engine that fails is dropped from later
     rounds and reported; the others go on."""
-    from .decode_bench import EngineFailed, engine_env, torch_engine_once
+    from ..decode_bench import EngineFailed, engine_env, torch_engine_once
 
     shape = dict(BENCH_SHAPE if shape is None else shape)
     names = [e.strip().lower() for e in (engines.split(",") if isinstance(engines, str) else engines) if e.strip()]
@@ -366,8 +366,8 @@ def _bits_per_weight(shape: dict, engine: str) -> float:
         return 32.0
     import torch
 
-    from .packed import PackedRaBiTLinear
-    from .serialization import bits_per_weight
+    from ..packed import PackedRaBiTLinear
+    from ..serialization import bits_per_weight
 
     d, f, v = shape["hidden"], shape["intermediate"], shape["vocab"]
     kv = shape["kv_heads"] * d // shape["heads"]

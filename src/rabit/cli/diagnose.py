@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from .atomic_io import atomic_write_json
+from ..atomic_io import atomic_write_json
 
 # Keys under which a rabit folder's config.json may record the model it was quantized from (first found wins):
 # in "quantization_config", then at the top level.
@@ -70,9 +70,9 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     import torch
 
-    from .data import calibration_batch
-    from .diagnose import path_correlations, plot_correlations, quantized_layers, summarize
-    from .models import is_rabit_folder, load_model, resolve_model_path
+    from ..data import calibration_batch
+    from ..diagnose import path_correlations, plot_correlations, quantized_layers, summarize
+    from ..models import is_rabit_folder, load_model, resolve_model_path
 
     device = args.device
     if device == "auto":
@@ -107,8 +107,8 @@ def run(args) -> int:
     if args.ptq:
         import copy
 
-        from .config import RaBiTConfig
-        from .quantize import collect_channel_stats, find_linear_layers, quantize_
+        from ..config import RaBiTConfig
+        from ..quantize import collect_channel_stats, find_linear_layers, quantize_
 
         cfg = RaBiTConfig()
         stats = collect_channel_stats(teacher, find_linear_layers(teacher, cfg), calib, progress=True)

@@ -143,3 +143,62 @@ def test_scale_only_blocks_leave_latents_untouched():
     for n, m in rabit_layers(student).items():
         assert torch.equal(m.latent, latents[n])
         assert m.latent.requires_grad  # flags restored
+
+
+# ------------------------------------------------------------------------------------ rabit quantize stages
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    from rabit.testing import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_stages")
+    make_tiny_llama(vocab_size=512).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    from rabit.data import CORPORA_DIR
+
+    (root / "train.txt").write_text((CORPORA_DIR / "austen" / "emma.txt").read_text(encoding="utf-8")[:20000])
+    (root / "eval.txt").write_text((CORPORA_DIR / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:6000])
+    return root
+
+
+def quantize_args(files, out, *extra):
+    return ["quantize", "--model", files / "model", "--out", out, "--train-data", files / "train.txt",
+            "--eval-data", files / "eval.txt", "--eval-seq-len", "64", "--eval-windows", "2", "--seq-len", "32",
+            "--tokens", "128", "--grad-accum", "1", "--save-every", "2", "--calib-samples", "2", "--calib-len", "32",
+            "--val-sequences", "1", "--no-progress", "--threads", "1", "--block-samples", "4", "--block-seq-len", "32",
+            "--block-batch-size", "2", "--refine-samples", "2", "--ood-windows", "2", *extra]
+
+
+def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, tmp_path, monkeypatch, capsys):
+    import json
+
+    from rabit.cli import main
+
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = [str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64")]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    ev = summary["eval"]
+    for key in ("fp", "init", "blocks", "e2e", "final"):
+        assert isinstance(ev[key], float), key
+    assert ev["ood"]["description"].startswith("austen-persuasion") and "not trained on" in ev["ood"]["description"]
+    assert ev["ood"]["fp"] > 0 and ev["ood"]["final"] > 0
+    assert summary["stages"]["scale_tokens"] == 64 and summary["stages"]["blocks_seconds"] > 0
+    assert sorted(p.name for p in (out / "blocks").glob("block_*.safetensors")) == ["block_000.safetensors",
+                                                                                    "block_001.safetensors"]
+    assert (out / "scales" / "checkpoints").is_dir()
+    md = capsys.readouterr().out
+    assert "after the block-wise stage" in md and "after the scale-only phase" in md and "Out of domain" in md
+    from safetensors.torch import load_file
+
+    before = load_file(out / "model.safetensors")
+    # a finished run resumes to the same result, training nothing again
+    assert main(args + ["--resume"]) == 0
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    # the stages are part of the run's identity
+    assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "1", "--scale-tokens", "64",
+                                               "--resume")]) == 2
+    assert "blocks.epochs" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass
 
 from ..config import INITS, LATENT_INITS, MODES, STES
+from ..train.blockwise import BLOCK_LOSSES
 from ..job import JobSpec
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
@@ -72,6 +73,27 @@ _OPTIONS = [
     Option("--calib-samples", "data.calib_samples", "data", "calibration sequences", type=int),
     Option("--calib-len", "data.calib_len", "data", "calibration sequence length", type=int),
 
+    Option("--no-blocks", "block_stage", "block-wise stage", "skip the block-wise stage (refinement and block "
+           "training) between initialization and end-to-end distillation", "false"),
+    Option("--block-samples", "blocks.samples", "block-wise stage", "calibration sequences of the block stage "
+           "(drawn from --train-data)", type=int),
+    Option("--block-seq-len", "blocks.seq_len", "block-wise stage", "their length", type=int),
+    Option("--block-epochs", "blocks.epochs", "block-wise stage", "training passes over the samples per block "
+           "(0: closed-form refinement only)", type=int),
+    Option("--block-batch-size", "blocks.batch_size", "block-wise stage", "sequences per block training step",
+           type=int),
+    Option("--block-latent-lr", "blocks.latent_lr", "block-wise stage", "Muon learning rate of the latents in "
+           "block training (0: scales and norms only)", type=float),
+    Option("--block-scale-lr", "blocks.scale_lr", "block-wise stage", "AdamW learning rate of scales and norms in "
+           "block training", type=float),
+    Option("--block-loss", "blocks.loss", "block-wise stage", "relative (per-token relative error, robust to "
+           "massive activations) or mse", choices=BLOCK_LOSSES),
+    Option("--refine-rounds", "blocks.refine_rounds", "block-wise stage", "rounds of output-aware refinement "
+           "(GPTQ-style signs + least-squares scales) per layer (0: none)", type=int),
+    Option("--refine-samples", "blocks.refine_samples", "block-wise stage", "sequences whose activations form the "
+           "refinement's output metric", type=int),
+    Option("--scale-tokens", "scale_tokens", "distillation", "token budget of a final end-to-end phase that trains "
+           "only scales and norms (latents frozen: ~3x cheaper per token; 0: none)", type=int),
     Option("--tokens", "tokens", "distillation", "training token budget (the default is ~10 minutes of training on 2 "
            "CPU cores with the default model)", type=int),
     Option("--batch-size", "train.batch_size", "distillation", "sequences per micro-batch (the global micro-batch "
@@ -113,6 +135,10 @@ _OPTIONS = [
     Option("--eval-bos", "eval.bos", "evaluation", "prefix each perplexity window with BOS", "true"),
     Option("--skip-init-eval", "eval.skip_init", "evaluation",
            "do not measure the perplexity of the initialized model before training", "true"),
+    Option("--ood-data", "eval.ood_data", "evaluation", "a corpus of a domain not trained on, scored FP and 2-bit at "
+           "the end (\"\": skip)"),
+    Option("--ood-windows", "eval.ood_windows", "evaluation", "its windows of --eval-seq-len tokens (0: skip)",
+           type=int),
 
     Option("--nproc", "dist.nproc", "multi-process (torch.distributed)",
            "train in N processes on this machine (with --device cuda one GPU per process); not needed under torchrun",

@@ -13,6 +13,7 @@ Everything lands in one run folder (default runs/<model>-<mode>):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -155,7 +156,12 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
     summary = {
         "model": spec.model, "mode": rc.mode, "num_paths": rc.num_paths, "out": str(out),
         **({"world_size": world_size} if world_size > 1 else {}),
-        "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"), "final": final},
+        "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"),
+                 "blocks": evals.get("blocks"), "e2e": evals.get("e2e"), "final": final, "ood": evals.get("ood")},
+        "stages": {"init_seconds": evals.get("init_seconds"), "blocks_seconds": evals.get("blocks_seconds"),
+                   "e2e_seconds": train_seconds,
+                   "scale_seconds": (evals.get("scale_phase") or {}).get("seconds"),
+                   "scale_tokens": (evals.get("scale_phase") or {}).get("tokens")},
         "train": {"steps": result.steps, "tokens": result.tokens, "seconds": train_seconds,
                   "tokens_per_second": result.tokens / train_seconds if train_seconds else None,
                   "session_tokens_per_second": result.tokens_per_second, "resumed_from": result.resumed_from,
@@ -276,6 +282,8 @@ def run_job(spec: JobSpec) -> int:
             _say(f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
         atomic_write_json(evals_path, evals)
     student.to(device)
+    if spec.block_stage and ck_path is None:
+        _block_stage(spec, teacher, student, tok, out, evals, ppl, progress)
 
     trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
     if ck_path is not None:
@@ -286,9 +294,72 @@ def run_job(spec: JobSpec) -> int:
         evals["val_before"] = trainer.evaluate(val_rows)
         atomic_write_json(evals_path, evals)
     result = trainer.train()
-    val_after = trainer.evaluate(val_rows) if val_rows is not None else None
-    trainer.teacher_run = None  # free the bf16 teacher copy before evaluation
+    last = trainer  # the trainer of the last phase measures the held-out loss after training
+    if spec.scale_steps > 0:
+        if "e2e" not in evals:
+            evals["e2e"] = ppl(student, f"{rc.num_paths}-bit distilled (before the scale-only phase)")
+            atomic_write_json(evals_path, evals)
+        scales = Trainer(teacher, student, train, spec.scale_train_config(autocast), out / "scales",
+                         progress=progress)
+        if rs.resume:
+            scales.resume()
+        _say(f"scale-only phase: {scales.cfg.steps} steps, latents frozen")
+        evals["scale_phase"] = dataclasses.asdict(scales.train())
+        atomic_write_json(evals_path, evals)
+        trainer.teacher_run, last = None, scales
+    val_after = last.evaluate(val_rows) if val_rows is not None else None
+    last.teacher_run = None  # free the bf16 teacher copy before evaluation
 
     final = ppl(student, f"{rc.num_paths}-bit distilled")
     _say(f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
+    _out_of_domain(spec, teacher, student, tok, evals, progress)
+    atomic_write_json(evals_path, evals)
     return finish_run(spec, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0)
+
+
+def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, ppl, progress: bool) -> None:
+    """Block-wise refinement / reconstruction of the initialized student, in place (resumes from <out>/blocks)."""
+    from ..data import calibration_batch
+    from ..train.blockwise import BlockReconstruction
+    from ..train.checkpoint import atomic_write_json
+
+    b = spec.blocks
+    # drawn from the whole training mix, with another seed than the initialization's calibration
+    rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1)
+    what = (f"refinement ({b.refine_rounds} round(s))" if b.refine_rounds else "") + \
+        (f"{' + ' if b.refine_rounds else ''}training ({b.epochs} epoch(s))" if b.epochs else "")
+    _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens ...")
+    records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress).run()
+    evals["blocks_seconds"] = sum(r.seconds for r in records)
+    evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records]}
+    _say(f"block-wise stage done in {evals['blocks_seconds']:.0f} s (block losses, mean: "
+         f"{sum(evals['blocks_loss']['before']) / len(records):.4f} -> "
+         f"{sum(evals['blocks_loss']['after']) / len(records):.4f})")
+    if not spec.eval.skip_init and "blocks" not in evals:
+        evals["blocks"] = ppl(student, f"{spec.rabit.num_paths}-bit after the block stage")
+        _say(f"{spec.rabit.num_paths}-bit after the block stage: perplexity {evals['blocks']:.3f}")
+    atomic_write_json(out / "evals.json", evals)
+
+
+def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool) -> None:
+    """FP and 2-bit perplexity on spec.eval.ood_data (a domain the run did not train on, by default)."""
+    from ..data import builtin_files, eval_tokens, tokenizer_fingerprint
+    from ..eval.perplexity import perplexity
+
+    ev = spec.eval
+    if not ev.ood_data or not ev.ood_windows:
+        return
+    stream = eval_tokens(tok, ev.ood_data)
+    windows = min(ev.ood_windows, max(stream.numel() // ev.seq_len, 1))
+    seq = min(ev.seq_len, stream.numel())
+    files = set(builtin_files(ev.ood_data))
+    trained = ev.ood_data in spec.data.sources or bool(files & {f for s in spec.data.sources for f in builtin_files(s)})
+    desc = f"{ev.ood_data}, the first {windows} windows of {seq} tokens" + (
+        " (NOTE: part of the training data)" if trained else " (a domain not trained on)")
+    _say(f"perplexity on {desc} ...")
+    key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok), "corpus": ev.ood_data,
+           "seq_len": seq, "windows": windows, "bos": None, "dtype": "float32"}
+    fp, _ = _fp_ppl_cached(teacher, key, lambda: perplexity(teacher, stream, seq, None, windows, progress=progress))
+    q = perplexity(student, stream, seq, None, windows, progress=progress)
+    evals["ood"] = {"description": desc, "fp": fp, "final": q, "trained_on": trained}
+    _say(f"{ev.ood_data}: full precision {fp:.3f}, {spec.rabit.num_paths}-bit {q:.3f}")

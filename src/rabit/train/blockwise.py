@@ -39,15 +39,18 @@ BLOCK_LOSSES = ("relative", "mse")
 
 @dataclass
 class BlockConfig:
-    samples: int = 64             # calibration sequences the blocks are reconstructed on
+    # Defaults are `rabit quantize`'s (sized for ~15 minutes on 2 CPU cores, docs/RESULTS.md section 7): the
+    # closed-form refinement only. Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
+    # Block-AP) costs about as much as end-to-end training on samples x seq_len x epochs tokens.
+    samples: int = 16             # calibration sequences the blocks are reconstructed on
     seq_len: int = 512
-    epochs: int = 4               # passes over the samples per block; 0 = closed-form refinement only
+    epochs: int = 0               # passes over the samples per block; 0 = closed-form refinement only
     batch_size: int = 4
     latent_lr: float = 1e-3       # Muon; 0 freezes the latents (scales and norms only)
     scale_lr: float = 1e-3        # AdamW: scales, biases, norms
     min_lr_ratio: float = 0.0     # cosine floor of each block's schedule
     loss: str = "relative"        # per-token ||s - t||^2 / ||t||^2 (robust to massive activations) or "mse"
-    refine_rounds: int = 2        # rounds of output-aware refinement before training (0: none)
+    refine_rounds: int = 1        # rounds of output-aware refinement before training (0: none)
     refine_samples: int = 16      # sequences whose activations form H for the refinement
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     autocast: bool | None = None  # bf16 autocast; None = where the device has native bf16

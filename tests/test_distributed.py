@@ -44,8 +44,11 @@ def _models(root: Path):
 
 
 def _muon_check(env) -> bool:
-    """DistributedMuon on Shard(0) DTensors (uneven rows; one matrix with no row on rank 1) == torch.optim.Muon."""
+    """DistributedMuon on Shard(0) DTensors (uneven rows; one matrix with no row on rank 1) == the one-process Muon
+    (rabit.train.optim.Muon: torch.optim.Muon with the Newton-Schulz dtype chosen per device)."""
     from torch import nn
+
+    from rabit.train.optim import Muon as rabit_muon
     from torch.distributed.tensor import Shard, distribute_tensor
 
     g = torch.Generator().manual_seed(1)
@@ -55,7 +58,7 @@ def _muon_check(env) -> bool:
     kw = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw")
     ref = [nn.Parameter(w.clone()) for w in weights]
     sharded = [nn.Parameter(distribute_tensor(w.clone(), env.mesh, [Shard(0)])) for w in weights]
-    ref_opt = torch.optim.Muon(ref, **kw)
+    ref_opt = rabit_muon(ref, **kw)  # the one-process Muon, same Newton-Schulz dtype
     opt = D.DistributedMuon(sharded, bucket_numel=40, **kw)  # small buckets: several rounds of gathers
     for step_grads in grads:
         for p, q, gr in zip(ref, sharded, step_grads):

@@ -97,7 +97,9 @@ def _default_train() -> TrainConfig:
 @dataclass
 class JobSpec:
     model: str = DEFAULT_MODEL
-    tokens: int = 40_960              # training token budget (steps = tokens // tokens per step)
+    # end-to-end token budget (steps = tokens // tokens per step): 8 steps, sized with the block stage for ~15 minutes
+    # on 2 CPU cores (docs/RESULTS.md section 7)
+    tokens: int = 16_384
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
     # rows of an optimizer step so that each process gets whole rows (same global batch and schedule).

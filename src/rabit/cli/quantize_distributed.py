@@ -46,6 +46,9 @@ def maybe_distributed(spec: JobSpec) -> int | None:
             return None
         nproc = 1
     spec = spec.for_processes(nproc)  # raises for a batch that does not split
+    if spec.scale_tokens:
+        raise ValueError("--scale-tokens (the scale-only phase) runs in one process only for now; drop --nproc or "
+                         "--scale-tokens")
     run_folder.check_folder(spec.out_dir, spec.run.resume, spec.run.overwrite)
     if spec.run.resume:
         latest_any(spec.out_dir)  # a damaged checkpoint is reported here, before the workers start
@@ -190,6 +193,8 @@ def _run_quantize(spec: JobSpec, env) -> int:
             if not ev.skip_init and "init" not in evals:
                 evals["init"] = ppl(student, f"{rc.num_paths}-bit initialized")
                 _say0(env, f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
+            if spec.block_stage:  # on rank 0 only, before the student is sharded
+                single._block_stage(spec, teacher, student, tok, out, evals, ppl, progress)
         atomic_write_json(evals_path, evals)
         local.update(student=student, evals=evals)
         return True

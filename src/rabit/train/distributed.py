@@ -159,7 +159,8 @@ class DistributedTrainer(DistillLoop):
             self.optim.muon = DistributedMuon(
                 [p for _, p in self.split.latents], lr=c.latent_lr, weight_decay=c.latent_weight_decay,
                 momentum=c.muon_momentum, nesterov=True, ns_steps=c.muon_ns_steps, adjust_lr_fn="match_rms_adamw",
-                bucket_numel=self.dcfg.muon_bucket_numel)
+                bucket_numel=self.dcfg.muon_bucket_numel,
+                ns_dtype=None if c.muon_ns_dtype == "auto" else getattr(torch, c.muon_ns_dtype))
             self.optim.apply_schedule()
         self.sampler = SequenceSampler(train.shape[0], config.seed)
         self.step = 0

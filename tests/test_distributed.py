@@ -89,7 +89,10 @@ def _worker(root: str) -> None:
 
     # a run that one process started and stopped after step 2 (local checkpoints), continued by two processes
     teacher, student = _models(root)
-    D.DistributedTrainer(teacher, student, train, _config(), root / "one-then-two", env, progress=False).train()
+    trainer = D.DistributedTrainer(teacher, student, train, _config(), root / "one-then-two", env, progress=False)
+    (root / f"one-then-two-resumed-{env.rank}.json").write_text(json.dumps({"resumed": trainer.resume(),
+                                                                           "step": trainer.step}))
+    trainer.train()
 
     (root / "fail-start").write_text(str(time.time()))
     teacher, student = _models(root)
@@ -167,6 +170,8 @@ def test_stopped_two_process_run_resumes_with_one_process(runs, monkeypatch):
 
 def test_one_process_run_resumes_with_two_processes(runs):
     root = runs["root"]
+    for rank in (0, 1):
+        assert json.loads((root / f"one-then-two-resumed-{rank}.json").read_text()) == {"resumed": True, "step": 2}
     rows, ref = StepLog.read(root / "one-then-two" / "log.jsonl"), _losses(root / "ref")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "world_size" not in rows[1] and rows[2]["world_size"] == 2  # steps 3-4 ran in the process group

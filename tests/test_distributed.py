@@ -174,7 +174,7 @@ def test_one_process_run_resumes_with_two_processes(runs):
         assert json.loads((root / f"one-then-two-resumed-{rank}.json").read_text()) == {"resumed": True, "step": 2}
     rows, ref = StepLog.read(root / "one-then-two" / "log.jsonl"), _losses(root / "ref")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert "world_size" not in rows[1] and rows[2]["world_size"] == 2  # steps 3-4 ran in the process group
+    assert rows[2]["world_size"] == rows[3]["world_size"] == 2  # steps 3-4 ran in the process group
     assert [r["loss"] for r in rows] == pytest.approx(ref, rel=REL)
     assert (root / "one-then-two" / "checkpoints" / "step-000002").is_dir()
     assert (root / "one-then-two" / "dcp" / "step-000004" / ".metadata").is_file()
@@ -221,7 +221,7 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["batch_size"] == 2
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "memory.json").is_file()
     # a batch the user set that does not split: one line from the launching process, nothing started or written
-    p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3"), capture_output=True, text=True,
+    p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3", "--tokens", "768"), capture_output=True, text=True,
                        env=env, timeout=300)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "must be divisible by the 2 processes" in p.stderr, p.stderr

@@ -63,6 +63,14 @@ def test_coupled_linear_matches_composition_value_and_gradients(k, ste):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_non_finite_latent_shows_in_the_output():
+    layer = make_layer(2)
+    with torch.no_grad():
+        layer.latent[0, 0] = float("inf")
+    y = layer(torch.randn(3, 21))
+    assert not torch.isfinite(y[:, 0]).any() and torch.isfinite(y[:, 1:]).all()
+
+
 def test_layer_keeps_the_derivation_until_a_parameter_changes():
     layer = make_layer(2)
     x = torch.randn(4, 21)

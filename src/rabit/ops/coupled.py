@@ -37,6 +37,10 @@ def coupled_weight(latent: torch.Tensor, g: list[torch.Tensor], h: list[torch.Te
         if i + 1 < len(g):
             residual = residual - term
         weight = term if weight is None else weight.add_(term)
+    if not torch.isfinite(latent).all():
+        # The composition's straight-through bridge (latent - latent) made these weights NaN: a non-finite
+        # latent must show in the loss (the trainer stops on it), not be silently binarized to +-1.
+        weight = weight + (latent - latent)
     mask = None
     if clip is not None:
         bound = None

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rabit import kernels, packing
+from rabit import kernels, sign_bits
 from rabit.kernels import cpu as cpu_backend
 from rabit.kernels.reference import dense_weight_reference, rabit_linear_reference
-from rabit.packed import PackedRaBiTLinear
+from rabit.packed_layer import PackedRaBiTLinear
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 IN_SIZES = [1, 7, 33, 100, 577]
@@ -45,7 +45,7 @@ def rel_err(y, ref):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_reference_is_exact(k):
     x, B, g, h, b = make(k, 63, 100, 3, seed=k)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     assert rel_err(rabit_linear_reference(x, P, g, h, b), exact(x, B, g, h, b)) < 1e-6
     W = dense_weight_reference(P, g, h, dtype=torch.float64)
     assert torch.allclose(W, sum(g[i].double()[:, None] * B[i].double() * h[i].double() for i in range(k)))
@@ -58,7 +58,7 @@ def test_reference_is_exact(k):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_cpu_gemv_fp32(inf, out, k):
     x, B, g, h, b = make(k, out, inf, 1, seed=inf * 7 + out * 3 + k)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     y = cpu_backend.rabit_linear_cpu(x, P, g, h, b)
     assert y.dtype == torch.float32 and y.shape == (1, out)
     assert rel_err(y, exact(x, B, g, h, b)) < 1e-5
@@ -69,7 +69,7 @@ def test_cpu_gemv_fp32(inf, out, k):
 @pytest.mark.parametrize("inf,out,k", [(577, 129, 2), (33, 63, 3), (100, 5, 1), (7, 129, 2)])
 def test_cpu_batched_fp32(batch, inf, out, k):
     x, B, g, h, b = make(k, out, inf, batch, seed=batch + inf)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     assert rel_err(cpu_backend.rabit_linear_cpu(x, P, g, h, b), exact(x, B, g, h, b)) < 1e-5
 
 
@@ -80,7 +80,7 @@ def test_cpu_every_isa(isa, batch):
     """Each code path (capped at what the CPU supports) on odd shapes and partial tiles/groups."""
     for (k, out, inf) in [(2, 129, 577), (3, 5, 7), (1, 70, 64), (2, 200, 100)]:
         x, B, g, h, b = make(k, out, inf, batch, seed=out + inf)
-        P = packing.pack_signs(B)
+        P = sign_bits.pack_signs(B)
         y = cpu_backend.rabit_linear_cpu(x, P, g, h, b, isa=isa)
         assert rel_err(y, exact(x, B, g, h, b)) < 1e-5, (isa, k, out, inf)
         W = cpu_backend.dense_weight_cpu(P, g, h, isa=isa)
@@ -93,7 +93,7 @@ def test_cpu_every_isa(isa, batch):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_cpu_half_dtypes(x_dtype, scale_dtype, batch):
     x, B, g, h, b = make(2, 129, 577, batch, seed=5, x_dtype=x_dtype, scale_dtype=scale_dtype)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     y = cpu_backend.rabit_linear_cpu(x, P, g, h, b)
     assert y.dtype == x_dtype
     ref = exact(x, B, g, h, b)                      # same (rounded) inputs, exact arithmetic
@@ -105,7 +105,7 @@ def test_cpu_half_dtypes(x_dtype, scale_dtype, batch):
 @needs_cpu
 def test_cpu_dense_path_and_shapes():
     x, B, g, h, b = make(2, 63, 100, 40, seed=9)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     ref = exact(x, B, g, h, b)
     y_dense = cpu_backend.rabit_linear_cpu(x, P, g, h, b, dense_min_batch=1)
     y_lut = cpu_backend.rabit_linear_cpu(x, P, g, h, b, dense_min_batch=10 ** 9)
@@ -132,7 +132,7 @@ def test_cpu_dense_path_and_shapes():
 @needs_cpu
 def test_cpu_plan():
     x, B, g, h, b = make(2, 129, 577, 5, seed=12, scale_dtype=torch.float16)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     plan = cpu_backend.CpuLinearPlan(P, g, h, b)
     ref = exact(x, B, g, h, b)
     assert rel_err(plan(x), ref) < 1e-5
@@ -148,7 +148,7 @@ def test_cpu_plan():
 @needs_cpu
 def test_cpu_large_threaded():
     x, B, g, h, b = make(2, 1000, 2048, 1, seed=11)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     ref = exact(x, B, g, h, b)
     for nt in (1, 2):
         assert rel_err(cpu_backend.rabit_linear_cpu(x, P, g, h, b, num_threads=nt), ref) < 1e-5
@@ -158,14 +158,14 @@ def test_cpu_large_threaded():
 def test_dispatch_reference_always():
     assert "reference" in kernels.available_backends()
     x, B, g, h, b = make(2, 5, 7, 2)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     y = kernels.rabit_linear(x, P, g, h, b, backend="reference")
     assert rel_err(y, exact(x, B, g, h, b)) < 1e-6
 
 
 def test_dispatch_auto_and_env(monkeypatch):
     x, B, g, h, b = make(2, 63, 33, 1)
-    P = packing.pack_signs(B)
+    P = sign_bits.pack_signs(B)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     assert kernels.select_backend(x) == ("cpu" if CPU_OK else "reference")
     # autograd through the call -> reference
@@ -186,11 +186,11 @@ def test_no_compiler_falls_back(tmp_path):
     """With no usable compiler the cpu backend is unavailable and 'auto' warns once and uses the reference."""
     code = textwrap.dedent("""
         import warnings, torch
-        from rabit import kernels, packing
+        from rabit import kernels, sign_bits
         from rabit.kernels import cpu
         assert not cpu.is_available() and cpu.build_error()
         assert kernels.available_backends()[0] == "reference" and "cpu" not in kernels.available_backends()
-        P = packing.pack_signs(torch.ones(1, 3, 4))
+        P = sign_bits.pack_signs(torch.ones(1, 3, 4))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             y = kernels.rabit_linear(torch.ones(1, 4), P, torch.ones(1, 3), torch.ones(1, 4))
@@ -225,7 +225,7 @@ def _triton_importable():
 def test_triton_interpreter():
     code = textwrap.dedent("""
         import torch
-        from rabit import packing
+        from rabit import sign_bits
         from rabit.kernels.triton_gemv import rabit_linear_triton
         def exact(x, B, g, h, b):
             x, B, g, h = x.double(), B.double(), g.double(), h.double()
@@ -235,7 +235,7 @@ def test_triton_interpreter():
                                            (2, 40, 100, 20, "gemm"), (1, 17, 33, 2, "gemm")]:
             B = torch.randn(k, out, inf).sign(); g = torch.rand(k, out); h = torch.randn(k, inf)
             b = torch.randn(out); x = torch.randn(batch, inf)
-            P = packing.pack_signs(B)
+            P = sign_bits.pack_signs(B)
             for dt, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
                 xd = x.to(dt)
                 y = rabit_linear_triton(xd, P, g, h, b, mode=mode)

@@ -108,7 +108,7 @@ def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False
     (skipping the per-call dispatch); nn.Linear and anything else run under torch.set_num_threads(threads)
     when the rest of the step runs single-threaded (serial=True).
     """
-    from .packed import PackedRaBiTLinear
+    from .packed_layer import PackedRaBiTLinear
 
     if isinstance(mod, PackedRaBiTLinear) and mod.packed.device.type == "cpu":
         from . import kernels

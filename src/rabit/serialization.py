@@ -11,7 +11,7 @@ Folder layout (format version 1)
      "rabit_config": {...}}                                                # the RaBiTConfig used, if known
 
 ``model.safetensors``  for every quantized module ``M`` (an ``nn.Linear`` of the architecture):
-``M.packed`` (uint8, ``rabit.packing.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
+``M.packed`` (uint8, ``rabit.sign_bits.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
 ``M.h`` (k, in) and ``M.bias`` (out,) if the linear has one, in ``scale_dtype``; every other parameter /
 persistent buffer of the model under its usual name (float tensors in the config's ``dtype``).
 Tokenizer files and ``generation_config.json`` as written by transformers.
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import packing
+from . import sign_bits
 from .atomic_io import atomic_save_safetensors
 
 QUANT_METHOD = "rabit"
@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-PACKING_INFO = {"layout": packing.LAYOUT, "row_tile": packing.ROW_TILE, "in_align": packing.IN_ALIGN,
+PACKING_INFO = {"layout": sign_bits.LAYOUT, "row_tile": sign_bits.ROW_TILE, "in_align": sign_bits.IN_ALIGN,
                 "bit_order": "lsb"}
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _PACKED_KEYS = ("packed", "g", "h", "bias")
@@ -51,7 +51,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _layer_classes():
     from .layer import RaBiTLinear
-    from .packed import PackedRaBiTLinear
+    from .packed_layer import PackedRaBiTLinear
 
     return RaBiTLinear, PackedRaBiTLinear
 
@@ -214,9 +214,9 @@ def validate_quantization_config(qc, source: str = "quantization_config") -> dic
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"{source}: num_paths must be an integer >= 1, got {k!r}")
     pk = qc.get("packing")
-    if not isinstance(pk, dict) or pk.get("layout") != packing.LAYOUT:
+    if not isinstance(pk, dict) or pk.get("layout") != sign_bits.LAYOUT:
         got = pk.get("layout") if isinstance(pk, dict) else pk
-        raise ValueError(f"{source}: packing layout {got!r} is not supported (expected {packing.LAYOUT!r})")
+        raise ValueError(f"{source}: packing layout {got!r} is not supported (expected {sign_bits.LAYOUT!r})")
     for key in ("row_tile", "in_align"):
         if key in pk and pk[key] != PACKING_INFO[key]:
             raise ValueError(f"{source}: packing {key}={pk[key]!r}, expected {PACKING_INFO[key]}")

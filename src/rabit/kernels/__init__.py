@@ -116,7 +116,7 @@ def rabit_linear(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torc
     """y = sum_i g_i * (B_i @ (h_i * x)) + bias for a packed RaBiT layer.
 
     x:      (..., in_features), float32 / bfloat16 / float16; the result has x's dtype and shape (..., out).
-    packed: uint8 sign planes in the ``rabit.packing`` layout, shape packing.packed_shape(k, out, in).
+    packed: uint8 sign planes in the ``rabit.sign_bits`` layout, shape sign_bits.packed_shape(k, out, in).
     g:      (k, out) per-output scales; h: (k, in) per-input scales (any float dtype).
     bias:   (out,) or None.
     """

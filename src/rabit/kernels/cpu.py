@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..packing import packed_shape
+from ..sign_bits import packed_shape
 
 _SRC = Path(__file__).resolve().parent.parent / "csrc" / "rabit_cpu.c"
 _BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off"]

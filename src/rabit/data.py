@@ -94,14 +94,10 @@ _CHUNK_CHARS = 1 << 16
 
 
 def default_cache_dir() -> Path:
-    """Where token caches go: ``$RABIT_CACHE/tokens`` if set, else ``~/.cache/rabit/tokens``
-    (``$XDG_CACHE_HOME/rabit/tokens`` when ``XDG_CACHE_HOME`` is set)."""
-    root = os.environ.get("RABIT_CACHE")
-    if root:
-        return Path(root).expanduser() / "tokens"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "rabit" / "tokens"
+    """Where token caches go: ``rabit.paths.cache_root()/tokens`` (``~/.cache/rabit/tokens`` by default)."""
+    from .paths import cache_root
+
+    return cache_root() / "tokens"
 
 
 def _builtin_paths(name: str) -> list[Path]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import sign_bits
-from .kernels import dense_weight, rabit_linear, select_backend
+from .kernels import dense_weight, rabit_linear
 
 
 class PackedRaBiTLinear(nn.Module):
@@ -16,7 +16,8 @@ class PackedRaBiTLinear(nn.Module):
     Buffers (all saved in the state dict):
       packed (uint8, ``sign_bits.packed_shape(k, out, in)``, layout ``sign_bits.LAYOUT``): the k sign planes;
       g (k, out) and h (k, in) in ``scale_dtype`` (default fp16); bias (out,) in ``scale_dtype`` or None.
-    ``backend`` ("auto", "reference", "cpu", "triton") is passed to ``rabit.kernels.rabit_linear``.
+    ``backend`` ("auto", "reference", "cpu", "triton") is passed to ``rabit.kernels.rabit_linear`` (the operator
+    ``torch.ops.rabit.packed_linear``).
     The output has the dtype of the input (fp32/bf16/fp16 activations).
     """
 
@@ -67,21 +68,8 @@ class PackedRaBiTLinear(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = select_backend(x, self.backend, torch.is_grad_enabled() and x.requires_grad)
-        if name == "cpu":
-            return self._cpu_plan()(x)
-        return rabit_linear(x, self.packed, self.g, self.h, self.bias, backend=name)
-
-    def _cpu_plan(self):
-        """Cached native call plan; rebuilt when a buffer object was replaced (e.g. by .to() / .half())."""
-        bufs = self._buffers
-        src = (bufs["packed"], bufs["g"], bufs["h"], bufs.get("bias"))
-        plan = self.__dict__.get("_plan")
-        if plan is None or any(a is not b for a, b in zip(plan[0], src)):
-            from .kernels.cpu import CpuLinearPlan
-            plan = (src, CpuLinearPlan(*src))
-            self.__dict__["_plan"] = plan
-        return plan[1]
+        b = self._buffers   # not self.packed etc.: nn.Module.__getattr__ costs ~1 us each, per call
+        return rabit_linear(x, b["packed"], b["g"], b["h"], b["bias"], backend=self.backend)
 
     def unpacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out, in) weight sum_i g_i[:, None] * B_i * h_i[None, :] (for checks)."""

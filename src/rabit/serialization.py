@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -169,8 +170,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     if tied:
         qc["tied_weights"] = tied
     rc = getattr(model, "rabit_config", None)
-    if rc is not None and hasattr(rc, "to_dict"):
-        qc["rabit_config"] = rc.to_dict()
+    if rc is not None:
+        if hasattr(rc, "to_dict"):
+            qc["rabit_config"] = rc.to_dict()
+        else:
+            warnings.warn(f"model.rabit_config is a {type(rc).__name__}, not a RaBiTConfig: it is not saved",
+                          RuntimeWarning, stacklevel=2)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["quantization_config"] = qc
@@ -191,8 +196,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     if gen is not None:
         try:
             gen.save_pretrained(path)
-        except Exception:  # noqa: BLE001  (an invalid generation config must not lose the weights)
-            pass
+        except Exception as e:  # noqa: BLE001  (an invalid generation config must not lose the weights)
+            warnings.warn(f"generation_config.json was not saved to {path} ({type(e).__name__}: {e}); the folder "
+                          "loads with transformers' default generation settings", RuntimeWarning, stacklevel=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -340,13 +346,17 @@ def check_checkpoint(model: nn.Module, files: list[str], qc: dict) -> None:
 
 def _attach_rabit_config(model: nn.Module, qc: dict) -> None:
     rc = qc.get("rabit_config")
-    if isinstance(rc, dict):
-        try:
-            from .config import RaBiTConfig
+    if rc is None:
+        return
+    try:
+        from .config import RaBiTConfig
 
-            model.rabit_config = RaBiTConfig.from_dict(rc)
-        except (ValueError, TypeError):
-            pass
+        if not isinstance(rc, dict):
+            raise TypeError(f"expected an object, got {type(rc).__name__}")
+        model.rabit_config = RaBiTConfig.from_dict(rc)
+    except (ValueError, TypeError) as e:   # informational only: the weights load without it
+        warnings.warn(f"the rabit_config of this folder cannot be read ({e}); model.rabit_config is not set",
+                      RuntimeWarning, stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------------------------- load
@@ -389,7 +399,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
                                                           "all tensors in one model.safetensors)" if others else ""))
     read_safetensors_header(weights)   # fail fast on a truncated / corrupt file
     if not hf_integration.register():
-        raise RuntimeError("the installed transformers has no quantizer registry (need transformers >= 4.45)")
+        raise RuntimeError(f"cannot load {path}: rabit could not register its quantizer with transformers: "
+                           f"{hf_integration.failure()}")
     from transformers import AutoModelForCausalLM
 
     stored = json.loads((path / CONFIG_NAME).read_text()).get("dtype")

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from ..errors import BackendUnavailable
 from . import cpu as _cpu
 from .reference import dense_weight_reference, rabit_linear_reference
 
@@ -107,7 +108,7 @@ def select_backend(x: torch.Tensor, backend: str | None = "auto", needs_grad: bo
     if not _supports(backend, x.device):
         raise ValueError(f"backend {backend!r} cannot run on {x.device.type} tensors")
     if not backend_available(backend):
-        raise RuntimeError(f"backend {backend!r} is unavailable: {_why_unavailable(backend)}")
+        raise BackendUnavailable(f"backend {backend!r} is unavailable: {_why_unavailable(backend)}")
     return backend
 
 

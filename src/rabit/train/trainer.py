@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..config import RaBiTConfig
 from ..layer import RaBiTLinear
 from ..quantize import _set_module, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
@@ -23,7 +24,7 @@ from .losses import HIDDEN_LOSSES, autocast_context, batch_distillation_loss
 from .optim import OptimConfig, Optimizers, prepare_student
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(InputError, RuntimeError):
     """The loss (or the gradient) became NaN or Inf."""
 
 

@@ -64,7 +64,7 @@ def median_seconds(fn, device: torch.device, runs: int, warmup: int = 3) -> floa
 
 
 def random_packed(k: int, out_f: int, in_f: int, device, dtype=torch.float16, seed: int = 0):
-    from rabit.packed import PackedRaBiTLinear
+    from rabit.packed_layer import PackedRaBiTLinear
 
     gen = torch.Generator().manual_seed(seed)
     paths = [(torch.rand(out_f, generator=gen) * 0.02 + 0.01, torch.randn(out_f, in_f, generator=gen),

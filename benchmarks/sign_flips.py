@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from rabit.init_cache import _unpack_signs
-from rabit.packing import unpack_signs
+from rabit.sign_bits import unpack_signs
 
 
 def init_signs(cache: Path) -> dict[str, torch.Tensor]:

@@ -103,14 +103,15 @@ def test_tiny_llama_rabit_layers(tiny_pair):
 
 
 def test_packed_layers_match(tiny_pair):
-    packed_mod = pytest.importorskip("rabit.packed")
+    from rabit.packed_layer import PackedRaBiTLinear
+
     teacher, student, calib = tiny_pair
     ref = path_correlations(student, teacher, calib)
     packed = copy.deepcopy(student)
     for name, m in list(packed.named_modules()):
         if isinstance(m, RaBiTLinear):
             parent, _, child = name.rpartition(".")
-            new = packed_mod.PackedRaBiTLinear.from_rabit(m, dtype=torch.float32, backend="reference")
+            new = PackedRaBiTLinear.from_rabit(m, dtype=torch.float32, backend="reference")
             setattr(packed.get_submodule(parent), child, new)
     for name, m in student.named_modules():
         if isinstance(m, RaBiTLinear):
@@ -175,7 +176,7 @@ def test_cli_diagnose_bad_input(tiny_folder, tmp_path, capsys):
 
 
 def test_cli_diagnose_saved_rabit_folder(tiny_folder, tmp_path, monkeypatch):
-    serialization = pytest.importorskip("rabit.serialization")
+    from rabit import serialization
     from rabit.cli import main
     from rabit.models import load_model
 

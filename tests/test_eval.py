@@ -222,7 +222,7 @@ def test_cli_eval_unreadable_folder(tmp_path, capsys):
 def test_cli_eval_saved_rabit_folder(tiny_folder, tmp_path, monkeypatch):
     """A saved 2-bit folder is evaluated through its packed layers and gives the unpacked model's numbers."""
     pytest.importorskip("lm_eval")
-    serialization = pytest.importorskip("rabit.serialization")
+    from rabit import serialization
     from rabit.cli import main
     from rabit.config import RaBiTConfig
     from rabit.data import eval_tokens

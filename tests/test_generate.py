@@ -70,8 +70,13 @@ def test_sampling_options():
     a = decode_tokens(dec, IDS[:, :4], 8, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3))
     b = decode_tokens(dec, IDS[:, :4], 8, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3))
     assert a.tokens == b.tokens and len(a.tokens) == 8
-    stop = decode_tokens(dec, IDS[:, :4], 8, eos_token_id=a.tokens[0])
-    assert decode_tokens(dec, IDS[:, :4], 8).tokens[0] != a.tokens[0] or len(stop.tokens) == 1
+    # EOS: greedy decoding with the token first generated at step j as EOS stops right after it
+    greedy = decode_tokens(dec, IDS[:, :4], 8).tokens
+    j = max(greedy.index(t) for t in greedy)
+    assert len(greedy) == 8
+    assert decode_tokens(dec, IDS[:, :4], 8, eos_token_id=greedy[j]).tokens == greedy[:j + 1]
+    assert decode_tokens(dec, IDS[:, :4], 8, eos_token_id=[-1, greedy[j]]).tokens == greedy[:j + 1]
+    assert decode_tokens(dec, IDS[:, :4], 8, eos_token_id=-1).tokens == greedy
     with pytest.raises(ValueError, match="temperature"):
         decode_tokens(dec, IDS[:, :4], 4, temperature=-1)
     with pytest.raises(ValueError, match="top_p"):

@@ -1,5 +1,5 @@
 """The init cache: paths saved from one run rebuild exactly the student a fresh initialization gives, in
-every mode, and a stale or damaged cache file is ignored rather than loaded."""
+every mode, and a stale or damaged cache file is ignored rather than loaded, with a notice."""
 import pytest
 import torch
 
@@ -59,7 +59,15 @@ def test_key_depends_on_init_settings_not_mode():
         assert other != base
 
 
-def test_stale_or_damaged_cache_is_ignored(tmp_path):
+def test_signs_round_trip_through_the_project_bit_packer():
+    B = torch.where(torch.rand(5, 13, generator=torch.Generator().manual_seed(0)) > 0.5, 1.0, -1.0)
+    packed = init_cache._pack_signs(B)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 2)
+    assert torch.equal(init_cache._unpack_signs(packed, 13), B)
+    assert int(init_cache._pack_signs(torch.tensor([[1.0, -1, -1, -1, -1, -1, -1, -1]]))) == 1   # bit 0 = input 0
+
+
+def test_stale_or_damaged_cache_is_ignored(tmp_path, capsys):
     teacher = make_tiny_llama()
     cfg = RaBiTConfig(precondition=False)
     key = init_cache.init_key("fp", cfg, None)
@@ -69,14 +77,25 @@ def test_stale_or_damaged_cache_is_ignored(tmp_path):
 
     empty = make_student(teacher, cfg, initialize=False)
     before = {k: v.clone() for k, v in empty.state_dict().items()}
+    capsys.readouterr()
+
+    def notice():
+        err = capsys.readouterr().err
+        assert err.count("\n") <= 1
+        return err
+
     other_key = init_cache.init_key("another model", cfg, None)
     assert not init_cache.load_paths(path, rabit_layers(empty), linears, other_key)
+    assert "cannot be used (it was written for other settings); initializing from scratch" in notice()
     assert not init_cache.load_paths(tmp_path / "missing.safetensors", rabit_layers(empty), linears, key)
+    assert notice() == ""   # a plain miss is not worth a word
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
     assert not init_cache.load_paths(path, rabit_layers(empty), linears, key)
+    assert f"the init cache {path} cannot be used (" in notice()
     for k, v in empty.state_dict().items():  # nothing was half-loaded
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     # A file for a model with other layers does not cover this one's.
     _recorded(make_tiny_llama(layers=1), cfg, path, key)
     assert not init_cache.load_paths(path, rabit_layers(empty), linears, key)
+    assert "(it holds other layers)" in notice()

@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_llama
 from rabit import RaBiTConfig, RaBiTLinear, quantize_
-from rabit.packed import PackedRaBiTLinear
+from rabit.packed_layer import PackedRaBiTLinear
 from rabit.serialization import (bits_per_weight, load_quantized, pack_model_, packed_layers, save_quantized,
                                  size_report)
 
@@ -108,7 +108,7 @@ def test_from_pretrained_after_import_rabit(tmp_path):
         "import sys, torch, rabit\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
-        "from rabit.packed import PackedRaBiTLinear\n"
+        "from rabit.packed_layer import PackedRaBiTLinear\n"
         "assert isinstance(m.model.layers[0].self_attn.q_proj, PackedRaBiTLinear)\n"
         f"ids = torch.tensor({IDS.tolist()})\n"
         f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"

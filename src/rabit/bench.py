@@ -30,7 +30,7 @@ def run_gemv_bench(shapes=DEFAULT_SHAPES, num_paths: int = 2, threads: int | Non
                    seed: int = 0) -> list[dict]:
     """Batch-1 GEMV benchmark; returns one dict per (out, in) shape (times in microseconds, rates in GB/s)."""
     from .kernels import select_backend
-    from .packed import PackedRaBiTLinear
+    from .packed_layer import PackedRaBiTLinear
 
     old_threads = torch.get_num_threads()
     if threads:

@@ -29,6 +29,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .errors import InputError
+
 __all__ = [
     "BUILTIN_CORPORA",
     "EVAL_ONLY",
@@ -114,14 +116,10 @@ _CHUNK_CHARS = 1 << 16
 
 
 def default_cache_dir() -> Path:
-    """Where token caches go: ``$RABIT_CACHE/tokens`` if set, else ``~/.cache/rabit/tokens``
-    (``$XDG_CACHE_HOME/rabit/tokens`` when ``XDG_CACHE_HOME`` is set)."""
-    root = os.environ.get("RABIT_CACHE")
-    if root:
-        return Path(root).expanduser() / "tokens"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "rabit" / "tokens"
+    """Where token caches go: ``rabit.paths.cache_root()/tokens`` (``~/.cache/rabit/tokens`` by default)."""
+    from .paths import cache_root
+
+    return cache_root() / "tokens"
 
 
 def _builtin_paths(name: str) -> list[Path]:
@@ -261,11 +259,11 @@ def _load_hf(name: str, config: str | None, split: str) -> str:
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(f"loading Hugging Face dataset {desc} needs the 'datasets' package") from e
+        raise InputError(f"loading Hugging Face dataset {desc} needs the 'datasets' package") from e
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - any failure here is reported the same way
-        raise RuntimeError(
+        raise InputError(
             f"could not load Hugging Face dataset {desc}: the hub is unreachable or the name, "
             f"config or split is wrong ({type(e).__name__}: {e}). Offline, use a built-in corpus "
             f"({', '.join(BUILTIN_CORPORA)}) or a local .txt/.jsonl file."

@@ -35,16 +35,9 @@ PAPER_TABLE1 = {
 
 def _is_quantized(module: nn.Module) -> bool:
     from .layer import RaBiTLinear
+    from .packed_layer import PackedRaBiTLinear
 
-    if isinstance(module, RaBiTLinear):
-        return True
-    try:
-        from .packed import PackedRaBiTLinear  # written separately; may not exist in every build
-    except ImportError:
-        PackedRaBiTLinear = None
-    if PackedRaBiTLinear is not None and isinstance(module, PackedRaBiTLinear):
-        return True
-    return False
+    return isinstance(module, (RaBiTLinear, PackedRaBiTLinear))
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -65,7 +58,7 @@ def layer_paths(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, tor
         signs = module.signs()  # PackedRaBiTLinear: (k, out, in) of +-1, scales g (k, out), h (k, in)
         paths = [(module.g[i], signs[i], module.h[i]) for i in range(signs.shape[0])]
     elif hasattr(module, "packed") and hasattr(module, "g") and hasattr(module, "h"):
-        from .packing import unpack_signs
+        from .sign_bits import unpack_signs
 
         signs = unpack_signs(module.packed, module.out_features, module.in_features)
         paths = [(module.g[i], signs[i], module.h[i]) for i in range(signs.shape[0])]

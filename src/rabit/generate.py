@@ -79,53 +79,26 @@ def _with_threads(fn, threads: int):
     return call
 
 
-_GEMV_OP = None
-
-
-def _gemv_op():
-    """The native CPU kernel as a torch custom op (rabit::linear_cpu), so torch.compile keeps one graph."""
-    global _GEMV_OP
-    if _GEMV_OP is None:
-        from .kernels.cpu import rabit_linear_cpu
-
-        @torch.library.custom_op("rabit::linear_cpu", mutates_args=())
-        def linear_cpu(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
-                       bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-            return rabit_linear_cpu(x, packed, g, h, bias, num_threads=threads)
-
-        @linear_cpu.register_fake
-        def _(x, packed, g, h, bias, threads):
-            return x.new_empty(*x.shape[:-1], g.shape[-1])
-
-        _GEMV_OP = linear_cpu
-    return _GEMV_OP
-
-
 def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False):
     """A callable x -> mod(x) for the decode loop, using `threads` threads for the matrix-vector product.
 
-    PackedRaBiTLinear layers whose backend resolves to the native CPU kernel call it directly with `threads`
-    (skipping the per-call dispatch); nn.Linear and anything else run under torch.set_num_threads(threads)
-    when the rest of the step runs single-threaded (serial=True).
+    PackedRaBiTLinear layers whose backend resolves to the native CPU kernel call ``kernels.rabit_linear`` with
+    that backend and `threads` (under torch.compile it becomes the registered op, so the graph does not break);
+    nn.Linear and anything else run under torch.set_num_threads(threads) when the rest of the step runs
+    single-threaded (serial=True).
     """
-    from .packed import PackedRaBiTLinear
+    from . import kernels
+    from .packed_layer import PackedRaBiTLinear
 
     if isinstance(mod, PackedRaBiTLinear) and mod.packed.device.type == "cpu":
-        from . import kernels
-
         probe = torch.zeros(1, mod.in_features)
         try:
             backend = kernels.select_backend(probe, mod.backend)
         except (ValueError, RuntimeError):
             backend = None
         if backend == "cpu":
-            from .kernels.cpu import rabit_linear_cpu
-
             packed, g, h, bias = mod.packed, mod.g, mod.h, mod.bias
-            if compile:
-                op = _gemv_op()
-                return lambda x: op(x, packed, g, h, bias, threads)
-            return lambda x: rabit_linear_cpu(x, packed, g, h, bias, num_threads=threads)
+            return lambda x: kernels.rabit_linear(x, packed, g, h, bias, backend="cpu", threads=threads)
     if type(mod) is nn.Linear:
         w, b = mod.weight, mod.bias
         fn = lambda x: F.linear(x, w, b)  # noqa: E731
@@ -197,7 +170,7 @@ class StaticDecoder:
         # `threads` (default: torch.get_num_threads() at construction).
         self.threads = threads or torch.get_num_threads()
         # (torch.compile traces one graph per step: no thread switching there, and the native kernel is called
-        # through a registered custom op so that it does not break the graph)
+        # through its registered operator, rabit::packed_linear, so that it does not break the graph)
         self.compiled = bool(compile)
         self.serial = bool(serial_small_ops) and self.threads > 1 and self.device.type == "cpu" and not compile
         self.lin = [{n: _linear_fn(getattr(l.self_attn, n + "_proj"), self.threads, self.serial, compile)

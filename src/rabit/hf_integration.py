@@ -16,12 +16,14 @@ from __future__ import annotations
 import importlib.abc
 import sys
 import threading
+import warnings
 
 QUANT_METHOD = "rabit"
 _TARGET = "transformers.quantizers.auto"
 _lock = threading.RLock()
 _registered = False
 _classes: tuple | None = None
+_failure: str | None = None   # why the last registration failed
 
 
 def _build_classes():
@@ -97,27 +99,40 @@ def _build_classes():
 
 
 def register() -> bool:
-    """Register the rabit config and quantizer with transformers (imports transformers). Returns True if available."""
-    global _registered, _classes
+    """Register the rabit config and quantizer with transformers (imports transformers). Returns True if done;
+    otherwise False, and ``failure()`` says why."""
+    global _registered, _classes, _failure
     with _lock:
         if _registered:
             return True
         try:
             from transformers.quantizers import auto
-        except Exception:  # noqa: BLE001  (transformers missing or too old)
+        except Exception as e:  # noqa: BLE001  (transformers missing or broken)
+            _failure = f"transformers.quantizers cannot be imported ({type(e).__name__}: {e})"
             return False
         if not hasattr(auto, "register_quantizer") or not hasattr(auto, "register_quantization_config"):
+            _failure = "the installed transformers has no quantizer registry (need transformers >= 4.45)"
             return False
-        cfg_cls, q_cls = _classes or _build_classes()
-        _classes = (cfg_cls, q_cls)
-        if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not cfg_cls:
-            auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
-            auto.register_quantization_config(QUANT_METHOD)(cfg_cls)
-        if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not q_cls:
-            auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-            auto.register_quantizer(QUANT_METHOD)(q_cls)
+        try:
+            cfg_cls, q_cls = _classes or _build_classes()
+            _classes = (cfg_cls, q_cls)
+            if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not cfg_cls:
+                auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+                auto.register_quantization_config(QUANT_METHOD)(cfg_cls)
+            if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not q_cls:
+                auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+                auto.register_quantizer(QUANT_METHOD)(q_cls)
+        except Exception as e:  # noqa: BLE001  (an incompatible transformers API)
+            _failure = f"registering with this transformers failed ({type(e).__name__}: {e})"
+            return False
         _registered = True
+        _failure = None
         return True
+
+
+def failure() -> str | None:
+    """Why the last ``register()`` failed (None after a success or before any attempt)."""
+    return _failure
 
 
 def quantization_config_class():
@@ -133,11 +148,15 @@ class _Loader(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module):
+        global _failure
         self._inner.exec_module(module)
-        try:
-            register()
-        except Exception:  # noqa: BLE001  (never break transformers' import)
-            pass
+        try:  # never break transformers' import, but say when rabit folders will not load through it
+            ok = register()
+        except Exception as e:  # noqa: BLE001
+            ok, _failure = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            warnings.warn(f"rabit could not register its quantizer with transformers: {failure()}; "
+                          "from_pretrained() will not load rabit folders", RuntimeWarning, stacklevel=2)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -178,4 +197,4 @@ def install() -> None:
         sys.meta_path.insert(0, _finder)
 
 
-__all__ = ["register", "install", "quantization_config_class", "QUANT_METHOD"]
+__all__ = ["register", "failure", "install", "quantization_config_class", "QUANT_METHOD"]

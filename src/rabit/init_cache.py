@@ -4,25 +4,29 @@ Calibration plus iterative residual SVID costs minutes on a CPU (about 6 on 2 co
 and the paths it produces do not depend on the training mode: coupled, independent and frozen runs all start
 from the same (g_i, B_i, h_i) and differ only in how their latent weights are set from them (see
 RaBiTLinear.load_paths). The cache stores, per quantized layer, the scales in fp32 and the signs packed 8 per
-byte, in one safetensors file keyed by everything the initialization depends on.
+byte (``rabit.sign_bits.pack_bits``), in one safetensors file keyed by everything the initialization depends on.
+A file that exists but cannot be used is reported in one line and the initialization is computed again.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .atomic_io import atomic_save_safetensors
 from .config import RaBiTConfig
+from .sign_bits import pack_bits, unpack_bits
 
 FORMAT = "rabit-init-paths"
 # 2: the decomposition's paths; version 1 files could hold a coupled layer's re-derived signs instead.
-VERSION = 2
+# 3: signs packed by rabit.sign_bits.pack_bits (bit j of byte c = input 8c + j); version 2 used numpy's
+#    most-significant-bit-first order.
+VERSION = 3
 # RaBiTConfig fields that change the initialized paths (mode, latent_init and the STE do not).
 INIT_FIELDS = ("num_paths", "init", "isvid_rounds", "precondition", "alpha_in", "alpha_out", "exclude",
                "svid_power_iters")
@@ -62,12 +66,11 @@ def lock(path: Path):
 
 
 def _pack_signs(B: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits((B > 0).cpu().numpy(), axis=-1))
+    return pack_bits(B.detach().cpu() > 0)
 
 
 def _unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    bits = np.unpackbits(packed.numpy(), axis=-1, count=in_features)
-    return torch.from_numpy(bits).to(torch.float32).mul_(2).sub_(1)
+    return unpack_bits(packed, in_features).to(torch.float32).mul_(2).sub_(1)
 
 
 class PathRecorder:
@@ -92,20 +95,18 @@ class PathRecorder:
         atomic_save_safetensors(self.tensors, path, metadata={"key": json.dumps(key, sort_keys=True)})
 
 
-def load_paths(path: Path, layers: dict[str, nn.Module], originals: dict[str, nn.Linear], key: dict) -> bool:
-    """Fill `layers` (name -> uninitialized RaBiTLinear) from the cache file, with `originals` (name -> the
-    full-precision nn.Linear it replaces) for the latent weights and biases. Returns False when the file is missing, was
-    written for another key, or does not cover exactly these layers; a damaged file also gives False (the
-    caller then initializes from scratch), never a half-loaded model."""
+def _read(path: Path, layers: dict[str, nn.Module], key: dict) -> tuple[dict | None, str]:
+    """(name -> paths, "") from the file, or (None, why it cannot be used)."""
     from safetensors import safe_open
 
-    if not path.exists():
-        return False
     try:
         with safe_open(str(path), "pt") as f:
             if json.loads((f.metadata() or {}).get("key", "null")) != json.loads(json.dumps(key, sort_keys=True)):
-                return False
+                return None, "it was written for other settings"
             names = set(f.keys())
+            if names != {f"{n}.{i}.{p}" for n, l in layers.items() for i in range(l.num_paths)
+                         for p in ("g", "h", "signs")}:
+                return None, "it holds other layers"
             plan = {}
             for name, layer in layers.items():
                 paths = []
@@ -114,13 +115,26 @@ def load_paths(path: Path, layers: dict[str, nn.Module], originals: dict[str, nn
                     B = _unpack_signs(f.get_tensor(f"{name}.{i}.signs"), layer.in_features)
                     if g.shape != (layer.out_features,) or h.shape != (layer.in_features,) or \
                             B.shape != (layer.out_features, layer.in_features):
-                        return False
+                        return None, f"layer {name} has other shapes"
                     paths.append((g, B, h))
                 plan[name] = paths
-            if names != {f"{n}.{i}.{p}" for n, l in layers.items() for i in range(l.num_paths)
-                         for p in ("g", "h", "signs")}:
-                return False
-    except Exception:  # a truncated or foreign file: recompute rather than fail the run
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file: recompute rather than fail the run)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return plan, ""
+
+
+def load_paths(path: Path, layers: dict[str, nn.Module], originals: dict[str, nn.Linear], key: dict) -> bool:
+    """Fill `layers` (name -> uninitialized RaBiTLinear) from the cache file, with `originals` (name -> the
+    full-precision nn.Linear it replaces) for the latent weights and biases. Returns False when the file is
+    missing, or, after a one-line notice on stderr, when it cannot be used (damaged, written for another key,
+    or not covering exactly these layers): the caller then initializes from scratch, never from a half-loaded
+    model."""
+    if not path.exists():
+        return False
+    plan, why = _read(path, layers, key)
+    if plan is None:
+        print(f"rabit: the init cache {path} cannot be used ({why}); initializing from scratch", file=sys.stderr,
+              flush=True)
         return False
     for name, layer in layers.items():
         device = layer.scale_out[0].device

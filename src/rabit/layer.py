@@ -10,7 +10,7 @@ from torch import nn
 from .config import RaBiTConfig
 from .ops import binarize, decompose, path_matrix, preconditioned_decompose, straight_through, ste_mask
 from .ops.coupled import coupled_linear, coupled_weight
-from .ops.svid import Path, coupled_signs, reconstruct
+from .ops.svid import BinaryPath, coupled_signs, reconstruct
 
 
 class RaBiTLinear(nn.Module):
@@ -47,7 +47,7 @@ class RaBiTLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: RaBiTConfig, in_stat: torch.Tensor | None = None,
                     out_stat: torch.Tensor | None = None, name: str = "",
-                    on_paths: Callable[[list[Path]], None] | None = None) -> "RaBiTLinear":
+                    on_paths: Callable[[list[BinaryPath]], None] | None = None) -> "RaBiTLinear":
         """Build from an nn.Linear, initializing the paths with config.init (preconditioned when stats given).
 
         on_paths receives the initialization's paths, which in coupled mode differ from the layer's own
@@ -68,7 +68,7 @@ class RaBiTLinear(nn.Module):
 
     @torch.no_grad()
     def initialize(self, w: torch.Tensor, in_stat: torch.Tensor | None = None,
-                   out_stat: torch.Tensor | None = None) -> list[Path]:
+                   out_stat: torch.Tensor | None = None) -> list[BinaryPath]:
         cfg = self.config
         w = w.to(torch.float32)
 
@@ -83,7 +83,7 @@ class RaBiTLinear(nn.Module):
         return paths
 
     @torch.no_grad()
-    def load_paths(self, paths: list[Path], w: torch.Tensor | None = None) -> None:
+    def load_paths(self, paths: list[BinaryPath], w: torch.Tensor | None = None) -> None:
         """Set scales and latent weight(s) so that the layer starts from `paths`.
 
         Independent/frozen: latents[i] = B_i * |target_i|, where target_i = w - (all other paths) is what path i
@@ -194,7 +194,7 @@ class RaBiTLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
 
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[BinaryPath]:
         """The k paths as detached (g, B, h) with B a +-1 float tensor."""
         signs = self._signs()
         return [(g.detach(), B, h.detach()) for g, B, h in zip(self.scale_out, signs, self.scale_in)]

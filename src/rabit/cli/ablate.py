@@ -223,9 +223,9 @@ def cell_job(base: JobSpec, out_dir: Path, mode: str, init: str) -> JobSpec:
     return spec
 
 
-def _run_cell(args, spec: JobSpec, env: dict | None) -> None:
+def _run_cell(args, spec: JobSpec, env: dict | None) -> list[str]:
     """Train one cell (resuming a killed one), then PIQA and path correlations on the saved model; each step
-    is skipped when its result file already exists."""
+    is skipped when its result file already exists. Returns what failed (empty when nothing did)."""
     from .options import job_to_argv
 
     rabit = [sys.executable, "-m", "rabit"]
@@ -235,17 +235,26 @@ def _run_cell(args, spec: JobSpec, env: dict | None) -> None:
     if not (cell / "summary.json").exists():
         cmd = rabit + ["quantize", *job_to_argv(spec)]
         print(f"[ablate] training {mode} / {init} ...", flush=True)
-        if _run(cmd, log, env) != 0:
+        rc = _run(cmd, log, env)
+        if rc != 0:
             print(f"[ablate] {mode} / {init} failed; see {log}", flush=True)
-            return
+            return [f"{mode}/{init}: rabit quantize exited with status {rc} (see {log})"]
+    failed = []
     qdir = cell / "quantized"
     if args.piqa_limit and qdir.exists() and not (cell / "piqa.json").exists():
-        _run(rabit + ["eval", str(qdir), "--tasks", "piqa", "--limit", str(args.piqa_limit), "--ppl", "none",
-                      "--offline", "--json", str(cell / "piqa.json")], log, env)
+        rc = _run(rabit + ["eval", str(qdir), "--tasks", "piqa", "--limit", str(args.piqa_limit), "--ppl", "none",
+                           "--offline", "--json", str(cell / "piqa.json")], log, env)
+        if rc != 0:
+            failed.append(f"{mode}/{init}: rabit eval (PIQA) exited with status {rc} (see {log})")
     if args.diagnose_samples and qdir.exists() and not (cell / "diagnose.json").exists():
-        _run(rabit + ["diagnose", str(qdir), "--teacher", args.model, "--calib-samples",
-                      str(args.diagnose_samples), "--json", str(cell / "diagnose.json"),
-                      "--plot", str(cell / "diagnose.png")], log, env)
+        rc = _run(rabit + ["diagnose", str(qdir), "--teacher", args.model, "--calib-samples",
+                           str(args.diagnose_samples), "--json", str(cell / "diagnose.json"),
+                           "--plot", str(cell / "diagnose.png")], log, env)
+        if rc != 0:
+            failed.append(f"{mode}/{init}: rabit diagnose exited with status {rc} (see {log})")
+    for line in failed:
+        print(f"[ablate] {line}", flush=True)
+    return failed
 
 
 def run(args) -> int:
@@ -277,9 +286,10 @@ def run(args) -> int:
     # With --jobs 1 the pool runs the cells one after another, in order.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(_run_cell, args, spec, env) for spec in jobs]
+        step_failures: list[str] = []
         try:
             for fut in futures:
-                fut.result()
+                step_failures += fut.result()
                 cell_done()
         except BaseException:  # Ctrl-C or a failing cell: start no further cells
             pool.shutdown(cancel_futures=True)
@@ -295,5 +305,8 @@ def run(args) -> int:
     failed = [f"{r['mode']}/{r['init']}" for r in rows if r.get("ppl") is None]
     if failed:
         print(f"[ablate] cells without a result: {', '.join(failed)} (see their .log files; run again to resume)")
-        return 1
-    return 0
+    # an evaluation or diagnosis that failed leaves empty columns: that is a failed run too
+    failed_steps = [f for f in step_failures if f.split(":")[0] not in failed]
+    if failed_steps:
+        print("[ablate] failed: " + "; ".join(failed_steps) + " (run again to retry them)", file=sys.stderr)
+    return 1 if failed or failed_steps else 0

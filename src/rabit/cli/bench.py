@@ -125,7 +125,7 @@ def packed_copy(model, quantize_head: bool = True, scale_dtype=None, seed: int =
     import torch
     from torch import nn
 
-    from ..packed import PackedRaBiTLinear
+    from ..packed_layer import PackedRaBiTLinear
 
     gen = torch.Generator().manual_seed(seed + 1)
     head = model.get_output_embeddings()
@@ -366,7 +366,7 @@ def _bits_per_weight(shape: dict, engine: str) -> float:
         return 32.0
     import torch
 
-    from ..packed import PackedRaBiTLinear
+    from ..packed_layer import PackedRaBiTLinear
     from ..serialization import bits_per_weight
 
     d, f, v = shape["hidden"], shape["intermediate"], shape["vocab"]

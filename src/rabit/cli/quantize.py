@@ -24,7 +24,8 @@ import torch
 
 from ..config import RaBiTConfig
 from ..job import JobSpec
-from ..models import DEFAULT_MODEL, cache_root
+from ..models import DEFAULT_MODEL
+from ..paths import cache_root
 from .options import add_job_arguments, job_from_args
 
 

@@ -1,8 +1,10 @@
 """Native CPU backend: builds ``rabit/csrc/rabit_cpu.c`` with the system C compiler on first use (cached under
-``$RABIT_CACHE_DIR`` or ``~/.cache/rabit/kernels/<hash>/``) and calls it through ctypes.
+``rabit.paths.cache_root()/kernels/<hash>/``, i.e. ``~/.cache/rabit/kernels`` or ``$RABIT_CACHE/kernels``) and
+calls it through ctypes.
 
 The library has AVX-512, AVX2 and scalar code paths chosen at run time (``isa()``); threads come from OpenMP
-(the same libgomp torch uses), ``torch.get_num_threads()`` of them by default.
+(the same libgomp torch uses), ``torch.get_num_threads()`` of them by default. When the compiler cannot build
+with OpenMP the kernel is built without it, single-threaded, and a warning says so.
 """
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
 
-from ..packing import packed_shape
+from ..paths import cache_root
+from ..sign_bits import packed_shape
 
 _SRC = Path(__file__).resolve().parent.parent / "csrc" / "rabit_cpu.c"
 _BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off"]
@@ -36,13 +41,6 @@ class _GemmArgs(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p if n in ("x", "packed", "g", "h", "bias", "y") else ctypes.c_int64)
                 for n in ("x", "x_dt", "batch", "x_stride", "packed", "k", "out", "in_", "g", "g_dt", "h", "h_dt",
                           "bias", "bias_dt", "y", "y_dt", "y_stride", "nthreads", "isa")]
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("RABIT_CACHE_DIR")
-    if env:
-        return Path(env) / "kernels"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rabit" / "kernels"
 
 
 def _compiler() -> str | None:
@@ -67,14 +65,21 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
             os.unlink(tmp)
 
 
+def _first_error_line(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "error" in ln.lower()]
+    return (errs or lines or ["unknown error"])[0][:300]
+
+
 def _build_and_load():
     src = _SRC.read_bytes()
     errors = []
+    omp_error = "the library did not load"
     cc = _compiler()
     for extra in (["-fopenmp"], []):      # retry without OpenMP (single-threaded) if it is missing
         flags = _BASE_FLAGS + extra
         key = hashlib.sha256(src + repr((flags, sys.platform, platform.machine())).encode()).hexdigest()[:16]
-        roots = [_cache_root(), Path(tempfile.gettempdir()) / f"rabit-kernels-{os.getuid()}"]
+        roots = [cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rabit-kernels-{os.getuid()}"]
         lib = None
         for root in roots:                # fall back to /tmp when the cache dir is not writable
             path = root / key / "librabit_cpu.so"
@@ -87,12 +92,18 @@ def _build_and_load():
                 break
             except Exception as e:  # noqa: BLE001
                 errors.append(str(e))
+                if extra and not isinstance(e, OSError):
+                    omp_error = _first_error_line(str(e))
                 if cc is None or not isinstance(e, OSError):
                     break                 # a compile error will not go away in another directory
         if lib is not None:
             break
     else:
         raise RuntimeError("\n".join(dict.fromkeys(errors)))
+    if not extra:
+        warnings.warn(f"the rabit CPU kernel was built without OpenMP ({omp_error}): it runs on one thread, so "
+                      "--threads / torch.set_num_threads do not speed it up; install OpenMP for your C compiler "
+                      "(e.g. libgomp) to fix", RuntimeWarning, stacklevel=2)
     i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.rabit_gemm_args.restype = i32
     lib.rabit_gemm_args.argtypes = [ctypes.POINTER(_GemmArgs)]
@@ -295,6 +306,56 @@ class CpuLinearPlan:
         if rc != 0:
             raise RuntimeError(f"rabit_gemm failed (code {rc})")
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+
+class _CachedPlan:
+    """A CpuLinearPlan for the tensors (packed, g, h, bias), valid while those very objects live and keep their
+    storage. The plan holds aliases (``detach()``) of their storage, never the objects themselves, so that the
+    objects can die (a module's buffers replaced by ``.to()``, a model deleted) and take their entry with them."""
+
+    __slots__ = ("refs", "ptrs", "plan", "__weakref__")
+
+    def __init__(self, tensors: tuple, plan: CpuLinearPlan, on_death):
+        self.refs = tuple(weakref.ref(t, on_death) if t is not None else None for t in tensors)
+        self.ptrs = tuple(t.data_ptr() if t is not None else 0 for t in tensors)
+        self.plan = plan
+
+    def matches(self, packed, g, h, bias) -> bool:
+        r = self.refs
+        return (r[0]() is packed and r[1]() is g and r[2]() is h
+                and (bias is None if r[3] is None else r[3]() is bias)
+                and self.ptrs == (packed.data_ptr(), g.data_ptr(), h.data_ptr(),
+                                  bias.data_ptr() if bias is not None else 0))
+
+
+_plans: dict[int, _CachedPlan] = {}   # id(packed) -> its plan
+
+
+def _plan_for(packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None) -> CpuLinearPlan:
+    key = id(packed)
+    entry = _plans.get(key)
+    if entry is not None and entry.matches(packed, g, h, bias):
+        return entry.plan
+    plan = CpuLinearPlan(packed.detach(), g.detach(), h.detach(), bias.detach() if bias is not None else None)
+    this: list = []
+
+    def on_death(_ref, key=key, this=this, plans=_plans):   # one of the tensors was freed: forget its plan
+        entry = this[0]() if this else None
+        if entry is not None and plans.get(key) is entry:
+            plans.pop(key, None)
+
+    entry = _CachedPlan((packed, g, h, bias), plan, on_death)
+    this.append(weakref.ref(entry))
+    _plans[key] = entry
+    return plan
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+           bias: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+    """``rabit_linear_cpu`` with the checks and argument conversions done once per (packed, g, h, bias): the
+    prepared call (a ``CpuLinearPlan``) is cached for as long as these tensors live. The backend "cpu" of
+    ``rabit.kernels.rabit_linear``."""
+    return _plan_for(packed, g, h, bias)(x, num_threads)
 
 
 def dense_weight_cpu(packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, num_threads: int | None = None,

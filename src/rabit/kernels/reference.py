@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..packing import unpack_signs
+from ..sign_bits import unpack_signs
 
 
 def rabit_linear_reference(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Both read the packed sign planes as int32 words (``packed.view(torch.int32)``, shape (k, out_pad/16, in_pad/32,
 16): word [p, t, c, r] holds the signs of row 16t+r, inputs 32c..32c+31, bit i = input 32c+i; see
-``rabit.packing``).  triton is optional: importing this module never fails, ``is_available()`` tells.
+``rabit.sign_bits``).  triton is optional: importing this module never fails, ``is_available()`` tells.
 With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's interpreter; used by the tests).
 """
 from __future__ import annotations
@@ -128,7 +128,7 @@ def rabit_linear_triton(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, 
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     k, nout, inf = g.shape[0], g.shape[-1], h.shape[-1]
-    from ..packing import packed_shape
+    from ..sign_bits import packed_shape
     if packed.dtype != torch.uint8 or tuple(packed.shape) != packed_shape(k, nout, inf):
         raise ValueError(f"packed signs {packed.dtype} {tuple(packed.shape)} do not match k={k}, out={nout}, "
                          f"in={inf}")

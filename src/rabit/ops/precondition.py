@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .svid import Path
+from .svid import BinaryPath
 
 
 def importance_weights(stat: torch.Tensor, alpha: float, eps: float = 1e-8) -> torch.Tensor:
@@ -32,18 +32,18 @@ def precondition_weight(w: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor
     return s_out[:, None] * w * s_in[None, :]
 
 
-def unprecondition_paths(paths: list[Path], s_out: torch.Tensor, s_in: torch.Tensor) -> list[Path]:
+def unprecondition_paths(paths: list[BinaryPath], s_out: torch.Tensor, s_in: torch.Tensor) -> list[BinaryPath]:
     return [(g / s_out, B, h / s_in) for g, B, h in paths]
 
 
 def preconditioned_decompose(
     w: torch.Tensor,
-    decompose_fn: Callable[[torch.Tensor], list[Path]],
+    decompose_fn: Callable[[torch.Tensor], list[BinaryPath]],
     in_stat: torch.Tensor | None,
     out_stat: torch.Tensor | None,
     alpha_in: float,
     alpha_out: float,
-) -> list[Path]:
+) -> list[BinaryPath]:
     """Decompose w in the space weighted by channel importance, then map the scales back."""
     w = w.to(torch.float32)
     s_in = importance_weights(in_stat, alpha_in) if in_stat is not None else w.new_ones(w.shape[1])

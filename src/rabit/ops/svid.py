@@ -1,7 +1,7 @@
 """SVID and its residual variants: pure functions on tensors.
 
-A path is a triple (g, B, h): B in {-1,+1} (out x in), g >= 0 per output row, h >= 0 per input column, and it
-stands for the matrix g[:, None] * B * h[None, :].
+A binary path (``BinaryPath``) is a triple (g, B, h): B in {-1,+1} (out x in), g >= 0 per output row, h >= 0 per
+input column, and it stands for the matrix g[:, None] * B * h[None, :].
 """
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import torch
 
 from .binarize import binarize
 
-Path = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+BinaryPath = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def path_matrix(g: torch.Tensor, B: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return g[:, None] * B * h[None, :]
 
 
-def reconstruct(paths: list[Path]) -> torch.Tensor:
+def reconstruct(paths: list[BinaryPath]) -> torch.Tensor:
     out = path_matrix(*paths[0])
     for p in paths[1:]:
         out = out + path_matrix(*p)
@@ -57,7 +57,7 @@ def rank1_nonnegative(m: torch.Tensor, iters: int = 30, v0: torch.Tensor | None 
     return (root * u).clamp_min(0), (root * v).clamp_min(0)
 
 
-def svid(w: torch.Tensor, iters: int = 30, v0: torch.Tensor | None = None, check: bool = True) -> Path:
+def svid(w: torch.Tensor, iters: int = 30, v0: torch.Tensor | None = None, check: bool = True) -> BinaryPath:
     """Sign-Value-Independent Decomposition: w ~ g * sign(w) * h with (g, h) the rank-1 factors of |w|.
 
     For non-negative g, h the sign is the optimal B for any magnitudes, and then ||w - g B h||_F = ||(|w| -
@@ -72,7 +72,7 @@ def svid(w: torch.Tensor, iters: int = 30, v0: torch.Tensor | None = None, check
     return g, B, h
 
 
-def naive_residual_sign(w: torch.Tensor, num_paths: int) -> list[Path]:
+def naive_residual_sign(w: torch.Tensor, num_paths: int) -> list[BinaryPath]:
     """Baseline: B_i = sign(residual), per-row scale mean|residual|, h_i = 1."""
     _check_matrix(w)
     residual = w.to(torch.float32)
@@ -86,7 +86,7 @@ def naive_residual_sign(w: torch.Tensor, num_paths: int) -> list[Path]:
     return paths
 
 
-def residual_svid(w: torch.Tensor, num_paths: int, iters: int = 30) -> list[Path]:
+def residual_svid(w: torch.Tensor, num_paths: int, iters: int = 30) -> list[BinaryPath]:
     """Greedy residual SVID: path i fits what paths 1..i-1 leave of w."""
     _check_matrix(w)
     residual = w.to(torch.float32)
@@ -126,7 +126,8 @@ def iterative_residual_svid(
     return (paths, errors) if return_errors else paths
 
 
-def decompose(w: torch.Tensor, num_paths: int, init: str = "isvid", rounds: int = 4, iters: int = 30) -> list[Path]:
+def decompose(w: torch.Tensor, num_paths: int, init: str = "isvid", rounds: int = 4,
+              iters: int = 30) -> list[BinaryPath]:
     """Initialize k paths for w with the named method ("naive", "svid" or "isvid")."""
     if init == "naive":
         return naive_residual_sign(w, num_paths)

@@ -30,13 +30,14 @@ import torch
 
 from ..atomic_io import atomic_write_json
 from ..atomic_io import fsync_dir as _fsync_dir
+from ..errors import InputError
 
 FORMAT = "rabit-train-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, incomplete, truncated, corrupted or does not match the run."""
 
 

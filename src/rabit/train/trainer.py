@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..config import RaBiTConfig
 from ..layer import RaBiTLinear
 from ..quantize import _set_module, collect_channel_stats, find_linear_layers, quantize_, rabit_layers

@@ -6,17 +6,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import packing
-from .kernels import dense_weight, rabit_linear, select_backend
+from . import sign_bits
+from .kernels import dense_weight, rabit_linear
 
 
 class PackedRaBiTLinear(nn.Module):
     """y = sum_i g_i * (B_i @ (h_i * x)) + bias with B_i in {-1,+1} stored as bits.
 
     Buffers (all saved in the state dict):
-      packed (uint8, ``packing.packed_shape(k, out, in)``, layout ``packing.LAYOUT``): the k sign planes;
+      packed (uint8, ``sign_bits.packed_shape(k, out, in)``, layout ``sign_bits.LAYOUT``): the k sign planes;
       g (k, out) and h (k, in) in ``scale_dtype`` (default fp16); bias (out,) in ``scale_dtype`` or None.
-    ``backend`` ("auto", "reference", "cpu", "triton") is passed to ``rabit.kernels.rabit_linear``.
+    ``backend`` ("auto", "reference", "cpu", "triton") is passed to ``rabit.kernels.rabit_linear`` (the operator
+    ``torch.ops.rabit.packed_linear``).
     The output has the dtype of the input (fp32/bf16/fp16 activations).
     """
 
@@ -25,7 +26,7 @@ class PackedRaBiTLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.num_paths = in_features, out_features, num_paths
         self.backend = backend
-        shape = packing.packed_shape(num_paths, out_features, in_features)
+        shape = sign_bits.packed_shape(num_paths, out_features, in_features)
         self.register_buffer("packed", torch.zeros(shape, dtype=torch.uint8, device=device))
         self.register_buffer("g", torch.zeros(num_paths, out_features, dtype=scale_dtype, device=device))
         self.register_buffer("h", torch.zeros(num_paths, in_features, dtype=scale_dtype, device=device))
@@ -51,7 +52,7 @@ class PackedRaBiTLinear(nn.Module):
         m = cls(in_f, out_f, num_paths=len(paths), bias=bias is not None, scale_dtype=dtype, device=device,
                 backend=backend)
         with torch.no_grad():
-            m.packed.copy_(packing.pack_signs(torch.stack([B.detach() for _, B, _ in paths])))
+            m.packed.copy_(sign_bits.pack_signs(torch.stack([B.detach() for _, B, _ in paths])))
             m.g.copy_(torch.stack([g.detach().reshape(-1) for g, _, _ in paths]))
             m.h.copy_(torch.stack([h.detach().reshape(-1) for _, _, h in paths]))
             if bias is not None:
@@ -67,21 +68,8 @@ class PackedRaBiTLinear(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = select_backend(x, self.backend, torch.is_grad_enabled() and x.requires_grad)
-        if name == "cpu":
-            return self._cpu_plan()(x)
-        return rabit_linear(x, self.packed, self.g, self.h, self.bias, backend=name)
-
-    def _cpu_plan(self):
-        """Cached native call plan; rebuilt when a buffer object was replaced (e.g. by .to() / .half())."""
-        bufs = self._buffers
-        src = (bufs["packed"], bufs["g"], bufs["h"], bufs.get("bias"))
-        plan = self.__dict__.get("_plan")
-        if plan is None or any(a is not b for a, b in zip(plan[0], src)):
-            from .kernels.cpu import CpuLinearPlan
-            plan = (src, CpuLinearPlan(*src))
-            self.__dict__["_plan"] = plan
-        return plan[1]
+        b = self._buffers   # not self.packed etc.: nn.Module.__getattr__ costs ~1 us each, per call
+        return rabit_linear(x, b["packed"], b["g"], b["h"], b["bias"], backend=self.backend)
 
     def unpacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out, in) weight sum_i g_i[:, None] * B_i * h_i[None, :] (for checks)."""
@@ -89,7 +77,7 @@ class PackedRaBiTLinear(nn.Module):
 
     def signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The sign planes as a (k, out, in) tensor of +-1."""
-        return packing.unpack_signs(self.packed, self.out_features, self.in_features, dtype=dtype)
+        return sign_bits.unpack_signs(self.packed, self.out_features, self.in_features, dtype=dtype)
 
     def bits_per_weight(self, include_padding: bool = False) -> float:
         """Stored bits per weight: sign bits plus the g and h scales (bias not counted).

@@ -29,7 +29,12 @@ ROW_TILE = 16   # rows per tile
 IN_ALIGN = 32   # the input dimension is padded to a multiple of this (bits)
 LAYOUT = "tiled16x32"
 
-_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+
+
+def _bit_weights(device) -> torch.Tensor:
+    """[1, 2, 4, ..., 128] as uint8, made per call (not a module constant, so that the reference stays traceable
+    by torch.compile and fake tensors)."""
+    return torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=device)
 
 
 def padded_out(out_features: int) -> int:
@@ -53,12 +58,12 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
         pad = torch.ones(*bits.shape[:-1], n8 - n, dtype=torch.bool, device=bits.device)
         bits = torch.cat([bits, pad], dim=-1)
     b = bits.reshape(*bits.shape[:-1], n8 // 8, 8).to(torch.uint8)
-    return (b * _BIT_WEIGHTS.to(b.device)).sum(-1, dtype=torch.uint8)
+    return (b * _bit_weights(b.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """uint8 (..., m) -> bool (..., n) (inverse of ``pack_bits``)."""
-    w = _BIT_WEIGHTS.to(packed.device)
+    w = _bit_weights(packed.device)
     bits = (packed.unsqueeze(-1) & w) != 0
     return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :n]
 

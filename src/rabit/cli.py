@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Sub-command modules, in the order `rabit --help` lists them.
-COMMANDS = ["quantize", "ptq", "eval", "generate", "bench", "diagnose", "ablate"]
+COMMANDS = ["quantize", "ptq", "eval", "generate", "bench", "diagnose", "ablate", "verify"]
 
 
 def _load(name: str):

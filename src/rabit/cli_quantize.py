@@ -62,6 +62,8 @@ def add_parser(sub):
     g.add_argument("--overwrite", action="store_true",
                    help="start over in a folder that holds another run (removes that run's files only)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--no-verify", action="store_true",
+                   help="--resume without checking the checkpoint's checksums (at your own risk)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--threads", type=int, default=None,
@@ -291,7 +293,9 @@ def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
     unique, aliases = dedup_state_dict(student.state_dict())
     meta = {"format": "rabit-state-dict", "base_model": base_model, "aliases": json.dumps(aliases),
             "rabit_config": cfg.to_json() if cfg is not None else "{}"}
-    atomic_save_safetensors(unique, out / "model.safetensors", metadata=meta)
+    from .integrity import checksum_metadata
+
+    atomic_save_safetensors(unique, out / "model.safetensors", metadata={**meta, **checksum_metadata(unique)})
     if cfg is not None:
         atomic_write_json(out / "rabit_config.json", cfg.to_dict())
     written = [out / "model.safetensors"]
@@ -472,7 +476,7 @@ def run(args) -> int:
     if args.resume and ck_path is not None:
         from .train.checkpoint import verify_checkpoint
 
-        verify_checkpoint(ck_path)  # report a corrupt checkpoint before any other work
+        verify_checkpoint(ck_path, checksums=not args.no_verify)  # report a corrupt checkpoint before other work
     eval_stream = eval_tokens(tok, args.eval_data)
     if eval_stream.numel() < args.eval_seq_len:
         raise ValueError(f"--eval-data {args.eval_data} has {eval_stream.numel()} tokens, fewer than one "
@@ -542,7 +546,7 @@ def run(args) -> int:
 
     trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
     if ck_path is not None:
-        trainer.resume()
+        trainer.resume(verify=False)   # verified above
         _say(f"resumed at step {trainer.step} of {steps}")
     val_rows = val[: args.val_sequences] if args.val_sequences and val.shape[0] else None
     if val_rows is not None and "val_before" not in evals:

@@ -60,6 +60,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..quantize import rabit_layers
+from ..integrity_checkpoints import check_dcp_folder, dcp_file_records
 from .checkpoint import CheckpointError, atomic_write_json, read_json
 from .losses import batch_distillation_loss, decoder_layers
 from .optim import Optimizers, prepare_student, split_parameters
@@ -610,8 +611,9 @@ class DistributedTrainer:
         _barrier()
         dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
         _barrier()
+        files = dcp_file_records(tmp)  # size + SHA-256 of every file, each rank hashing its own (collective)
         if self.env.is_main:
-            atomic_write_json(tmp / "state.json", self._json_state())
+            atomic_write_json(tmp / "state.json", {**self._json_state(), "files": files})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -637,8 +639,9 @@ class DistributedTrainer:
             raise CheckpointError(f"checkpoint pointer {pointer} names {path}, which is missing or incomplete")
         return path
 
-    def resume(self) -> bool:
-        """Load the latest DCP checkpoint of run_dir (any world size wrote it); False if there is none."""
+    def resume(self, verify: bool = True) -> bool:
+        """Load the latest DCP checkpoint of run_dir (any world size wrote it); False if there is none.
+        verify=False skips the checksums of its files."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -648,6 +651,8 @@ class DistributedTrainer:
         st = read_json(path / "state.json", "checkpoint state")
         if st.get("format") != DCP_FORMAT:
             raise CheckpointError(f"{path} is not a {DCP_FORMAT} (format {st.get('format')!r})")
+        if verify:
+            check_dcp_folder(path)  # collective: each rank checks a share of the files
         saved_cfg = st.get("config") or {}
         mine = json.loads(json.dumps(self.cfg.to_dict()))
         diff = sorted(k for k in set(mine) | set(saved_cfg)
@@ -1156,7 +1161,7 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
     local.pop("student", None)
     gc.collect()
     if ck is not None:
-        trainer.resume()
+        trainer.resume(verify=not getattr(args, "no_verify", False))
         _say0(env, f"resumed at step {trainer.step} of {tcfg.steps} from {ck}")
     val_rows = broadcast_object(local["val"][: args.val_sequences] if env.is_main and args.val_sequences
                                 and local["val"].shape[0] else None)

@@ -320,12 +320,13 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def resume(self) -> bool:
-        """Load the latest checkpoint of run_dir if there is one (raises CheckpointError if it is damaged)."""
+    def resume(self, verify: bool = True) -> bool:
+        """Load the latest checkpoint of run_dir if there is one (raises CheckpointError if it is damaged;
+        verify=False skips its checksums)."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, verify=verify)
         saved_cfg = ck.state.get("config")
         mine = json.loads(json.dumps(self.cfg.to_dict()))
         diff = sorted(k for k in set(mine) | set(saved_cfg or {})

@@ -3,7 +3,7 @@
 Single-process checkpoints (rabit.train.checkpoint) record the size and SHA-256 of their two safetensors files in
 state.json, and each file records its tensors in its own metadata (rabit.integrity.checksum_metadata), so a
 mismatch names the damaged tensors. DCP checkpoints (rabit.train.distributed) record the size and SHA-256 of every
-file DCP wrote in state.json, each rank hashing the files it wrote.
+file DCP wrote in state.json ("checksums": {"algorithm", "files"}), each rank hashing the files it wrote.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from .integrity import (ALGORITHM, WEIGHTS_NAME, IntegrityError, Problem, Report, check_tensors,
+from .integrity import (_HASHES, ALGORITHM, WEIGHTS_NAME, IntegrityError, Problem, Report, check_tensors,
                         damaged_tensors, file_digest, file_record, read_layout, recorded_checksums,
                         verify_model_folder)
 
@@ -36,7 +36,7 @@ def verify_checkpoint_folder(path: str | os.PathLike) -> Report:
     from .train.checkpoint import CheckpointError, verify_checkpoint
 
     path = Path(path)
-    report = Report(path, "checkpoint")
+    report = Report(path, "checkpoint", algorithm="sha256")
     try:
         state = verify_checkpoint(path)
     except CheckpointError as e:
@@ -79,9 +79,10 @@ def _all_gather(obj) -> list:
     return [obj]
 
 
-def dcp_file_records(folder: str | os.PathLike) -> dict[str, list]:
-    """{name: [size, digest]} of every file in a DCP checkpoint folder (collective when torch.distributed is
-    initialized: each rank hashes the files it wrote, so the cost is split; every rank gets the whole dict)."""
+def dcp_checksums(folder: str | os.PathLike) -> dict:
+    """{"algorithm", "files": {name: [size, digest]}} of every file in a DCP checkpoint folder (collective when
+    torch.distributed is initialized: each rank hashes the files it wrote, so the cost is split; every rank gets
+    the whole record)."""
     folder = Path(folder)
     rank, world = _rank_world()
     mine = {p.name: file_record(p) for p in sorted(folder.iterdir())
@@ -89,7 +90,7 @@ def dcp_file_records(folder: str | os.PathLike) -> dict[str, list]:
     merged: dict[str, list] = {}
     for part in _all_gather(mine):
         merged.update(part)
-    return dict(sorted(merged.items()))
+    return {"algorithm": ALGORITHM, "files": dict(sorted(merged.items()))}
 
 
 def verify_dcp_folder(path: str | os.PathLike, share: tuple[int, int] = (0, 1)) -> Report:
@@ -100,10 +101,12 @@ def verify_dcp_folder(path: str | os.PathLike, share: tuple[int, int] = (0, 1)) 
     report = Report(path, "DCP checkpoint")
     try:
         state = json.loads((path / "state.json").read_text())
-        records = state.get("files")
-        if records is not None and not isinstance(records, dict):
-            raise ValueError("bad 'files' entry")
-    except (OSError, ValueError, AttributeError) as e:
+        checksums = state.get("checksums")
+        records = None if checksums is None else checksums["files"]
+        algorithm = None if checksums is None else checksums["algorithm"]
+        if records is not None and (not isinstance(records, dict) or algorithm not in _HASHES):
+            raise ValueError("bad 'checksums' entry")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
         report.problems.append(Problem(str(path / "state.json"), f"missing or damaged ({e})"))
         return report
     present = {p.name for p in path.iterdir() if p.is_file() and p.name != "state.json"}
@@ -127,8 +130,8 @@ def verify_dcp_folder(path: str | os.PathLike, share: tuple[int, int] = (0, 1)) 
         elif size != rec[0]:
             report.problems.append(Problem(str(f), f"{size} bytes, state.json recorded {rec[0]} (truncated or "
                                                    "damaged)"))
-        elif file_digest(f) != rec[1]:
-            report.problems.append(Problem(str(f), f"{ALGORITHM} does not match state.json (the bytes are damaged)"))
+        elif file_digest(f, algorithm=algorithm) != rec[1]:
+            report.problems.append(Problem(str(f), f"{algorithm} does not match state.json (the bytes are damaged)"))
     if rank == 0:
         report.problems += [Problem(str(path / n), "extra file, not recorded in state.json") for n in
                             sorted(present - set(records))]
@@ -178,7 +181,8 @@ def verify_state_dict_file(file: Path) -> Report:
     if record is None:
         report.verified = False
     else:
-        report.problems += check_tensors(file, layout, record["tensors"])
+        report.algorithm = record["algorithm"]
+        report.problems += check_tensors(file, layout, record["tensors"], record["algorithm"])
     return report
 
 
@@ -193,6 +197,9 @@ def verify_path(path: str | os.PathLike) -> list[Report]:
             raise ValueError(f"{path}: rabit verify checks folders and .safetensors files")
         return [verify_state_dict_file(path)]
     fmt = _state_format(path)
+    if fmt is None and path.name.startswith("step-"):   # a checkpoint whose state.json is damaged
+        fmt = "rabit-dcp-checkpoint" if (path / ".metadata").exists() or path.parent.name == "dcp" \
+            else "rabit-train-checkpoint"
     if fmt == "rabit-train-checkpoint":
         return [verify_checkpoint_folder(path)]
     if fmt == "rabit-dcp-checkpoint":

@@ -287,6 +287,9 @@ def verify_checkpoint(path: str | os.PathLike, checksums: bool = True) -> dict:
     files = state.get("files")
     if not isinstance(files, dict) or set(files) != {"model.safetensors", "optim.safetensors"}:
         raise CheckpointError(f"{state_path} is corrupt: bad 'files' entry")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*files, "state.json") and p.name[0] != ".")
+    if extra:   # something else wrote into the checkpoint (a bad copy, another checkpoint's file)
+        raise CheckpointError(f"checkpoint {path} holds files it did not write: {', '.join(extra)}; remove them")
     for name, info in files.items():
         f = path / name
         if not f.is_file():

@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..quantize import rabit_layers
-from ..integrity_checkpoints import check_dcp_folder, dcp_file_records
+from ..integrity_checkpoints import check_dcp_folder, dcp_checksums
 from .checkpoint import CheckpointError, atomic_write_json, read_json
 from .losses import batch_distillation_loss, decoder_layers
 from .optim import Optimizers, prepare_student, split_parameters
@@ -611,9 +611,9 @@ class DistributedTrainer:
         _barrier()
         dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
         _barrier()
-        files = dcp_file_records(tmp)  # size + SHA-256 of every file, each rank hashing its own (collective)
+        checksums = dcp_checksums(tmp)  # of every file, each rank hashing the files it wrote (collective)
         if self.env.is_main:
-            atomic_write_json(tmp / "state.json", {**self._json_state(), "files": files})
+            atomic_write_json(tmp / "state.json", {**self._json_state(), "checksums": checksums})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

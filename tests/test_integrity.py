@@ -223,6 +223,19 @@ def test_docs_added_to_a_folder_are_not_errors(saved, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+def _file_cases(src, names, rng):
+    """(damaged file, corrupt(folder)): truncations and byte flips at random points, and the file missing."""
+    cases = []
+    for name in names:
+        n = (src / name).stat().st_size
+        for _ in range(CASES_PER_KIND):
+            cut, pos, seed = rng.randrange(0, n), rng.randrange(0, n), rng.randrange(1 << 30)
+            cases.append((name, lambda p, name=name, cut=cut: (p / name).write_bytes((p / name).read_bytes()[:cut])))
+            cases.append((name, lambda p, name=name, pos=pos, seed=seed: _flip(p / name, pos, random.Random(seed))))
+        cases.append((name, lambda p, name=name: (p / name).unlink()))
+    return cases
+
+
 def _checkpoint(run_dir):
     torch.manual_seed(0)
     model = {"w": torch.randn(16, 8), "b": torch.randn(8).to(torch.bfloat16), "n": torch.arange(5)}
@@ -234,14 +247,7 @@ def test_every_corruption_of_a_checkpoint_is_refused(tmp_path):
     rng = random.Random(SEED)
     src, model = _checkpoint(tmp_path / "src")
     assert torch.equal(load_checkpoint(src).model["w"], model["w"])
-    cases = []
-    for name in ("model.safetensors", "optim.safetensors", "state.json"):
-        n = (src / name).stat().st_size
-        for _ in range(CASES_PER_KIND):
-            cut, pos, seed = rng.randrange(0, n), rng.randrange(0, n), rng.randrange(1 << 30)
-            cases.append((name, lambda p, name=name, cut=cut: (p / name).write_bytes((p / name).read_bytes()[:cut])))
-            cases.append((name, lambda p, name=name, pos=pos, seed=seed: _flip(p / name, pos, random.Random(seed))))
-        cases.append((name, lambda p, name=name: (p / name).unlink()))
+    cases = _file_cases(src, ("model.safetensors", "optim.safetensors", "state.json"), rng)
     cases.append(("stray.safetensors", lambda p: (p / "stray.safetensors").write_bytes(b"x")))
     for i, (name, corrupt) in enumerate(cases):
         path = tmp_path / f"run{i}" / "checkpoints" / src.name
@@ -285,14 +291,7 @@ def test_every_corruption_of_a_dcp_checkpoint_is_refused(tmp_path, caplog):
     check_dcp_folder(src)
     files = sorted(p.name for p in src.iterdir() if p.name != "state.json")
     assert ".metadata" in files and any(f.endswith(".distcp") for f in files)
-    cases = []
-    for name in files:
-        n = (src / name).stat().st_size
-        for _ in range(CASES_PER_KIND):
-            cut, pos, seed = rng.randrange(0, n), rng.randrange(0, n), rng.randrange(1 << 30)
-            cases.append((name, lambda p, name=name, cut=cut: (p / name).write_bytes((p / name).read_bytes()[:cut])))
-            cases.append((name, lambda p, name=name, pos=pos, seed=seed: _flip(p / name, pos, random.Random(seed))))
-        cases.append((name, lambda p, name=name: (p / name).unlink()))
+    cases = _file_cases(src, files, rng)
     cases.append(("__9_0.distcp", lambda p: (p / "__9_0.distcp").write_bytes(b"x")))
     cases.append(("state.json", lambda p: (p / "state.json").write_text("{")))
     for i, (name, corrupt) in enumerate(cases):

@@ -290,6 +290,31 @@ def damaged_tensors(file: str | os.PathLike) -> list[str]:
     return [p.tensor for p in check_tensors(file, layout, record["tensors"], record["algorithm"]) if p.tensor]
 
 
+def check_files(folder: Path, records: dict, algorithm: str, where: str, report: Report, present: set[str],
+                only=None) -> None:
+    """Compare the files of `folder` with their records {name: [size, digest]}, kept in `where`; adds the problems
+    (and the files checked) to `report`. only(name) -> bool restricts the check to some files."""
+    for name, rec in records.items():
+        if only is not None and not only(name):
+            continue
+        f = folder / name
+        if name not in present:
+            report.problems.append(Problem(str(f), f"missing (recorded in {where})"))
+            continue
+        report.files += 1
+        size = f.stat().st_size
+        report.bytes += size
+        if not (isinstance(rec, list) and len(rec) == 2):
+            report.problems.append(Problem(str(f), f"its checksum record in {where} is damaged"))
+        elif size != rec[0]:
+            report.problems.append(Problem(str(f), f"{size} bytes, {where} recorded {rec[0]} (truncated, replaced "
+                                                   "or edited)"))
+        elif file_digest(f, algorithm=algorithm) != rec[1]:
+            what = "a config from another model, or edited" if name == "config.json" else "damaged or replaced"
+            report.problems.append(Problem(str(f), f"{algorithm} does not match the checksum recorded in {where} "
+                                                   f"({what})"))
+
+
 # ---------------------------------------------------------------------------------------- model folders
 # Files a user may add to a model folder that no loader reads (model cards, licences, VCS files).
 def _is_doc(name: str) -> bool:
@@ -335,23 +360,7 @@ def verify_model_folder(path: str | os.PathLike) -> Report:
     report.algorithm = record["algorithm"]
     report.problems += check_tensors(weights, layout, record["tensors"], record["algorithm"])
     present = folder_files(path)
-    for name, rec in record.get("files", {}).items():
-        f = path / name
-        if name not in present:
-            report.problems.append(Problem(str(f), "missing (recorded in the checksums of model.safetensors)"))
-            continue
-        report.files += 1
-        size = f.stat().st_size
-        report.bytes += size
-        if not (isinstance(rec, list) and len(rec) == 2):
-            report.problems.append(Problem(str(f), "its checksum record is damaged"))
-        elif size != rec[0]:
-            report.problems.append(Problem(str(f), f"{size} bytes, model.safetensors recorded {rec[0]} "
-                                                   "(truncated, replaced or edited)"))
-        elif file_digest(f, algorithm=record["algorithm"]) != rec[1]:
-            what = "a config from another model, or edited" if name == "config.json" else "damaged or replaced"
-            report.problems.append(Problem(str(f), f"{record['algorithm']} does not match the checksum recorded "
-                                                   f"in model.safetensors ({what})"))
+    check_files(path, record.get("files", {}), record["algorithm"], "model.safetensors", report, set(present))
     for name in present:
         if name not in record.get("files", {}):
             report.problems.append(Problem(str(path / name), "extra file, not recorded in model.safetensors (not "

@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from .integrity import (_HASHES, ALGORITHM, WEIGHTS_NAME, IntegrityError, Problem, Report, check_tensors,
-                        damaged_tensors, file_digest, file_record, read_layout, recorded_checksums,
+from .integrity import (_HASHES, ALGORITHM, WEIGHTS_NAME, IntegrityError, Problem, Report, check_files,
+                        check_tensors, damaged_tensors, file_record, read_layout, recorded_checksums,
                         verify_model_folder)
 
 _log = logging.getLogger("rabit")
@@ -115,23 +115,8 @@ def verify_dcp_folder(path: str | os.PathLike, share: tuple[int, int] = (0, 1)) 
         if ".metadata" not in present:
             report.problems.append(Problem(str(path / ".metadata"), "missing"))
         return report
-    for name, rec in records.items():
-        if _dcp_owner(name, world) != rank:
-            continue
-        f = path / name
-        if name not in present:
-            report.problems.append(Problem(str(f), "missing (recorded in state.json)"))
-            continue
-        report.files += 1
-        size = f.stat().st_size
-        report.bytes += size
-        if not (isinstance(rec, list) and len(rec) == 2):
-            report.problems.append(Problem(str(f), "its checksum record in state.json is damaged"))
-        elif size != rec[0]:
-            report.problems.append(Problem(str(f), f"{size} bytes, state.json recorded {rec[0]} (truncated or "
-                                                   "damaged)"))
-        elif file_digest(f, algorithm=algorithm) != rec[1]:
-            report.problems.append(Problem(str(f), f"{algorithm} does not match state.json (the bytes are damaged)"))
+    check_files(path, records, algorithm, "state.json", report, present,
+                only=lambda name: _dcp_owner(name, world) == rank)
     if rank == 0:
         report.problems += [Problem(str(path / n), "extra file, not recorded in state.json") for n in
                             sorted(present - set(records))]

@@ -14,7 +14,9 @@ Folder layout (format version 1)
 ``M.packed`` (uint8, ``rabit.packing.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
 ``M.h`` (k, in) and ``M.bias`` (out,) if the linear has one, in ``scale_dtype``; every other parameter /
 persistent buffer of the model under its usual name (float tensors in the config's ``dtype``).
-Tokenizer files and ``generation_config.json`` as written by transformers.
+Tokenizer files and ``generation_config.json`` as written by transformers. ``model.safetensors`` is written last;
+its metadata ``rabit_checksums`` records every tensor and every other file (``rabit.integrity``), and
+``quantization_config.checksums`` declares it; loading verifies them unless ``verify=False``.
 
 Loading (``load_quantized`` or, after ``import rabit``, ``AutoModelForCausalLM.from_pretrained``) builds the
 architecture on the meta device from config.json, swaps the listed linears for ``PackedRaBiTLinear``, checks the

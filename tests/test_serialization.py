@@ -180,10 +180,12 @@ def _edit_config(path, fn):
 def test_bad_config(saved, tmp_path, edit, match):
     path = _copy(saved, tmp_path)
     _edit_config(path, edit)
-    with pytest.raises(ValueError, match=match) as e:
-        load_quantized(path)
+    with pytest.raises(ValueError, match=match) as e:   # the structure checks, without the checksums
+        load_quantized(path, verify=False)
     if "no quantization_config" in match or "format_version" in match:
         assert "config.json" in str(e.value)
+    with pytest.raises(ValueError, match="config.json") as e:   # with them, whichever check comes first
+        load_quantized(path)
 
 
 def _rewrite_tensors(path, fn):
@@ -211,13 +213,18 @@ def _rewrite_tensors(path, fn):
 def test_bad_tensors(saved, tmp_path, edit, match):
     from transformers import AutoModelForCausalLM
 
+    from rabit.integrity import IntegrityError, verification_skipped
+
     path = _copy(saved, tmp_path)
     _rewrite_tensors(path, edit)
-    with pytest.raises(ValueError, match=match) as e:
-        load_quantized(path)
+    with pytest.raises(ValueError, match=match) as e:   # the structure checks, without the checksums
+        load_quantized(path, verify=False)
     assert "model.safetensors" in str(e.value)
-    with pytest.raises(ValueError, match=match):   # the transformers entry point checks the same way
+    with pytest.raises(ValueError, match=match), verification_skipped():   # the transformers entry point too
         AutoModelForCausalLM.from_pretrained(path)
+    for load in (load_quantized, AutoModelForCausalLM.from_pretrained):   # the rewrite lost the checksums
+        with pytest.raises(IntegrityError, match="model.safetensors: its checksum record is missing"):
+            load(path)
 
 
 def test_truncated_and_missing_weights(saved, tmp_path):

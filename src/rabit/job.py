@@ -75,6 +75,7 @@ class RunSpec:
     progress: bool = True
     threads: int | None = None       # torch CPU threads (None: torch's choice)
     init_cache: bool = True          # reuse initialized paths from the init cache
+    verify: bool = True              # check a checkpoint's checksums on --resume
 
 
 @dataclass

@@ -72,8 +72,10 @@ def is_rabit_folder(path: str | os.PathLike) -> bool:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, verify: bool = True):
     """(model, tokenizer) for a model name, a local Hugging Face folder, or a hub name (hub only if reachable).
+
+    verify: check a saved rabit folder against its checksums (rabit.integrity) before reading anything from it.
 
     Raises FileNotFoundError / ValueError with the name when the model or its tokenizer cannot be found.
     """
@@ -85,14 +87,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
     if not local.exists() and (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1):
         raise FileNotFoundError(f"model path {path} does not exist")
+    rabit_folder = is_rabit_folder(path)
+    if rabit_folder and verify:
+        from .integrity import check_model_folder
+
+        check_model_folder(path)   # before the tokenizer: its files are checked too
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError/ValueError/HF errors depending on the case
         raise FileNotFoundError(f"cannot load a tokenizer for {name_or_path!r}: {e}") from e
     try:
-        if is_rabit_folder(path):
+        if rabit_folder:
             from .serialization import load_quantized  # packed 2-bit folders
-            model = load_quantized(path, device=device, dtype=dtype)
+            model = load_quantized(path, device=device, dtype=dtype, verify=False)  # verified above
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:

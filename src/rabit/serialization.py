@@ -14,7 +14,9 @@ Folder layout (format version 1)
 ``M.packed`` (uint8, ``rabit.sign_bits.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
 ``M.h`` (k, in) and ``M.bias`` (out,) if the linear has one, in ``scale_dtype``; every other parameter /
 persistent buffer of the model under its usual name (float tensors in the config's ``dtype``).
-Tokenizer files and ``generation_config.json`` as written by transformers.
+Tokenizer files and ``generation_config.json`` as written by transformers. ``model.safetensors`` is written last;
+its metadata ``rabit_checksums`` records every tensor and every other file (``rabit.integrity``), and
+``quantization_config.checksums`` declares it; loading verifies them unless ``verify=False``.
 
 Loading (``load_quantized`` or, after ``import rabit``, ``AutoModelForCausalLM.from_pretrained``) builds the
 architecture on the meta device from config.json, swaps the listed linears for ``PackedRaBiTLinear``, checks the
@@ -32,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import sign_bits
-from .atomic_io import atomic_save_safetensors
+from . import integrity, sign_bits
+from .atomic_io import atomic_save_safetensors, atomic_write_bytes
 
 QUANT_METHOD = "rabit"
 FORMAT_VERSION = 1
@@ -186,12 +188,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
         cfg["tie_word_embeddings"] = False   # the quantized lm_head no longer shares the embedding matrix
     validate_quantization_config(qc)
 
-    weights = path / WEIGHTS_NAME
-    atomic_save_safetensors(tensors, weights, metadata={"format": "pt", "rabit_format_version": str(FORMAT_VERSION)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # The weights go last: their header records the checksums of every tensor and of the files written before
+    # them (rabit.integrity), so a folder is only complete once its weights file is.
+    qc[integrity.CONFIG_KEY] = integrity.ALGORITHM
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:
@@ -201,6 +201,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
                           "loads with transformers' default generation settings", RuntimeWarning, stacklevel=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    weights = path / WEIGHTS_NAME
+    atomic_save_safetensors(tensors, weights, metadata={"format": "pt", "rabit_format_version": str(FORMAT_VERSION),
+                                                        **integrity.checksum_metadata(tensors,
+                                                                                      integrity.folder_files(path))})
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (weights, path / CONFIG_NAME):
+        os.chmod(f, 0o666 & ~umask)
     return path
 
 
@@ -381,11 +389,13 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   backend: str = "auto"):
+                   backend: str = "auto", verify: bool = True):
     """Load a folder written by ``save_quantized``: a transformers model with PackedRaBiTLinear layers, in eval mode.
 
     dtype: dtype of the non-quantized float tensors (None: as stored); the scales keep their stored dtype.
     backend: kernel backend for the packed layers ("auto", "cpu", "triton", "reference").
+    verify: check every tensor and file against the checksums saved with them (rabit.integrity) and raise
+        rabit.integrity.IntegrityError, naming the file and tensor, on any mismatch; False skips the check.
     Never runs code from the folder (safetensors only, trust_remote_code=False).
     """
     from . import hf_integration
@@ -398,6 +408,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise FileNotFoundError(f"{weights} not found" + (f" (found {', '.join(others)}; rabit folders keep "
                                                           "all tensors in one model.safetensors)" if others else ""))
     read_safetensors_header(weights)   # fail fast on a truncated / corrupt file
+    if verify:
+        integrity.check_model_folder(path)
     if not hf_integration.register():
         raise RuntimeError(f"cannot load {path}: rabit could not register its quantizer with transformers: "
                            f"{hf_integration.failure()}")
@@ -413,8 +425,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=False, local_files_only=True)
+        with integrity.verification_skipped():   # checked above (or skipped on request)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=False, local_files_only=True)
     except OSError as e:
         raise FileNotFoundError(f"cannot load {path}: {e}") from e
     finally:

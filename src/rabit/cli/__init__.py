@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ablate, bench, diagnose, generate, ptq, quantize
+from . import ablate, bench, diagnose, generate, ptq, quantize, verify
 from . import eval as evaluate
 
 # Sub-command modules, in the order `rabit --help` lists them.
 COMMANDS = {"quantize": quantize, "ptq": ptq, "eval": evaluate, "generate": generate, "bench": bench,
-            "diagnose": diagnose, "ablate": ablate}
+            "diagnose": diagnose, "ablate": ablate, "verify": verify}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,8 @@ def add_parser(sub):
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the results (default: ./rabit-eval-<model>.json)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-verify", action="store_true",
+                   help="load a saved rabit folder without checking its checksums (at your own risk)")
     return p
 
 
@@ -155,7 +157,7 @@ def run(args) -> int:
         prepared = prepare_tasks(tasks, args.zeroshot_backend, include_paths=args.include_path)
 
     t0 = time.time()
-    model, tok = load_model(args.path, dtype=dtype, device=device)
+    model, tok = load_model(args.path, dtype=dtype, device=device, verify=not args.no_verify)
     resolved = resolve_model_path(args.path)
     kind = "rabit" if Path(resolved).is_dir() and is_rabit_folder(resolved) else "hf"
     print(f"loaded {args.path} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "

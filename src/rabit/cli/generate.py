@@ -23,6 +23,8 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load a saved rabit folder without checking its checksums (at your own risk)")
     return p
 
 
@@ -38,7 +40,7 @@ def run(args) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_model(args.path, device=args.device)
+    model, tok = load_model(args.path, device=args.device, verify=not args.no_verify)
     for m in packed_layers(model).values():
         m.backend = args.backend
     load_s = time.perf_counter() - t0

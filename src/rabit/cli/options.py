@@ -36,6 +36,8 @@ _OPTIONS = [
     Option("--overwrite", "run.overwrite", "model and output",
            "start over in a folder that holds another run (removes that run's files only)", "true"),
     Option("--resume", "run.resume", "model and output", "continue the run in --out from its last checkpoint", "true"),
+    Option("--no-verify", "run.verify", "model and output",
+           "--resume without checking the checkpoint's checksums (at your own risk)", "false"),
     Option("--device", "run.device", "model and output", "cpu or cuda[:N]"),
     Option("--no-progress", "run.progress", "model and output", "no progress bars", "false"),
     Option("--threads", "run.threads", "model and output",

@@ -83,7 +83,9 @@ def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
     unique, aliases = dedup_state_dict(student.state_dict())
     meta = {"format": "rabit-state-dict", "base_model": base_model, "aliases": json.dumps(aliases),
             "rabit_config": cfg.to_json() if cfg is not None else "{}"}
-    atomic_save_safetensors(unique, out / "model.safetensors", metadata=meta)
+    from ..integrity import checksum_metadata
+
+    atomic_save_safetensors(unique, out / "model.safetensors", metadata={**meta, **checksum_metadata(unique)})
     if cfg is not None:
         atomic_write_json(out / "rabit_config.json", cfg.to_dict())
     written = [out / "model.safetensors"]
@@ -224,7 +226,7 @@ def run_job(spec: JobSpec) -> int:
     run_folder.check_same_run(out, old_run, run_info, rs.resume, rs.overwrite)
     ck_path = latest_checkpoint(out) if rs.resume else None  # raises CheckpointError when damaged
     if ck_path is not None:
-        verify_checkpoint(ck_path)  # report a corrupt checkpoint before any other work
+        verify_checkpoint(ck_path, checksums=rs.verify)  # report a corrupt checkpoint before any other work
     eval_stream = eval_tokens(tok, ev.data)
     if eval_stream.numel() < ev.seq_len:
         raise ValueError(f"--eval-data {ev.data} has {eval_stream.numel()} tokens, fewer than one "
@@ -288,7 +290,7 @@ def run_job(spec: JobSpec) -> int:
 
     trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
     if ck_path is not None:
-        trainer.resume()
+        trainer.resume(verify=False)  # verified above
         _say(f"resumed at step {trainer.step} of {steps}")
     val_rows = val[: d.val_sequences] if d.val_sequences and val.shape[0] else None
     if val_rows is not None and "val_before" not in evals:
@@ -303,7 +305,7 @@ def run_job(spec: JobSpec) -> int:
         scales = Trainer(teacher, student, train, spec.scale_train_config(autocast), out / "scales",
                          progress=progress)
         if rs.resume:
-            scales.resume()
+            scales.resume(verify=rs.verify)
         _say(f"scale-only phase: {scales.cfg.steps} steps, latents frozen")
         evals["scale_phase"] = dataclasses.asdict(scales.train())
         atomic_write_json(evals_path, evals)

@@ -214,7 +214,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
     local.pop("student", None)
     gc.collect()
     if ck is not None:
-        trainer.resume()
+        trainer.resume(verify=spec.run.verify)
         _say0(env, f"resumed at step {trainer.step} of {tcfg.steps} from {ck}")
     val_rows = broadcast_object(local["val"][: d.val_sequences] if env.is_main and d.val_sequences
                                 and local["val"].shape[0] else None)

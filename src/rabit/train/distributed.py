@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..quantize import rabit_layers
+from ..integrity_checkpoints import check_dcp_folder, dcp_checksums
 from .checkpoint import CheckpointError, atomic_write_json, read_json
 from .dist_muon import DistributedMuon
 from .fsdp import _local, meta_model, place_model, shard_model  # noqa: F401 - re-exported
@@ -252,8 +253,9 @@ class DistributedTrainer(DistillLoop):
         _barrier()
         dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
         _barrier()
+        checksums = dcp_checksums(tmp)  # of every file, each rank hashing the files it wrote (collective)
         if self.env.is_main:
-            atomic_write_json(tmp / "state.json", self._json_state())
+            atomic_write_json(tmp / "state.json", {**self._json_state(), "checksums": checksums})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -271,9 +273,9 @@ class DistributedTrainer(DistillLoop):
     def latest(run_dir: str | os.PathLike) -> Path | None:
         return latest_dcp(run_dir)
 
-    def resume(self) -> bool:
+    def resume(self, verify: bool = True) -> bool:
         """Load the newest checkpoint of run_dir: a DCP one (any world size wrote it) or a single-process one
-        (checkpoints/); False if there is none."""
+        (checkpoints/); False if there is none. verify=False skips the checksums of its files."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -287,6 +289,8 @@ class DistributedTrainer(DistillLoop):
         st = read_json(path / "state.json", "checkpoint state")
         if st.get("format") != DCP_FORMAT:
             raise CheckpointError(f"{path} is not a {DCP_FORMAT} (format {st.get('format')!r})")
+        if verify:
+            check_dcp_folder(path)  # collective: each rank checks a share of the files
         check_train_settings(path, st.get("config"), self.cfg)
         if set(st["scheduler"]["base_lr"]) != set(self.optim.named()):
             raise CheckpointError(f"checkpoint {path} has optimizers {sorted(st['scheduler']['base_lr'])}, "

@@ -276,12 +276,13 @@ class Trainer(DistillLoop):
         self.last_saved = self.step
         return path
 
-    def resume(self) -> bool:
-        """Load the latest checkpoint of run_dir if there is one (raises CheckpointError if it is damaged)."""
+    def resume(self, verify: bool = True) -> bool:
+        """Load the latest checkpoint of run_dir if there is one (raises CheckpointError if it is damaged;
+        verify=False skips its checksums)."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, verify=verify)
         check_train_settings(path, ck.state.get("config"), self.cfg)
         try:
             missing, unexpected = self.student.load_state_dict(ck.model, strict=False)

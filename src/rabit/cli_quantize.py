@@ -62,6 +62,9 @@ def add_parser(sub):
     g.add_argument("--overwrite", action="store_true",
                    help="start over in a folder that holds another run (removes that run's files only)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--keep-fp32", action="store_true",
+                   help="store the unquantized tensors (embeddings, head, norms) of the saved model in fp32 "
+                        "(default: 16 bits, the source checkpoint's dtype or bf16)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--threads", type=int, default=None,
@@ -282,8 +285,9 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
     return value, False
 
 
-def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
-    """Save the trained student: a plain safetensors state dict now, plus the packed format when available."""
+def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool = False) -> list[Path]:
+    """Save the trained student: a plain safetensors state dict (the exact training state), plus the packed
+    format (unquantized tensors in 16 bits unless keep_fp32), whose size per component is printed."""
     from .atomic_io import atomic_save_safetensors, atomic_write_json
     from .train.checkpoint import dedup_state_dict
 
@@ -301,8 +305,12 @@ def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
     except ImportError:
         save_quantized = None
     if save_quantized is not None:
-        save_quantized(student, out / "quantized", tokenizer)
+        from .serialization import size_report
+        from .storage import format_size_report
+
+        save_quantized(student, out / "quantized", tokenizer, dtype=torch.float32 if keep_fp32 else None)
         written.append(out / "quantized")
+        _say(format_size_report(size_report(out / "quantized")))
     return written
 
 
@@ -355,7 +363,7 @@ def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str,
     from .train.report import plot_losses, summary_markdown
     from .train.trainer import StepLog
 
-    written = save_student(student, out, tokenizer, args.model)
+    written = save_student(student, out, tokenizer, args.model, keep_fp32=getattr(args, "keep_fp32", False))
     rows = StepLog.read(out / "log.jsonl")
     procs = f" ({world_size} processes)" if world_size > 1 else ""
     plot_losses(rows, out / "loss.png", gamma=args.gamma,

@@ -97,6 +97,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
             model = load_quantized(path, device=device, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            from .storage import SOURCE_DTYPE_ATTR, checkpoint_dtype
+
+            # transformers overwrites config.dtype with `dtype`; save_quantized stores in the source's dtype
+            setattr(model, SOURCE_DTYPE_ATTR, checkpoint_dtype(path))
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {name_or_path!r} (not a local folder, and the hub is not "
                                 f"reachable or has no such model): {e}") from e

@@ -26,7 +26,9 @@ def add_parser(sub):
     p.add_argument("--eval-source", default="wikitext2-test")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--bos", action="store_true", help="prefix each evaluation window with BOS")
+    from .bos import add_bos_args
+
+    add_bos_args(p, "calibration sequences and evaluation windows")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
 
@@ -51,7 +53,11 @@ def run(args) -> int:
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     tokens = eval_tokens(tok, args.eval_source)
-    bos = tok.bos_token_id if args.bos else None
+    from .bos import resolve_bos
+
+    bos_choice = resolve_bos(tok, args.bos)
+    bos = bos_choice.token_id
+    print(bos_choice.describe(), flush=True)
     ppl = lambda m: perplexity(m, tokens, args.seq_len, bos, args.max_windows, progress=True)
     rows = []
     t0 = time.time()
@@ -63,7 +69,8 @@ def run(args) -> int:
         cfg = RaBiTConfig(num_paths=args.num_paths, isvid_rounds=args.isvid_rounds, alpha_in=args.alpha_in,
                           alpha_out=args.alpha_out, **METHODS[m])
         if cfg.precondition and stats is None:
-            calib = calibration_batch(tok, args.calib_source, args.calib_samples, args.calib_len)
+            calib = calibration_batch(tok, args.calib_source, args.calib_samples, args.calib_len,
+                                      add_bos=bos_choice.use)
             stats = collect_channel_stats(model, find_linear_layers(model, cfg), calib, progress=True)
         t0 = time.time()
         q = quantize_(copy.deepcopy(model), cfg, stats=stats)

@@ -46,6 +46,8 @@ RUN_DIRS = ("checkpoints", "quantized")
 NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version")
 # Training settings added after version 1 of run.json, with the value older runs implicitly used.
 ADDED_TRAIN_SETTINGS = {"hidden_loss": "mse"}
+# Data settings added later, likewise (runs before BOS followed the tokenizer never started sequences with BOS).
+ADDED_DATA_SETTINGS = {"bos": False}
 
 
 def add_parser(sub):
@@ -97,6 +99,9 @@ def add_parser(sub):
     d.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the training text")
     d.add_argument("--val-sequences", type=int, default=4,
                    help="held-out sequences for the before/after distillation loss (0: skip; default: 4)")
+    from .bos import add_bos_args
+
+    add_bos_args(d, "training, calibration and perplexity sequences")
     d.add_argument("--calib-data", default=None, help="calibration corpus (default: the first --train-data)")
     d.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default: 16)")
     d.add_argument("--calib-len", type=int, default=512, help="calibration sequence length (default: 512)")
@@ -148,7 +153,8 @@ def add_parser(sub):
     e.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
                    help=f"evaluate the first N windows (default: {DEFAULT_EVAL_WINDOWS}; 0 = the whole corpus, "
                         "~13 min per model on 2 CPU cores)")
-    e.add_argument("--eval-bos", action="store_true", help="prefix each perplexity window with BOS")
+    e.add_argument("--eval-bos", action="store_true",
+                   help="prefix each perplexity window with BOS even where --bos / the tokenizer says not to")
     e.add_argument("--skip-init-eval", action="store_true",
                    help="do not measure the perplexity of the initialized model before training")
     from .train.distributed import add_distributed_args
@@ -225,7 +231,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _identity_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """(dotted key, old value, new value) for every run.json setting that differs and defines the run."""
     # A run written before a setting existed ran with that setting's default.
-    a = {**{f"train.{k}": v for k, v in ADDED_TRAIN_SETTINGS.items()}, **_flatten(old)}
+    a = {**{f"train.{k}": v for k, v in ADDED_TRAIN_SETTINGS.items()},
+         **{f"data.{k}": v for k, v in ADDED_DATA_SETTINGS.items()}, **_flatten(old)}
     b = _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -345,6 +352,15 @@ def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, prog
     return student, False
 
 
+def bos_choices(args, tokenizer):
+    """(BOS of training and calibration sequences, BOS of perplexity windows), each a rabit.bos.BosChoice: the
+    tokenizer's rule unless --bos / --no-bos; --eval-bos forces BOS in evaluation only."""
+    from .bos import resolve_bos
+
+    train = resolve_bos(tokenizer, getattr(args, "bos", None))
+    return train, (resolve_bos(tokenizer, True) if args.eval_bos else train)
+
+
 def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool, on_init=None):
     from .train.trainer import make_student
 
@@ -434,8 +450,10 @@ def run(args) -> int:
     # ---- model, data, budget: every failure here leaves the run folder untouched
     _say(f"loading {args.model} ...")
     teacher, tok = load_model(args.model, device=str(device))
+    train_bos, eval_bos = bos_choices(args, tok)
     sources = _sources(args.train_data)
-    train, val = training_sequences(tok, sources, args.seq_len, val_fraction=args.val_fraction, seed=args.seed)
+    train, val = training_sequences(tok, sources, args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
+                                    add_bos=train_bos.use)
     calib_sources = _sources(args.calib_data) if args.calib_data else sources[:1]
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
     steps = args.tokens // tokens_per_step
@@ -457,16 +475,16 @@ def run(args) -> int:
     eval_desc = (f"{args.eval_data}, " + (f"the first {args.eval_windows} windows of {args.eval_seq_len} tokens "
                  f"({args.eval_windows * args.eval_seq_len:,} tokens; --eval-windows 0 for the whole corpus)"
                  if args.eval_windows else f"all windows of {args.eval_seq_len} tokens")
-                 + (", BOS-prefixed" if args.eval_bos else ""))
+                 + (", BOS-prefixed" if eval_bos.use else ""))
     run_info = {
         "format": "rabit-quantize-run", "version": 1, "model": args.model,
         "model_path": str(resolve_model_path(args.model)), "rabit_config": rcfg.to_dict(),
         "train": tcfg.to_dict(), "tokens": steps * tokens_per_step,
         "data": {"train": sources, "seq_len": args.seq_len, "val_fraction": args.val_fraction,
                  "train_sequences": int(train.shape[0]), "calib": calib_sources,
-                 "calib_samples": args.calib_samples, "calib_len": args.calib_len},
+                 "calib_samples": args.calib_samples, "calib_len": args.calib_len, "bos": train_bos.use},
         "eval": {"data": args.eval_data, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
-                 "bos": args.eval_bos, "val_sequences": args.val_sequences, "skip_init": args.skip_init_eval},
+                 "bos": eval_bos.use, "val_sequences": args.val_sequences, "skip_init": args.skip_init_eval},
     }
     run_info = json.loads(json.dumps(run_info))
     if old_run is not None and not args.overwrite:
@@ -497,9 +515,9 @@ def run(args) -> int:
     _say(f"run folder: {out}")
     _say(f"training: {steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens from "
          f"{', '.join(sources)} ({train.shape[0]} sequences of {args.seq_len}), bf16 autocast "
-         f"{'on' if autocast else 'off'}, mode {args.mode}, k={args.num_paths}")
+         f"{'on' if autocast else 'off'}, mode {args.mode}, k={args.num_paths}, {train_bos.describe()}")
 
-    bos = tok.bos_token_id if args.eval_bos else None
+    bos = eval_bos.token_id
     windows = args.eval_windows or None
 
     def ppl(model, what):
@@ -536,7 +554,8 @@ def run(args) -> int:
         if rcfg.precondition:
             from .data import calibration_batch
 
-            calib = calibration_batch(tok, calib_sources, args.calib_samples, args.calib_len, seed=args.seed)
+            calib = calibration_batch(tok, calib_sources, args.calib_samples, args.calib_len, seed=args.seed,
+                                      add_bos=train_bos.use)
         t0 = time.time()
         student, cached = _initialized_student(teacher, rcfg, calib, autocast, progress, args.init_cache)
         evals["init_seconds"] = time.time() - t0
@@ -562,4 +581,5 @@ def run(args) -> int:
 
     final = ppl(student, f"{args.num_paths}-bit distilled")
     _say(f"{args.num_paths}-bit after distillation: perplexity {final:.3f}")
-    return finish_run(args, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0)
+    return finish_run(args, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0,
+                      extra={"bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}})

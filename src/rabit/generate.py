@@ -518,26 +518,32 @@ class GenerationResult:
         return self.result.tokens_per_s
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, add_bos: bool | None = None) -> torch.Tensor:
+    """Prompt ids [1, n]. Plain prompts start with BOS as rabit.bos.resolve_bos decides (the tokenizer's rule
+    unless `add_bos`), the same rule training and perplexity follow; chat templates write their own."""
+    from .bos import resolve_bos
+
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=False)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return torch.as_tensor(ids).view(1, -1)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    if ids.shape[1] == 0 and tokenizer.bos_token_id is not None:
-        ids = torch.tensor([[tokenizer.bos_token_id]])
-    return ids
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    bos = resolve_bos(tokenizer, add_bos).token_id
+    if bos is not None or (not ids and tokenizer.bos_token_id is not None):   # never an empty prompt
+        ids = [tokenizer.bos_token_id] + ids
+    return torch.tensor([ids], dtype=torch.long)
 
 
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stream: Callable[[str], None] | None = None, compile: bool = False, chat: bool = False,
-             stop_at_eos: bool = True, decoder=None) -> GenerationResult:
-    """Generate text for `prompt` (greedy unless temperature > 0), streaming pieces to `stream` if given."""
+             stop_at_eos: bool = True, decoder=None, add_bos: bool | None = None) -> GenerationResult:
+    """Generate text for `prompt` (greedy unless temperature > 0), streaming pieces to `stream` if given.
+    add_bos: None follows the tokenizer's rule (see encode_prompt)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    ids = encode_prompt(tokenizer, prompt, chat)
+    ids = encode_prompt(tokenizer, prompt, chat, add_bos)
     if decoder is None:
         decoder = make_decoder(model, ids.shape[1] + max_new_tokens, compile=compile)
     gen = None

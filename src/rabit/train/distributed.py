@@ -1030,8 +1030,10 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
                              f"the {env.world_size} processes")
         _say0(env, f"loading {args.model} ...")
         teacher, tok = load_model(args.model, device=str(env.device))
+        train_bos, eval_bos = cq.bos_choices(args, tok)
         sources = cq._sources(args.train_data)
-        train, val = training_sequences(tok, sources, args.seq_len, val_fraction=args.val_fraction, seed=args.seed)
+        train, val = training_sequences(tok, sources, args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
+                                        add_bos=train_bos.use)
         calib_sources = cq._sources(args.calib_data) if args.calib_data else sources[:1]
         tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
         steps = args.tokens // tokens_per_step
@@ -1056,9 +1058,9 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
             "train": tcfg.to_dict(), "tokens": steps * tokens_per_step,
             "data": {"train": sources, "seq_len": args.seq_len, "val_fraction": args.val_fraction,
                      "train_sequences": int(train.shape[0]), "calib": calib_sources,
-                     "calib_samples": args.calib_samples, "calib_len": args.calib_len},
+                     "calib_samples": args.calib_samples, "calib_len": args.calib_len, "bos": train_bos.use},
             "eval": {"data": args.eval_data, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
-                     "bos": args.eval_bos, "val_sequences": args.val_sequences, "skip_init": args.skip_init_eval},
+                     "bos": eval_bos.use, "val_sequences": args.val_sequences, "skip_init": args.skip_init_eval},
             "distributed": {"checkpoints": "dcp"},
         }))
         if old_run is not None and not args.overwrite:
@@ -1088,18 +1090,19 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
                    f"tokens = {steps * tokens_per_step:,} tokens, bf16 autocast {'on' if autocast else 'off'}, "
                    f"mode {args.mode}, k={args.num_paths}, teacher {dcfg.teacher}, Muon {dcfg.muon}")
         return {"rcfg": rcfg, "tcfg": tcfg, "out": str(out), "ck": str(ck) if ck else None,
-                "hf_config": teacher.config, "dtype": next(teacher.parameters()).dtype, "autocast": autocast}
+                "hf_config": teacher.config, "dtype": next(teacher.parameters()).dtype, "autocast": autocast,
+                "bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}}
 
     info = rank0_decides(stage1, env)
     rcfg, tcfg, out, ck = info["rcfg"], info["tcfg"], Path(info["out"]), info["ck"]
     eval_desc = (f"{args.eval_data}, " + (f"the first {args.eval_windows} windows of {args.eval_seq_len} tokens"
                  if args.eval_windows else f"all windows of {args.eval_seq_len} tokens")
-                 + (", BOS-prefixed" if args.eval_bos else ""))
+                 + (", BOS-prefixed" if info["bos"]["eval"]["use"] else ""))
 
     def ppl(model, what):
         tok = local["tok"]
         _say0(env, f"perplexity of the {what} model on {eval_desc} ...")
-        return perplexity(model, local["eval_stream"], args.eval_seq_len, tok.bos_token_id if args.eval_bos else None,
+        return perplexity(model, local["eval_stream"], args.eval_seq_len, info["bos"]["eval"]["token_id"],
                           args.eval_windows or None, progress=progress)
 
     # ---- stage 2 (rank 0): FP perplexity, calibration + initialization (others: the meta architecture)
@@ -1117,7 +1120,7 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
         if "fp" not in evals:
             key = {"model": cq._model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
                    "corpus": args.eval_data, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
-                   "bos": tok.bos_token_id if args.eval_bos else None, "dtype": "float32"}
+                   "bos": info["bos"]["eval"]["token_id"], "dtype": "float32"}
             evals["fp"], hit = cq._fp_ppl_cached(teacher, key, lambda: ppl(teacher, "full-precision"))
             _say0(env, f"full precision: perplexity {evals['fp']:.3f}" + (" (cached)" if hit else ""))
         if ck is not None:
@@ -1128,7 +1131,7 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
                 from ..data import calibration_batch
 
                 calib = calibration_batch(tok, local["calib_sources"], args.calib_samples, args.calib_len,
-                                          seed=args.seed)
+                                          add_bos=info["bos"]["train"]["use"], seed=args.seed)
             t0 = time.time()
             _say0(env, f"initializing ({rcfg.init}) on rank 0 ...")
             student, evals["init_cached"] = cq._initialized_student(teacher, rcfg, calib, info["autocast"], progress,
@@ -1194,7 +1197,8 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
     memory = {"peak_bytes_per_rank": [r["peak_bytes"] for r in mem["ranks"]],
               "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]}
     return cq.finish_run(args, out, final_student, tok, evals, eval_desc, final, result, val_after,
-                         info["autocast"], wall0, world_size=env.world_size, extra={"memory": memory})
+                         info["autocast"], wall0, world_size=env.world_size,
+                         extra={"memory": memory, "bos": info["bos"]})
 
 
 def _mib(b) -> str:

@@ -106,7 +106,7 @@ def test_quantize_uses_one_bos_rule_for_training_calibration_and_eval(bos_run_fi
     assert f"BOS (training/calibration) | {'on' if expect_bos else 'off'}" in (out / "summary.md").read_text()
 
 
-def test_quantized_model_folder_size_report_is_printed(bos_run_files, tmp_path, monkeypatch, capsys):
+def test_quantize_saves_with_size_report_and_embedding_option(bos_run_files, tmp_path, monkeypatch, capsys):
     from rabit.cli import main
 
     monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
@@ -114,9 +114,22 @@ def test_quantized_model_folder_size_report_is_printed(bos_run_files, tmp_path, 
             "--train-data", str(bos_run_files / "train.txt"), "--eval-data", str(bos_run_files / "eval.txt"),
             "--eval-seq-len", "32", "--eval-windows", "1", "--seq-len", "32", "--tokens", "32", "--grad-accum", "1",
             "--calib-samples", "2", "--calib-len", "32", "--val-sequences", "0", "--no-progress", "--threads", "1",
-            "--skip-init-eval", "--isvid-rounds", "0", "--keep-fp32"]
+            "--skip-init-eval", "--isvid-rounds", "0", "--keep-fp32", "--embed-bits", "8", "--embed-group-size", "32"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "saved model:" in err and "(unquantized tensors in float32)" in err and "embeddings" in err
-    cfg = json.loads((tmp_path / "run" / "quantized" / "config.json").read_text())
-    assert cfg["quantization_config"]["storage_dtype"] == "float32"
+    folder = tmp_path / "run" / "quantized"
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["storage_dtype"] == "float32" and qc["embedding_quant"]["bits"] == 8
+    from rabit.embedquant import QuantizedEmbedding, QuantizedLinear
+    from rabit.serialization import load_quantized, size_report
+
+    loaded = load_quantized(folder)
+    assert isinstance(loaded.model.embed_tokens, QuantizedEmbedding) and isinstance(loaded.lm_head, QuantizedLinear)
+    assert size_report(folder)["components"]["embeddings"] == 512 * 32 + 512 * 1 * 2
+    # a group size that does not divide the embedding width is refused before any training
+    bad = argv[:]
+    bad[bad.index("--out") + 1] = str(tmp_path / "bad")
+    bad[-1] = "24"
+    assert main(bad) == 2
+    assert "does not divide" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -67,6 +67,10 @@ def add_parser(sub):
     g.add_argument("--keep-fp32", action="store_true",
                    help="store the unquantized tensors (embeddings, head, norms) of the saved model in fp32 "
                         "(default: 16 bits, the source checkpoint's dtype or bf16)")
+    g.add_argument("--embed-bits", type=int, choices=(8, 4), default=None,
+                   help="also quantize the embedding and full-precision output head of the saved model group-wise "
+                        "to 8 or 4 bits (default: keep them in 16 bits; see docs/RESULTS.md for the cost)")
+    g.add_argument("--embed-group-size", type=int, default=64, help="values per scale with --embed-bits (default: 64)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--threads", type=int, default=None,
@@ -292,9 +296,11 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
     return value, False
 
 
-def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool = False) -> list[Path]:
+def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool = False,
+                 embed_bits: int | None = None, embed_group_size: int = 64) -> list[Path]:
     """Save the trained student: a plain safetensors state dict (the exact training state), plus the packed
-    format (unquantized tensors in 16 bits unless keep_fp32), whose size per component is printed."""
+    format (unquantized tensors in 16 bits unless keep_fp32; embedding and head group-quantized to embed_bits,
+    which converts `student` in place), whose size per component is printed."""
     from .atomic_io import atomic_save_safetensors, atomic_write_json
     from .train.checkpoint import dedup_state_dict
 
@@ -315,6 +321,10 @@ def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool
         from .serialization import size_report
         from .storage import format_size_report
 
+        if embed_bits:
+            from .embedquant import quantize_embeddings_
+
+            quantize_embeddings_(student, embed_bits, embed_group_size)
         save_quantized(student, out / "quantized", tokenizer, dtype=torch.float32 if keep_fp32 else None)
         written.append(out / "quantized")
         _say(format_size_report(size_report(out / "quantized")))
@@ -352,6 +362,14 @@ def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, prog
     return student, False
 
 
+def check_save_options(args, teacher) -> None:
+    """Refuse a save option that cannot apply to this model before training, not after."""
+    if getattr(args, "embed_bits", None):
+        from .embedquant import check_group_size
+
+        check_group_size(teacher.get_input_embeddings().embedding_dim, args.embed_group_size)
+
+
 def bos_choices(args, tokenizer):
     """(BOS of training and calibration sequences, BOS of perplexity windows), each a rabit.bos.BosChoice: the
     tokenizer's rule unless --bos / --no-bos; --eval-bos forces BOS in evaluation only."""
@@ -379,7 +397,9 @@ def finish_run(args, out: Path, student, tokenizer, evals: dict, eval_desc: str,
     from .train.report import plot_losses, summary_markdown
     from .train.trainer import StepLog
 
-    written = save_student(student, out, tokenizer, args.model, keep_fp32=getattr(args, "keep_fp32", False))
+    written = save_student(student, out, tokenizer, args.model, keep_fp32=getattr(args, "keep_fp32", False),
+                           embed_bits=getattr(args, "embed_bits", None),
+                           embed_group_size=getattr(args, "embed_group_size", 64))
     rows = StepLog.read(out / "log.jsonl")
     procs = f" ({world_size} processes)" if world_size > 1 else ""
     plot_losses(rows, out / "loss.png", gamma=args.gamma,
@@ -450,6 +470,7 @@ def run(args) -> int:
     # ---- model, data, budget: every failure here leaves the run folder untouched
     _say(f"loading {args.model} ...")
     teacher, tok = load_model(args.model, device=str(device))
+    check_save_options(args, teacher)
     train_bos, eval_bos = bos_choices(args, tok)
     sources = _sources(args.train_data)
     train, val = training_sequences(tok, sources, args.seq_len, val_fraction=args.val_fraction, seed=args.seed,

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import packing, storage
+from . import embedquant, packing, storage
 from .atomic_io import atomic_save_safetensors
 
 QUANT_METHOD = "rabit"
@@ -141,6 +141,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     seen: dict[tuple, str] = {}
     tied: dict[str, str] = {}
     float_dtype = None   # the dtype the model computes in, restored on load
+    own_dtype = embedquant.fixed_dtype_keys(model)   # group-quantized embedding scales keep theirs
     with torch.no_grad():
         for key, t in model.state_dict(keep_vars=False).items():
             if key.startswith(prefixes):
@@ -151,7 +152,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
                 continue
             if ident is not None:
                 seen[ident] = key
-            if t.is_floating_point():
+            if t.is_floating_point() and key not in own_dtype:
                 float_dtype = float_dtype or t.dtype
                 t = t.to(dtype)
             tensors[key] = t.detach().cpu().contiguous()
@@ -176,6 +177,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     if tied:
         qc["tied_weights"] = tied
     qc["storage_dtype"] = _dtype_name(dtype)
+    eq = embedquant.describe(model)
+    if eq:
+        qc["embedding_quant"] = eq
     comps = storage.component_modules(model)
     if comps:
         qc["component_modules"] = comps
@@ -243,6 +247,8 @@ def validate_quantization_config(qc, source: str = "quantization_config") -> dic
     sd = qc.get("storage_dtype")
     if sd is not None and sd not in SCALE_DTYPES:
         raise ValueError(f"{source}: storage_dtype {sd!r} is not one of {list(SCALE_DTYPES)}")
+    if qc.get("embedding_quant") is not None:
+        embedquant.validate_embedding_quant(qc["embedding_quant"], source)
     tied = qc.get("tied_weights")
     if tied is not None and (not isinstance(tied, dict) or
                              not all(isinstance(a, str) and isinstance(b, str) for a, b in tied.items())):
@@ -270,6 +276,8 @@ def replace_with_packed_skeleton(model: nn.Module, qc: dict, device="meta") -> n
             new = Packed(old.in_features, old.out_features, num_paths=per.get(name, qc["num_paths"]),
                          bias=old.bias is not None, scale_dtype=scale_dtype, device=device)
         _set_module(model, name, new)
+    if qc.get("embedding_quant"):
+        embedquant.build_skeleton_(model, qc["embedding_quant"], device)
     return model
 
 

@@ -1030,6 +1030,7 @@ def _run_quantize(args, env: DistEnv, cq) -> int:
                              f"the {env.world_size} processes")
         _say0(env, f"loading {args.model} ...")
         teacher, tok = load_model(args.model, device=str(env.device))
+        cq.check_save_options(args, teacher)
         train_bos, eval_bos = cq.bos_choices(args, tok)
         sources = cq._sources(args.train_data)
         train, val = training_sequences(tok, sources, args.seq_len, val_fraction=args.val_fraction, seed=args.seed,

@@ -1,11 +1,10 @@
 """BOS follows the tokenizer's own rule everywhere (training, calibration, perplexity, generation) unless a flag
 overrides it."""
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama
+from conftest import write_run_files
 from rabit.bos import resolve_bos, tokenizer_adds_bos
 from rabit.testing import tiny_tokenizer
 
@@ -52,13 +51,7 @@ def test_prompt_encoding_follows_the_same_rule():
 
 @pytest.fixture(scope="module")
 def bos_run_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bosrun")
-    make_tiny_llama(vocab_size=512).save_pretrained(root / "model")
-    bos_tokenizer().save_pretrained(root / "model")
-    corpora = Path(__file__).resolve().parents[1] / "src" / "rabit" / "corpora" / "austen"
-    (root / "train.txt").write_text((corpora / "emma.txt").read_text(encoding="utf-8")[:12000], encoding="utf-8")
-    (root / "eval.txt").write_text((corpora / "persuasion.txt").read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    return root
+    return write_run_files(tmp_path_factory.mktemp("bosrun"), bos_tokenizer(), 12000, 4000)
 
 
 @pytest.mark.parametrize("flag, expect_bos", [(None, True), ("--no-bos", False)])

@@ -251,34 +251,29 @@ def batch_distillation_loss(teacher: nn.Module, student: nn.Module, batch: torch
     (rabit.train.fused_head.head_parts), compute the KL from the last hidden states chunk by chunk instead of
     materializing both models' full logits (same loss and gradients, far less memory for large vocabularies)."""
     want_hidden = gamma > 0
+
+    def run(model, forward, grad: bool):
+        with torch.set_grad_enabled(grad), autocast_context(batch.device, autocast):
+            rec = BlockOutputs(model) if want_hidden else contextlib.nullcontext()
+            with rec:
+                out = forward(input_ids=batch, use_cache=False)
+            return out, (rec.hidden() if want_hidden else None)
+
+    parts_t = parts_s = None
     if fused_head:
         from .fused_head import fused_head_kl, head_parts
 
         parts_t, parts_s = head_parts(teacher), head_parts(student)
-        if parts_t is not None and parts_s is not None:
-            (body_t, head_t, cap_t), (body_s, head_s, cap_s) = parts_t, parts_s
-            with torch.no_grad(), autocast_context(batch.device, autocast):
-                rec_t = BlockOutputs(teacher) if want_hidden else contextlib.nullcontext()
-                with rec_t:
-                    h_t = body_t(input_ids=batch, use_cache=False).last_hidden_state
-                t_hidden = rec_t.hidden() if want_hidden else None
-            with torch.set_grad_enabled(need_grad), autocast_context(batch.device, autocast):
-                rec_s = BlockOutputs(student) if want_hidden else contextlib.nullcontext()
-                with rec_s:
-                    h_s = body_s(input_ids=batch, use_cache=False).last_hidden_state
-                s_hidden = rec_s.hidden() if want_hidden else None
-                kl = fused_head_kl(h_s, head_s, h_t, head_t, temperature, kl_chunk, cap_s, cap_t,
-                                   dtype=torch.bfloat16 if autocast else None)
-                return _with_hidden_term(kl, s_hidden, t_hidden, gamma, hidden_loss)
-    with torch.no_grad(), autocast_context(batch.device, autocast):
-        rec_t = BlockOutputs(teacher) if want_hidden else contextlib.nullcontext()
-        with rec_t:
-            t_logits = teacher(input_ids=batch, use_cache=False).logits
-        t_hidden = rec_t.hidden() if want_hidden else None
-    with torch.set_grad_enabled(need_grad), autocast_context(batch.device, autocast):
-        rec_s = BlockOutputs(student) if want_hidden else contextlib.nullcontext()
-        with rec_s:
-            s_logits = student(input_ids=batch, use_cache=False).logits
-        s_hidden = rec_s.hidden() if want_hidden else None
-        return distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma, temperature, kl_chunk,
+    if parts_t is not None and parts_s is not None:
+        (body_t, head_t, cap_t), (body_s, head_s, cap_s) = parts_t, parts_s
+        out_t, t_hidden = run(teacher, body_t, False)
+        out_s, s_hidden = run(student, body_s, need_grad)
+        with torch.set_grad_enabled(need_grad):
+            kl = fused_head_kl(out_s.last_hidden_state, head_s, out_t.last_hidden_state, head_t, temperature,
+                               kl_chunk, cap_s, cap_t, dtype=torch.bfloat16 if autocast else None)
+            return _with_hidden_term(kl, s_hidden, t_hidden, gamma, hidden_loss)
+    out_t, t_hidden = run(teacher, teacher, False)
+    out_s, s_hidden = run(student, student, need_grad)
+    with torch.set_grad_enabled(need_grad):
+        return distillation_loss(out_s.logits, out_t.logits, s_hidden, t_hidden, gamma, temperature, kl_chunk,
                                  hidden_loss)

@@ -37,6 +37,7 @@ class DataSpec:
     calib: str | None = None         # calibration corpus (None: the first training corpus)
     calib_samples: int = 16
     calib_len: int = 512
+    bos: bool | None = None          # start training/calibration sequences with BOS (None: the tokenizer's rule)
 
     @property
     def sources(self) -> list[str]:
@@ -76,6 +77,9 @@ class RunSpec:
     threads: int | None = None       # torch CPU threads (None: torch's choice)
     init_cache: bool = True          # reuse initialized paths from the init cache
     verify: bool = True              # check a checkpoint's checksums on --resume
+    keep_fp32: bool = False          # saved model: unquantized tensors in fp32 (default: 16 bits)
+    embed_bits: int | None = None    # saved model: embedding / full-precision head group-quantized to 8 or 4 bits
+    embed_group_size: int = 64
 
 
 @dataclass
@@ -212,7 +216,8 @@ class JobSpec:
         return (f"{t.batch_size * t.grad_accum} sequences per step = {t.grad_accum} micro-batch(es) of "
                 f"{t.batch_size} ({per} per process x {world_size} process(es))")
 
-    def run_record(self, model_path: str, train_sequences: int, autocast: bool) -> dict:
+    def run_record(self, model_path: str, train_sequences: int, autocast: bool, train_bos: bool = False,
+                   eval_bos: bool | None = None) -> dict:
         """run.json: what this run is (compared on --resume with identity_changes)."""
         tcfg = self.train_config(autocast)
         d = self.data
@@ -221,9 +226,9 @@ class JobSpec:
             "rabit_config": self.rabit.to_dict(), "train": tcfg.to_dict(), "tokens": self.steps * self.tokens_per_step,
             "data": {"train": d.sources, "seq_len": d.seq_len, "val_fraction": d.val_fraction,
                      "train_sequences": int(train_sequences), "calib": d.calib_sources,
-                     "calib_samples": d.calib_samples, "calib_len": d.calib_len},
+                     "calib_samples": d.calib_samples, "calib_len": d.calib_len, "bos": bool(train_bos)},
             "eval": {"data": self.eval.data, "seq_len": self.eval.seq_len, "windows": self.eval.windows,
-                     "bos": self.eval.bos, "val_sequences": d.val_sequences, "skip_init": self.eval.skip_init,
+                     "bos": self.eval.bos if eval_bos is None else bool(eval_bos), "val_sequences": d.val_sequences, "skip_init": self.eval.skip_init,
                      "ood_data": self.eval.ood_data, "ood_windows": self.eval.ood_windows},
             "stages": {"blocks": self.blocks.to_dict() if self.block_stage else None,
                        "scale_tokens": self.scale_steps * self.tokens_per_step},

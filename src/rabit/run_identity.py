@@ -15,7 +15,8 @@ def to_plain(d: dict) -> dict:
 NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version", "distributed")
 # Settings added after version 1 of run.json, with the value older runs implicitly used.
 ADDED_SETTINGS = {"train.hidden_loss": "mse", "train.train_latents": True, "train.optim.muon_ns_dtype": "auto",
-                  "stages.blocks": None, "stages.scale_tokens": 0}
+                  "stages.blocks": None, "stages.scale_tokens": 0,
+                  "data.bos": False}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

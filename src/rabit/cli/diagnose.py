@@ -31,6 +31,9 @@ def add_parser(sub):
     p.add_argument("--calib-source", default="wikitext2-valid", help="calibration corpus (default: wikitext2-valid)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration sequences (default: 8)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    from ..bos import add_bos_args
+
+    add_bos_args(p, "calibration sequences")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -103,7 +106,10 @@ def run(args) -> int:
     teacher, tok = load_model(teacher_name, device=device)
     if quantized_layers(teacher) or is_rabit_folder(resolve_model_path(teacher_name)):
         raise ValueError(f"the teacher {teacher_name} is itself quantized: give the full-precision model")
-    calib = calibration_batch(tok, args.calib_source, args.calib_samples, args.calib_len, seed=args.seed)
+    from ..bos import resolve_bos
+
+    calib = calibration_batch(tok, args.calib_source, args.calib_samples, args.calib_len, seed=args.seed,
+                              add_bos=resolve_bos(tok, args.bos).use)
     if args.ptq:
         import copy
 

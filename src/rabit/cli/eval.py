@@ -28,7 +28,9 @@ def add_parser(sub):
                         "austen), .txt/.jsonl files or folders, hf:NAME[:CONFIG][:SPLIT]; 'none' to skip "
                         "(default: wikitext2-test)")
     p.add_argument("--seq-len", type=int, default=2048, help="perplexity window length (default: 2048)")
-    p.add_argument("--bos", action="store_true", help="prefix each perplexity window with BOS")
+    from ..bos import add_bos_args
+
+    add_bos_args(p, "each perplexity window")
     p.add_argument("--max-windows", type=int, default=None,
                    help="perplexity on the first N windows of each corpus only")
     p.add_argument("--tasks", default="", metavar="TASKS",
@@ -162,18 +164,17 @@ def run(args) -> int:
     kind = "rabit" if Path(resolved).is_dir() and is_rabit_folder(resolved) else "hf"
     print(f"loaded {args.path} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
           f"as tensors) in {time.time() - t0:.1f} s on {device}", flush=True)
-    bos = None
-    if args.bos:
-        if tok.bos_token_id is None:
-            raise ValueError("--bos: the tokenizer has no BOS token")
-        bos = tok.bos_token_id
+    from ..bos import resolve_bos
+
+    bos_choice = resolve_bos(tok, args.bos)
+    bos = bos_choice.token_id
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and args.seq_len + (1 if bos is not None else 0) > max_pos and corpora:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_pos}",
               flush=True)
 
     result = dict(model=args.path, resolved_path=str(resolved), kind=kind, device=device, dtype=args.dtype,
-                  seq_len=args.seq_len, bos=bos is not None, max_windows=args.max_windows, limit=args.limit,
+                  seq_len=args.seq_len, bos=bos is not None, bos_source=bos_choice.source, max_windows=args.max_windows, limit=args.limit,
                   num_fewshot=args.num_fewshot, perplexity={}, tasks={})
     for corpus in corpora:
         t0 = time.time()

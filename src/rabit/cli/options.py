@@ -38,6 +38,13 @@ _OPTIONS = [
     Option("--resume", "run.resume", "model and output", "continue the run in --out from its last checkpoint", "true"),
     Option("--no-verify", "run.verify", "model and output",
            "--resume without checking the checkpoint's checksums (at your own risk)", "false"),
+    Option("--keep-fp32", "run.keep_fp32", "model and output", "store the unquantized tensors (embeddings, head, "
+           "norms) of the saved model in fp32 (default: 16 bits, the source checkpoint's dtype or bf16)", "true"),
+    Option("--embed-bits", "run.embed_bits", "model and output", "also quantize the embedding and full-precision "
+           "output head of the saved model group-wise to 8 or 4 bits (default: keep them in 16 bits; see "
+           "docs/RESULTS.md for the cost)", type=int, choices=(8, 4)),
+    Option("--embed-group-size", "run.embed_group_size", "model and output", "values per scale with --embed-bits",
+           type=int),
     Option("--device", "run.device", "model and output", "cpu or cuda[:N]"),
     Option("--no-progress", "run.progress", "model and output", "no progress bars", "false"),
     Option("--threads", "run.threads", "model and output",
@@ -134,7 +141,8 @@ _OPTIONS = [
     Option("--eval-seq-len", "eval.seq_len", "evaluation", "perplexity window", type=int),
     Option("--eval-windows", "eval.windows", "evaluation",
            "evaluate the first N windows (0 = the whole corpus, ~13 min per model on 2 CPU cores)", type=int),
-    Option("--eval-bos", "eval.bos", "evaluation", "prefix each perplexity window with BOS", "true"),
+    Option("--eval-bos", "eval.bos", "evaluation",
+           "prefix each perplexity window with BOS even where --bos / the tokenizer says not to", "true"),
     Option("--skip-init-eval", "eval.skip_init", "evaluation",
            "do not measure the perplexity of the initialized model before training", "true"),
     Option("--ood-data", "eval.ood_data", "evaluation", "a corpus of a domain not trained on, scored FP and 2-bit at "
@@ -190,6 +198,11 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                            metavar=None if o.choices else o.flag[2:].upper().replace("-", "_"),
                            action="append" if o.append else "store",
                            default=None if o.flag in _BATCH_FLAGS or o.append else default, help=o.help + shown)
+    import argparse as _argparse
+
+    groups["data"].add_argument("--bos", dest="data.bos", action=_argparse.BooleanOptionalAction, default=None,
+                                help="start training, calibration and perplexity sequences with BOS (default: as "
+                                     "the tokenizer does when encoding text)")
     bf16 = groups["distillation"]
     bf16.add_argument("--bf16", dest="train.autocast", action="store_true", default=None,
                       help="bf16 autocast (default: on where the device has native bf16)")
@@ -200,7 +213,7 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
     """The JobSpec of parsed `rabit quantize` arguments (nothing is checked here: JobSpec.validate does that)."""
     spec = JobSpec()
     values = vars(args)
-    for o in _OPTIONS + [Option("--bf16", "train.autocast", "", "")]:
+    for o in _OPTIONS + [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", "")]:
         value = values.get(o.path)
         if o.append and value is not None:
             value = tuple(value)
@@ -231,6 +244,8 @@ def job_to_argv(spec: JobSpec) -> list[str]:
             argv += [o.flag, str(value)]
     if spec.train.autocast is not None:
         argv.append("--bf16" if spec.train.autocast else "--no-bf16")
+    if spec.data.bos is not None:
+        argv.append("--bos" if spec.data.bos else "--no-bos")
     return argv
 
 

@@ -33,7 +33,9 @@ def add_parser(sub):
     p.add_argument("--eval-source", default=d.eval.data)
     p.add_argument("--seq-len", type=int, default=d.eval.seq_len)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--bos", action="store_true", help="prefix each evaluation window with BOS")
+    from ..bos import add_bos_args
+
+    add_bos_args(p, "calibration sequences and evaluation windows")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
 
@@ -70,7 +72,11 @@ def run(args) -> int:
     torch.manual_seed(0)
     model, tok = load_model(spec.model)
     tokens = eval_tokens(tok, ev.data)
-    bos = tok.bos_token_id if ev.bos else None
+    from ..bos import resolve_bos
+
+    bos_choice = resolve_bos(tok, getattr(args, "bos", None))
+    bos = bos_choice.token_id
+    print(bos_choice.describe(), flush=True)
     ppl = lambda m: perplexity(m, tokens, ev.seq_len, bos, ev.windows or None, progress=True)
     rows = []
     t0 = time.time()
@@ -81,7 +87,7 @@ def run(args) -> int:
     for m in methods:
         cfg = dataclasses.replace(spec.rabit, **METHODS[m])
         if cfg.precondition and stats is None:
-            calib = calibration_batch(tok, d.calib, d.calib_samples, d.calib_len)
+            calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, add_bos=bos_choice.use)
             stats = collect_channel_stats(model, find_linear_layers(model, cfg), calib, progress=True)
         t0 = time.time()
         q = quantize_(copy.deepcopy(model), cfg, stats=stats)

@@ -74,30 +74,48 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
     return value, False
 
 
-def save_student(student, out: Path, tokenizer, base_model: str) -> list[Path]:
-    """Save the trained student: a plain safetensors state dict now, plus the packed format when available."""
+def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool = False,
+                 embed_bits: int | None = None, embed_group_size: int = 64) -> list[Path]:
+    """Save the trained student: a plain safetensors state dict (the exact training state, with checksums), plus
+    the packed format (unquantized tensors in 16 bits unless keep_fp32; embedding and head group-quantized to
+    embed_bits, which converts `student` in place), whose size per component is printed."""
     from ..atomic_io import atomic_save_safetensors, atomic_write_json
+    from ..integrity import checksum_metadata
+    from ..serialization import save_quantized, size_report
+    from ..storage import format_size_report
     from ..train.checkpoint import dedup_state_dict
 
     cfg = getattr(student, "rabit_config", None)
     unique, aliases = dedup_state_dict(student.state_dict())
     meta = {"format": "rabit-state-dict", "base_model": base_model, "aliases": json.dumps(aliases),
             "rabit_config": cfg.to_json() if cfg is not None else "{}"}
-    from ..integrity import checksum_metadata
-
     atomic_save_safetensors(unique, out / "model.safetensors", metadata={**meta, **checksum_metadata(unique)})
     if cfg is not None:
         atomic_write_json(out / "rabit_config.json", cfg.to_dict())
-    written = [out / "model.safetensors"]
-    # ---- packed 2-bit export: the single call site for rabit.serialization (built separately) ----
-    try:
-        from ..serialization import save_quantized
-    except ImportError:
-        save_quantized = None
-    if save_quantized is not None:
-        save_quantized(student, out / "quantized", tokenizer)
-        written.append(out / "quantized")
-    return written
+    if embed_bits:
+        from ..embedquant import quantize_embeddings_
+
+        quantize_embeddings_(student, embed_bits, embed_group_size)
+    save_quantized(student, out / "quantized", tokenizer, dtype=torch.float32 if keep_fp32 else None)
+    _say(format_size_report(size_report(out / "quantized")))
+    return [out / "model.safetensors", out / "quantized"]
+
+
+def check_save_options(spec: JobSpec, teacher) -> None:
+    """Refuse a save option that cannot apply to this model before training, not after."""
+    if spec.run.embed_bits:
+        from ..embedquant import check_group_size
+
+        check_group_size(teacher.get_input_embeddings().embedding_dim, spec.run.embed_group_size)
+
+
+def bos_choices(spec: JobSpec, tokenizer):
+    """(BOS of training and calibration sequences, BOS of perplexity windows), each a rabit.bos.BosChoice: the
+    tokenizer's rule unless --bos / --no-bos; --eval-bos forces BOS in evaluation only."""
+    from ..bos import resolve_bos
+
+    train = resolve_bos(tokenizer, spec.data.bos)
+    return train, (resolve_bos(tokenizer, True) if spec.eval.bos else train)
 
 
 def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool, use_cache: bool):
@@ -149,7 +167,8 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
     from ..train.report import plot_losses, summary_markdown
     from ..train.trainer import StepLog
 
-    written = save_student(student, out, tokenizer, spec.model)
+    written = save_student(student, out, tokenizer, spec.model, keep_fp32=spec.run.keep_fp32,
+                           embed_bits=spec.run.embed_bits, embed_group_size=spec.run.embed_group_size)
     rows = StepLog.read(out / "log.jsonl")
     procs = f" ({world_size} processes)" if world_size > 1 else ""
     rc = spec.rabit
@@ -217,12 +236,16 @@ def run_job(spec: JobSpec) -> int:
     # ---- model, data, budget: every failure here leaves the run folder untouched
     _say(f"loading {spec.model} ...")
     teacher, tok = load_model(spec.model, device=str(device))
+    check_save_options(spec, teacher)
+    train_bos, eval_bos = bos_choices(spec, tok)
     sources = d.sources
-    train, val = training_sequences(tok, sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed)
+    train, val = training_sequences(tok, sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
+                                    add_bos=train_bos.use)
     autocast = native_bf16(device) if spec.train.autocast is None else spec.train.autocast
     tcfg = spec.train_config(autocast)
     steps = tcfg.steps
-    run_info = spec.run_record(str(resolve_model_path(spec.model)), int(train.shape[0]), autocast)
+    run_info = spec.run_record(str(resolve_model_path(spec.model)), int(train.shape[0]), autocast, train_bos.use,
+                               eval_bos.use)
     run_folder.check_same_run(out, old_run, run_info, rs.resume, rs.overwrite)
     ck_path = latest_checkpoint(out) if rs.resume else None  # raises CheckpointError when damaged
     if ck_path is not None:
@@ -231,16 +254,16 @@ def run_job(spec: JobSpec) -> int:
     if eval_stream.numel() < ev.seq_len:
         raise ValueError(f"--eval-data {ev.data} has {eval_stream.numel()} tokens, fewer than one "
                          f"window of {ev.seq_len}")
-    eval_desc = ev.description()
+    eval_desc = ev.description() + (", BOS-prefixed" if eval_bos.use and not ev.bos else "")
 
     # ---- all checks passed: prepare the folder
     run_folder.prepare(out, state, rs.overwrite, run_info)
     _say(f"run folder: {out}")
     _say(f"training: {steps} steps x {spec.tokens_per_step} tokens = {steps * spec.tokens_per_step:,} tokens from "
          f"{', '.join(sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
-         f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}")
+         f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}, {train_bos.describe()}")
 
-    bos = tok.bos_token_id if ev.bos else None
+    bos = eval_bos.token_id
     windows = ev.windows or None
 
     def ppl(model, what):
@@ -274,7 +297,8 @@ def run_job(spec: JobSpec) -> int:
     else:
         calib = None
         if rc.precondition:
-            calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed)
+            calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed,
+                                      add_bos=train_bos.use)
         t0 = time.time()
         student, cached = _initialized_student(teacher, rc, calib, autocast, progress, rs.init_cache)
         evals["init_seconds"] = time.time() - t0
@@ -286,7 +310,7 @@ def run_job(spec: JobSpec) -> int:
         atomic_write_json(evals_path, evals)
     student.to(device)
     if spec.block_stage and ck_path is None:
-        _block_stage(spec, teacher, student, tok, out, evals, ppl, progress)
+        _block_stage(spec, teacher, student, tok, out, evals, ppl, progress, train_bos.use)
 
     trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
     if ck_path is not None:
@@ -315,12 +339,14 @@ def run_job(spec: JobSpec) -> int:
 
     final = ppl(student, f"{rc.num_paths}-bit distilled")
     _say(f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
-    _out_of_domain(spec, teacher, student, tok, evals, progress)
+    _out_of_domain(spec, teacher, student, tok, evals, progress, bos)
     atomic_write_json(evals_path, evals)
-    return finish_run(spec, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0)
+    return finish_run(spec, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0,
+                      extra={"bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}})
 
 
-def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, ppl, progress: bool) -> None:
+def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, ppl, progress: bool,
+                 add_bos: bool = False) -> None:
     """Block-wise refinement / reconstruction of the initialized student, in place (resumes from <out>/blocks)."""
     from ..data import calibration_batch
     from ..train.blockwise import BlockReconstruction
@@ -328,7 +354,7 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
 
     b = spec.blocks
     # drawn from the whole training mix, with another seed than the initialization's calibration
-    rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1)
+    rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1, add_bos=add_bos)
     what = (f"refinement ({b.refine_rounds} round(s))" if b.refine_rounds else "") + \
         (f"{' + ' if b.refine_rounds else ''}training ({b.epochs} epoch(s))" if b.epochs else "")
     _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens ...")
@@ -344,7 +370,7 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
     atomic_write_json(out / "evals.json", evals)
 
 
-def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool) -> None:
+def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool, bos: int | None = None) -> None:
     """FP and 2-bit perplexity on spec.eval.ood_data (a domain the run did not train on, by default)."""
     from ..data import builtin_files, eval_tokens, tokenizer_fingerprint
     from ..eval.perplexity import perplexity
@@ -361,8 +387,8 @@ def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: 
         " (NOTE: part of the training data)" if trained else " (a domain not trained on)")
     _say(f"perplexity on {desc} ...")
     key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok), "corpus": ev.ood_data,
-           "seq_len": seq, "windows": windows, "bos": None, "dtype": "float32"}
-    fp, _ = _fp_ppl_cached(teacher, key, lambda: perplexity(teacher, stream, seq, None, windows, progress=progress))
-    q = perplexity(student, stream, seq, None, windows, progress=progress)
+           "seq_len": seq, "windows": windows, "bos": bos, "dtype": "float32"}
+    fp, _ = _fp_ppl_cached(teacher, key, lambda: perplexity(teacher, stream, seq, bos, windows, progress=progress))
+    q = perplexity(student, stream, seq, bos, windows, progress=progress)
     evals["ood"] = {"description": desc, "fp": fp, "final": q, "trained_on": trained}
     _say(f"{ev.ood_data}: full precision {fp:.3f}, {spec.rabit.num_paths}-bit {q:.3f}")

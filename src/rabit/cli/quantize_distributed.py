@@ -134,10 +134,14 @@ def _run_quantize(spec: JobSpec, env) -> int:
         state, old_run = run_folder.check_folder(out, rs.resume, rs.overwrite)
         _say0(env, f"loading {spec.model} ...")
         teacher, tok = load_model(spec.model, device=str(env.device))
-        train, val = training_sequences(tok, d.sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed)
+        single.check_save_options(spec, teacher)
+        train_bos, eval_bos = single.bos_choices(spec, tok)
+        train, val = training_sequences(tok, d.sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
+                                        add_bos=train_bos.use)
         autocast = native_bf16(env.device) if spec.train.autocast is None else spec.train.autocast
         tcfg = spec.train_config(autocast)
-        run_info = spec.run_record(str(resolve_model_path(spec.model)), int(train.shape[0]), autocast)
+        run_info = spec.run_record(str(resolve_model_path(spec.model)), int(train.shape[0]), autocast, train_bos.use,
+                                   eval_bos.use)
         run_folder.check_same_run(out, old_run, run_info, rs.resume, rs.overwrite)
         ck = latest_any(out) if rs.resume else None
         eval_stream = eval_tokens(tok, ev.data)
@@ -151,16 +155,17 @@ def _run_quantize(spec: JobSpec, env) -> int:
                    f"({spec.split_description(env.world_size)}), bf16 autocast {'on' if autocast else 'off'}, "
                    f"mode {rc.mode}, k={rc.num_paths}, teacher {dcfg.teacher}, Muon {dcfg.muon}")
         return {"tcfg": tcfg, "ck": str(ck[1]) if ck else None, "hf_config": teacher.config,
-                "dtype": next(teacher.parameters()).dtype, "autocast": autocast}
+                "dtype": next(teacher.parameters()).dtype, "autocast": autocast,
+                "bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}}
 
     info = rank0_decides(stage1, env)
     tcfg, ck = info["tcfg"], info["ck"]
-    eval_desc = ev.description()
+    eval_desc = ev.description() + (", BOS-prefixed" if info["bos"]["eval"]["use"] and not ev.bos else "")
 
     def ppl(model, what):
         tok = local["tok"]
         _say0(env, f"perplexity of the {what} model on {eval_desc} ...")
-        return perplexity(model, local["eval_stream"], ev.seq_len, tok.bos_token_id if ev.bos else None,
+        return perplexity(model, local["eval_stream"], ev.seq_len, info["bos"]["eval"]["token_id"],
                           ev.windows or None, progress=progress)
 
     # ---- stage 2 (rank 0): FP perplexity, calibration + initialization (others: the meta architecture)
@@ -176,7 +181,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
         if "fp" not in evals:
             key = {"model": single._model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
                    "corpus": ev.data, "seq_len": ev.seq_len, "windows": ev.windows,
-                   "bos": tok.bos_token_id if ev.bos else None, "dtype": "float32"}
+                   "bos": info["bos"]["eval"]["token_id"], "dtype": "float32"}
             evals["fp"], hit = single._fp_ppl_cached(teacher, key, lambda: ppl(teacher, "full-precision"))
             _say0(env, f"full precision: perplexity {evals['fp']:.3f}" + (" (cached)" if hit else ""))
         if ck is not None:
@@ -184,7 +189,8 @@ def _run_quantize(spec: JobSpec, env) -> int:
         else:
             calib = None
             if rc.precondition:
-                calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed)
+                calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed,
+                                          add_bos=info["bos"]["train"]["use"])
             t0 = time.time()
             _say0(env, f"initializing ({rc.init}) on rank 0 ...")
             student, evals["init_cached"] = single._initialized_student(teacher, rc, calib, info["autocast"],
@@ -194,7 +200,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
                 evals["init"] = ppl(student, f"{rc.num_paths}-bit initialized")
                 _say0(env, f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
             if spec.block_stage:  # on rank 0 only, before the student is sharded
-                single._block_stage(spec, teacher, student, tok, out, evals, ppl, progress)
+                single._block_stage(spec, teacher, student, tok, out, evals, ppl, progress, info["bos"]["train"]["use"])
         atomic_write_json(evals_path, evals)
         local.update(student=student, evals=evals)
         return True
@@ -253,4 +259,5 @@ def _run_quantize(spec: JobSpec, env) -> int:
               "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]}
     return single.finish_run(spec, out, final_student, tok, evals, eval_desc, final, result, val_after,
                              info["autocast"], wall0, world_size=env.world_size,
-                             extra={"memory": memory, "step_split": spec.split_description(env.world_size)})
+                             extra={"memory": memory, "step_split": spec.split_description(env.world_size),
+                                    "bos": info["bos"]})

@@ -89,4 +89,10 @@ def summary_markdown(s: dict) -> str:
               f"| distillation loss (held-out) before -> after | {_fmt((t.get('val_before') or {}).get('loss'), '.4f')}"
               f" -> {_fmt((t.get('val_after') or {}).get('loss'), '.4f')} |",
               f"| total wall time | {_fmt(s.get('wall_seconds'), '.0f')} s |"]
+    bos = s.get("bos") or {}
+    for what, key in (("training/calibration", "train"), ("evaluation", "eval")):
+        if isinstance(bos.get(key), dict):   # which BOS rule the run followed, and who chose it
+            b = bos[key]
+            lines.append(f"| BOS ({what}) | {'on' if b.get('use') else 'off'} "
+                         f"({'from the tokenizer' if b.get('source') == 'tokenizer' else 'set by flag'}) |")
     return "\n".join(lines) + "\n"

@@ -1,24 +1,17 @@
 """`rabit ablate` end to end on a tiny model: every cell trains, the table and plot are written, the cells
 share one initialization, and a second call resumes instead of retraining."""
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama
+from conftest import write_run_files
 
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     from rabit.testing import tiny_tokenizer
 
-    root = tmp_path_factory.mktemp("ablate")
-    make_tiny_llama(vocab_size=512).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    corpora = Path(__file__).resolve().parents[1] / "src" / "rabit" / "corpora" / "austen"
-    (root / "train.txt").write_text((corpora / "emma.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    (root / "eval.txt").write_text((corpora / "persuasion.txt").read_text(encoding="utf-8")[:6000], encoding="utf-8")
-    return root
+    return write_run_files(tmp_path_factory.mktemp("ablate"), tiny_tokenizer())
 
 
 def test_ablate_runs_cells_writes_table_and_resumes(tiny_files, tmp_path, monkeypatch, capsys):

@@ -84,6 +84,19 @@ def test_other_builtins():
     assert "Homarus gammarus" in valid[:100] and "<unk>" in valid
 
 
+def test_shakespeare_and_the_out_of_domain_austen_text():
+    plays = data.load_text("shakespeare")
+    assert plays.startswith("HAMLET, PRINCE OF DENMARK")
+    for title in ("\n\nMACBETH\n\nby William Shakespeare", "To be, or not to be", "KING RICHARD III"):
+        assert title.lower() in plays.lower()
+    assert 1_700_000 < len(plays) < 2_000_000
+    persuasion = data.load_text("austen-persuasion")
+    assert persuasion.startswith("Persuasion") and persuasion in data.load_text("austen")
+    assert set(data.builtin_files("austen-persuasion")) <= set(data.builtin_files("austen"))
+    assert not set(data.builtin_files("austen")) & set(data.builtin_files("shakespeare"))
+    assert data.builtin_files("my/own.txt") == ()
+
+
 def test_unknown_name_and_missing_path(tmp_path):
     with pytest.raises(ValueError, match=r"unknown corpus 'austin'.*Did you mean 'austen'"):
         data.load_text("austin")

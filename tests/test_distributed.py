@@ -44,8 +44,11 @@ def _models(root: Path):
 
 
 def _muon_check(env) -> bool:
-    """DistributedMuon on Shard(0) DTensors (uneven rows; one matrix with no row on rank 1) == torch.optim.Muon."""
+    """DistributedMuon on Shard(0) DTensors (uneven rows; one matrix with no row on rank 1) == the one-process Muon
+    (rabit.train.optim.Muon: torch.optim.Muon with the Newton-Schulz dtype chosen per device)."""
     from torch import nn
+
+    from rabit.train.optim import Muon as rabit_muon
     from torch.distributed.tensor import Shard, distribute_tensor
 
     g = torch.Generator().manual_seed(1)
@@ -55,7 +58,7 @@ def _muon_check(env) -> bool:
     kw = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw")
     ref = [nn.Parameter(w.clone()) for w in weights]
     sharded = [nn.Parameter(distribute_tensor(w.clone(), env.mesh, [Shard(0)])) for w in weights]
-    ref_opt = torch.optim.Muon(ref, **kw)
+    ref_opt = rabit_muon(ref, **kw)  # the one-process Muon, same Newton-Schulz dtype
     opt = D.DistributedMuon(sharded, bucket_numel=40, **kw)  # small buckets: several rounds of gathers
     for step_grads in grads:
         for p, q, gr in zip(ref, sharded, step_grads):
@@ -84,6 +87,13 @@ def _worker(root: str) -> None:
         if step == 2 and trainer.env.rank == 1:
             raise RuntimeError("injected failure on rank 1")
 
+    # a run that one process started and stopped after step 2 (local checkpoints), continued by two processes
+    teacher, student = _models(root)
+    trainer = D.DistributedTrainer(teacher, student, train, _config(), root / "one-then-two", env, progress=False)
+    (root / f"one-then-two-resumed-{env.rank}.json").write_text(json.dumps({"resumed": trainer.resume(),
+                                                                           "step": trainer.step}))
+    trainer.train()
+
     (root / "fail-start").write_text(str(time.time()))
     teacher, student = _models(root)
     D.DistributedTrainer(teacher, student, train, _config(), root / "fail", env, progress=False,
@@ -100,9 +110,11 @@ def runs(tmp_path_factory):
     torch.save(train, root / "train.pt")
     # the 1-process reference: the ordinary single-process Trainer with the same global batch
     Trainer(teacher, student, train, _config(), root / "ref", progress=False).train()
+    teacher, student = _models(root)
+    Trainer(teacher, student, train, _config(), root / "one-then-two", progress=False).train(stop_at=2)
     error = None
     try:
-        D.spawn(_worker, 2, str(root), threads=1)
+        D.spawn(_worker, 2, str(root), threads=1, timeout=600)
     except Exception as e:  # noqa: BLE001 - the injected failure, checked below
         error = e
     return {"root": root, "error": error, "ended": time.time()}
@@ -156,6 +168,18 @@ def test_stopped_two_process_run_resumes_with_one_process(runs, monkeypatch):
     assert StepLog.read(run / "log.jsonl")[-1]["world_size"] == 1
 
 
+def test_one_process_run_resumes_with_two_processes(runs):
+    root = runs["root"]
+    for rank in (0, 1):
+        assert json.loads((root / f"one-then-two-resumed-{rank}.json").read_text()) == {"resumed": True, "step": 2}
+    rows, ref = StepLog.read(root / "one-then-two" / "log.jsonl"), _losses(root / "ref")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["world_size"] == rows[3]["world_size"] == 2  # steps 3-4 ran in the process group
+    assert [r["loss"] for r in rows] == pytest.approx(ref, rel=REL)
+    assert (root / "one-then-two" / "checkpoints" / "step-000002").is_dir()
+    assert (root / "one-then-two" / "dcp" / "step-000004" / ".metadata").is_file()
+
+
 def test_a_failure_on_one_rank_stops_every_rank_with_the_error(runs):
     err = runs["error"]
     assert err is not None, "the injected failure did not stop the run"
@@ -168,8 +192,9 @@ def test_a_failure_on_one_rank_stops_every_rank_with_the_error(runs):
     assert not (runs["root"] / "fail" / "dcp" / "latest").exists()
 
 
-def test_cli_nproc_2_end_to_end(tmp_path):
-    """`python -m rabit.train.distributed --nproc 2`: torchrun, rank-0-only output, a saved model; resume at 1."""
+def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
+    """`rabit quantize --nproc 2` with the default batch (1 x 4): the step is split across the processes; rank-0-only
+    output, a saved model; a bad combination fails in the launching process with one line."""
     from rabit.testing import tiny_tokenizer
 
     make_tiny_llama(vocab_size=512).save_pretrained(tmp_path / "model")
@@ -177,22 +202,66 @@ def test_cli_nproc_2_end_to_end(tmp_path):
     corpora = Path(__file__).resolve().parents[1] / "src" / "rabit" / "corpora" / "austen"
     (tmp_path / "train.txt").write_text((corpora / "emma.txt").read_text(encoding="utf-8")[:20000])
     (tmp_path / "eval.txt").write_text((corpora / "persuasion.txt").read_text(encoding="utf-8")[:6000])
+
     def cmd(out, *extra):
         args = ["--model", tmp_path / "model", "--out", out, "--train-data", tmp_path / "train.txt",
                 "--eval-data", tmp_path / "eval.txt", "--eval-seq-len", "64", "--eval-windows", "1", "--seq-len",
-                "32", "--tokens", "256", "--batch-size", "2", "--grad-accum", "1", "--save-every", "2",
-                "--calib-samples", "2", "--calib-len", "32", "--val-sequences", "2", "--no-progress", "--threads",
-                "1", "--skip-init-eval", *extra]
-        return [sys.executable, "-m", "rabit.train.distributed", *map(str, args)]
+                "32", "--tokens", "256", "--save-every", "2", "--calib-samples", "2", "--calib-len", "32",
+                "--val-sequences", "2", "--no-progress", "--threads", "1", "--skip-init-eval", *extra]
+        return [sys.executable, "-m", "rabit", "quantize", *map(str, args)]
 
     env = dict(os.environ, RABIT_CACHE=str(tmp_path / "cache"))
     p = subprocess.run(cmd(tmp_path / "run", "--nproc", "2"), capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("run folder:") == 1 and p.stderr.count("2-bit after distillation") == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["train"]["steps"] == 4 and summary["eval"]["final"] > 1
+    # 256 tokens / (1 x 4 x 32) = 2 steps, each of 4 sequences regrouped as 2 micro-batches of 2 (1 per process)
+    assert summary["world_size"] == 2 and summary["train"]["steps"] == 2 and summary["eval"]["final"] > 1
+    assert summary["step_split"].startswith("4 sequences per step = 2 micro-batch(es) of 2 (1 per process x 2")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["batch_size"] == 2
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "memory.json").is_file()
-    # an error found by rank 0 is printed once, and every rank stops
-    p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3"), capture_output=True, text=True,
+    # a batch the user set that does not split: one line from the launching process, nothing started or written
+    p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3", "--tokens", "768"), capture_output=True, text=True,
                        env=env, timeout=300)
-    assert p.returncode != 0 and p.stderr.count("must be divisible by the 2 processes") == 1
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "must be divisible by the 2 processes" in p.stderr, p.stderr
+    assert not (tmp_path / "run2").exists()
+
+
+_FAILING_WORKER = """
+import sys, time
+import torch.distributed as dist
+from rabit.cli.quantize_distributed import run_worker
+from rabit.train.process_group import init_distributed
+
+def run_quantize(spec):
+    env = init_distributed("cpu")
+    try:
+        dist.barrier()
+        if env.rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+        time.sleep(0.5)
+        dist.barrier()  # rank 0 waits for rank 1, which is gone: its own error is a consequence and not shown
+        return 0
+    finally:
+        dist.destroy_process_group()
+
+import rabit.cli.quantize_distributed as q
+q.run_quantize = run_quantize
+sys.exit(run_worker(None))  # the spec only reaches run_quantize, replaced here
+"""
+
+
+def test_a_worker_error_is_shown_once_and_the_others_stop_quietly():
+    from rabit.train.launch import launch_workers
+
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", "import sys\nfrom rabit.train.launch import launch_workers\n"
+                        f"sys.exit(launch_workers([sys.executable, '-c', {_FAILING_WORKER!r}], 2))"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert p.stderr.count("injected failure on rank 1") == 1, p.stderr
+    assert p.stderr.count("Traceback") == 1  # an internal error keeps its traceback, shown once
+    assert "Connection" not in p.stderr and "gloo" not in p.stderr.lower()
+    assert time.time() - t0 < 280
+    assert launch_workers  # imported in this process too: the module is importable without a process group

@@ -235,7 +235,7 @@ def test_cli_eval_saved_rabit_folder(tiny_folder, tmp_path, monkeypatch):
     model, tok = load_model(str(folder))
     q = quantize_(model, RaBiTConfig(precondition=False))
     saved = tmp_path / "q"
-    serialization.save_quantized(q, saved, tokenizer=tok, scale_dtype=torch.float32)
+    serialization.save_quantized(q, saved, tokenizer=tok, scale_dtype=torch.float32, dtype=torch.float32)
     expected = perplexity(q, eval_tokens(tok, str(text)), 64, None, 2)
     before = _folder_digest(saved)
     out = tmp_path / "res.json"

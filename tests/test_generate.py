@@ -121,3 +121,45 @@ def test_bench_decode_cli_tiny(capsys):
     out = capsys.readouterr().out
     assert "| rabit 2-bit" in out and "| PyTorch fp32 |" in out and "2 x 3 tok" in out
     assert main(["bench", "decode", "--engines", "nope", "--layers", "1"]) == 2
+
+
+def test_bench_decode_reports_a_failing_engine_and_runs_the_others(monkeypatch):
+    from rabit import decode_bench
+    from rabit.cli.bench import format_decode_table, run_decode_bench
+
+    calls = []
+
+    def fake_once(spec, env, timeout=None):
+        calls.append((spec["engine"], env.get("OMP_WAIT_POLICY")))
+        if spec["engine"] == "fp32":
+            raise decode_bench.EngineFailed("killed by SIGSEGV: fake")
+        return 10.0 + len(calls)
+
+    monkeypatch.setattr(decode_bench, "torch_engine_once", fake_once)
+    res = run_decode_bench(dict(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=256), 4, 3,
+                           reps=3, engines="fp32,rabit", log=lambda s: None)
+    assert res["failed"] == {"fp32": "killed by SIGSEGV: fake"}
+    assert [r["engine"] for r in res["rows"]] == ["rabit"] and res["rows"][0]["runs"] == 3
+    assert calls == [("fp32", "ACTIVE")] + [("rabit", "ACTIVE")] * 3  # a failed engine is not retried
+    assert "FAILED: killed by SIGSEGV" in format_decode_table(res)
+
+
+def test_engine_process_crash_and_environment():
+    import signal
+    import sys
+
+    import pytest
+
+    from rabit.decode_bench import EngineFailed, engine_env, run_engine_process
+
+    with pytest.raises(EngineFailed, match="killed by SIGSEGV"):
+        run_engine_process([sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signal.SIGSEGV)})"], {})
+    with pytest.raises(EngineFailed, match="exit status 3"):
+        run_engine_process([sys.executable, "-c", "raise SystemExit(3)"], {})
+    base = {"OMP_WAIT_POLICY": "PASSIVE", "X": "1"}
+    assert engine_env("rabit", "engine", base)["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "OMP_WAIT_POLICY" not in engine_env("tq2_0", "engine", base)  # llama.cpp keeps its own default
+    assert engine_env("tq2_0", "active", base)["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert engine_env("rabit", "inherit", base) == base
+    with pytest.raises(ValueError):
+        engine_env("rabit", "spin", base)

@@ -46,7 +46,7 @@ def _logits(model):
 def test_roundtrip_fp32_exact_and_fp16_close(tmp_path):
     model = _quantized()
     ref = _logits(model)
-    save_quantized(model, tmp_path / "q32", scale_dtype=torch.float32)
+    save_quantized(model, tmp_path / "q32", scale_dtype=torch.float32, dtype=torch.float32)
     # the caller's model is not modified
     assert isinstance(model.model.layers[0].self_attn.q_proj, RaBiTLinear)
     assert torch.equal(_logits(model), ref)
@@ -75,7 +75,7 @@ def test_pack_model_in_place_and_save_packed(tmp_path):
     pack_model_(model, scale_dtype=torch.float32)
     assert not any(isinstance(m, RaBiTLinear) for m in model.modules())
     torch.testing.assert_close(_logits(model), ref, rtol=0, atol=2e-5)
-    save_quantized(model, tmp_path / "p")   # keeps the packed layers' fp32 scales
+    save_quantized(model, tmp_path / "p", dtype=torch.float32)   # keeps the packed layers' fp32 scales
     assert json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["scale_dtype"] == "float32"
     torch.testing.assert_close(_logits(load_quantized(tmp_path / "p")), ref, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="no RaBiT"):
@@ -88,7 +88,7 @@ def test_tied_embeddings_survive(tmp_path, exclude):
 
     model = _quantized(tie=True, exclude=exclude, trained=False)
     ref = _logits(model)
-    save_quantized(model, tmp_path / "t", scale_dtype=torch.float32)
+    save_quantized(model, tmp_path / "t", scale_dtype=torch.float32, dtype=torch.float32)
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     for loaded in (load_quantized(tmp_path / "t"), AutoModelForCausalLM.from_pretrained(tmp_path / "t")):
         torch.testing.assert_close(_logits(loaded), ref, rtol=0, atol=2e-5)
@@ -102,7 +102,7 @@ def test_tied_embeddings_survive(tmp_path, exclude):
 def test_from_pretrained_after_import_rabit(tmp_path):
     """A fresh interpreter: `import rabit` is enough for AutoModelForCausalLM.from_pretrained."""
     model = _quantized(trained=False)
-    save_quantized(model, tmp_path / "m", scale_dtype=torch.float32)
+    save_quantized(model, tmp_path / "m", scale_dtype=torch.float32, dtype=torch.float32)
     torch.save(_logits(model), tmp_path / "ref.pt")
     code = (
         "import sys, torch, rabit\n"
@@ -180,10 +180,12 @@ def _edit_config(path, fn):
 def test_bad_config(saved, tmp_path, edit, match):
     path = _copy(saved, tmp_path)
     _edit_config(path, edit)
-    with pytest.raises(ValueError, match=match) as e:
-        load_quantized(path)
+    with pytest.raises(ValueError, match=match) as e:   # the structure checks, without the checksums
+        load_quantized(path, verify=False)
     if "no quantization_config" in match or "format_version" in match:
         assert "config.json" in str(e.value)
+    with pytest.raises(ValueError, match="config.json") as e:   # with them, whichever check comes first
+        load_quantized(path)
 
 
 def _rewrite_tensors(path, fn):
@@ -211,13 +213,18 @@ def _rewrite_tensors(path, fn):
 def test_bad_tensors(saved, tmp_path, edit, match):
     from transformers import AutoModelForCausalLM
 
+    from rabit.integrity import IntegrityError, verification_skipped
+
     path = _copy(saved, tmp_path)
     _rewrite_tensors(path, edit)
-    with pytest.raises(ValueError, match=match) as e:
-        load_quantized(path)
+    with pytest.raises(ValueError, match=match) as e:   # the structure checks, without the checksums
+        load_quantized(path, verify=False)
     assert "model.safetensors" in str(e.value)
-    with pytest.raises(ValueError, match=match):   # the transformers entry point checks the same way
+    with pytest.raises(ValueError, match=match), verification_skipped():   # the transformers entry point too
         AutoModelForCausalLM.from_pretrained(path)
+    for load in (load_quantized, AutoModelForCausalLM.from_pretrained):   # the rewrite lost the checksums
+        with pytest.raises(IntegrityError, match="model.safetensors: its checksum record is missing"):
+            load(path)
 
 
 def test_truncated_and_missing_weights(saved, tmp_path):

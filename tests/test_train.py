@@ -225,7 +225,7 @@ def test_nan_in_the_loss_stops_with_the_step_after_saving_the_last_good_state(tm
             with torch.no_grad():
                 layer.scale_out[0][0] = float("nan")
 
-    cfg = TrainConfig(steps=10, autocast=False, save_every=100)
+    cfg = TrainConfig(steps=10, grad_accum=1, autocast=False, save_every=100)
     tr = Trainer(teacher, student, rows(), cfg, tmp_path, progress=False, step_callback=poison)
     with pytest.raises(TrainingDiverged, match=r"step 4\b") as info:
         tr.train()
@@ -243,10 +243,11 @@ def test_nan_in_the_second_step_saves_the_initial_state(tmp_path):
 
     def poison(trainer, step):
         if step == 2:
+            # (an infinite latent is no longer enough: the fused coupled op derives finite signs from it)
             with torch.no_grad():
-                next(iter(rabit_layers(trainer.student).values())).latent[0, 0] = float("inf")
+                next(iter(rabit_layers(trainer.student).values())).scale_out[0][0] = float("nan")
 
-    tr = Trainer(teacher, student, rows(), TrainConfig(steps=5, autocast=False, save_every=100), tmp_path,
+    tr = Trainer(teacher, student, rows(), TrainConfig(steps=5, grad_accum=1, autocast=False, save_every=100), tmp_path,
                  progress=False, step_callback=poison)
     with pytest.raises(TrainingDiverged, match="at step 2"):
         tr.train()
@@ -256,7 +257,7 @@ def test_nan_in_the_second_step_saves_the_initial_state(tmp_path):
         assert torch.equal(ck.model[k], v), k
     # and that state resumes
     teacher2, student2 = tiny_student()
-    tr2 = Trainer(teacher2, student2, rows(), TrainConfig(steps=5, autocast=False, save_every=100), tmp_path,
+    tr2 = Trainer(teacher2, student2, rows(), TrainConfig(steps=5, grad_accum=1, autocast=False, save_every=100), tmp_path,
                   progress=False)
     assert tr2.resume() and tr2.step == 0
     assert tr2.train().steps == 5
@@ -399,3 +400,24 @@ def test_cli_bad_input_is_refused_and_writes_nothing(case, cli, tiny_run_files, 
     assert expect in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 or err.count("error:") == 1
     assert not out.exists()
+
+
+def test_train_latents_false_keeps_latents_bit_identical_and_trains_scales(tmp_path):
+    teacher, student = tiny_student()
+    layers = list(rabit_layers(student).values())
+    latents0 = [p.detach().clone() for layer in layers for p in layer.latent_parameters()]
+    scales0 = [p.detach().clone() for layer in layers for p in layer.scale_parameters()]
+    cfg = TrainConfig(steps=2, grad_accum=1, autocast=False, train_latents=False)
+    tr = Trainer(teacher, student, rows(), cfg, tmp_path, progress=False)
+    assert tr.optim.muon is None and not tr.split.latents
+    tr.train()
+    latents = [p.detach() for layer in layers for p in layer.latent_parameters()]
+    scales = [p.detach() for layer in layers for p in layer.scale_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(latents0, latents))
+    assert any(not torch.equal(a, b) for a, b in zip(scales0, scales))
+    # part of the run identity: a checkpoint written with frozen latents does not resume a run that trains them
+    from rabit.run_identity import train_settings_changes
+
+    assert [k for k, _, _ in train_settings_changes(cfg.to_dict(), TrainConfig(steps=2, grad_accum=1,
+                                                                               autocast=False).to_dict())] \
+        == ["train.train_latents"]

@@ -65,6 +65,14 @@ BUILTIN_CORPORA: dict[str, str] = {
         "Jane Austen's six novels, concatenated with '\\n\\n' in file-name order (~4 MB); "
         "training and calibration text (public domain)"
     ),
+    "austen-persuasion": (
+        "Jane Austen's Persuasion alone (~0.47 MB): the default out-of-domain perplexity text, since the "
+        "default training mix holds no Austen (public domain)"
+    ),
+    "shakespeare": (
+        "fourteen plays of Shakespeare, joined with '\\n\\n' (~1.8 MB); training and calibration text "
+        "(from the Open Shakespeare package, CC BY 2.5)"
+    ),
 }
 
 #: Built-in corpora that must never be used for training or calibration.
@@ -81,7 +89,19 @@ _BUILTIN_FILES: dict[str, tuple[str, ...]] = {
         "austen/prideprejudice.txt",
         "austen/sensesensibility.txt",
     ),
+    "austen-persuasion": ("austen/persuasion.txt",),
+    "shakespeare": tuple(f"shakespeare/{play}.txt" for play in (
+        "hamlet", "macbeth", "lear", "othello", "romeo_and_juliet",
+        "julius_caesar", "tempest", "twelfth_night", "midsummer_nights_dream", "merchant_of_venice",
+        "much_ado_about_nothing", "as_you_like_it", "henry_v", "richard_iii",
+    )),
 }
+
+
+def builtin_files(name: str) -> tuple[str, ...]:
+    """The files (relative to CORPORA_DIR) of a built-in corpus; () for other sources."""
+    return _BUILTIN_FILES.get(name, ())
+
 
 _LOCAL_SUFFIXES = (".txt", ".jsonl")
 # Bump when the text extraction or the tokenization procedure changes: invalidates old caches.

@@ -3,19 +3,23 @@
 Two decoders share one interface (``prefill(ids) -> logits``, ``step(token) -> logits``, ``reset()``):
 
 * ``StaticDecoder``: a lean forward over the model's *own* modules (embeddings, norms, projections, MLP,
-  rotary embedding) for Llama-family models (llama, mistral without sliding window, qwen2, qwen3). The KV
+  rotary embedding) for the families of ``rabit.decoder_plan`` (Llama, Qwen 2/2.5/3, Mistral with its sliding
+  window, Gemma 3 with sliding/global layers, soft-capping and its norm layout). The KV
   cache is one preallocated tensor per layer; decoding attends to the filled prefix only, with the query
   heads of each KV group stacked as rows (no GQA repeat, no mask). Every linear is called as a module, so
   ``nn.Linear``, ``RaBiTLinear`` and ``PackedRaBiTLinear`` all work, and the logits match the Hugging Face
   forward to float rounding. ``compile=True`` switches to fixed-shape attention over the whole cache with a
   position mask and wraps the step in ``torch.compile``.
-* ``HFStaticDecoder``: any other causal LM, through ``model(...)`` with transformers' ``StaticCache``.
+* ``HFStaticDecoder``: any other causal LM, through ``model(...)`` with transformers' ``StaticCache``
+  (``make_decoder`` says so in one log line per reason).
 
 ``make_decoder`` picks one; ``generate`` runs prompt -> text (streaming through a callback) and reports
 tokens/s; ``decode_tokens`` is the timing core the benchmarks use.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_LEAN_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from .decoder_plan import decoder_plan
+
+_log = logging.getLogger(__name__)
+_NOTICED: set[str] = set()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -33,22 +40,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def lean_supported(model: nn.Module) -> tuple[bool, str]:
-    """Whether StaticDecoder can run this model, and why not."""
-    cfg = getattr(model, "config", None)
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in _LEAN_TYPES:
-        return False, f"model_type {mtype!r} is not one of {_LEAN_TYPES}"
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
-        return False, "no model.model.layers / rotary_emb"
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        return False, "sliding-window attention layers"
-    if mtype == "mistral" and getattr(cfg, "sliding_window", None):
-        return False, "sliding-window attention"
-    if getattr(model, "lm_head", None) is None:
-        return False, "no lm_head"
-    return True, ""
+    """Whether StaticDecoder can run this model, and why not (see rabit.decoder_plan)."""
+    plan, why = decoder_plan(model)
+    return plan is not None, why
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma's soft-capping of attention scores and final logits); x when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def _fast_norm(norm: nn.Module):
@@ -131,8 +130,8 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, max_len: int, compile: bool = False, dtype: torch.dtype | None = None,
                  threads: int | None = None, serial_small_ops: bool = True):
-        ok, why = lean_supported(model)
-        if not ok:
+        self.plan, why = decoder_plan(model)
+        if self.plan is None:
             raise ValueError(f"StaticDecoder does not support this model: {why}")
         cfg = model.config
         self.model = model
@@ -151,18 +150,28 @@ class StaticDecoder:
         shape = (1, self.n_kv, self.max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        half = self.head_dim // 2
+        tables = {}   # per rotary table (Gemma 3: one for sliding, one for global layers)
         with torch.no_grad():
             pos = torch.arange(self.max_len, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-            cos, sin = self.inner.rotary_emb(probe, pos)
-        self.cos = cos[0].to(self.dtype).contiguous()   # (max_len, head_dim)
-        self.sin = sin[0].to(self.dtype).contiguous()
-        half = self.head_dim // 2
-        # rotate_half(x) * sin == x.roll(half) * sin_signed: one op instead of two slices, a neg and a cat
-        self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1).contiguous()
+            for rt in set(self.plan.rope_types):
+                cos, sin = self.inner.rotary_emb(probe, pos, *([rt] if rt else []))
+                cos, sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()   # (max_len, D)
+                # rotate_half(x) * sin == x.roll(half) * sin_signed: one op instead of two slices, a neg and a cat
+                tables[rt] = (cos, sin, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).contiguous())
+        self.cos, self.sin, self.sin_signed = ([tables[rt][j] for rt in self.plan.rope_types] for j in range(3))
         self.half = half
+        self.windows = list(self.plan.windows)
+        self.softcap, self.final_softcap = self.plan.attn_softcap, self.plan.final_softcap
+        sandwich = self.plan.sandwich_norms
         self.in_norms = [_fast_norm(l.input_layernorm) for l in self.layers]
-        self.post_norms = [_fast_norm(l.post_attention_layernorm) for l in self.layers]
+        # Llama: post_attention_layernorm is the pre-MLP norm; Gemma: it normalizes the attention output and
+        # pre/post_feedforward_layernorm wrap the MLP
+        self.post_norms = [_fast_norm(l.pre_feedforward_layernorm if sandwich else l.post_attention_layernorm)
+                           for l in self.layers]
+        self.attn_out_norms = [_fast_norm(l.post_attention_layernorm) if sandwich else None for l in self.layers]
+        self.mlp_out_norms = [_fast_norm(l.post_feedforward_layernorm) if sandwich else None for l in self.layers]
         self.final_norm = _fast_norm(self.inner.norm)
         self.pos = 0
         # Batch-1 decoding: the elementwise ops, norms and the attention over the cache are tiny, and waking
@@ -199,9 +208,10 @@ class StaticDecoder:
     def _decode_one_impl(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         end = pos + 1
         x = self.inner.embed_tokens(ids).to(self.dtype)          # (1, 1, hidden)
-        cos, sin = self.cos[pos], self.sin_signed[pos]
         H, KV, G, D, half = self.n_heads, self.n_kv, self.groups, self.head_dim, self.half
         for i in range(len(self.layers)):
+            cos, sin = self.cos[i][pos], self.sin_signed[i][pos]
+            lo = max(0, end - self.windows[i]) if self.windows[i] else 0
             lin = self.lin[i]
             h = self.in_norms[i](x)
             q = lin["q"](h).view(H, D)
@@ -215,12 +225,46 @@ class StaticDecoder:
             kc, vc = self.k_cache[i][0], self.v_cache[i][0]        # (KV, max_len, D)
             kc[:, pos] = k
             vc[:, pos] = v
-            scores = torch.matmul(q.view(KV, G, D), kc[:, :end].transpose(1, 2))   # (KV, G, end)
-            probs = torch.softmax(scores.mul_(self.scaling[i]), dim=-1, dtype=torch.float32).to(v.dtype)
-            o = torch.matmul(probs, vc[:, :end])                   # (KV, G, D)
-            x = x + lin["o"](o.view(1, 1, H * D))
-            x = x + self.mlp[i](self.post_norms[i](x))
-        return self.head(self.final_norm(x))
+            scores = torch.matmul(q.view(KV, G, D), kc[:, lo:end].transpose(1, 2))   # (KV, G, end - lo)
+            scores = _softcap(scores.mul_(self.scaling[i]), self.softcap)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+            o = torch.matmul(probs, vc[:, lo:end])                 # (KV, G, D)
+            x = self._residual_block(i, x, lin["o"](o.view(1, 1, H * D)))
+        return _softcap(self.head(self.final_norm(x)), self.final_softcap)
+
+    def _residual_block(self, i: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """x + attention output, then + MLP, with the family's norms."""
+        if self.attn_out_norms[i] is not None:
+            attn_out = self.attn_out_norms[i](attn_out)
+        x = x + attn_out
+        m = self.mlp[i](self.post_norms[i](x))
+        return x + (self.mlp_out_norms[i](m) if self.mlp_out_norms[i] is not None else m)
+
+    def _prefill_attention(self, i: int, q, keys, values, start: int, T: int) -> torch.Tensor:
+        """Attention of T queries at positions start.. over the cached keys 0..start+T (T = 1: over the keys of
+        its window, already sliced by the caller); (1, T, H * D)."""
+        end = start + T
+        W = self.windows[i]
+        mask = None
+        if T > 1 and (start > 0 or (W and end > W)):
+            qpos = torch.arange(start, end, device=self.device)[:, None]
+            kpos = torch.arange(end, device=self.device)[None]
+            mask = kpos <= qpos
+            if W:
+                mask &= kpos > qpos - W
+        if self.softcap is None:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=self.scaling[i], enable_gqa=self.groups > 1)
+        else:   # soft-capped scores: SDPA cannot, compute them
+            if self.groups > 1:
+                keys, values = keys.repeat_interleave(self.groups, 1), values.repeat_interleave(self.groups, 1)
+            scores = _softcap(torch.matmul(q, keys.transpose(-1, -2)) * self.scaling[i], self.softcap)
+            if mask is None and T > 1:
+                mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype), values)
+        return o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim)
 
     def _qkv(self, i: int, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         T = h.shape[1]
@@ -242,43 +286,38 @@ class StaticDecoder:
         if end > self.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the decoder's max_len {self.max_len}")
         x = self.inner.embed_tokens(ids).to(self.dtype)
-        cos, sin = self.cos[start:end], self.sin[start:end]
-        mask = None
-        if T > 1 and start > 0:   # a chunk after earlier tokens: causal within the chunk, full to the past
-            mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._qkv(i, layer, h, cos, sin)
+            h = self.in_norms[i](x)
+            q, k, v = self._qkv(i, layer, h, self.cos[i][start:end], self.sin[i][start:end])
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
-            keys, values = kc[:, :, :end], vc[:, :, :end]
-            if T == 1:
+            lo = max(0, end - self.windows[i]) if self.windows[i] and T == 1 else 0
+            keys, values = kc[:, :, lo:end], vc[:, :, lo:end]
+            if T == 1 and self.softcap is None:
                 # (1, kv, groups, D): all query heads of one KV head attend at the same position, no mask needed
                 qg = q.reshape(1, self.n_kv, self.groups, self.head_dim)
                 o = F.scaled_dot_product_attention(qg, keys, values, scale=self.scaling[i])
                 o = o.reshape(1, 1, self.n_heads * self.head_dim)
             else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
-                                                   scale=self.scaling[i], enable_gqa=self.groups > 1)
-                o = o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim)
-            x = x + layer.self_attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                o = self._prefill_attention(i, q, keys, values, start, T)
+            x = self._residual_block(i, x, layer.self_attn.o_proj(o))
         if last_only:
             x = x[:, -1:]
-        x = self.inner.norm(x)
-        return self.model.lm_head(x)
+        return _softcap(self.model.lm_head(self.final_norm(x)), self.final_softcap)
 
     def _step_masked(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token at position `pos` (0-d long tensor) with fixed shapes (for torch.compile): attends to the
         whole cache with a mask."""
         x = self.inner.embed_tokens(ids).to(self.dtype)
         idx = pos.view(1)
-        cos = self.cos.index_select(0, idx)
-        sin = self.sin_signed.index_select(0, idx)
-        valid = (self._arange <= pos).view(1, 1, self.max_len)
+        past = self._arange <= pos
+        valid = {W: (past & (self._arange > pos - W) if W else past).view(1, 1, self.max_len)
+                 for W in set(self.windows)}
         H, KV, G, D, half = self.n_heads, self.n_kv, self.groups, self.head_dim, self.half
         for i in range(len(self.layers)):
+            cos = self.cos[i].index_select(0, idx)
+            sin = self.sin_signed[i].index_select(0, idx)
             lin = self.lin[i]
             h = self.in_norms[i](x)
             q = lin["q"](h).view(H, D)
@@ -292,13 +331,12 @@ class StaticDecoder:
             kc, vc = self.k_cache[i][0], self.v_cache[i][0]
             kc.index_copy_(1, idx, k.view(KV, 1, D))
             vc.index_copy_(1, idx, v.view(KV, 1, D))
-            scores = torch.matmul(q.view(KV, G, D), kc.transpose(1, 2)) * self.scaling[i]
-            scores = scores.masked_fill(~valid, float("-inf"))
+            scores = _softcap(torch.matmul(q.view(KV, G, D), kc.transpose(1, 2)) * self.scaling[i], self.softcap)
+            scores = scores.masked_fill(~valid[self.windows[i]], float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
             o = torch.matmul(probs, vc)
-            x = x + lin["o"](o.view(1, 1, H * D))
-            x = x + self.mlp[i](self.post_norms[i](x))
-        return self.head(self.final_norm(x))
+            x = self._residual_block(i, x, lin["o"](o.view(1, 1, H * D)))
+        return _softcap(self.head(self.final_norm(x)), self.final_softcap)
 
     # ------------------------------------------------------------------------------------------------- API
     @torch.inference_mode()
@@ -336,6 +374,8 @@ class HFStaticDecoder:
         self.pos = 0
         self.compiled = bool(compile)
         self._fwd = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        # transformers >= 5.2x renames past_key_values to cache (and warns on every call with the old name)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def reset(self) -> None:
         with torch.inference_mode():
@@ -347,7 +387,7 @@ class HFStaticDecoder:
         if self.pos + T > self.max_len:
             raise ValueError(f"sequence of {self.pos + T} tokens exceeds the decoder's max_len {self.max_len}")
         cache_position = torch.arange(self.pos, self.pos + T, device=self.device)
-        out = fwd(input_ids=ids, past_key_values=self.cache, cache_position=cache_position,
+        out = fwd(input_ids=ids, **{self._cache_kw: self.cache}, cache_position=cache_position,
                   position_ids=cache_position[None], use_cache=True)
         self.pos += T
         return out.logits
@@ -363,9 +403,13 @@ class HFStaticDecoder:
 
 
 def make_decoder(model: nn.Module, max_len: int, compile: bool = False, lean: bool | None = None):
-    """StaticDecoder for Llama-family models (lean=None/True), else HFStaticDecoder."""
+    """StaticDecoder for the families of rabit.decoder_plan (lean=None/True), else HFStaticDecoder (with one log
+    line per reason the first time)."""
     if lean is None:
-        lean = lean_supported(model)[0]
+        lean, why = lean_supported(model)
+        if not lean and why not in _NOTICED:
+            _NOTICED.add(why)
+            _log.warning("rabit: no fast decoder for this model (%s); using transformers' generic path", why)
     if lean:
         return StaticDecoder(model, max_len, compile=compile)
     return HFStaticDecoder(model, max_len, compile=compile)
@@ -491,26 +535,32 @@ class GenerationResult:
         return self.result.tokens_per_s
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, add_bos: bool | None = None) -> torch.Tensor:
+    """Prompt ids [1, n]. Plain prompts start with BOS as rabit.bos.resolve_bos decides (the tokenizer's rule
+    unless `add_bos`), the same rule training and perplexity follow; chat templates write their own."""
+    from .bos import resolve_bos
+
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=False)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return torch.as_tensor(ids).view(1, -1)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    if ids.shape[1] == 0 and tokenizer.bos_token_id is not None:
-        ids = torch.tensor([[tokenizer.bos_token_id]])
-    return ids
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    bos = resolve_bos(tokenizer, add_bos).token_id
+    if bos is not None or (not ids and tokenizer.bos_token_id is not None):   # never an empty prompt
+        ids = [tokenizer.bos_token_id] + ids
+    return torch.tensor([ids], dtype=torch.long)
 
 
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stream: Callable[[str], None] | None = None, compile: bool = False, chat: bool = False,
-             stop_at_eos: bool = True, decoder=None) -> GenerationResult:
-    """Generate text for `prompt` (greedy unless temperature > 0), streaming pieces to `stream` if given."""
+             stop_at_eos: bool = True, decoder=None, add_bos: bool | None = None) -> GenerationResult:
+    """Generate text for `prompt` (greedy unless temperature > 0), streaming pieces to `stream` if given.
+    add_bos: None follows the tokenizer's rule (see encode_prompt)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    ids = encode_prompt(tokenizer, prompt, chat)
+    ids = encode_prompt(tokenizer, prompt, chat, add_bos)
     if decoder is None:
         decoder = make_decoder(model, ids.shape[1] + max_new_tokens, compile=compile)
     gen = None

@@ -70,6 +70,11 @@ def _build_classes():
             qc = self.quantization_config.to_dict()
             replace_with_packed_skeleton(model, qc, device="meta")
             if checkpoint_files:
+                from pathlib import Path
+
+                from .integrity import check_on_load
+
+                check_on_load(Path(checkpoint_files[0]).parent)   # checksums (rabit.integrity)
                 check_checkpoint(model, [str(f) for f in checkpoint_files], qc)
             return model
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import RaBiTConfig
 from .ops import binarize, decompose, path_matrix, preconditioned_decompose, straight_through, ste_mask
+from .ops.coupled import coupled_linear, coupled_weight
 from .ops.svid import BinaryPath, coupled_signs, reconstruct
 
 
@@ -161,10 +162,32 @@ class RaBiTLinear(nn.Module):
         versions = self._versions()
         if self._cache is None or self._cache[0] != versions:
             with torch.no_grad():
-                self._cache = (versions, reconstruct(self.paths()))
+                self._cache = (versions, reconstruct(self.paths()), None)
         return self._cache[1]
 
+    def _coupled_state(self) -> tuple:
+        """coupled_weight() of the current parameters, kept while no parameter changes.
+
+        The micro-batches of one optimizer step (and gradient checkpointing's re-runs) then share one
+        derivation. Not kept under torch.distributed: sharded parameters are gathered into tensors whose
+        version counters need not move when their values do.
+        """
+        clip = self.config.ste_clip if self.config.ste == "clipped" else None
+        g = [p.detach() for p in self.scale_out]
+        h = [p.detach() for p in self.scale_in]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return coupled_weight(self.latent.detach(), g, h, clip)
+        versions = self._versions()
+        if self._cache is None or self._cache[0] != versions or self._cache[2] is None:
+            state = coupled_weight(self.latent.detach(), g, h, clip)
+            self._cache = (versions, state[0], state)  # the weight doubles as the inference cache
+        return self._cache[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.mode == "coupled" and torch.is_grad_enabled()
+                and any(p.requires_grad for p in self.parameters())):
+            return coupled_linear(x, self.latent, list(self.scale_out), list(self.scale_in), self.bias,
+                                  self._coupled_state())
         weight = self.effective_weight()
         if torch.is_autocast_enabled(x.device.type):
             return F.linear(x, weight, self.bias)

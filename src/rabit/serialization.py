@@ -8,13 +8,18 @@ Folder layout (format version 1)
      "packing": {"layout": "tiled16x32", "row_tile": 16, "in_align": 32, "bit_order": "lsb"},
      "scale_dtype": "float16", "modules": ["model.layers.0.self_attn.q_proj", ...],
      "tied_weights": {"lm_head.weight": "model.embed_tokens.weight"},     # aliases not stored twice
+     "storage_dtype": "bfloat16",                                          # of the unquantized tensors
+     "component_modules": {"embeddings": "model.embed_tokens", "head": "lm_head"},   # for size_report
      "rabit_config": {...}}                                                # the RaBiTConfig used, if known
 
 ``model.safetensors``  for every quantized module ``M`` (an ``nn.Linear`` of the architecture):
 ``M.packed`` (uint8, ``rabit.sign_bits.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
 ``M.h`` (k, in) and ``M.bias`` (out,) if the linear has one, in ``scale_dtype``; every other parameter /
-persistent buffer of the model under its usual name (float tensors in the config's ``dtype``).
-Tokenizer files and ``generation_config.json`` as written by transformers.
+persistent buffer of the model under its usual name (float tensors in ``storage_dtype``, 16 bits by default;
+the config's ``dtype`` is the dtype the model computed in when saved, which loading restores).
+Tokenizer files and ``generation_config.json`` as written by transformers. ``model.safetensors`` is written last;
+its metadata ``rabit_checksums`` records every tensor and every other file (``rabit.integrity``), and
+``quantization_config.checksums`` declares it; loading verifies them unless ``verify=False``.
 
 Loading (``load_quantized`` or, after ``import rabit``, ``AutoModelForCausalLM.from_pretrained``) builds the
 architecture on the meta device from config.json, swaps the listed linears for ``PackedRaBiTLinear``, checks the
@@ -32,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import sign_bits
-from .atomic_io import atomic_save_safetensors
+from . import embedquant, integrity, sign_bits, storage
+from .atomic_io import atomic_save_safetensors, atomic_write_bytes
 
 QUANT_METHOD = "rabit"
 FORMAT_VERSION = 1
@@ -107,7 +112,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     RaBiTLinear layers are packed on the way without modifying `model` (use ``pack_model_`` to convert in place).
     scale_dtype: dtype of the g / h scales and biases of the quantized layers; None means float16, or the dtype
         the model's PackedRaBiTLinear layers already have. Use torch.float32 for logits identical to the unpacked
-        model. dtype: cast the other floating-point tensors (embeddings, norms, lm_head) to this dtype (None: keep).
+        model. dtype: the dtype the other floating-point tensors (embeddings, norms, lm_head) are stored in; None
+        means 16 bits (``rabit.storage.storage_dtype``: the source checkpoint's dtype if 16-bit, else bf16);
+        torch.float32 keeps them exact. The loaded model computes in the dtype `model` had (config ``dtype``),
+        the stored tensors upcast on load. ``size_report(path)`` gives the bytes per component.
     Returns the folder path.
     """
     RaBiT, Packed = _layer_classes()
@@ -122,7 +130,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
         scale_dtype = existing[0] if existing else torch.float16
     if _dtype_name(scale_dtype) not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {list(SCALE_DTYPES)}, got {scale_dtype}")
-    if dtype is not None and not dtype.is_floating_point:
+    if dtype is None:
+        dtype = storage.storage_dtype(model)
+    if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -133,7 +143,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     tied: dict[str, str] = {}
-    float_dtype = None
+    float_dtype = None   # the dtype the model computes in, restored on load
+    own_dtype = embedquant.fixed_dtype_keys(model)   # group-quantized embedding scales keep theirs
     with torch.no_grad():
         for key, t in model.state_dict(keep_vars=False).items():
             if key.startswith(prefixes):
@@ -144,10 +155,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
                 continue
             if ident is not None:
                 seen[ident] = key
-            if t.is_floating_point():
-                if dtype is not None:
-                    t = t.to(dtype)
+            if t.is_floating_point() and key not in own_dtype:
                 float_dtype = float_dtype or t.dtype
+                t = t.to(dtype)
             tensors[key] = t.detach().cpu().contiguous()
         num_paths = {}
         for name, layer in qlayers.items():
@@ -169,6 +179,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
         qc["module_num_paths"] = {n: k for n, k in sorted(num_paths.items())}
     if tied:
         qc["tied_weights"] = tied
+    qc["storage_dtype"] = _dtype_name(dtype)
+    eq = embedquant.describe(model)
+    if eq:
+        qc["embedding_quant"] = eq
+    comps = storage.component_modules(model)
+    if comps:
+        qc["component_modules"] = comps
     rc = getattr(model, "rabit_config", None)
     if rc is not None:
         if hasattr(rc, "to_dict"):
@@ -186,12 +203,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
         cfg["tie_word_embeddings"] = False   # the quantized lm_head no longer shares the embedding matrix
     validate_quantization_config(qc)
 
-    weights = path / WEIGHTS_NAME
-    atomic_save_safetensors(tensors, weights, metadata={"format": "pt", "rabit_format_version": str(FORMAT_VERSION)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # The weights go last: their header records the checksums of every tensor and of the files written before
+    # them (rabit.integrity), so a folder is only complete once its weights file is.
+    qc[integrity.CONFIG_KEY] = integrity.ALGORITHM
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:
@@ -201,6 +216,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
                           "loads with transformers' default generation settings", RuntimeWarning, stacklevel=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    weights = path / WEIGHTS_NAME
+    atomic_save_safetensors(tensors, weights, metadata={"format": "pt", "rabit_format_version": str(FORMAT_VERSION),
+                                                        **integrity.checksum_metadata(tensors,
+                                                                                      integrity.folder_files(path))})
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (weights, path / CONFIG_NAME):
+        os.chmod(f, 0o666 & ~umask)
     return path
 
 
@@ -235,6 +258,11 @@ def validate_quantization_config(qc, source: str = "quantization_config") -> dic
     if per is not None and (not isinstance(per, dict) or
                             not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in per.values())):
         raise ValueError(f"{source}: module_num_paths must map module names to integers >= 1")
+    sd = qc.get("storage_dtype")
+    if sd is not None and sd not in SCALE_DTYPES:
+        raise ValueError(f"{source}: storage_dtype {sd!r} is not one of {list(SCALE_DTYPES)}")
+    if qc.get("embedding_quant") is not None:
+        embedquant.validate_embedding_quant(qc["embedding_quant"], source)
     tied = qc.get("tied_weights")
     if tied is not None and (not isinstance(tied, dict) or
                              not all(isinstance(a, str) and isinstance(b, str) for a, b in tied.items())):
@@ -262,6 +290,8 @@ def replace_with_packed_skeleton(model: nn.Module, qc: dict, device="meta") -> n
             new = Packed(old.in_features, old.out_features, num_paths=per.get(name, qc["num_paths"]),
                          bias=old.bias is not None, scale_dtype=scale_dtype, device=device)
         _set_module(model, name, new)
+    if qc.get("embedding_quant"):
+        embedquant.build_skeleton_(model, qc["embedding_quant"], device)
     return model
 
 
@@ -381,11 +411,13 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   backend: str = "auto"):
+                   backend: str = "auto", verify: bool = True):
     """Load a folder written by ``save_quantized``: a transformers model with PackedRaBiTLinear layers, in eval mode.
 
     dtype: dtype of the non-quantized float tensors (None: as stored); the scales keep their stored dtype.
     backend: kernel backend for the packed layers ("auto", "cpu", "triton", "reference").
+    verify: check every tensor and file against the checksums saved with them (rabit.integrity) and raise
+        rabit.integrity.IntegrityError, naming the file and tensor, on any mismatch; False skips the check.
     Never runs code from the folder (safetensors only, trust_remote_code=False).
     """
     from . import hf_integration
@@ -398,6 +430,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise FileNotFoundError(f"{weights} not found" + (f" (found {', '.join(others)}; rabit folders keep "
                                                           "all tensors in one model.safetensors)" if others else ""))
     read_safetensors_header(weights)   # fail fast on a truncated / corrupt file
+    if verify:
+        integrity.check_model_folder(path)
     if not hf_integration.register():
         raise RuntimeError(f"cannot load {path}: rabit could not register its quantizer with transformers: "
                            f"{hf_integration.failure()}")
@@ -413,8 +447,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=False, local_files_only=True)
+        with integrity.verification_skipped():   # checked above (or skipped on request)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=False, local_files_only=True)
     except OSError as e:
         raise FileNotFoundError(f"cannot load {path}: {e}") from e
     finally:
@@ -455,7 +490,9 @@ def size_report(path: str | os.PathLike) -> dict:
 
     quantized_bits_per_weight: (sign bits + g/h scale bits) / weights of the quantized layers;
     file_bytes: model.safetensors; folder_bytes: every file in the folder;
-    bf16_bytes: the same model with every weight (quantized layers dense) in bf16, tied weights once.
+    bf16_bytes: the same model with every weight (quantized layers dense) in bf16, tied weights once;
+    components: bytes of the quantized layers, embeddings, head (when stored: not tied, or quantized) and other
+    tensors (norms, biases); storage_dtype: the dtype of the unquantized tensors.
     """
     path = Path(path)
     qc = read_quantization_config(path)
@@ -485,7 +522,8 @@ def size_report(path: str | os.PathLike) -> dict:
     return {"quantized_modules": len(mods), "quantized_weights": q_weights,
             "quantized_bits_per_weight": q_bits / max(q_weights, 1), "file_bytes": file_bytes,
             "folder_bytes": _folder_bytes(path), "bf16_bytes": 2 * bf16_params,
-            "ratio_vs_bf16": file_bytes / max(2 * bf16_params, 1)}
+            "ratio_vs_bf16": file_bytes / max(2 * bf16_params, 1),
+            "components": storage.component_bytes(header, qc), "storage_dtype": qc.get("storage_dtype")}
 
 
 __all__ = ["save_quantized", "load_quantized", "pack_model_", "packed_layers", "bits_per_weight", "size_report",

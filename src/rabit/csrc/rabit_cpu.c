@@ -1,7 +1,7 @@
 /*
  * RaBiT CPU kernels: y = sum_p g_p * (B_p (h_p * x)) + bias, B_p in {-1,+1} packed as bits.
  *
- * Packed layout "tiled16x32" (see rabit/packing.py): uint8 [k][out_pad/16][in_pad/32][16][4], i.e. one
+ * Packed layout "tiled16x32" (see rabit/sign_bits.py): uint8 [k][out_pad/16][in_pad/32][16][4], i.e. one
  * little-endian 32-bit word per (path, row, 32 inputs), 16 rows of a tile contiguous:
  * bit i of word [p][t][c][r] = B_p[16t + r][32c + i] > 0.  out_pad = ceil(out/16)*16, in_pad = ceil(in/32)*32.
  *

@@ -201,7 +201,9 @@ class Checkpoint:
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    from ..integrity import checksum_metadata
+
+    save_file(tensors, str(path), metadata={**metadata, **checksum_metadata(tensors)})  # names damaged tensors
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -271,8 +273,9 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Check a checkpoint folder's JSON, file sizes and SHA-256 sums; return the parsed state.json."""
+def verify_checkpoint(path: str | os.PathLike, checksums: bool = True) -> dict:
+    """Check a checkpoint folder's JSON, file sizes and (unless checksums=False) SHA-256 sums; return the parsed
+    state.json."""
     path = Path(path)
     state_path = path / "state.json"
     if not state_path.exists():
@@ -285,16 +288,21 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     files = state.get("files")
     if not isinstance(files, dict) or set(files) != {"model.safetensors", "optim.safetensors"}:
         raise CheckpointError(f"{state_path} is corrupt: bad 'files' entry")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*files, "state.json") and p.name[0] != ".")
+    if extra:   # something else wrote into the checkpoint (a bad copy, another checkpoint's file)
+        raise CheckpointError(f"checkpoint {path} holds files it did not write: {', '.join(extra)}; remove them")
     for name, info in files.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
         size = f.stat().st_size
+        from ..integrity_checkpoints import checkpoint_mismatch_message
+
         if size != info.get("size"):
-            raise CheckpointError(f"checkpoint file {f} is truncated or damaged: {size} bytes, "
-                                  f"expected {info.get('size')}")
-        if sha256_file(f) != info.get("sha256"):
-            raise CheckpointError(f"checkpoint file {f} is corrupt: SHA-256 does not match state.json")
+            raise CheckpointError(checkpoint_mismatch_message(f, f"truncated or damaged: {size} bytes, "
+                                                                 f"expected {info.get('size')}"))
+        if checksums and sha256_file(f) != info.get("sha256"):
+            raise CheckpointError(checkpoint_mismatch_message(f, "SHA-256 does not match state.json"))
     return _from_json_value(state)
 
 
@@ -312,10 +320,10 @@ def _read_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Verify and read a checkpoint folder (see verify_checkpoint)."""
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Verify and read a checkpoint folder (see verify_checkpoint; verify=False skips the SHA-256 sums)."""
     path = Path(path)
-    state = verify_checkpoint(path)
+    state = verify_checkpoint(path, checksums=verify)
     model, meta = _read_safetensors(path / "model.safetensors")
     try:
         aliases = json.loads(meta.get("aliases", "{}"))

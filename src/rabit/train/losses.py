@@ -153,11 +153,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     (hidden_loss="relative", see hidden_relative_error). It is computed (and reported, as `mse`) whenever
     both hidden-state lists are given; with gamma == 0 they may be None, and mse is then a zero tensor.
     """
+    return _with_hidden_term(kl_divergence(student_logits, teacher_logits, temperature, chunk_tokens),
+                             student_hidden, teacher_hidden, gamma, hidden_loss)
+
+
+def _with_hidden_term(kl: torch.Tensor, student_hidden, teacher_hidden, gamma: float,
+                      hidden_loss: str) -> DistillLoss:
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if hidden_loss not in HIDDEN_LOSSES:
         raise ValueError(f"unknown hidden_loss {hidden_loss!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
-    kl = kl_divergence(student_logits, teacher_logits, temperature, chunk_tokens)
     if student_hidden is not None and teacher_hidden is not None:
         fn = hidden_mse if hidden_loss == "mse" else hidden_relative_error
         mse = fn(student_hidden, teacher_hidden)
@@ -240,19 +245,35 @@ def autocast_context(device: torch.device, enabled: bool):
 
 def batch_distillation_loss(teacher: nn.Module, student: nn.Module, batch: torch.Tensor, gamma: float,
                             temperature: float, kl_chunk: int, autocast: bool = False,
-                            need_grad: bool = True, hidden_loss: str = "mse") -> DistillLoss:
+                            need_grad: bool = True, hidden_loss: str = "mse", fused_head: bool = True) -> DistillLoss:
     """Run teacher (without gradients) and student on one batch of token ids and return the distillation loss;
-    the per-block hidden states are recorded only when gamma > 0."""
+    the per-block hidden states are recorded only when gamma > 0. fused_head: where both models allow it
+    (rabit.train.fused_head.head_parts), compute the KL from the last hidden states chunk by chunk instead of
+    materializing both models' full logits (same loss and gradients, far less memory for large vocabularies)."""
     want_hidden = gamma > 0
-    with torch.no_grad(), autocast_context(batch.device, autocast):
-        rec_t = BlockOutputs(teacher) if want_hidden else contextlib.nullcontext()
-        with rec_t:
-            t_logits = teacher(input_ids=batch, use_cache=False).logits
-        t_hidden = rec_t.hidden() if want_hidden else None
-    with torch.set_grad_enabled(need_grad), autocast_context(batch.device, autocast):
-        rec_s = BlockOutputs(student) if want_hidden else contextlib.nullcontext()
-        with rec_s:
-            s_logits = student(input_ids=batch, use_cache=False).logits
-        s_hidden = rec_s.hidden() if want_hidden else None
-        return distillation_loss(s_logits, t_logits, s_hidden, t_hidden, gamma, temperature, kl_chunk,
+
+    def run(model, forward, grad: bool):
+        with torch.set_grad_enabled(grad), autocast_context(batch.device, autocast):
+            rec = BlockOutputs(model) if want_hidden else contextlib.nullcontext()
+            with rec:
+                out = forward(input_ids=batch, use_cache=False)
+            return out, (rec.hidden() if want_hidden else None)
+
+    parts_t = parts_s = None
+    if fused_head:
+        from .fused_head import fused_head_kl, head_parts
+
+        parts_t, parts_s = head_parts(teacher), head_parts(student)
+    if parts_t is not None and parts_s is not None:
+        (body_t, head_t, cap_t), (body_s, head_s, cap_s) = parts_t, parts_s
+        out_t, t_hidden = run(teacher, body_t, False)
+        out_s, s_hidden = run(student, body_s, need_grad)
+        with torch.set_grad_enabled(need_grad):
+            kl = fused_head_kl(out_s.last_hidden_state, head_s, out_t.last_hidden_state, head_t, temperature,
+                               kl_chunk, cap_s, cap_t, dtype=torch.bfloat16 if autocast else None)
+            return _with_hidden_term(kl, s_hidden, t_hidden, gamma, hidden_loss)
+    out_t, t_hidden = run(teacher, teacher, False)
+    out_s, s_hidden = run(student, student, need_grad)
+    with torch.set_grad_enabled(need_grad):
+        return distillation_loss(out_s.logits, out_t.logits, s_hidden, t_hidden, gamma, temperature, kl_chunk,
                                  hidden_loss)

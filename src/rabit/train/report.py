@@ -59,11 +59,27 @@ def summary_markdown(s: dict) -> str:
     ev = s.get("eval", {})
     lines = [f"RaBiT {s.get('num_paths', 2)}-bit ({s.get('mode')}) of {s.get('model')}", "",
              f"Perplexity: {ev.get('description', '')}", "",
-             "| model | perplexity |", "|---|---|"]
-    lines.append(f"| full precision (fp32) | {_fmt(ev.get('fp'))} |")
+             "| model | perplexity | stage time |", "|---|---|---|"]
+    k = s.get("num_paths", 2)
+    st = s.get("stages") or {}
+
+    def secs(key):
+        return f"{_fmt(st.get(key), '.0f')} s" if st.get(key) is not None else "-"
+
+    lines.append(f"| full precision (fp32) | {_fmt(ev.get('fp'))} | |")
     if ev.get("init") is not None:
-        lines.append(f"| {s.get('num_paths', 2)}-bit after initialization (no training) | {_fmt(ev.get('init'))} |")
-    lines.append(f"| {s.get('num_paths', 2)}-bit after distillation | {_fmt(ev.get('final'))} |")
+        lines.append(f"| {k}-bit after initialization (no training) | {_fmt(ev.get('init'))} | {secs('init_seconds')} |")
+    if ev.get("blocks") is not None:
+        lines.append(f"| {k}-bit after the block-wise stage | {_fmt(ev.get('blocks'))} | {secs('blocks_seconds')} |")
+    if ev.get("e2e") is not None:
+        lines.append(f"| {k}-bit after end-to-end distillation | {_fmt(ev.get('e2e'))} | {secs('e2e_seconds')} |")
+        lines.append(f"| {k}-bit after the scale-only phase | {_fmt(ev.get('final'))} | {secs('scale_seconds')} |")
+    else:
+        lines.append(f"| {k}-bit after distillation | {_fmt(ev.get('final'))} | {secs('e2e_seconds')} |")
+    ood = ev.get("ood")
+    if ood:
+        lines += ["", f"Out of domain: {ood.get('description')}", "", "| model | perplexity |", "|---|---|",
+                  f"| full precision (fp32) | {_fmt(ood.get('fp'))} |", f"| {k}-bit | {_fmt(ood.get('final'))} |"]
     t = s.get("train", {})
     lines += ["", "| training | |", "|---|---|",
               f"| steps | {t.get('steps')} |",
@@ -73,4 +89,10 @@ def summary_markdown(s: dict) -> str:
               f"| distillation loss (held-out) before -> after | {_fmt((t.get('val_before') or {}).get('loss'), '.4f')}"
               f" -> {_fmt((t.get('val_after') or {}).get('loss'), '.4f')} |",
               f"| total wall time | {_fmt(s.get('wall_seconds'), '.0f')} s |"]
+    bos = s.get("bos") or {}
+    for what, key in (("training/calibration", "train"), ("evaluation", "eval")):
+        if isinstance(bos.get(key), dict):   # which BOS rule the run followed, and who chose it
+            b = bos[key]
+            lines.append(f"| BOS ({what}) | {'on' if b.get('use') else 'off'} "
+                         f"({'from the tokenizer' if b.get('source') == 'tokenizer' else 'set by flag'}) |")
     return "\n".join(lines) + "\n"

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..config import RaBiTConfig
@@ -20,20 +17,25 @@ from ..layer import RaBiTLinear
 from ..quantize import _set_module, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, save_checkpoint, set_rng_state)
+from .loop import Collective, DistillLoop, TrainingDiverged, TrainResult, _LastGood  # noqa: F401 - re-exported
 from .losses import HIDDEN_LOSSES, autocast_context, batch_distillation_loss
 from .optim import OptimConfig, Optimizers, prepare_student
 
 
-class TrainingDiverged(InputError, RuntimeError):
-    """The loss (or the gradient) became NaN or Inf."""
-
-
 @dataclass
 class TrainConfig:
-    steps: int                      # optimizer steps
-    batch_size: int = 1             # sequences per micro-batch
-    grad_accum: int = 1             # micro-batches per optimizer step
-    gamma: float = 100.0            # weight of the hidden-state term
+    """Distillation settings. The defaults are `rabit quantize`'s (sized by measurement for the default model on
+    2 CPU cores, docs/TRAINING.md and docs/RESULTS.md); rabit.job.JobSpec derives `steps` and
+    `optim.warmup_steps` from its token budget."""
+
+    steps: int = 0                  # optimizer steps (0: not set yet; a JobSpec sets it from the token budget)
+    batch_size: int = 1             # sequences per micro-batch (the global one when several processes train)
+    # micro-batches per optimizer step: Muon's orthogonalization costs ~1.6 micro-batches of 512 tokens on CPU,
+    # so fewer, larger steps are faster
+    grad_accum: int = 4
+    # weight of the hidden-state term: 0 (logits KL only) trained best on SmolLM2 at CPU budgets (perplexity 411
+    # vs 801 with the paper's Llama recipe, MSE at gamma 100; docs/RESULTS.md section 2)
+    gamma: float = 0.0
     hidden_loss: str = "mse"        # hidden-state term: "mse" (paper) or "relative" (per-token relative error)
     temperature: float = 1.0
     kl_chunk: int = 256             # tokens per chunk of the fused KL
@@ -41,11 +43,14 @@ class TrainConfig:
     teacher_bf16: bool = False      # run a bf16 copy of the teacher (measured: no faster than autocast on CPU)
     gradient_checkpointing: bool = False
     max_grad_norm: float = 0.0      # 0 = no clipping (the norm is still computed and logged)
-    save_every: int = 50            # steps between checkpoints (a checkpoint is also written at the end)
+    save_every: int = 10            # steps between checkpoints (a checkpoint is also written at the end)
     keep_checkpoints: int = 1
     seed: int = 0
     train_fp_weights: bool = False
     keep_last_good: bool = True     # keep an in-memory copy of the last state with a finite loss (for NaN stops)
+    # False freezes the latent weights (no Muon): only scales, norms (and biases) train with AdamW, e.g. for a
+    # scale-only phase after the latents were fitted
+    train_latents: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
@@ -77,6 +82,16 @@ def native_bf16(device: torch.device) -> bool:
         checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
         return any(c() for c in checks if callable(c))
     return False
+
+
+def check_train_settings(path, saved: dict | None, config: TrainConfig) -> None:
+    """Refuse a checkpoint written with other training settings (rabit.run_identity decides which count)."""
+    from ..run_identity import train_settings_changes
+
+    diff = train_settings_changes(saved, config.to_dict())
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was written with different training settings: "
+                              + ", ".join(f"{k.removeprefix('train.')}={a!r} (now {b!r})" for k, a, b in diff))
 
 
 # ----------------------------------------------------------------------------------------- student
@@ -194,71 +209,8 @@ class StepLog:
             self._f = None
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    tokens: int                 # tokens trained on over the whole run (all sessions)
-    seconds: float              # training time of this session (excluding checkpoint writes)
-    session_tokens: int
-    tokens_per_second: float
-    resumed_from: int | None
-    last: dict | None           # the last step's log row
-
-
-class _LastGood:
-    """An in-memory copy of the trainable parameters, the optimizer state and the step/data/RNG position,
-    taken just before each optimizer step (when the step's losses and gradients were all finite), into
-    buffers allocated once. If a later step produces NaN/Inf, this is the state that is saved."""
-
-    def __init__(self):
-        self.buffers: list[torch.Tensor] = []
-        self.sources: list[torch.Tensor] = []
-        self.position: dict | None = None
-
-    @staticmethod
-    def _tensors(trainer) -> list[torch.Tensor]:
-        out = [p for _, p in trainer.split.latents + trainer.split.others]
-        for opt in trainer.optim.named().values():
-            for p in opt.param_groups[0]["params"] + [q for g in opt.param_groups[1:] for q in g["params"]]:
-                for v in opt.state.get(p, {}).values():
-                    if torch.is_tensor(v):
-                        out.append(v)
-        return out
-
-    @torch.no_grad()
-    def capture(self, trainer, position: dict) -> None:
-        src = self._tensors(trainer)
-        same = len(src) == len(self.sources) and all(a is b for a, b in zip(src, self.sources))
-        if not same:
-            self.sources = src
-            self.buffers = [torch.empty_like(t) for t in src]
-        torch._foreach_copy_(self.buffers, self.sources)
-        self.position = position
-
-    @torch.no_grad()
-    def restore(self, trainer) -> bool:
-        if self.position is None:
-            return False
-        current = self._tensors(trainer)
-        n = len(self.sources)
-        if len(current) < n or any(a is not b for a, b in zip(current, self.sources)):
-            return False  # the optimizer replaced its state tensors: cannot restore in place
-        if len(current) > n:
-            # the optimizer state was created after the capture (it was empty then): drop it again
-            for opt in trainer.optim.named().values():
-                opt.state.clear()
-        torch._foreach_copy_(self.sources, self.buffers)
-        pos = self.position
-        trainer.step = pos["step"]
-        trainer.optim.step_count = pos["step"]
-        trainer.optim.apply_schedule()
-        trainer.sampler.load_state_dict(pos["data"])
-        torch.set_rng_state(pos["rng"])
-        return True
-
-
 # ------------------------------------------------------------------------------------------ trainer
-class Trainer:
+class Trainer(DistillLoop):
     """Distills `student` (a RaBiT-quantized copy) from `teacher` on rows of `train` (N, L) token ids.
 
     run_dir holds log.jsonl and checkpoints/. `step_callback(trainer, step)` runs before each step (tests
@@ -284,7 +236,8 @@ class Trainer:
         # The teacher is never modified: teacher_bf16 runs a bf16 copy of it.
         self.teacher_run = copy.deepcopy(teacher).to(torch.bfloat16) if config.teacher_bf16 else teacher
         self.teacher_run.eval()
-        self.split = prepare_student(student, train_fp_weights=config.train_fp_weights)
+        self.split = prepare_student(student, train_fp_weights=config.train_fp_weights,
+                                     train_latents=config.train_latents)
         self.optim = Optimizers(self.split, config.optim, config.steps)
         self.sampler = SequenceSampler(train.shape[0], config.seed)
         self.step = 0
@@ -293,6 +246,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.last_saved = -1
         self._last_good = _LastGood() if config.keep_last_good else None
+        self.collective = Collective()
         if config.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if callable(getattr(student, "activation_checkpointing_enable", None)):  # transformers >= 5.x
@@ -304,8 +258,9 @@ class Trainer:
         torch.manual_seed(config.seed)
 
     # ------------------------------------------------------------------------------- checkpoints
-    def _trainable_ok(self) -> bool:
-        return all(torch.isfinite(p).all() for _, p in self.split.latents + self.split.others)
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
 
     def save(self) -> Path:
         tensors, meta = {}, {}
@@ -321,20 +276,14 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def resume(self) -> bool:
-        """Load the latest checkpoint of run_dir if there is one (raises CheckpointError if it is damaged)."""
+    def resume(self, verify: bool = True) -> bool:
+        """Load the latest checkpoint of run_dir if there is one (raises CheckpointError if it is damaged;
+        verify=False skips its checksums)."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        ck = load_checkpoint(path)
-        saved_cfg = ck.state.get("config")
-        mine = json.loads(json.dumps(self.cfg.to_dict()))
-        diff = sorted(k for k in set(mine) | set(saved_cfg or {})
-                      if k not in ("save_every", "keep_checkpoints") and (saved_cfg or {}).get(k) != mine.get(k))
-        if diff:
-            raise CheckpointError(f"checkpoint {path} was written with different training settings: "
-                                  + ", ".join(f"{k}={(saved_cfg or {}).get(k)!r} (now {mine.get(k)!r})"
-                                              for k in diff))
+        ck = load_checkpoint(path, verify=verify)
+        check_train_settings(path, ck.state.get("config"), self.cfg)
         try:
             missing, unexpected = self.student.load_state_dict(ck.model, strict=False)
         except RuntimeError as e:
@@ -347,11 +296,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} has optimizers {sorted(meta)}, this run {sorted(self.optim.named())}")
         for key, opt in self.optim.named().items():
             optimizer_from_tensors(opt, ck.optim, meta[key], key)
-        try:
-            self.optim.load_scheduler_state(ck.state["scheduler"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: bad scheduler state: {e}") from None
-        self.sampler.load_state_dict(ck.state["data"])
+        self._load_position(path, ck.state)
         set_rng_state(ck.optim, ck.state["rng"])
         self.step = ck.step
         self.resumed_from = ck.step
@@ -383,86 +328,3 @@ class Trainer:
         finally:
             self.student.train(was)
         return {k: v / rows.shape[0] for k, v in sums.items()}
-
-    def _diverged(self, what: str, value: float, step: int) -> None:
-        self.optim.zero_grad()
-        if self._last_good is not None and self._last_good.restore(self):
-            # state after step (step - 2): the last one whose step produced finite losses and gradients
-            # (the state after step - 1 is what produced the non-finite value, so it is not trusted)
-            path = self.save()
-            where = f"saved the last good state (after step {self.step}) to {path}"
-        elif self._trainable_ok() and self.step > self.last_saved:
-            path = self.save()
-            where = f"saved the last state with finite parameters (after step {self.step}) to {path}"
-        elif self.last_saved >= 0:
-            where = (f"the last good state is the checkpoint of step {self.last_saved} in "
-                     f"{self.run_dir / 'checkpoints'}")
-        else:
-            where = "no good state could be saved (the initial parameters are not finite)"
-        raise TrainingDiverged(f"{what} is {value} at step {step}; stopped and {where}. "
-                               "Try lower learning rates (--latent-lr / --scale-lr).")
-
-    def train(self) -> TrainResult:
-        cfg = self.cfg
-        total = cfg.steps
-        start = self.step
-        self.student.train()
-        bar = tqdm(total=total, initial=start, unit="step", desc="distilling", disable=not self.progress,
-                   dynamic_ncols=True)
-        train_seconds = 0.0
-        session_tokens = 0
-        last = None
-        params = [p for _, p in self.split.latents + self.split.others]
-        self.log.truncate_after(self.step)  # drop steps a killed session logged after its last checkpoint
-        try:
-            while self.step < total:
-                step_no = self.step + 1
-                if self.step_callback is not None:
-                    self.step_callback(self, step_no)
-                t0 = time.perf_counter()
-                position = ({"step": self.step, "data": self.sampler.state_dict(), "rng": torch.get_rng_state()}
-                            if self._last_good is not None else None)
-                sums = {"loss": 0.0, "kl": 0.0, "mse": 0.0}
-                for _ in range(cfg.grad_accum):
-                    idx = self.sampler.take(cfg.batch_size)
-                    batch = self.train_rows[idx].to(self.device)
-                    out = self.losses(batch)
-                    value = float(out.total.detach())
-                    if not math.isfinite(value):
-                        self._diverged("the loss", value, step_no)
-                    (out.total / cfg.grad_accum).backward()
-                    sums["loss"] += value / cfg.grad_accum
-                    sums["kl"] += float(out.kl.detach()) / cfg.grad_accum
-                    sums["mse"] += float(out.mse.detach()) / cfg.grad_accum
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                if not math.isfinite(grad_norm):
-                    self._diverged("the gradient norm", grad_norm, step_no)
-                if self._last_good is not None:
-                    self._last_good.capture(self, position)
-                lrs = self.optim.lrs()
-                self.optim.step()
-                self.optim.zero_grad()
-                self.step = step_no
-                dt = time.perf_counter() - t0
-                train_seconds += dt
-                session_tokens += self.tokens_per_step
-                tok_s = session_tokens / max(train_seconds, 1e-9)
-                last = {"step": step_no, **sums, "grad_norm": grad_norm,
-                        "lr_latent": lrs.get("muon"), "lr_scale": lrs.get("adamw"),
-                        "tokens": step_no * self.tokens_per_step, "seconds": dt, "tokens_per_s": tok_s}
-                self.log.write(last)
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss']:.4g}", kl=f"{sums['kl']:.4g}", mse=f"{sums['mse']:.4g}",
-                                tok_s=f"{tok_s:.0f}", refresh=False)
-                if self.step % cfg.save_every == 0 or self.step == total:
-                    self.save()
-            if self.last_saved != self.step:
-                self.save()
-        finally:
-            bar.close()
-            self.log.close()
-        return TrainResult(steps=self.step, tokens=self.step * self.tokens_per_step, seconds=train_seconds,
-                           session_tokens=session_tokens,
-                           tokens_per_second=session_tokens / train_seconds if train_seconds else 0.0,
-                           resumed_from=self.resumed_from, last=last)

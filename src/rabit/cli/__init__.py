@@ -1,38 +1,30 @@
-"""The `rabit` command line: one sub-command per module (rabit/cli_<name>.py exposing add_parser and run)."""
+"""The `rabit` command line: one sub-command per module of this package (each exposing add_parser and run)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from . import ablate, bench, diagnose, generate, ptq, quantize, verify
+from . import eval as evaluate
+
 # Sub-command modules, in the order `rabit --help` lists them.
-COMMANDS = ["quantize", "ptq", "eval", "generate", "bench", "diagnose", "ablate"]
-
-
-def _load(name: str):
-    try:
-        return importlib.import_module(f"rabit.cli_{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"rabit.cli_{name}":
-            return None  # that sub-command is not part of this build
-        raise
+COMMANDS = {"quantize": quantize, "ptq": ptq, "eval": evaluate, "generate": generate, "bench": bench,
+            "diagnose": diagnose, "ablate": ablate, "verify": verify}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rabit", description="2-bit LLM compression with RaBiT")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        mod = _load(name)
-        if mod is not None:
-            p = mod.add_parser(sub)
-            p.set_defaults(_run=mod.run)
+    for mod in COMMANDS.values():
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. Bad input (rabit.errors.INPUT_ERRORS) is one line on stderr and exit status 2
     (RABIT_DEBUG=1 shows its traceback); any other exception propagates with its traceback (status 1)."""
-    from .errors import INPUT_ERRORS
+    from ..errors import INPUT_ERRORS
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -63,18 +63,18 @@ def add_parser(sub):
                    help="llama.cpp folder with src/ and build/bin/ (default: third_party/llama.cpp of the checkout)")
     d.add_argument("--work-dir", default=None, help="where the GGUF files go (default: third_party/bench_models)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
-                   help="OMP_WAIT_POLICY for every engine (torch, the rabit kernel and llama.cpp all use OpenMP "
-                        "threads); 'passive' (default) keeps spinning threads from starving each other on a "
-                        "shared machine, 'active' is faster on an idle dedicated one; the benchmark re-runs "
-                        "itself in a child process when the variable has to change")
+    d.add_argument("--omp-wait-policy", default="engine", choices=["engine", "passive", "active", "inherit"],
+                   help="OMP_WAIT_POLICY of each engine's processes: 'engine' (default) gives each engine its best "
+                        "(rabit/fp32 ACTIVE, llama.cpp its own default), 'passive'/'active' set it for all, "
+                        "'inherit' leaves the environment alone. Every run is its own process, and the "
+                        "benchmark's own process runs PASSIVE so that none of its threads spin meanwhile")
     d.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
 
 
 # ---------------------------------------------------------------------------------------------------- gemv
 def _run_gemv(args) -> int:
-    from . import bench
+    from .. import bench
 
     shapes = getattr(bench, "DEFAULT_SHAPES", None)
     if args.shapes:
@@ -125,7 +125,7 @@ def packed_copy(model, quantize_head: bool = True, scale_dtype=None, seed: int =
     import torch
     from torch import nn
 
-    from .packed_layer import PackedRaBiTLinear
+    from ..packed_layer import PackedRaBiTLinear
 
     gen = torch.Generator().manual_seed(seed + 1)
     head = model.get_output_embeddings()
@@ -169,7 +169,7 @@ def llama_cpp_tools(llama_dir: Path) -> dict:
 
 def _bench_tokenizer_folder(vocab: int) -> Path:
     """A tokenizer that llama.cpp's converter recognizes, with at most `vocab` tokens (SmolLM2's: 49152)."""
-    from .models import default_model_folder
+    from ..models import default_model_folder
 
     folder = default_model_folder()
     tok = json.loads((folder / "tokenizer.json").read_text())
@@ -244,25 +244,30 @@ def _llama_bench_flags(bench: Path) -> str:
 
 
 def llama_bench_once(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int,
-                     flags_text: str) -> float:
-    """tokens/s of one llama-bench generation run of `new_tokens` after a `prompt_len`-token context."""
+                     flags_text: str, env: dict | None = None) -> float:
+    """tokens/s of one llama-bench generation run of `new_tokens` after a `prompt_len`-token context.
+
+    Raises decode_bench.EngineFailed when llama-bench fails or crashes."""
+    from ..decode_bench import EngineFailed, run_engine_process
+
     cmd = [str(bench), "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-t", str(threads), "-r", "1",
            "-o", "json"]
     if "--n-depth" in flags_text or "-d," in flags_text:
         cmd += ["-d", str(prompt_len)]
-    # keep llama-bench's warm-up run: it pages the mmapped weights in, as our warm-up round does for torch
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    rows = json.loads(r.stdout[r.stdout.index("["):])
-    row = [x for x in rows if x.get("n_gen", 0) > 0][0]
+    # keep llama-bench's warm-up run: it pages the mmapped weights in, as each torch engine process warms up
+    out = run_engine_process(cmd, dict(os.environ) if env is None else env)
+    try:
+        rows = json.loads(out[out.index("["):])
+        row = [x for x in rows if x.get("n_gen", 0) > 0][0]
+    except (ValueError, IndexError) as e:
+        raise EngineFailed(f"unreadable llama-bench output: {out[-500:]!r}") from e
     samples = row.get("samples_ts") or [row["avg_ts"]]
     return float(samples[0])
 
 
 # ------------------------------------------------------------------------------------------------- decode
 def _torch_run(decoder, prompt, timed: int) -> float:
-    from .generate import decode_tokens
+    from ..generate import decode_tokens
 
     res = decode_tokens(decoder, prompt, timed + 1)   # the first token comes from the prefill, untimed
     return len(res.step_times) / res.decode_s
@@ -272,12 +277,11 @@ def run_decode_bench(shape: dict | None = None, prompt_len: int = 128, new_token
                      fp32_new_tokens: int | None = None, threads: int = 2, reps: int = 20,
                      llama_reps: int | None = None, engines=DEFAULT_ENGINES, compile: bool = False,
                      llama_cpp_dir: str | None = None, work_dir: str | None = None, seed: int = 0,
-                     log=print) -> dict:
-    """Interleaved end-to-end decoding benchmark; returns {"rows": [...], "config": {...}}."""
-    import torch
-
-    from .generate import StaticDecoder
-    from .serialization import bits_per_weight
+                     log=print, omp_wait_policy: str = "engine") -> dict:
+    """Interleaved end-to-end decoding benchmark, every run in its own process (rabit.decode_bench); returns
+    {"rows": [...], "failed": {engine: reason}, "config": {...}}. An engine that fails is dropped from later
+    rounds and reported; the others go on."""
+    from ..decode_bench import EngineFailed, engine_env, torch_engine_once
 
     shape = dict(BENCH_SHAPE if shape is None else shape)
     names = [e.strip().lower() for e in (engines.split(",") if isinstance(engines, str) else engines) if e.strip()]
@@ -288,68 +292,90 @@ def run_decode_bench(shape: dict | None = None, prompt_len: int = 128, new_token
         raise ValueError("--reps, --prompt-len, --new-tokens and --threads must be >= 1")
     llama_reps = reps if llama_reps is None else llama_reps
     fp32_new = fp32_new_tokens or new_tokens
-    torch.set_num_threads(threads)
     t0 = time.time()
-    log(f"building a random Llama {shape} ...")
-    base = make_random_llama(**shape, seed=seed, max_positions=max(4096, prompt_len + new_tokens + 8))
-    models, info = {}, {}
-    if "rabit" in names:
-        models["rabit"] = packed_copy(base, quantize_head=True)
-    if "rabit-fphead" in names:
-        models["rabit-fphead"] = packed_copy(base, quantize_head=False)
-    if "fp32" in names:
-        models["fp32"] = base
-    for n, m in models.items():
-        info[n] = {"bits_per_weight": bits_per_weight(m) if n != "fp32" else 32.0}
+    if shape["hidden"] % shape["heads"] or shape["heads"] % shape["kv_heads"] or min(shape.values()) < 1:
+        raise ValueError(f"bad model shape {shape}: sizes must be >= 1, hidden a multiple of heads, heads of "
+                         "kv-heads")
+    info = {}
     gguf = {}
     llama_names = [n for n in names if n in LLAMA_ENGINES]
     if llama_names:
+        import torch
+
+        torch.set_num_threads(threads)
         root = repo_root()
         llama_dir = Path(llama_cpp_dir) if llama_cpp_dir else root / "third_party" / "llama.cpp"
         wd = Path(work_dir) if work_dir else root / "third_party" / "bench_models"
+        log(f"building a random Llama {shape} for the GGUF files ...")
+        base = make_random_llama(**shape, seed=seed, max_positions=max(4096, prompt_len + new_tokens + 8))
         files = prepare_gguf(base, shape, seed, [LLAMA_ENGINES[n] for n in llama_names], llama_dir, wd, log)
+        del base
         gguf = {n: files[LLAMA_ENGINES[n]] for n in llama_names}
         bench_bin = llama_cpp_tools(llama_dir)["llama-bench"]
         flags_text = _llama_bench_flags(bench_bin)
         for n in llama_names:
             info[n] = {"file_bytes": gguf[n].stat().st_size}
-    if "fp32" not in names:
-        del base
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(3, shape["vocab"], (1, prompt_len), generator=gen)
-    decoders = {n: StaticDecoder(m, prompt_len + max(new_tokens, fp32_new) + 2, compile=compile)
-                for n, m in models.items()}
-    log(f"setup {time.time() - t0:.0f} s; warm-up round ...")
-    t_warm = time.time()
-    for n, dec in decoders.items():
-        _torch_run(dec, prompt, min(8, new_tokens))   # warm-up (and torch.compile)
-    for n in llama_names:
-        llama_bench_once(bench_bin, gguf[n], prompt_len, min(8, new_tokens), threads, flags_text)
-    log(f"warm-up {time.time() - t_warm:.0f} s; {reps} interleaved rounds ...")
+    for n in names:
+        if n in TORCH_ENGINES:
+            info[n] = {"bits_per_weight": _bits_per_weight(shape, n)}
+    envs = {n: engine_env(n, omp_wait_policy) for n in names}
+    for n in names:
+        info[n]["omp_wait_policy"] = envs[n].get("OMP_WAIT_POLICY", "unset")
+
+    def once(n: str) -> float:
+        if n in TORCH_ENGINES:
+            spec = {"engine": n, "shape": shape, "seed": seed, "prompt_len": prompt_len, "threads": threads,
+                    "new_tokens": fp32_new if n == "fp32" else new_tokens, "compile": compile}
+            return torch_engine_once(spec, envs[n])
+        return llama_bench_once(bench_bin, gguf[n], prompt_len, new_tokens, threads, flags_text, envs[n])
+
+    log(f"setup {time.time() - t0:.0f} s; {max(reps, llama_reps)} interleaved rounds, one process per run ...")
     samples = {n: [] for n in names}
+    failed: dict[str, str] = {}
     for r in range(max(reps, llama_reps)):
         for n in names:
-            if n in decoders and r < reps:
-                timed = fp32_new if n == "fp32" else new_tokens
-                samples[n].append(_torch_run(decoders[n], prompt, timed))
-            elif n in gguf and r < llama_reps:
-                samples[n].append(llama_bench_once(bench_bin, gguf[n], prompt_len, new_tokens, threads, flags_text))
-        log(f"  round {r + 1}: " + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names if samples[n]))
+            if n in failed or r >= (llama_reps if n in LLAMA_ENGINES else reps):
+                continue
+            try:
+                samples[n].append(once(n))
+            except EngineFailed as e:
+                failed[n] = str(e)
+                log(f"  {n} FAILED (dropped from the benchmark): {e}")
+        log(f"  round {r + 1}: " + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names if samples[n]
+                                             and n not in failed))
     rows = []
     for n in names:
         s = sorted(samples[n])
-        row = {"engine": n, "median_tok_s": statistics.median(s), "min": s[0], "max": s[-1], "runs": len(s),
-               "timed_tokens": fp32_new if n == "fp32" else new_tokens, **info.get(n, {})}
-        rows.append(row)
+        if n in failed or not s:
+            continue
+        rows.append({"engine": n, "median_tok_s": statistics.median(s), "min": s[0], "max": s[-1], "runs": len(s),
+                     "timed_tokens": fp32_new if n == "fp32" else new_tokens, **info.get(n, {})})
     ref = next((r["median_tok_s"] for r in rows if r["engine"] == "fp32"), None)
     for row in rows:
         row["speedup_vs_fp32"] = row["median_tok_s"] / ref if ref else None
-    return {"rows": rows, "config": {"shape": shape, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                                     "fp32_new_tokens": fp32_new, "threads": threads, "reps": reps,
-                                     "llama_reps": llama_reps, "compile": compile, "seed": seed,
-                                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                                     "load_average": os.getloadavg(),
-                                     "seconds": time.time() - t0}}
+    return {"rows": rows, "failed": failed,
+            "config": {"shape": shape, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                       "fp32_new_tokens": fp32_new, "threads": threads, "reps": reps, "llama_reps": llama_reps,
+                       "compile": compile, "seed": seed, "omp_wait_policy": omp_wait_policy,
+                       "load_average": os.getloadavg(), "seconds": time.time() - t0}}
+
+
+def _bits_per_weight(shape: dict, engine: str) -> float:
+    """Bits per weight of the quantized layers of a torch engine (as serialization.bits_per_weight counts)."""
+    if engine == "fp32":
+        return 32.0
+    import torch
+
+    from ..packed_layer import PackedRaBiTLinear
+    from ..serialization import bits_per_weight
+
+    d, f, v = shape["hidden"], shape["intermediate"], shape["vocab"]
+    kv = shape["kv_heads"] * d // shape["heads"]
+    dims = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]
+    layers = [PackedRaBiTLinear(i, o, 2, device="meta") for o, i in dims * shape["layers"]]
+    if engine == "rabit":
+        layers.append(PackedRaBiTLinear(d, v, 2, device="meta"))
+    return bits_per_weight(torch.nn.ModuleList(layers))
 
 
 ENGINE_LABELS = {"rabit": "rabit 2-bit (blocks + lm_head packed)", "rabit-fphead": "rabit 2-bit, fp32 lm_head",
@@ -366,11 +392,14 @@ def format_decode_table(result: dict) -> str:
         sp = f"{r['speedup_vs_fp32']:.2f}x" if r.get("speedup_vs_fp32") else "-"
         lines.append(f"| {ENGINE_LABELS.get(r['engine'], r['engine'])} | {r['median_tok_s']:.1f} | "
                      f"{r['min']:.1f} - {r['max']:.1f} | {r['runs']} x {r['timed_tokens']} tok | {sp} | {size} |")
+    for engine, why in result.get("failed", {}).items():
+        lines.append(f"| {ENGINE_LABELS.get(engine, engine)} | FAILED: {why.splitlines()[0][:120]} | | | | |")
     c = result["config"]
     lines.append("")
     lines.append(f"Llama {c['shape']}, prompt {c['prompt_len']} tokens, {c['threads']} threads, "
-                 f"compile={c['compile']}, OMP_WAIT_POLICY={c.get('omp_wait_policy') or 'unset'}; "
-                 f"interleaved rounds; total {c['seconds']:.0f} s.")
+                 f"compile={c['compile']}, OMP_WAIT_POLICY: "
+                 + ", ".join(f"{r['engine']} {r.get('omp_wait_policy', 'unset')}" for r in result["rows"])
+                 + f"; interleaved rounds, one process per run; total {c['seconds']:.0f} s.")
     return "\n".join(lines)
 
 
@@ -380,27 +409,39 @@ _DECODE_OPTS = ["hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"
 
 
 def _run_decode(args) -> int:
-    want = args.omp_wait_policy
-    if want != "inherit" and os.environ.get("OMP_WAIT_POLICY", "").lower() != want:
-        # libgomp reads OMP_WAIT_POLICY once, when torch loads it: run the benchmark in a child process
-        argv = []
-        for k in _DECODE_OPTS:
-            v = getattr(args, k)
-            if v is not None:
-                argv += [f"--{k.replace('_', '-')}", str(v)]
-        if args.compile:
-            argv.append("--compile")
-        env = dict(os.environ, OMP_WAIT_POLICY=want.upper())
-        return subprocess.run([sys.executable, "-m", "rabit", "bench", "decode", *argv,
-                               "--omp-wait-policy", "inherit"], env=env).returncode
+    llama = any(e.strip().lower() in LLAMA_ENGINES for e in args.engines.split(","))
+    if llama and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        # This process builds the GGUF files with torch; libgomp reads OMP_WAIT_POLICY once, when torch loads
+        # it: re-run this orchestrating process PASSIVE, so that its OpenMP threads sleep while llama.cpp runs
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", RABIT_BENCH_CALLER_OMP_WAIT_POLICY=os.environ.get(
+            "OMP_WAIT_POLICY", ""))
+        return subprocess.run([sys.executable, "-m", "rabit", "bench", "decode", *_decode_argv(args)],
+                              env=env).returncode
     shape = {k: getattr(args, k) for k in BENCH_SHAPE}
+    outer = os.environ.get("RABIT_BENCH_CALLER_OMP_WAIT_POLICY")
+    if args.omp_wait_policy == "inherit" and outer is not None:
+        os.environ["OMP_WAIT_POLICY"] = outer  # the engines inherit the caller's setting, not our PASSIVE
+        if not outer:
+            del os.environ["OMP_WAIT_POLICY"]
     result = run_decode_bench(shape, args.prompt_len, args.new_tokens, args.fp32_new_tokens, args.threads,
                               args.reps, args.llama_reps, args.engines, args.compile, args.llama_cpp_dir,
-                              args.work_dir, args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
+                              args.work_dir, args.seed, log=lambda s: print(s, file=sys.stderr, flush=True),
+                              omp_wait_policy=args.omp_wait_policy)
     print(format_decode_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return 1 if result["failed"] else 0
+
+
+def _decode_argv(args) -> list[str]:
+    argv = []
+    for k in _DECODE_OPTS:
+        v = getattr(args, k)
+        if v is not None:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    if args.compile:
+        argv.append("--compile")
+    return argv + ["--omp-wait-policy", args.omp_wait_policy]
 
 
 def run(args) -> int:

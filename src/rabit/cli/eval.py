@@ -7,8 +7,8 @@ import re
 import time
 from pathlib import Path
 
-from .atomic_io import atomic_write_json
-from .models import DEFAULT_MODEL
+from ..atomic_io import atomic_write_json
+from ..models import DEFAULT_MODEL
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -28,7 +28,9 @@ def add_parser(sub):
                         "austen), .txt/.jsonl files or folders, hf:NAME[:CONFIG][:SPLIT]; 'none' to skip "
                         "(default: wikitext2-test)")
     p.add_argument("--seq-len", type=int, default=2048, help="perplexity window length (default: 2048)")
-    p.add_argument("--bos", action="store_true", help="prefix each perplexity window with BOS")
+    from ..bos import add_bos_args
+
+    add_bos_args(p, "each perplexity window")
     p.add_argument("--max-windows", type=int, default=None,
                    help="perplexity on the first N windows of each corpus only")
     p.add_argument("--tasks", default="", metavar="TASKS",
@@ -53,6 +55,8 @@ def add_parser(sub):
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the results (default: ./rabit-eval-<model>.json)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-verify", action="store_true",
+                   help="load a saved rabit folder without checking its checksums (at your own risk)")
     return p
 
 
@@ -136,9 +140,9 @@ def run(args) -> int:
         set_offline()
     import torch
 
-    from .data import eval_tokens
-    from .eval.perplexity import perplexity
-    from .models import is_rabit_folder, load_model, resolve_model_path
+    from ..data import eval_tokens
+    from ..eval.perplexity import perplexity
+    from ..models import is_rabit_folder, load_model, resolve_model_path
 
     device = args.device
     if device == "auto":
@@ -149,29 +153,28 @@ def run(args) -> int:
     # Bad task names / unreachable task data fail here, before the (slow) model load.
     prepared = None
     if tasks:
-        from .eval.zeroshot import prepare_tasks
+        from ..eval.zeroshot import prepare_tasks
 
         print(f"preparing tasks: {', '.join(tasks)}", flush=True)
         prepared = prepare_tasks(tasks, args.zeroshot_backend, include_paths=args.include_path)
 
     t0 = time.time()
-    model, tok = load_model(args.path, dtype=dtype, device=device)
+    model, tok = load_model(args.path, dtype=dtype, device=device, verify=not args.no_verify)
     resolved = resolve_model_path(args.path)
     kind = "rabit" if Path(resolved).is_dir() and is_rabit_folder(resolved) else "hf"
     print(f"loaded {args.path} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
           f"as tensors) in {time.time() - t0:.1f} s on {device}", flush=True)
-    bos = None
-    if args.bos:
-        if tok.bos_token_id is None:
-            raise ValueError("--bos: the tokenizer has no BOS token")
-        bos = tok.bos_token_id
+    from ..bos import resolve_bos
+
+    bos_choice = resolve_bos(tok, args.bos)
+    bos = bos_choice.token_id
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and args.seq_len + (1 if bos is not None else 0) > max_pos and corpora:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_pos}",
               flush=True)
 
     result = dict(model=args.path, resolved_path=str(resolved), kind=kind, device=device, dtype=args.dtype,
-                  seq_len=args.seq_len, bos=bos is not None, max_windows=args.max_windows, limit=args.limit,
+                  seq_len=args.seq_len, bos=bos is not None, bos_source=bos_choice.source, max_windows=args.max_windows, limit=args.limit,
                   num_fewshot=args.num_fewshot, perplexity={}, tasks={})
     for corpus in corpora:
         t0 = time.time()
@@ -185,7 +188,7 @@ def run(args) -> int:
                                             seconds=time.time() - t0)
         print(f"{corpus}: perplexity {value:.3f} ({windows} windows, {time.time() - t0:.1f} s)", flush=True)
     if prepared is not None:
-        from .eval.zeroshot import evaluate_tasks
+        from ..eval.zeroshot import evaluate_tasks
 
         t0 = time.time()
         result["tasks"] = evaluate_tasks(model, tok, prepared, limit=args.limit, num_fewshot=args.num_fewshot,

@@ -1,26 +1,31 @@
 """`rabit ablate`: train {independent, frozen, coupled} x {svid, isvid, isvid+pre} at one fixed budget and
 tabulate perplexity, PIQA, distillation loss, throughput, optimizer-state bytes and path correlations.
 
-Each cell is an ordinary `rabit quantize` run (in its own sub-folder, resumable), followed by `rabit eval`
+Each cell is a JobSpec (the --extra settings plus the cell's mode and initialization), run as an ordinary
+`rabit quantize` (in its own sub-folder, resumable), followed by `rabit eval`
 (PIQA) and `rabit diagnose` on the saved model, all as subprocesses so that one failing cell does not lose
 the others. The table is rebuilt from the run folders each time, so an interrupted ablation resumes.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .models import DEFAULT_MODEL
+from ..job import JobSpec
+from ..models import DEFAULT_MODEL
 
-INIT_FLAGS = {
-    "svid": ["--init", "svid", "--no-precondition"],
-    "isvid": ["--init", "isvid", "--no-precondition"],
-    "isvid+pre": ["--init", "isvid"],
+# The RaBiTConfig settings of each initialization of the table.
+INIT_SETTINGS = {
+    "svid": {"init": "svid", "precondition": False},
+    "isvid": {"init": "isvid", "precondition": False},
+    "isvid+pre": {"init": "isvid", "precondition": True},
 }
 MODES = ("independent", "frozen", "coupled")
 
@@ -30,8 +35,8 @@ def add_parser(sub):
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default: {DEFAULT_MODEL})")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"comma-separated training modes (default: {','.join(MODES)})")
-    p.add_argument("--inits", default=",".join(INIT_FLAGS),
-                   help=f"comma-separated initializations (default: {','.join(INIT_FLAGS)}; "
+    p.add_argument("--inits", default=",".join(INIT_SETTINGS),
+                   help=f"comma-separated initializations (default: {','.join(INIT_SETTINGS)}; "
                         "isvid+pre = ISVID on the I/O-preconditioned weight)")
     p.add_argument("--tokens", type=int, default=20480, help="training tokens per cell (default: 20480)")
     p.add_argument("--eval-windows", type=int, default=8,
@@ -43,7 +48,7 @@ def add_parser(sub):
     p.add_argument("--out-dir", default="runs/ablation",
                    help="one sub-folder per cell; rerunning resumes unfinished cells (default: runs/ablation)")
     p.add_argument("--table", default=None, help="markdown table path (default: <out-dir>/ablation.md)")
-    p.add_argument("--extra", default="", help="extra arguments passed to every `rabit quantize` run")
+    p.add_argument("--extra", default="", help="`rabit quantize` options for every cell (checked before any cell runs)")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells trained at once, the cores split between them (default: 1; throughput columns are "
                         "then per-cell under sharing)")
@@ -149,11 +154,11 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .train.trainer import StepLog
+    from ..train.trainer import StepLog
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
     styles = {"coupled": "-", "independent": "--", "frozen": ":"}
-    colors = dict(zip(INIT_FLAGS, ("tab:orange", "tab:green", "tab:blue")))
+    colors = dict(zip(INIT_SETTINGS, ("tab:orange", "tab:green", "tab:blue")))
     for r in cells:
         log = StepLog.read(Path(r["dir"]) / "log.jsonl")
         if log:
@@ -190,17 +195,45 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
-def _run_cell(args, out_dir: Path, mode: str, init: str, env: dict | None) -> list[str]:
+def base_job(args) -> JobSpec:
+    """The settings every cell shares: `rabit quantize` defaults, --extra, and this command's budget."""
+    import argparse
+
+    from .options import job_from_args
+    from .quantize import add_parser
+
+    parser = add_parser(argparse.ArgumentParser(prog="rabit ablate --extra").add_subparsers())
+    parser.prog = "rabit ablate --extra"
+    spec = job_from_args(parser.parse_args(shlex.split(args.extra)))
+    spec.model, spec.tokens = args.model, args.tokens
+    spec.eval.windows = args.eval_windows
+    spec.run.progress = False
+    return spec
+
+
+def cell_job(base: JobSpec, out_dir: Path, mode: str, init: str) -> JobSpec:
+    spec = copy.deepcopy(base)
+    spec.rabit.mode = mode
+    for name, value in INIT_SETTINGS[init].items():
+        setattr(spec.rabit, name, value)
+    cell = out_dir / f"{mode}-{init}"
+    spec.run.out = str(cell)
+    spec.run.resume = (cell / "run.json").exists()
+    spec.validate()
+    return spec
+
+
+def _run_cell(args, spec: JobSpec, env: dict | None) -> list[str]:
     """Train one cell (resuming a killed one), then PIQA and path correlations on the saved model; each step
     is skipped when its result file already exists. Returns what failed (empty when nothing did)."""
+    from .options import job_to_argv
+
     rabit = [sys.executable, "-m", "rabit"]
-    cell = out_dir / f"{mode}-{init}"
-    log = out_dir / f"{mode}-{init}.log"
+    cell = Path(spec.run.out)
+    mode, init = cell.name.split("-", 1)
+    log = cell.with_name(cell.name + ".log")
     if not (cell / "summary.json").exists():
-        flag = ["--resume"] if (cell / "run.json").exists() else []
-        cmd = rabit + ["quantize", "--model", args.model, "--out", str(cell), "--mode", mode,
-                       "--tokens", str(args.tokens), "--eval-windows", str(args.eval_windows),
-                       "--no-progress", *INIT_FLAGS[init], *flag, *args.extra.split()]
+        cmd = rabit + ["quantize", *job_to_argv(spec)]
         print(f"[ablate] training {mode} / {init} ...", flush=True)
         rc = _run(cmd, log, env)
         if rc != 0:
@@ -231,11 +264,13 @@ def run(args) -> int:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     for i in inits:
-        if i not in INIT_FLAGS:
-            raise ValueError(f"unknown init {i!r}; choose from {', '.join(INIT_FLAGS)}")
+        if i not in INIT_SETTINGS:
+            raise ValueError(f"unknown init {i!r}; choose from {', '.join(INIT_SETTINGS)}")
     if args.tokens < 1 or args.eval_windows < 1 or args.jobs < 1:
         raise ValueError("--tokens, --eval-windows and --jobs must be >= 1")
     out_dir = Path(args.out_dir)
+    base = base_job(args)
+    jobs = [cell_job(base, out_dir, mode, init) for init in inits for mode in modes]  # every cell checked first
     out_dir.mkdir(parents=True, exist_ok=True)
     env = None
     if args.jobs > 1:
@@ -248,11 +283,10 @@ def run(args) -> int:
             table = markdown(collect(out_dir, modes, inits), args)
             (Path(args.table) if args.table else out_dir / "ablation.md").write_text(table)
 
-    cells = [(mode, init) for init in inits for mode in modes]
-    step_failures: list[str] = []
     # With --jobs 1 the pool runs the cells one after another, in order.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(_run_cell, args, out_dir, mode, init, env) for mode, init in cells]
+        futures = [pool.submit(_run_cell, args, spec, env) for spec in jobs]
+        step_failures: list[str] = []
         try:
             for fut in futures:
                 step_failures += fut.result()

@@ -23,22 +23,27 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load a saved rabit folder without checking its checksums (at your own risk)")
+    from ..bos import add_bos_args
+
+    add_bos_args(p, "the prompt (without --chat)")
     return p
 
 
 def run(args) -> int:
     import torch
 
-    from .generate import generate
-    from .models import load_model
-    from .serialization import packed_layers
+    from ..generate import generate
+    from ..models import load_model
+    from ..serialization import packed_layers
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_model(args.path, device=args.device)
+    model, tok = load_model(args.path, device=args.device, verify=not args.no_verify)
     for m in packed_layers(model).values():
         m.backend = args.backend
     load_s = time.perf_counter() - t0
@@ -51,13 +56,16 @@ def run(args) -> int:
         write(args.prompt)
     res = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=None if args.no_stream else write,
-                   compile=args.compile, chat=args.chat, stop_at_eos=not args.ignore_eos)
+                   compile=args.compile, chat=args.chat, stop_at_eos=not args.ignore_eos, add_bos=args.bos)
     if args.no_stream:
         write(args.prompt + res.text)
     write("\n")
     r = res.result
     kind = "2-bit rabit" if packed_layers(model) else "full precision"
+    from ..bos import resolve_bos
+
+    bos = "chat template" if args.chat else resolve_bos(tok, args.bos).describe()
     print(f"[{kind}; load {load_s:.1f} s; prompt {r.prompt_tokens} tokens in {r.prefill_s * 1e3:.0f} ms; "
-          f"{len(r.tokens)} new tokens; decode {r.tokens_per_s:.1f} tokens/s; {torch.get_num_threads()} threads]",
+          f"{len(r.tokens)} new tokens; decode {r.tokens_per_s:.1f} tokens/s; {torch.get_num_threads()} threads; {bos}]",
           file=sys.stderr)
     return 0

@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from .atomic_io import atomic_write_json
+from ..atomic_io import atomic_write_json
 
 # Keys under which a rabit folder's config.json may record the model it was quantized from (first found wins):
 # in "quantization_config", then at the top level.
@@ -31,6 +31,9 @@ def add_parser(sub):
     p.add_argument("--calib-source", default="wikitext2-valid", help="calibration corpus (default: wikitext2-valid)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration sequences (default: 8)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    from ..bos import add_bos_args
+
+    add_bos_args(p, "calibration sequences")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -70,9 +73,9 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     import torch
 
-    from .data import calibration_batch
-    from .diagnose import path_correlations, plot_correlations, quantized_layers, summarize
-    from .models import is_rabit_folder, load_model, resolve_model_path
+    from ..data import calibration_batch
+    from ..diagnose import path_correlations, plot_correlations, quantized_layers, summarize
+    from ..models import is_rabit_folder, load_model, resolve_model_path
 
     device = args.device
     if device == "auto":
@@ -103,12 +106,15 @@ def run(args) -> int:
     teacher, tok = load_model(teacher_name, device=device)
     if quantized_layers(teacher) or is_rabit_folder(resolve_model_path(teacher_name)):
         raise ValueError(f"the teacher {teacher_name} is itself quantized: give the full-precision model")
-    calib = calibration_batch(tok, args.calib_source, args.calib_samples, args.calib_len, seed=args.seed)
+    from ..bos import resolve_bos
+
+    calib = calibration_batch(tok, args.calib_source, args.calib_samples, args.calib_len, seed=args.seed,
+                              add_bos=resolve_bos(tok, args.bos).use)
     if args.ptq:
         import copy
 
-        from .config import RaBiTConfig
-        from .quantize import collect_channel_stats, find_linear_layers, quantize_
+        from ..config import RaBiTConfig
+        from ..quantize import collect_channel_stats, find_linear_layers, quantize_
 
         cfg = RaBiTConfig()
         stats = collect_channel_stats(teacher, find_linear_layers(teacher, cfg), calib, progress=True)

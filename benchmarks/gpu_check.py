@@ -1,0 +1,326 @@
+"""Every GPU figure in one command: kernel tests, GEMV bandwidth, 7B-shape decoding, a short training run.
+
+    python benchmarks/gpu_check.py --out gpu_check/          # on a CUDA machine, < 8 minutes on one H100/H200
+    python benchmarks/gpu_check.py --dry --out /tmp/check/   # CPU, tiny shapes (the test suite runs this)
+
+Writes gpu_check.json and gpu_check.md to --out. Sections (each records its own peak memory, and an error
+instead of aborting the others):
+  triton     the Triton GEMV/GEMM kernels against the plain PyTorch reference on the device (odd shapes, fp32,
+             fp16, bf16); --dry runs them under the Triton interpreter when triton is installed, else skips.
+  gemv       batch-1 GEMV time and bandwidth at 4096^2, 4096x11008 (out x in, and transposed) and 8192^2, against
+             a device-to-device copy (the bandwidth ceiling) and fp16 F.linear.
+  decode     tokens/s of a Llama-2-7B-shaped model (random weights) with a static cache, 2-bit packed vs fp16.
+  train      a few coupled-RaBiT training steps of the default model (SmolLM2-135M-Instruct) with tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """Peak allocated device memory since reset_peak (CUDA); None on CPU (no per-section figure there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def median_seconds(fn, device: torch.device, runs: int, warmup: int = 3) -> float:
+    """Median wall time of fn() over `runs` calls (CUDA: synchronized around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def random_packed(k: int, out_f: int, in_f: int, device, dtype=torch.float16, seed: int = 0):
+    from rabit.packed_layer import PackedRaBiTLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    paths = [(torch.rand(out_f, generator=gen) * 0.02 + 0.01, torch.randn(out_f, in_f, generator=gen),
+              torch.rand(in_f, generator=gen) + 0.5) for _ in range(k)]
+    return PackedRaBiTLinear.from_paths(paths, dtype=dtype).to(device)
+
+
+# ------------------------------------------------------------------------------------------ sections
+TRITON_CASES = [(2, 5, 7, 1), (3, 33, 65, 3), (1, 17, 100, 1), (2, 40, 100, 20), (1, 17, 33, 2)]
+TRITON_CASES_FULL = TRITON_CASES + [(2, 4096, 4096, 1), (2, 11008, 4096, 4), (2, 4096, 11008, 64)]
+
+
+def check_triton(device: torch.device, dry: bool) -> dict:
+    """The Triton kernels (GEMV and GEMM modes) against rabit.kernels' reference on `device`."""
+    from rabit.kernels import triton_gemv
+    from rabit.kernels.reference import rabit_linear_reference
+
+    if not triton_gemv.HAVE_TRITON:
+        return {"skipped": "triton is not installed"}
+    if not triton_gemv.is_available():
+        return {"skipped": "triton cannot run here (no CUDA device, TRITON_INTERPRET not set)"}
+    cases, failures = [], []
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    for k, out_f, in_f, batch in (TRITON_CASES if dry else TRITON_CASES_FULL):
+        layer = random_packed(k, out_f, in_f, device, dtype=torch.float32, seed=out_f + in_f)
+        bias = torch.randn(out_f, device=device)
+        for mode in ("gemv", "gemm"):
+            for dt in dtypes:
+                x = torch.randn(batch, in_f, device=device).to(dt)
+                y = triton_gemv.rabit_linear_triton(x, layer.packed, layer.g, layer.h, bias, mode=mode)
+                ref = rabit_linear_reference(x.double(), layer.packed, layer.g, layer.h, bias,
+                                             compute_dtype=torch.float64)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                tol = 1e-5 if dt == torch.float32 and mode == "gemv" else 2e-2
+                case = {"k": k, "out": out_f, "in": in_f, "batch": batch, "mode": mode, "dtype": str(dt)[6:],
+                        "rel_error": err, "ok": err < tol and y.dtype == dt}
+                cases.append(case)
+                if not case["ok"]:
+                    failures.append(case)
+    return {"cases": len(cases), "failures": failures, "ok": not failures, "max_rel_error": max(
+        c["rel_error"] for c in cases)}
+
+
+GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]  # (out, in)
+GEMV_SHAPES_DRY = [(64, 96), (100, 33)]
+
+
+def gemv_bandwidth(device: torch.device, dry: bool) -> dict:
+    """Batch-1 packed GEMV vs fp16 F.linear and vs a device copy of the same number of bytes."""
+    runs = 5 if dry else 200
+    half = torch.float16 if device.type == "cuda" else torch.float32
+    # copy ceiling: a large buffer copied device-to-device (bytes read + bytes written)
+    n = (1 << 16) if dry else (1 << 28)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = median_seconds(lambda: dst.copy_(src), device, runs)
+    copy_gbs = 2 * n / copy_s / 1e9
+    del src, dst
+    rows = []
+    for out_f, in_f in (GEMV_SHAPES_DRY if dry else GEMV_SHAPES):
+        layer = random_packed(2, out_f, in_f, device)
+        x = torch.randn(1, in_f, device=device, dtype=half)
+        w = torch.randn(out_f, in_f, device=device, dtype=half)
+        with torch.inference_mode():
+            t_packed = median_seconds(lambda: layer(x), device, runs)
+            t_dense = median_seconds(lambda: F.linear(x, w), device, runs)
+        packed_bytes = sum(b.numel() * b.element_size() for b in layer.buffers() if b is not None)
+        gbs = (packed_bytes + (in_f + out_f) * x.element_size()) / t_packed / 1e9  # weights + x + y
+        rows.append({"out": out_f, "in": in_f, "packed_us": t_packed * 1e6, "fp16_linear_us": t_dense * 1e6,
+                     "speedup_vs_fp16": t_dense / t_packed, "packed_GBps": gbs,
+                     "fraction_of_copy_bandwidth": gbs / copy_gbs})
+        del layer, w
+    return {"copy_GBps": copy_gbs, "rows": rows, "activation_dtype": str(half)[6:]}
+
+
+def llama_config(dry: bool):
+    from transformers import LlamaConfig
+
+    if dry:
+        return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def decode_speed(device: torch.device, dry: bool) -> dict:
+    """Llama-2-7B shapes with random weights: fp16 vs every decoder linear packed to 2 bits, static cache."""
+    from transformers import LlamaForCausalLM
+
+    from rabit import RaBiTConfig
+    from rabit.generate import decode_tokens, make_decoder
+    from rabit.quantize import _set_module, find_linear_layers
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    prompt, new = (8, 8) if dry else (128, 128)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_config(dry)).to(dtype).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt))
+    result = {"prompt_tokens": prompt, "new_tokens": new, "dtype": str(dtype)[6:]}
+    for name in ("fp16", "2bit"):
+        if name == "2bit":
+            for i, (lname, lin) in enumerate(find_linear_layers(model, RaBiTConfig()).items()):
+                _set_module(model, lname, random_packed(2, lin.out_features, lin.in_features, device, seed=i))
+                del lin
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        reset_peak(device)
+        decoder = make_decoder(model, prompt + new + 1)
+        decode_tokens(decoder, ids, 4)  # warm-up
+        res = decode_tokens(decoder, ids, new)
+        per_token = statistics.median(res.step_times) if res.step_times else float("nan")
+        result[name] = {"tokens_per_s": 1.0 / per_token, "median_token_ms": per_token * 1e3,
+                        "peak_bytes": peak_bytes(device)}
+        del decoder
+    result["speedup_2bit_vs_fp16"] = result["2bit"]["tokens_per_s"] / result["fp16"]["tokens_per_s"]
+    return result
+
+
+def train_speed(device: torch.device, dry: bool) -> dict:
+    """A few optimizer steps of coupled RaBiT training (the Trainer, default settings otherwise)."""
+    from transformers import LlamaForCausalLM
+
+    from rabit import RaBiTConfig
+    from rabit.train.trainer import Trainer, TrainConfig, make_student
+
+    if dry:
+        torch.manual_seed(0)
+        teacher = LlamaForCausalLM(llama_config(True)).to(device)
+        rows = torch.randint(0, teacher.config.vocab_size, (8, 32))
+        model_name, steps, accum = "tiny random Llama", 2, 1
+    else:
+        from rabit.data import training_sequences
+        from rabit.models import DEFAULT_MODEL, load_model
+
+        teacher, tok = load_model(DEFAULT_MODEL, device=str(device))
+        rows, _ = training_sequences(tok, ["wikitext2-valid"], 512, val_fraction=0.05, seed=0)
+        model_name, steps, accum = DEFAULT_MODEL, 6, 4
+    teacher.eval()
+    student = make_student(teacher, RaBiTConfig(mode="coupled", init="naive", precondition=False))
+    reset_peak(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(steps=steps, grad_accum=accum, save_every=10**9)
+        trainer = Trainer(teacher, student, rows, cfg, tmp, progress=False)
+        trainer.train()
+        from rabit.train.trainer import StepLog
+
+        log = StepLog.read(Path(tmp) / "log.jsonl")
+    secs = [r["seconds"] for r in log][1:] or [log[-1]["seconds"]]  # the first step warms up
+    med = statistics.median(secs)
+    return {"model": model_name, "steps": steps, "tokens_per_step": trainer.tokens_per_step,
+            "median_step_s": med, "tokens_per_s": trainer.tokens_per_step / med,
+            "final_loss": log[-1]["loss"], "peak_bytes": peak_bytes(device)}
+
+
+SECTIONS = {"triton": check_triton, "gemv": gemv_bandwidth, "decode": decode_speed, "train": train_speed}
+
+
+# ------------------------------------------------------------------------------------------ report
+def _mb(b) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.0f}"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check ({'dry run, CPU' if report['dry'] else report['device_name']})", "",
+             f"torch {report['torch']}, {report['date']}", ""]
+    for name, sec in report["sections"].items():
+        head = f"## {name} ({sec.get('seconds', 0):.1f} s, peak {_mb(sec.get('peak_bytes'))} MiB)"
+        lines.append(head)
+        if "error" in sec:
+            lines += ["", f"FAILED: {sec['error']}", ""]
+            continue
+        if "skipped" in sec:
+            lines += ["", f"skipped: {sec['skipped']}", ""]
+            continue
+        lines.append("")
+        if name == "triton":
+            lines.append(f"{sec['cases']} cases, {len(sec['failures'])} failures, max relative error "
+                         f"{sec['max_rel_error']:.2e}")
+        elif name == "gemv":
+            lines += [f"device copy: {sec['copy_GBps']:.3g} GB/s; activations {sec['activation_dtype']}", "",
+                      "| out x in | packed (us) | fp16 F.linear (us) | speed-up | packed GB/s | of copy |",
+                      "|---|---|---|---|---|---|"]
+            for r in sec["rows"]:
+                lines.append(f"| {r['out']} x {r['in']} | {r['packed_us']:.1f} | {r['fp16_linear_us']:.1f} | "
+                             f"{r['speedup_vs_fp16']:.2f}x | {r['packed_GBps']:.3g} | "
+                             f"{r['fraction_of_copy_bandwidth']:.0%} |")
+        elif name == "decode":
+            lines += [f"{sec['prompt_tokens']}-token prompt, {sec['new_tokens']} new tokens, static cache", "",
+                      "| weights | tokens/s | ms/token | peak MiB |", "|---|---|---|---|"]
+            for w in ("fp16", "2bit"):
+                r = sec[w]
+                lines.append(f"| {w} | {r['tokens_per_s']:.1f} | {r['median_token_ms']:.2f} | "
+                             f"{_mb(r['peak_bytes'])} |")
+            lines.append(f"\n2-bit vs fp16: {sec['speedup_2bit_vs_fp16']:.2f}x")
+        elif name == "train":
+            lines.append(f"{sec['model']}: {sec['tokens_per_s']:.0f} tokens/s ({sec['tokens_per_step']} tokens "
+                         f"per step, median of {sec['steps'] - 1} steps), final loss {sec['final_loss']:.4g}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes, Triton interpreter (for CI)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
+    args = ap.parse_args(argv)
+    names = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.dry:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("error: no CUDA device (use --dry for the CPU dry run)", file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"dry": args.dry, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              platform.processor() or "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "git": _git_head(), "sections": {}}
+    failed = False
+    for name in names:
+        t = time.perf_counter()
+        reset_peak(device)
+        try:
+            sec = SECTIONS[name](device, args.dry)
+        except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' figures
+            sec = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            failed = True
+        if sec.get("ok") is False:
+            failed = True
+        sec.setdefault("peak_bytes", peak_bytes(device))
+        sec["seconds"] = time.perf_counter() - t
+        report["sections"][name] = sec
+        print(f"{name}: {'FAILED' if 'error' in sec else 'skipped' if 'skipped' in sec else 'done'} "
+              f"({sec['seconds']:.1f} s)", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+    return 1 if failed else 0
+
+
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""`rabit quantize`: the main job. Calibrate, initialize (ISVID + preconditioning), distill from the
+full-precision teacher for a token budget, evaluate perplexity before and after, and save the 2-bit model.
+
+Everything lands in one run folder (default runs/<model>-<mode>):
+
+    run.json            what this run is (model, RaBiT and training settings, data); checked on --resume
+    log.jsonl           one line per optimizer step (losses, grad norm, learning rates, tokens/s)
+    checkpoints/        the latest checkpoint (see rabit.train.checkpoint)
+    evals.json          perplexities measured before training (reused when resuming)
+    loss.png            loss curves
+    summary.json/.md    FP vs 2-bit perplexity, time, tokens
+    model.safetensors   the trained student's state dict (+ rabit_config.json)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RaBiTConfig
+from ..job import JobSpec
+from ..models import DEFAULT_MODEL
+from ..paths import cache_root
+from .options import add_job_arguments, job_from_args
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "quantize", help="compress a causal LM to 2 bits: calibrate, initialize, distill, evaluate, save",
+        description="Compress a causal LM to 2 bits with RaBiT: calibrate, initialize (ISVID + "
+                    "preconditioning), distill from the full-precision model for a token budget, "
+                    "evaluate perplexity before and after, and save the result. With no arguments, "
+                    f"runs on {DEFAULT_MODEL} with defaults sized for ~15 minutes on 2 CPU cores.")
+    add_job_arguments(p)
+    return p
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _model_fingerprint(model) -> str:
+    """SHA-256 over the model's parameter names, shapes and bytes (stable across loads)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\0".encode())
+        h.update(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
+    """FP perplexity from ~/.cache/rabit/ppl (keyed by model, corpus, window, windows, BOS), else compute."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_root() / "ppl" / f"{digest}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key and isinstance(cached.get("ppl"), float):
+            return cached["ppl"], True
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
+    value = compute()
+    try:
+        from ..train.checkpoint import atomic_write_json
+
+        atomic_write_json(path, {"key": key, "ppl": value})
+    except OSError as e:
+        _say(f"(could not cache the FP perplexity in {path}: {e})")
+    return value, False
+
+
+def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool = False,
+                 embed_bits: int | None = None, embed_group_size: int = 64) -> list[Path]:
+    """Save the trained student: a plain safetensors state dict (the exact training state, with checksums), plus
+    the packed format (unquantized tensors in 16 bits unless keep_fp32; embedding and head group-quantized to
+    embed_bits, which converts `student` in place), whose size per component is printed."""
+    from ..atomic_io import atomic_save_safetensors, atomic_write_json
+    from ..integrity import checksum_metadata
+    from ..serialization import save_quantized, size_report
+    from ..storage import format_size_report
+    from ..train.checkpoint import dedup_state_dict
+
+    cfg = getattr(student, "rabit_config", None)
+    unique, aliases = dedup_state_dict(student.state_dict())
+    meta = {"format": "rabit-state-dict", "base_model": base_model, "aliases": json.dumps(aliases),
+            "rabit_config": cfg.to_json() if cfg is not None else "{}"}
+    atomic_save_safetensors(unique, out / "model.safetensors", metadata={**meta, **checksum_metadata(unique)})
+    if cfg is not None:
+        atomic_write_json(out / "rabit_config.json", cfg.to_dict())
+    if embed_bits:
+        from ..embedquant import quantize_embeddings_
+
+        quantize_embeddings_(student, embed_bits, embed_group_size)
+    save_quantized(student, out / "quantized", tokenizer, dtype=torch.float32 if keep_fp32 else None)
+    _say(format_size_report(size_report(out / "quantized")))
+    return [out / "model.safetensors", out / "quantized"]
+
+
+def check_save_options(spec: JobSpec, teacher) -> None:
+    """Refuse a save option that cannot apply to this model before training, not after."""
+    if spec.run.embed_bits:
+        from ..embedquant import check_group_size
+
+        check_group_size(teacher.get_input_embeddings().embedding_dim, spec.run.embed_group_size)
+
+
+def bos_choices(spec: JobSpec, tokenizer):
+    """(BOS of training and calibration sequences, BOS of perplexity windows), each a rabit.bos.BosChoice: the
+    tokenizer's rule unless --bos / --no-bos; --eval-bos forces BOS in evaluation only."""
+    from ..bos import resolve_bos
+
+    train = resolve_bos(tokenizer, spec.data.bos)
+    return train, (resolve_bos(tokenizer, True) if spec.eval.bos else train)
+
+
+def _initialized_student(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool, use_cache: bool):
+    """The calibrated and initialized student, with its paths reused from (or saved to) the init cache.
+
+    Returns (student, whether the paths came from the cache)."""
+    from .. import init_cache
+    from ..quantize import find_linear_layers, rabit_layers
+    from ..train.trainer import make_student
+
+    if not use_cache:
+        return _calibrate_and_initialize(teacher, rcfg, calib, autocast, progress), False
+    calib_desc = None
+    if calib is not None:
+        calib_desc = {"tokens_sha256": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),
+                      "shape": list(calib.shape), "autocast": bool(autocast)}
+    key = init_cache.init_key(_model_fingerprint(teacher), rcfg, calib_desc)
+    path = init_cache.cache_path(cache_root() / "init", key)
+    # Runs started together (rabit ablate --jobs) wait for the first one's initialization instead of repeating it.
+    with init_cache.lock(path):
+        student = make_student(teacher, rcfg, initialize=False)
+        if init_cache.load_paths(path, rabit_layers(student), find_linear_layers(teacher, rcfg), key):
+            return student, True
+        del student
+        recorder = init_cache.PathRecorder()
+        student = _calibrate_and_initialize(teacher, rcfg, calib, autocast, progress, on_init=recorder)
+        try:
+            recorder.save(path, key)
+        except OSError as e:
+            _say(f"(could not write the init cache {path}: {e})")
+    return student, False
+
+
+def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool, progress: bool, on_init=None):
+    from ..train.trainer import make_student
+
+    n_calib = "no calibration" if calib is None else f"{calib.shape[0]} x {calib.shape[1]} calibration tokens"
+    _say(f"calibrating ({n_calib}) and initializing ({rcfg.init}) ...")
+    return make_student(teacher, rcfg, calibration=calib, progress=progress, calib_autocast=autocast,
+                        on_init=on_init)
+
+
+def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_desc: str, final: float, result,
+               val_after: dict | None, autocast: bool, wall0: float, world_size: int = 1,
+               extra: dict | None = None) -> int:
+    """The end of a run (one process or several): save the student, plot the losses, write and print the
+    summary. `extra` adds keys to summary.json (the distributed path adds memory figures)."""
+    from ..train.checkpoint import atomic_write_json
+    from ..train.report import plot_losses, summary_markdown
+    from ..train.trainer import StepLog
+
+    written = save_student(student, out, tokenizer, spec.model, keep_fp32=spec.run.keep_fp32,
+                           embed_bits=spec.run.embed_bits, embed_group_size=spec.run.embed_group_size)
+    rows = StepLog.read(out / "log.jsonl")
+    procs = f" ({world_size} processes)" if world_size > 1 else ""
+    rc = spec.rabit
+    plot_losses(rows, out / "loss.png", gamma=spec.train.gamma,
+                title=f"RaBiT {rc.mode} k={rc.num_paths}: {spec.model}{procs}")
+    train_seconds = sum(r.get("seconds", 0.0) for r in rows)
+    summary = {
+        "model": spec.model, "mode": rc.mode, "num_paths": rc.num_paths, "out": str(out),
+        **({"world_size": world_size} if world_size > 1 else {}),
+        "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"),
+                 "blocks": evals.get("blocks"), "e2e": evals.get("e2e"), "final": final, "ood": evals.get("ood")},
+        "stages": {"init_seconds": evals.get("init_seconds"), "blocks_seconds": evals.get("blocks_seconds"),
+                   "e2e_seconds": train_seconds,
+                   "scale_seconds": (evals.get("scale_phase") or {}).get("seconds"),
+                   "scale_tokens": (evals.get("scale_phase") or {}).get("tokens")},
+        "train": {"steps": result.steps, "tokens": result.tokens, "seconds": train_seconds,
+                  "tokens_per_second": result.tokens / train_seconds if train_seconds else None,
+                  "session_tokens_per_second": result.tokens_per_second, "resumed_from": result.resumed_from,
+                  "bf16": autocast, "val_before": evals.get("val_before"), "val_after": val_after,
+                  "last": result.last},
+        **(extra or {}),
+        "init_seconds": evals.get("init_seconds"),
+        "wall_seconds": time.time() - wall0,
+        "files": [str(p) for p in written] + [str(out / "loss.png"), str(out / "log.jsonl")],
+    }
+    atomic_write_json(out / "summary.json", summary)
+    md = summary_markdown(summary)
+    (out / "summary.md").write_text(md)
+    print(md)
+    print(f"saved {', '.join(str(p) for p in written)}; loss curves in {out / 'loss.png'}")
+    return 0
+
+# --------------------------------------------------------------------------------------------- run
+def run(args) -> int:
+    spec = job_from_args(args)
+    spec.validate()
+    from .quantize_distributed import maybe_distributed
+
+    status = maybe_distributed(spec)  # --nproc N, or started by torchrun: the multi-process path
+    if status is not None:
+        return status
+    return run_job(spec)
+
+
+def run_job(spec: JobSpec) -> int:
+    """The whole quantize job in this process (spec validated)."""
+    from .. import run_folder
+    from ..data import calibration_batch, eval_tokens, tokenizer_fingerprint, training_sequences
+    from ..eval.perplexity import perplexity
+    from ..models import load_model, resolve_model_path
+    from ..train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json, verify_checkpoint
+    from ..train.trainer import Trainer, make_student, native_bf16
+
+    wall0 = time.time()
+    rc, d, ev, rs = spec.rabit, spec.data, spec.eval, spec.run
+    out = spec.out_dir
+    state, old_run = run_folder.check_folder(out, rs.resume, rs.overwrite)  # reads only
+    progress = rs.progress
+    if rs.threads is not None:
+        torch.set_num_threads(rs.threads)
+    device = torch.device(rs.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+
+    # ---- model, data, budget: every failure here leaves the run folder untouched
+    _say(f"loading {spec.model} ...")
+    teacher, tok = load_model(spec.model, device=str(device))
+    check_save_options(spec, teacher)
+    train_bos, eval_bos = bos_choices(spec, tok)
+    sources = d.sources
+    train, val = training_sequences(tok, sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
+                                    add_bos=train_bos.use)
+    autocast = native_bf16(device) if spec.train.autocast is None else spec.train.autocast
+    tcfg = spec.train_config(autocast)
+    steps = tcfg.steps
+    run_info = spec.run_record(str(resolve_model_path(spec.model)), int(train.shape[0]), autocast, train_bos.use,
+                               eval_bos.use)
+    run_folder.check_same_run(out, old_run, run_info, rs.resume, rs.overwrite)
+    ck_path = latest_checkpoint(out) if rs.resume else None  # raises CheckpointError when damaged
+    if ck_path is not None:
+        verify_checkpoint(ck_path, checksums=rs.verify)  # report a corrupt checkpoint before any other work
+    eval_stream = eval_tokens(tok, ev.data)
+    if eval_stream.numel() < ev.seq_len:
+        raise ValueError(f"--eval-data {ev.data} has {eval_stream.numel()} tokens, fewer than one "
+                         f"window of {ev.seq_len}")
+    eval_desc = ev.description() + (", BOS-prefixed" if eval_bos.use and not ev.bos else "")
+
+    # ---- all checks passed: prepare the folder
+    run_folder.prepare(out, state, rs.overwrite, run_info)
+    _say(f"run folder: {out}")
+    _say(f"training: {steps} steps x {spec.tokens_per_step} tokens = {steps * spec.tokens_per_step:,} tokens from "
+         f"{', '.join(sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
+         f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}, {train_bos.describe()}")
+
+    bos = eval_bos.token_id
+    windows = ev.windows or None
+
+    def ppl(model, what):
+        _say(f"perplexity of the {what} model on {eval_desc} ...")
+        return perplexity(model, eval_stream, ev.seq_len, bos, windows, progress=progress)
+
+    evals_path = out / "evals.json"
+    evals = {}
+    if rs.resume and evals_path.exists():
+        try:
+            evals = read_json(evals_path, "evaluation record")
+        except CheckpointError as e:
+            _say(f"({e}; measuring again)")
+            evals = {}
+
+    if "fp" not in evals:
+        t0 = time.time()
+        key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
+               "corpus": ev.data, "seq_len": ev.seq_len, "windows": ev.windows,
+               "bos": bos, "dtype": "float32"}
+        fp, hit = _fp_ppl_cached(teacher, key, lambda: ppl(teacher, "full-precision"))
+        evals["fp"] = fp
+        evals["fp_seconds"] = time.time() - t0
+        _say(f"full precision: perplexity {fp:.3f}" + (" (cached)" if hit else ""))
+        atomic_write_json(evals_path, evals)
+
+    # ---- student: from the checkpoint, or calibrated and initialized
+    if ck_path is not None:
+        _say(f"resuming from {ck_path}")
+        student = make_student(teacher, rc, initialize=False)
+    else:
+        calib = None
+        if rc.precondition:
+            calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed,
+                                      add_bos=train_bos.use)
+        t0 = time.time()
+        student, cached = _initialized_student(teacher, rc, calib, autocast, progress, rs.init_cache)
+        evals["init_seconds"] = time.time() - t0
+        evals["init_cached"] = cached
+        _say(f"initialized in {evals['init_seconds']:.0f} s" + (" (paths from the init cache)" if cached else ""))
+        if not ev.skip_init and "init" not in evals:
+            evals["init"] = ppl(student, f"{rc.num_paths}-bit initialized")
+            _say(f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
+        atomic_write_json(evals_path, evals)
+    student.to(device)
+    if spec.block_stage and ck_path is None:
+        _block_stage(spec, teacher, student, tok, out, evals, ppl, progress, train_bos.use)
+
+    trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
+    if ck_path is not None:
+        trainer.resume(verify=False)  # verified above
+        _say(f"resumed at step {trainer.step} of {steps}")
+    val_rows = val[: d.val_sequences] if d.val_sequences and val.shape[0] else None
+    if val_rows is not None and "val_before" not in evals:
+        evals["val_before"] = trainer.evaluate(val_rows)
+        atomic_write_json(evals_path, evals)
+    result = trainer.train()
+    last = trainer  # the trainer of the last phase measures the held-out loss after training
+    if spec.scale_steps > 0:
+        if "e2e" not in evals:
+            evals["e2e"] = ppl(student, f"{rc.num_paths}-bit distilled (before the scale-only phase)")
+            atomic_write_json(evals_path, evals)
+        scales = Trainer(teacher, student, train, spec.scale_train_config(autocast), out / "scales",
+                         progress=progress)
+        if rs.resume:
+            scales.resume(verify=rs.verify)
+        _say(f"scale-only phase: {scales.cfg.steps} steps, latents frozen")
+        evals["scale_phase"] = dataclasses.asdict(scales.train())
+        atomic_write_json(evals_path, evals)
+        trainer.teacher_run, last = None, scales
+    val_after = last.evaluate(val_rows) if val_rows is not None else None
+    last.teacher_run = None  # free the bf16 teacher copy before evaluation
+
+    final = ppl(student, f"{rc.num_paths}-bit distilled")
+    _say(f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
+    _out_of_domain(spec, teacher, student, tok, evals, progress, bos)
+    atomic_write_json(evals_path, evals)
+    return finish_run(spec, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0,
+                      extra={"bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}})
+
+
+def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, ppl, progress: bool,
+                 add_bos: bool = False) -> None:
+    """Block-wise refinement / reconstruction of the initialized student, in place (resumes from <out>/blocks)."""
+    from ..data import calibration_batch
+    from ..train.blockwise import BlockReconstruction
+    from ..train.checkpoint import atomic_write_json
+
+    b = spec.blocks
+    # drawn from the whole training mix, with another seed than the initialization's calibration
+    rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1, add_bos=add_bos)
+    what = (f"refinement ({b.refine_rounds} round(s))" if b.refine_rounds else "") + \
+        (f"{' + ' if b.refine_rounds else ''}training ({b.epochs} epoch(s))" if b.epochs else "")
+    _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens ...")
+    records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress).run()
+    evals["blocks_seconds"] = sum(r.seconds for r in records)
+    evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records]}
+    _say(f"block-wise stage done in {evals['blocks_seconds']:.0f} s (block losses, mean: "
+         f"{sum(evals['blocks_loss']['before']) / len(records):.4f} -> "
+         f"{sum(evals['blocks_loss']['after']) / len(records):.4f})")
+    if not spec.eval.skip_init and "blocks" not in evals:
+        evals["blocks"] = ppl(student, f"{spec.rabit.num_paths}-bit after the block stage")
+        _say(f"{spec.rabit.num_paths}-bit after the block stage: perplexity {evals['blocks']:.3f}")
+    atomic_write_json(out / "evals.json", evals)
+
+
+def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool, bos: int | None = None) -> None:
+    """FP and 2-bit perplexity on spec.eval.ood_data (a domain the run did not train on, by default)."""
+    from ..data import builtin_files, eval_tokens, tokenizer_fingerprint
+    from ..eval.perplexity import perplexity
+
+    ev = spec.eval
+    if not ev.ood_data or not ev.ood_windows:
+        return
+    stream = eval_tokens(tok, ev.ood_data)
+    windows = min(ev.ood_windows, max(stream.numel() // ev.seq_len, 1))
+    seq = min(ev.seq_len, stream.numel())
+    files = set(builtin_files(ev.ood_data))
+    trained = ev.ood_data in spec.data.sources or bool(files & {f for s in spec.data.sources for f in builtin_files(s)})
+    desc = f"{ev.ood_data}, the first {windows} windows of {seq} tokens" + (
+        " (NOTE: part of the training data)" if trained else " (a domain not trained on)")
+    _say(f"perplexity on {desc} ...")
+    key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok), "corpus": ev.ood_data,
+           "seq_len": seq, "windows": windows, "bos": bos, "dtype": "float32"}
+    fp, _ = _fp_ppl_cached(teacher, key, lambda: perplexity(teacher, stream, seq, bos, windows, progress=progress))
+    q = perplexity(student, stream, seq, bos, windows, progress=progress)
+    evals["ood"] = {"description": desc, "fp": fp, "final": q, "trained_on": trained}
+    _say(f"{ev.ood_data}: full precision {fp:.3f}, {spec.rabit.num_paths}-bit {q:.3f}")

@@ -1,0 +1,249 @@
+"""JobSpec: everything a `rabit quantize` job is, as one object built once (from the command line or from Python).
+
+Its dataclass defaults are the only defaults of the job: the command line (rabit.cli.options) reads them from
+here, `rabit ablate` builds its cells as JobSpecs, `rabit ptq` takes its RaBiT, data and evaluation settings
+from one, and the multi-process path receives the same object. `run_record` is what run.json stores, and
+`identity_changes` is the one place that decides which settings define a run (checked on --resume, and
+against a checkpoint's training settings).
+
+Stages are sub-configs: a new stage (e.g. block-wise reconstruction before distillation) adds a field holding
+its own dataclass with its own defaults; consumers that do not run that stage never look at it, and
+`run_record` stores it under its field name (a run written before the stage existed is read with the stage's
+defaults through ADDED_SETTINGS).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RaBiTConfig
+from .run_identity import to_plain
+from .models import DEFAULT_MODEL
+from .run_identity import identity_changes, train_settings_changes  # noqa: F401 - part of the job's API
+from .train.blockwise import BlockConfig
+from .train.trainer import TrainConfig
+
+
+@dataclass
+class DataSpec:
+    # comma-separated corpora: built-in names, .txt/.jsonl files or folders, hf:... The default mixes two domains
+    # (encyclopedic text and drama) and leaves Austen out, so that EvalSpec.ood_data is a domain never trained on.
+    train: str = "wikitext2-valid,shakespeare"
+    seq_len: int = 512               # training sequence length
+    val_fraction: float = 0.05       # held-out share of the training text
+    val_sequences: int = 4           # held-out sequences for the before/after distillation loss (0: skip)
+    calib: str | None = None         # calibration corpus (None: the first training corpus)
+    calib_samples: int = 16
+    calib_len: int = 512
+    bos: bool | None = None          # start training/calibration sequences with BOS (None: the tokenizer's rule)
+
+    @property
+    def sources(self) -> list[str]:
+        return _sources(self.train)
+
+    @property
+    def calib_sources(self) -> list[str]:
+        return _sources(self.calib) if self.calib else self.sources[:1]
+
+
+@dataclass
+class EvalSpec:
+    data: str = "wikitext2-test"
+    seq_len: int = 2048
+    windows: int = 16                # the first N windows (0: the whole corpus, ~13 min per model on 2 CPU cores)
+    bos: bool = False                # prefix each window with BOS
+    skip_init: bool = False          # do not measure the initialized model
+    # Perplexity on a domain the default mix does not train on (Jane Austen's Persuasion), FP and 2-bit at the end,
+    # so that a run reports how it generalizes, not only its training domain. "" or 0 windows: skip.
+    ood_data: str = "austen-persuasion"
+    ood_windows: int = 8
+
+    def description(self) -> str:
+        what = (f"the first {self.windows} windows of {self.seq_len} tokens ({self.windows * self.seq_len:,} "
+                "tokens; --eval-windows 0 for the whole corpus)" if self.windows
+                else f"all windows of {self.seq_len} tokens")
+        return f"{self.data}, {what}" + (", BOS-prefixed" if self.bos else "")
+
+
+@dataclass
+class RunSpec:
+    out: str | None = None           # run folder (None: runs/<model>-<mode>)
+    overwrite: bool = False
+    resume: bool = False
+    device: str = "cpu"
+    progress: bool = True
+    threads: int | None = None       # torch CPU threads (None: torch's choice)
+    init_cache: bool = True          # reuse initialized paths from the init cache
+    verify: bool = True              # check a checkpoint's checksums on --resume
+    keep_fp32: bool = False          # saved model: unquantized tensors in fp32 (default: 16 bits)
+    embed_bits: int | None = None    # saved model: embedding / full-precision head group-quantized to 8 or 4 bits
+    embed_group_size: int = 64
+
+
+@dataclass
+class DistSpec:
+    nproc: int | None = None          # processes on this machine (None: one, unless started by torchrun)
+    teacher: str = "shard"            # shard | bf16 | replicate
+    muon: str = "owner"               # owner (DistributedMuon) | dtensor
+    timeout_minutes: float = 60.0     # minutes a rank waits in a collective (rank 0 initializes alone)
+    memory_report: bool = False
+
+
+# Sized for the default model on 2 CPU cores (docs/TRAINING.md): batch 1 x 4 micro-batches of 512 tokens per
+# step (Muon's orthogonalization costs ~1.6 micro-batches on CPU, so fewer, larger steps are faster); KL only
+# (gamma 0: perplexity 411 vs 486 with the relative hidden loss at gamma 10 and 801 with the paper's MSE at
+# gamma 100, 24k tokens on SmolLM2, docs/RESULTS.md section 2); a checkpoint every 10 steps.
+def _default_train() -> TrainConfig:
+    return TrainConfig()
+
+
+@dataclass
+class JobSpec:
+    model: str = DEFAULT_MODEL
+    # end-to-end token budget (steps = tokens // tokens per step): 8 steps, sized with the block stage for ~15 minutes
+    # on 2 CPU cores (docs/RESULTS.md section 7)
+    tokens: int = 16_384
+    warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
+    # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
+    # rows of an optimizer step so that each process gets whole rows (same global batch and schedule).
+    auto_split: bool = True
+    rabit: RaBiTConfig = field(default_factory=RaBiTConfig)
+    train: TrainConfig = field(default_factory=_default_train)  # steps/warmup_steps/autocast are resolved here
+    data: DataSpec = field(default_factory=DataSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+    dist: DistSpec = field(default_factory=DistSpec)
+    # Stages between initialization and end-to-end distillation, and after it (docs/TRAINING.md):
+    block_stage: bool = True          # block-wise stage (closed-form refinement; + block training if blocks.epochs)
+    blocks: BlockConfig = field(default_factory=BlockConfig)
+    scale_tokens: int = 0             # token budget of a final end-to-end phase training only scales and norms
+
+    # ---------------------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Every check that needs neither the model nor the data (done before anything is loaded or launched)."""
+        t, d, e = self.train, self.data, self.eval
+        checks = [("--tokens", self.tokens, 1), ("--seq-len", d.seq_len, 2), ("--batch-size", t.batch_size, 1),
+                  ("--grad-accum", t.grad_accum, 1), ("--save-every", t.save_every, 1),
+                  ("--calib-samples", d.calib_samples, 1), ("--calib-len", d.calib_len, 2),
+                  ("--eval-seq-len", e.seq_len, 2), ("--eval-windows", e.windows, 0),
+                  ("--val-sequences", d.val_sequences, 0), ("--num-paths", self.rabit.num_paths, 1)]
+        for flag, value, low in checks:
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if self.run.resume and self.run.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pick one")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if not 0 <= d.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {d.val_fraction}")
+        if self.run.threads is not None and self.run.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.run.threads}")
+        if self.dist.nproc is not None and self.dist.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {self.dist.nproc}")
+        if self.dist.timeout_minutes <= 0:
+            raise ValueError(f"--dist-timeout must be > 0, got {self.dist.timeout_minutes}")
+        _ = d.sources, d.calib_sources  # raise on an empty corpus list
+        if self.scale_tokens < 0:
+            raise ValueError(f"--scale-tokens must be >= 0, got {self.scale_tokens}")
+        if e.ood_windows < 0:
+            raise ValueError(f"--ood-windows must be >= 0, got {e.ood_windows}")
+        if self.block_stage:
+            self.blocks.validate()
+        self.rabit.validate()
+        if self.steps < 1:
+            raise ValueError(f"--tokens {self.tokens} is smaller than one optimizer step ({t.batch_size} x "
+                             f"{t.grad_accum} x {d.seq_len} = {self.tokens_per_step} tokens)")
+        self.train_config(autocast=False).validate()
+
+    # --------------------------------------------------------------------------------------- derived
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.out) if self.run.out else Path("runs") / f"{slug(self.model)}-{self.rabit.mode}"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.train.grad_accum * self.data.seq_len
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+    @property
+    def scale_steps(self) -> int:
+        return self.scale_tokens // self.tokens_per_step
+
+    def scale_train_config(self, autocast: bool | None = None) -> TrainConfig:
+        """The TrainConfig of the scale-only phase: the same settings, latents frozen, its own step count."""
+        steps = self.scale_steps
+        warmup = int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
+        optim = dataclasses.replace(self.train.optim, warmup_steps=min(warmup, steps))
+        return dataclasses.replace(self.train, steps=max(steps, 1), optim=optim, train_latents=False,
+                                   autocast=self.train.autocast if autocast is None else autocast)
+
+    def train_config(self, autocast: bool | None = None) -> TrainConfig:
+        """The TrainConfig the trainer runs: steps and warm-up steps from the token budget, autocast resolved."""
+        steps = self.steps
+        warmup = int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
+        optim = dataclasses.replace(self.train.optim, warmup_steps=min(warmup, steps))
+        return dataclasses.replace(self.train, steps=steps, optim=optim,
+                                   autocast=self.train.autocast if autocast is None else autocast)
+
+    def for_processes(self, world_size: int) -> "JobSpec":
+        """This job as `world_size` processes run it: the global micro-batch (batch_size rows) must split evenly
+        across them. With the default batch, the rows of an optimizer step are regrouped into fewer, larger
+        micro-batches (same rows per step, so the same global batch, schedule and result); a batch the user set
+        that does not split is an error."""
+        t = self.train
+        if t.batch_size % world_size == 0:
+            return self
+        rows = t.batch_size * t.grad_accum
+        if self.auto_split and rows % world_size == 0:
+            batch = next(b for b in range(world_size, rows + 1, world_size) if rows % b == 0)
+            return dataclasses.replace(self, train=dataclasses.replace(t, batch_size=batch, grad_accum=rows // batch))
+        if self.auto_split:
+            raise ValueError(f"an optimizer step of {rows} sequences ({t.batch_size} x {t.grad_accum}) cannot be "
+                             f"split evenly across {world_size} processes; choose --batch-size and --grad-accum "
+                             f"with a batch divisible by {world_size}")
+        raise ValueError(f"--batch-size {t.batch_size} is the global micro-batch and must be divisible by the "
+                         f"{world_size} processes (or leave --batch-size and --grad-accum at their defaults to have "
+                         "the step split automatically)")
+
+    def split_description(self, world_size: int) -> str:
+        t = self.train
+        per = t.batch_size // world_size
+        return (f"{t.batch_size * t.grad_accum} sequences per step = {t.grad_accum} micro-batch(es) of "
+                f"{t.batch_size} ({per} per process x {world_size} process(es))")
+
+    def run_record(self, model_path: str, train_sequences: int, autocast: bool, train_bos: bool = False,
+                   eval_bos: bool | None = None) -> dict:
+        """run.json: what this run is (compared on --resume with identity_changes)."""
+        tcfg = self.train_config(autocast)
+        d = self.data
+        return to_plain({
+            "format": "rabit-quantize-run", "version": 1, "model": self.model, "model_path": model_path,
+            "rabit_config": self.rabit.to_dict(), "train": tcfg.to_dict(), "tokens": self.steps * self.tokens_per_step,
+            "data": {"train": d.sources, "seq_len": d.seq_len, "val_fraction": d.val_fraction,
+                     "train_sequences": int(train_sequences), "calib": d.calib_sources,
+                     "calib_samples": d.calib_samples, "calib_len": d.calib_len, "bos": bool(train_bos)},
+            "eval": {"data": self.eval.data, "seq_len": self.eval.seq_len, "windows": self.eval.windows,
+                     "bos": self.eval.bos if eval_bos is None else bool(eval_bos), "val_sequences": d.val_sequences, "skip_init": self.eval.skip_init,
+                     "ood_data": self.eval.ood_data, "ood_windows": self.eval.ood_windows},
+            "stages": {"blocks": self.blocks.to_dict() if self.block_stage else None,
+                       "scale_tokens": self.scale_steps * self.tokens_per_step},
+        })
+
+
+def slug(name: str) -> str:
+    base = Path(name.rstrip("/")).name or name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "model"
+
+
+def _sources(spec: str) -> list[str]:
+    out = [s.strip() for s in spec.split(",") if s.strip()]
+    if not out:
+        raise ValueError("no training corpus given")
+    return out
+
+

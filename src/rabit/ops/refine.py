@@ -1,0 +1,216 @@
+"""Output-aware refinement of k binary paths: pure functions on tensors.
+
+Iterative residual SVID fits the paths to the weight in the (preconditioned) Frobenius norm. What matters is
+the layer's output on real inputs: with H = sum over calibration tokens of x x^T (in x in), the output error
+of an approximation Q of W is
+
+    err(Q) = sum_t ||(W - Q) x_t||^2 = trace((W - Q) H (W - Q)^T).
+
+Two closed-form moves lower it, alternated for a few rounds (each round is kept only if err falls):
+
+* signs, scales fixed: GPTQ-style column-by-column rounding with error feedback (Frantar et al. 2022). Each
+  weight picks the nearest of the 2^k values sum_i +-g_i[r] h_i[c] its paths can express; the rounding error
+  of column c is pushed onto the columns not yet rounded through the Cholesky factor of H^-1.
+* scales, signs fixed: least squares in the H metric. The row scales g_i[r] solve one k x k system per row;
+  the column scales h_i solve one (k * in) system (or one in x in system per path, Gauss-Seidel, when that is
+  too large).
+
+A path is a triple (g, B, h) as in rabit.ops.svid.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .svid import coupled_signs, path_matrix, reconstruct
+
+# Above this many unknowns the column scales are refit one path at a time (an in x in solve each) instead of
+# jointly ((k * in) x (k * in)).
+JOINT_SOLVE_LIMIT = 2048
+
+
+def output_error(w: torch.Tensor, paths, H: torch.Tensor) -> float:
+    """trace((W - Q) H (W - Q)^T) for Q = sum of the paths."""
+    e = w.to(torch.float32) - reconstruct(paths)
+    return float(((e @ H) * e).sum())
+
+
+def damped(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """H + damp * mean(diag H) * I: positive definite even where calibration never excited a channel."""
+    H = H.to(torch.float32).clone()
+    mean = H.diagonal().mean()
+    if not mean > 0:
+        mean = torch.ones((), dtype=H.dtype)
+    H.diagonal().add_(damp * mean)
+    return H
+
+
+def _sign_combinations(k: int, like: torch.Tensor) -> torch.Tensor:
+    """All 2^k sign vectors as a (2^k, k) tensor."""
+    return torch.tensor(list(itertools.product((-1.0, 1.0), repeat=k)), dtype=like.dtype, device=like.device)
+
+
+@torch.no_grad()
+def gptq_signs(w: torch.Tensor, g: list[torch.Tensor], h: list[torch.Tensor], H: torch.Tensor,
+               block_size: int = 128, damp: float = 0.01) -> list[torch.Tensor]:
+    """Sign planes for fixed scales, chosen column by column with GPTQ error feedback in the metric H."""
+    W = w.to(torch.float32).clone()
+    n = W.shape[1]
+    k = len(g)
+    L = torch.linalg.cholesky(damped(H, damp))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    combos = _sign_combinations(k, W)                       # (2^k, k)
+    G = torch.stack([gi.to(torch.float32) for gi in g], 1)  # (out, k)
+    Hs = torch.stack([hi.to(torch.float32) for hi in h], 0)  # (k, in)
+    choice = torch.empty(W.shape[0], n, dtype=torch.long, device=W.device)
+    # The column loop runs thousands of tiny ops: on a CPU one thread is several times faster than a pool.
+    threads = torch.get_num_threads()
+    if W.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        _gptq_columns(W, U, G, Hs, combos, choice, block_size)
+    finally:
+        torch.set_num_threads(threads)
+    signs = combos[choice]                                     # (out, in, k)
+    return [signs[..., i].contiguous() for i in range(k)]
+
+
+def _gptq_columns(W, U, G, Hs, combos, choice, block_size: int) -> None:
+    n = W.shape[1]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        # every value the paths can express at each weight of the block: (bs, out, 2^k)
+        levels = (G[None] * Hs[:, i1:i2].T[:, None, :]) @ combos.T
+        for j in range(i2 - i1):
+            col = W1[:, j]
+            idx = (col[:, None] - levels[j]).abs().argmin(1)
+            choice[:, i1 + j] = idx
+            err = (col - levels[j].gather(1, idx[:, None]).squeeze(1)) / U1[j, j]
+            W1[:, j:].sub_(err[:, None] * U1[j, j:][None, :])
+            err1[:, j] = err
+        if i2 < n:
+            W[:, i2:] -= err1 @ U[i1:i2, i2:]
+
+
+def _solve_psd(A: torch.Tensor, b: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Solve A x = b for (batched) symmetric positive semi-definite A, with a relative ridge."""
+    scale = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    A = A + ridge * scale[..., None, None] * eye
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        return torch.linalg.lstsq(A, b[..., None]).solution[..., 0]
+    return torch.cholesky_solve(b[..., None], L)[..., 0]
+
+
+def _positive(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Scales stay positive: a non-positive least-squares scale is replaced by a small positive one (the
+    coupled derivation and the packed format assume g, h > 0 with the sign carried by B)."""
+    floor = 1e-3 * like.abs().mean().clamp_min(1e-12)
+    return torch.where(x > floor, x, floor)
+
+
+@torch.no_grad()
+def refit_row_scales(w: torch.Tensor, paths, H: torch.Tensor) -> list[torch.Tensor]:
+    """Least-squares g_i (per row, k x k systems) in the metric H, signs and column scales fixed."""
+    w = w.to(torch.float32)
+    A = [B * h[None, :] for _, B, h in paths]     # row r of path i is g_i[r] * A_i[r]
+    P = [a @ H for a in A]
+    k = len(paths)
+    M = torch.stack([torch.stack([(P[i] * A[j]).sum(1) for j in range(k)], -1) for i in range(k)], -2)
+    v = torch.stack([(P[i] * w).sum(1) for i in range(k)], -1)
+    g = _solve_psd(M, v)
+    return [_positive(g[:, i], paths[i][0]) for i in range(k)]
+
+
+@torch.no_grad()
+def refit_column_scales(w: torch.Tensor, paths, H: torch.Tensor) -> list[torch.Tensor]:
+    """Least-squares h_i in the metric H, signs and row scales fixed.
+
+    The objective is quadratic in the stacked h with blocks Q_ij = H * (G_i^T G_j) (elementwise), where
+    G_i = g_i[:, None] * B_i, and linear term b_i = column sums of G_i * (W H)."""
+    w = w.to(torch.float32)
+    k, n = len(paths), w.shape[1]
+    G = [g[:, None] * B for g, B, _ in paths]
+    if k * n <= JOINT_SOLVE_LIMIT:
+        WH = w @ H
+        Q = torch.cat([torch.cat([H * (G[i].T @ G[j]) for j in range(k)], 1) for i in range(k)], 0)
+        b = torch.cat([(G[i] * WH).sum(0) for i in range(k)])
+        h = _solve_psd(Q, b)
+        return [_positive(h[i * n:(i + 1) * n], paths[i][2]) for i in range(k)]
+    hs = [p[2].clone() for p in paths]
+    for i in range(k):  # Gauss-Seidel over the paths
+        others = sum(path_matrix(paths[j][0], paths[j][1], hs[j]) for j in range(k) if j != i)
+        target = w - others if k > 1 else w
+        b = (G[i] * (target @ H)).sum(0)
+        hs[i] = _positive(_solve_psd(H * (G[i].T @ G[i]), b), paths[i][2])
+    return hs
+
+
+@torch.no_grad()
+def refit_scales(w: torch.Tensor, paths, H: torch.Tensor):
+    """Row scales, then column scales, by least squares in the metric H (signs fixed)."""
+    g = refit_row_scales(w, paths, H)
+    paths = [(gi, B, h) for gi, (_, B, h) in zip(g, paths)]
+    h = refit_column_scales(w, paths, H)
+    return [(g, B, hi) for hi, (g, B, _) in zip(h, paths)]
+
+
+@torch.no_grad()
+def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp: float = 0.01,
+                 block_size: int = 128):
+    """Alternate scale refits and GPTQ sign choices for `rounds` rounds, keeping the best paths by output
+    error. Returns (paths, errors): errors[0] is the starting output error, then one per round (the best so
+    far, so the sequence never increases)."""
+    w = w.to(torch.float32)
+    Hd = damped(H, damp)
+    best = [(g.float(), B.float(), h.float()) for g, B, h in paths]
+    errors = [output_error(w, best, Hd)]
+    for _ in range(rounds):
+        cand = refit_scales(w, best, Hd)
+        signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, damp)
+        cand = refit_scales(w, [(g, B, h) for (g, _, h), B in zip(cand, signs)], Hd)
+        err = output_error(w, cand, Hd)
+        if err < errors[-1]:
+            best = cand
+            errors.append(err)
+        else:
+            errors.append(errors[-1])
+            break
+    return best, errors
+
+
+@torch.no_grad()
+def coupled_latent(paths, preferred: torch.Tensor | None = None) -> torch.Tensor:
+    """A latent weight whose coupled derivation (B_1 = sign(W), B_2 = sign(W - g_1 B_1 h_1), ...) gives exactly
+    the paths' sign planes, so that a coupled layer starts from refined signs.
+
+    The derivation is elementwise, so each weight takes the first of these that derives its signs: the
+    `preferred` latent (e.g. the original weight), the reconstruction sum_i g_i B_i h_i, and, for k = 2, the
+    value B_1 * a_1 / 2 (a_1 = g_1 h_1 > 0; it derives B_2 = -B_1, the one case the reconstruction misses,
+    where |a_2| >= a_1). For k > 2 a few weights may still derive other signs; mismatches() counts them.
+    """
+    g = [p[0] for p in paths]
+    h = [p[2] for p in paths]
+    signs = [p[1] for p in paths]
+    candidates = ([preferred.to(torch.float32)] if preferred is not None else []) + [reconstruct(paths)]
+    if len(paths) == 2:
+        candidates.append(signs[0] * 0.5 * path_matrix(g[0], torch.ones_like(signs[0]), h[0]).abs())
+    latent = candidates[-1].clone()
+    settled = torch.zeros_like(latent, dtype=torch.bool)
+    for cand in candidates:
+        derived = coupled_signs(cand, g, h)
+        ok = torch.stack([d == s for d, s in zip(derived, signs)]).all(0) & ~settled
+        latent = torch.where(ok, cand, latent)
+        settled |= ok
+    return latent
+
+
+def mismatches(latent: torch.Tensor, paths) -> int:
+    """How many weights' coupled derivation from `latent` differs from the paths' signs."""
+    derived = coupled_signs(latent, [p[0] for p in paths], [p[2] for p in paths])
+    return int(torch.stack([d != p[1] for d, p in zip(derived, paths)]).any(0).sum())

@@ -1,0 +1,457 @@
+"""Block-wise reconstruction: train each decoder block of the student, in order, to reproduce the
+full-precision block (EfficientQAT's Block-AP, NanoQuant's block stage), before end-to-end distillation.
+
+Block i of the student sees the output of the already-reconstructed student prefix (blocks 0..i-1) and is
+trained to match what the teacher's block i outputs on the teacher's own inputs, so that it also learns to
+correct the error its prefix left. Its RaBiT parameters train as they do end to end (the coupled derivation
+is unchanged; independent and frozen modes too): latents with Muon, scales and norms with AdamW, one
+cosine schedule per block. Before training, each of the block's layers can be refined in closed form
+against the output metric H = sum x x^T of its full-precision inputs (rabit.ops.refine: GPTQ-style signs and
+least-squares scales); with epochs = 0 that refinement is all the stage does.
+
+The block's inputs and targets, (samples, seq_len, hidden) each, live in memory or, when larger than
+`max_memory_gb`, in files under the run folder (memory-mapped). After each block its parameters are written
+to <run>/blocks/block_NNN.safetensors and progress.json, atomically: a killed run resumes at the block it
+was in, recomputing the prefix's activations (forward passes only) and losing nothing already trained.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..layer import RaBiTLinear
+from ..ops.refine import coupled_latent, refine_paths
+from .losses import autocast_context, decoder_layers
+from .optim import OptimConfig, Optimizers, prepare_student, split_parameters
+
+BLOCK_LOSSES = ("relative", "mse")
+
+
+@dataclass
+class BlockConfig:
+    # Defaults are `rabit quantize`'s (sized for ~15 minutes on 2 CPU cores, docs/RESULTS.md section 7): the
+    # closed-form refinement only. Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
+    # Block-AP) costs about as much as end-to-end training on samples x seq_len x epochs tokens.
+    samples: int = 16             # calibration sequences the blocks are reconstructed on
+    seq_len: int = 512
+    epochs: int = 0               # passes over the samples per block; 0 = closed-form refinement only
+    batch_size: int = 4
+    latent_lr: float = 1e-3       # Muon; 0 freezes the latents (scales and norms only)
+    scale_lr: float = 1e-3        # AdamW: scales, biases, norms
+    min_lr_ratio: float = 0.0     # cosine floor of each block's schedule
+    loss: str = "relative"        # per-token ||s - t||^2 / ||t||^2 (robust to massive activations) or "mse"
+    refine_rounds: int = 1        # rounds of output-aware refinement before training (0: none)
+    refine_samples: int = 16      # sequences whose activations form H for the refinement
+    train_norms: bool = True      # the block's norm weights train too (AdamW)
+    autocast: bool | None = None  # bf16 autocast; None = where the device has native bf16
+    max_memory_gb: float = 4.0    # above this the activations are memory-mapped files instead of tensors
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"blocks.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "refine_rounds", "refine_samples"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"blocks.{name} must be >= 0, got {getattr(self, name)}")
+        if self.samples % self.batch_size:
+            raise ValueError(f"blocks.samples ({self.samples}) must be a multiple of blocks.batch_size "
+                             f"({self.batch_size})")
+        if self.loss not in BLOCK_LOSSES:
+            raise ValueError(f"unknown block loss {self.loss!r}; choose one of {', '.join(BLOCK_LOSSES)}")
+        for name in ("latent_lr", "scale_lr"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"blocks.{name} must be a finite number >= 0, got {v}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"blocks.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.max_memory_gb > 0:
+            raise ValueError(f"blocks.max_memory_gb must be > 0, got {self.max_memory_gb}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    """Reconstruction loss of a block's output. "relative" weighs every token equally: a few tokens with
+    massive activations (common from the middle blocks on) would otherwise dominate a plain MSE."""
+    out, target = out.float(), target.float()
+    if kind == "relative":
+        return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    raise ValueError(f"unknown block loss {kind!r}")
+
+
+# ------------------------------------------------------------------------------------- activations
+class ActivationStore:
+    """A (n, seq_len, hidden) fp32 array in memory, or memory-mapped from a file when `path` is given."""
+
+    def __init__(self, shape: tuple[int, int, int], path: Path | None = None):
+        self.path = path
+        numel = shape[0] * shape[1] * shape[2]
+        if path is None:
+            self.data = torch.empty(shape, dtype=torch.float32)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(numel * 4)
+            self.data = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32).view(shape)
+
+    def close(self) -> None:
+        self.data = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int, store: ActivationStore
+                         ) -> list[dict]:
+    """Fill `store` with the hidden states entering decoder block 0 for every row of `tokens`, and return the
+    keyword arguments each block receives for a batch of `batch_size` rows (attention mask, rotary
+    embeddings, ...: families differ, e.g. Gemma 3's sliding-window blocks get their own mask)."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    kwargs: list[dict | None] = [None] * len(layers)
+    first: dict = {}
+
+    def record(i):
+        def hook(module, args, kw):
+            if kwargs[i] is None:
+                kwargs[i] = {k: v for k, v in kw.items()
+                             if k not in ("hidden_states", "past_key_value", "past_key_values", "use_cache")}
+                kwargs[i]["use_cache"] = False
+            if i == 0:
+                first["x"] = args[0] if args else kw["hidden_states"]
+                if all(k is not None for k in kwargs):
+                    raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for j in range(0, tokens.shape[0], batch_size):
+            try:
+                model(input_ids=tokens[j:j + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+            store.data[j:j + batch_size] = first["x"].float().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    if any(k is None for k in kwargs):
+        raise RuntimeError("could not capture the decoder blocks' arguments")
+    return kwargs
+
+
+def _to(kw: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else
+                tuple(t.to(device) if torch.is_tensor(t) else t for t in v) if isinstance(v, tuple) else v)
+            for k, v in kw.items()}
+
+
+class _Covariance:
+    """H = sum of x x^T over the inputs of each named linear layer of a block (forward hooks). Layers fed the
+    same tensor (q/k/v, gate/up) share one product per batch."""
+
+    def __init__(self, block: nn.Module, names: list[str]):
+        self.h: dict[str, torch.Tensor] = {}
+        self._batch: dict[int, tuple] = {}
+        self.handles = []
+        self.enabled = True
+        for name in names:
+            module = block.get_submodule(name)
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if not self.enabled:
+                return
+            x = inputs[0]
+            # keyed by the tensor object, which is kept alive until next_batch(): a freed tensor's id could
+            # otherwise be reused by another layer's input within the same batch
+            hit = self._batch.get(id(x))
+            if hit is None:
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                hit = self._batch[id(x)] = (x, x2.T @ x2)
+            if name in self.h:
+                self.h[name] += hit[1]
+            else:
+                self.h[name] = hit[1].clone()
+        return hook
+
+    def next_batch(self) -> None:
+        self._batch.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# -------------------------------------------------------------------------------------------- stage
+@dataclass
+class BlockRecord:
+    block: int
+    loss_before: float            # block loss of the initialized (or refined) block on the prefix's output
+    loss_after: float
+    refine_ratio: float | None = None   # mean over the block's layers of output error after / before refinement
+    seconds: float = 0.0
+    steps: int = 0
+
+
+class BlockReconstruction:
+    """Runs the block stage on `student` (a RaBiT-quantized copy of `teacher`) in place.
+
+    calibration: (samples, seq_len) token ids. run_dir: where per-block results go (resume); None keeps
+    nothing (no resume)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, calibration: torch.Tensor, config: BlockConfig,
+                 run_dir: str | os.PathLike | None = None, progress: bool = True):
+        config.validate()
+        if calibration.ndim != 2 or calibration.shape[0] < config.samples:
+            raise ValueError(f"block reconstruction needs ({config.samples}, seq_len) calibration tokens, got "
+                             f"{tuple(calibration.shape)}")
+        self.teacher, self.student, self.cfg = teacher, student, config
+        self.tokens = calibration[: config.samples]
+        self.run_dir = Path(run_dir) / "blocks" if run_dir is not None else None
+        self.progress = progress
+        self.device = next(student.parameters()).device
+        from .trainer import native_bf16
+
+        self.autocast = native_bf16(self.device) if config.autocast is None else bool(config.autocast)
+        self.t_layers = decoder_layers(teacher)
+        self.s_layers = decoder_layers(student)
+        if len(self.t_layers) != len(self.s_layers):
+            raise ValueError("teacher and student have different numbers of decoder blocks")
+        self.records: list[BlockRecord] = []
+
+    # ------------------------------------------------------------------------------------ resume state
+    def _progress_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "progress.json"
+
+    def _identity(self) -> dict:
+        import hashlib
+
+        digest = hashlib.sha256(self.tokens.to(torch.int64).numpy().tobytes()).hexdigest()
+        return {"config": self.cfg.to_dict(), "tokens_sha256": digest, "blocks": len(self.s_layers)}
+
+    def _load_done(self) -> int:
+        """Load the blocks finished by an earlier session into the student; returns how many."""
+        path = self._progress_path()
+        if path is None or not path.exists():
+            return 0
+        from safetensors.torch import load_file
+
+        from .checkpoint import CheckpointError
+
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is unreadable ({e}); remove the folder {self.run_dir} to redo the "
+                                  "block stage") from None
+        if state.get("identity") != json.loads(json.dumps(self._identity())):
+            raise CheckpointError(f"{self.run_dir} holds a block stage with other settings or calibration data; "
+                                  "remove it (or use another run folder) to start the block stage over")
+        records = state.get("records", [])
+        for rec in records:
+            i = rec["block"]
+            file = self.run_dir / f"block_{i:03d}.safetensors"
+            try:
+                tensors = load_file(file)
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+                raise CheckpointError(f"{file} is missing or damaged ({e}); remove {self.run_dir} to redo the "
+                                      "block stage") from None
+            missing, unexpected = self.s_layers[i].load_state_dict(tensors, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(f"{file} does not fit block {i}: missing {missing[:3]}, unexpected "
+                                      f"{unexpected[:3]}")
+            self.records.append(BlockRecord(**rec))
+        return len(records)
+
+    def _save_block(self, i: int) -> None:
+        if self.run_dir is None:
+            return
+        from ..atomic_io import atomic_save_safetensors, atomic_write_json
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.s_layers[i].state_dict().items()}
+        atomic_save_safetensors(state, self.run_dir / f"block_{i:03d}.safetensors")
+        atomic_write_json(self._progress_path(), {"identity": self._identity(),
+                                                  "records": [asdict(r) for r in self.records]})
+
+    # ----------------------------------------------------------------------------------------- pieces
+    def _store(self, name: str) -> ActivationStore:
+        shape = (self.cfg.samples, self.tokens.shape[1], _hidden_size(self.teacher))
+        need_gb = 3 * shape[0] * shape[1] * shape[2] * 4 / 2**30
+        if need_gb <= self.cfg.max_memory_gb:
+            return ActivationStore(shape)
+        where = self.run_dir / "activations" if self.run_dir is not None else Path(tempfile.mkdtemp())
+        return ActivationStore(shape, where / f"{name}.f32")
+
+    def _forward_all(self, layer, kw, src: ActivationStore, dst: ActivationStore | None,
+                     target: ActivationStore | None = None, cov: _Covariance | None = None) -> float:
+        """dst[j] = layer(src[j]) for every batch; returns the mean block loss against target (if given)."""
+        bs = self.cfg.batch_size
+        total = 0.0
+        for j in range(0, self.cfg.samples, bs):
+            if cov is not None:
+                cov.enabled = j < self.cfg.refine_samples
+                cov.next_batch()
+            out = _layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
+            if target is not None:
+                total += float(block_loss(out, target.data[j:j + bs].to(self.device), self.cfg.loss))
+            if dst is not None:
+                dst.data[j:j + bs] = out.cpu()
+        return total / (self.cfg.samples // bs)
+
+    def _refine(self, i: int, cov: _Covariance) -> list[float]:
+        """Closed-form output-aware refinement of block i's RaBiT layers; returns each layer's final/initial
+        output error ratio."""
+        ratios = []
+        teacher_block = self.t_layers[i]
+        for name, layer in _rabit_modules(self.s_layers[i]).items():
+            H = cov.h.get(name)
+            if H is None:
+                continue
+            w = teacher_block.get_submodule(name).weight.detach().float()
+            paths = layer.paths()
+            new, errors = refine_paths(w, paths, H, rounds=self.cfg.refine_rounds)
+            if errors[-1] < errors[0]:
+                layer.load_paths(new, w)
+                if layer.mode == "coupled":
+                    # start the shared latent where its derivation gives the refined signs exactly
+                    with torch.no_grad():
+                        layer.latent.copy_(coupled_latent(new, preferred=w))
+                    layer._cache = None
+            ratios.append(errors[-1] / errors[0] if errors[0] > 0 else 1.0)
+        return ratios
+
+    def _train_block(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore) -> int:
+        cfg = self.cfg
+        block = self.s_layers[i]
+        # Only the block's parameters can receive gradients (its inputs are constants); which of them train:
+        # prepare_student's rule (RaBiT latents and scales as their mode says, 1-D parameters yes, other
+        # matrices no), then this stage's options. The flags are restored afterwards.
+        was = [(p, p.requires_grad) for p in block.parameters()]
+        rabit_params = {id(p) for m in _rabit_modules(block).values() for p in m.parameters()}
+        latents = {id(p) for m in _rabit_modules(block).values() for p in m.latent_parameters()}
+        prepare_student(block)
+        for p in block.parameters():
+            if (id(p) not in rabit_params and not cfg.train_norms) or (id(p) in latents and cfg.latent_lr == 0):
+                p.requires_grad_(False)
+        split = split_parameters(block)
+        per_epoch = cfg.samples // cfg.batch_size
+        steps = per_epoch * cfg.epochs
+        optim = Optimizers(split, OptimConfig(latent_lr=cfg.latent_lr, scale_lr=cfg.scale_lr, warmup_steps=0,
+                                              min_lr_ratio=cfg.min_lr_ratio), steps)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        bar = tqdm(total=steps, desc=f"block {i + 1}/{len(self.s_layers)}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True, leave=False)
+        block.train()
+        try:
+            for _ in range(cfg.epochs):
+                for b in torch.randperm(per_epoch, generator=gen).tolist():
+                    j = b * cfg.batch_size
+                    x = x_q.data[j:j + cfg.batch_size].to(self.device)
+                    with autocast_context(self.device, self.autocast):
+                        out = _layer_output(block(x, **kw))
+                    loss = block_loss(out, y_fp.data[j:j + cfg.batch_size].to(self.device), cfg.loss)
+                    if not torch.isfinite(loss):
+                        from .trainer import TrainingDiverged
+
+                        raise TrainingDiverged(f"block {i}: the reconstruction loss is {float(loss)}; try a "
+                                               "lower --block-latent-lr / --block-scale-lr")
+                    loss.backward()
+                    optim.step()
+                    optim.zero_grad()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
+        finally:
+            bar.close()
+            block.eval()
+            for p, flag in was:
+                p.requires_grad_(flag)
+        return steps
+
+    # -------------------------------------------------------------------------------------------- run
+    def run(self) -> list[BlockRecord]:
+        cfg = self.cfg
+        done = self._load_done()
+        n = len(self.s_layers)
+        if done >= n:
+            return self.records
+        self.teacher.eval()
+        self.student.eval()
+        x_fp, x_q, y_fp = self._store("x_fp"), self._store("x_q"), self._store("y_fp")
+        try:
+            with torch.no_grad():
+                kwargs = capture_block_inputs(self.teacher, self.tokens, cfg.batch_size, x_fp)
+                kwargs = [_to(k, self.device) for k in kwargs]
+                x_q.data.copy_(x_fp.data)
+                # resume: run both prefixes through the blocks already reconstructed
+                for i in range(done):
+                    self._forward_all(self.t_layers[i], kwargs[i], x_fp, x_fp)
+                    self._forward_all(self.s_layers[i], kwargs[i], x_q, x_q)
+            outer = tqdm(range(done, n), desc="blocks", unit="block", disable=not self.progress,
+                         dynamic_ncols=True, initial=done, total=n)
+            for i in outer:
+                t0 = time.perf_counter()
+                kw = kwargs[i]
+                refine = cfg.refine_rounds > 0 and cfg.refine_samples > 0
+                cov = _Covariance(self.t_layers[i], list(_rabit_modules(self.s_layers[i]))) if refine else None
+                with torch.no_grad():
+                    try:
+                        self._forward_all(self.t_layers[i], kw, x_fp, y_fp, cov=cov)
+                    finally:
+                        if cov is not None:
+                            cov.remove()
+                ratios = self._refine(i, cov) if cov is not None else []
+                del cov
+                with torch.no_grad():
+                    before = self._forward_all(self.s_layers[i], kw, x_q, None, target=y_fp)
+                steps = self._train_block(i, kw, x_q, y_fp) if cfg.epochs > 0 else 0
+                with torch.no_grad():
+                    after = self._forward_all(self.s_layers[i], kw, x_q, x_q, target=y_fp)
+                x_fp, y_fp = y_fp, x_fp   # the teacher's outputs are the next block's inputs
+                rec = BlockRecord(block=i, loss_before=before, loss_after=after,
+                                  refine_ratio=sum(ratios) / len(ratios) if ratios else None,
+                                  seconds=time.perf_counter() - t0, steps=steps)
+                self.records.append(rec)
+                self._save_block(i)
+                outer.set_postfix(loss=f"{before:.3g}->{after:.3g}", refresh=False)
+            outer.close()
+        finally:
+            for s in (x_fp, x_q, y_fp):
+                s.close()
+        return self.records
+
+
+def _rabit_modules(block: nn.Module) -> dict[str, RaBiTLinear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, RaBiTLinear)}
+
+
+def _hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    text = getattr(cfg, "get_text_config", None)
+    cfg = text() if callable(text) else cfg
+    size = getattr(cfg, "hidden_size", None)
+    if size is None:
+        size = model.get_input_embeddings().embedding_dim
+    return int(size)

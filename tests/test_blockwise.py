@@ -1,0 +1,204 @@
+"""Block-wise reconstruction (rabit.train.blockwise) on tiny random Llama models."""
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from rabit import RaBiTConfig, rabit_layers
+from rabit.train import make_student
+from rabit.train.blockwise import BlockConfig, BlockReconstruction, block_loss
+from rabit.train.checkpoint import CheckpointError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(mode="coupled", layers=3, seed=0):
+    teacher = make_tiny_llama(layers=layers, seed=seed)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(seed))
+    student = make_student(teacher, RaBiTConfig(mode=mode), calibration=calib[:4])
+    return teacher, student, calib
+
+
+def cfg(**kw):
+    base = dict(samples=8, seq_len=16, epochs=3, batch_size=2, latent_lr=3e-3, scale_lr=3e-3, refine_samples=4)
+    base.update(kw)
+    return BlockConfig(**base)
+
+
+def test_block_loss_relative_weighs_tokens_equally():
+    t = torch.ones(1, 2, 4)
+    t[0, 1] *= 100.0  # one token with a massive activation
+    s = t.clone()
+    s[0, 0] += 0.1
+    s[0, 1] += 0.1 * 100.0
+    # the same relative error on both tokens: relative loss sees both, MSE is dominated by the big one
+    assert block_loss(s, t, "relative") == pytest.approx(0.01, rel=1e-5)
+    small_only = t.clone()
+    small_only[0, 0] += 0.1
+    assert block_loss(small_only, t, "mse") < 1e-3 * block_loss(s, t, "mse")
+
+
+@pytest.mark.parametrize("mode", ["coupled", "independent", "frozen"])
+def test_training_lowers_every_blocks_loss(mode):
+    teacher, student, calib = setup(mode)
+    frozen_before = {n: p.clone() for n, p in student.named_parameters() if not p.requires_grad}
+    records = BlockReconstruction(teacher, student, calib, cfg(refine_rounds=0), progress=False).run()
+    assert [r.block for r in records] == [0, 1, 2]
+    for r in records:
+        assert r.steps == 12
+        assert r.loss_after < 0.9 * r.loss_before
+    # frozen paths (mode "frozen") and flags stay as they were
+    for n, p in student.named_parameters():
+        if n in frozen_before:
+            assert not p.requires_grad and torch.equal(p, frozen_before[n])
+
+
+def test_refinement_alone_lowers_block_losses_and_keeps_coupled_signs():
+    teacher, student, calib = setup()
+    plain = copy.deepcopy(student)
+    base = BlockReconstruction(teacher, plain, calib, cfg(epochs=0, refine_rounds=0), progress=False).run()
+    refined = BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=2), progress=False).run()
+    assert all(r.refine_ratio is not None and r.refine_ratio < 1 for r in refined)
+    assert refined[0].loss_after < base[0].loss_after
+    # the whole model is closer to the teacher
+    x = calib[:4]
+    with torch.no_grad():
+        t = teacher(x).logits
+        assert (student(x).logits - t).pow(2).mean() < (plain(x).logits - t).pow(2).mean()
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    teacher, student, calib = setup()
+    init = copy.deepcopy(student)
+    BlockReconstruction(teacher, student, calib, cfg(), run_dir=tmp_path / "a", progress=False).run()
+
+    killed = copy.deepcopy(init)
+    stage = BlockReconstruction(teacher, killed, calib, cfg(), run_dir=tmp_path / "b", progress=False)
+    real = stage._train_block
+
+    def train_then_die(i, *args):
+        if i == 2:
+            raise KeyboardInterrupt
+        return real(i, *args)
+
+    monkeypatch.setattr(stage, "_train_block", train_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run()
+    assert sorted(p.name for p in (tmp_path / "b" / "blocks").glob("block_*.safetensors")) == [
+        "block_000.safetensors", "block_001.safetensors"]
+
+    resumed = copy.deepcopy(init)
+    records = BlockReconstruction(teacher, resumed, calib, cfg(), run_dir=tmp_path / "b", progress=False).run()
+    assert [r.block for r in records] == [0, 1, 2]
+    for (n, a), (_, b) in zip(student.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
+    teacher, student, calib = setup(layers=2)
+    init = copy.deepcopy(student)
+    BlockReconstruction(teacher, student, calib, cfg(epochs=1), run_dir=tmp_path, progress=False).run()
+    with pytest.raises(CheckpointError, match="other settings"):
+        BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(epochs=2), run_dir=tmp_path,
+                            progress=False).run()
+    (tmp_path / "blocks" / "block_001.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="block_001"):
+        BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(epochs=1), run_dir=tmp_path,
+                            progress=False).run()
+
+
+def test_memory_mapped_activations_give_the_same_result(tmp_path):
+    teacher, student, calib = setup(layers=2)
+    on_disk = copy.deepcopy(student)
+    BlockReconstruction(teacher, student, calib, cfg(), progress=False).run()
+    BlockReconstruction(teacher, on_disk, calib, cfg(max_memory_gb=1e-9), run_dir=tmp_path, progress=False).run()
+    for (n, a), (_, b) in zip(student.state_dict().items(), on_disk.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not list((tmp_path / "blocks" / "activations").glob("*.f32"))  # removed after use
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="multiple"):
+        BlockConfig(samples=7, batch_size=2).validate()
+    with pytest.raises(ValueError, match="loss"):
+        BlockConfig(loss="l1").validate()
+    teacher, student, calib = setup(layers=1)
+    with pytest.raises(ValueError, match="calibration"):
+        BlockReconstruction(teacher, student, calib[:2], cfg(), progress=False)
+
+
+def test_scale_only_blocks_leave_latents_untouched():
+    teacher, student, calib = setup(layers=2)
+    latents = {n: m.latent.clone() for n, m in rabit_layers(student).items()}
+    records = BlockReconstruction(teacher, student, calib, cfg(latent_lr=0.0, refine_rounds=0),
+                                  progress=False).run()
+    assert all(r.loss_after < r.loss_before for r in records)
+    for n, m in rabit_layers(student).items():
+        assert torch.equal(m.latent, latents[n])
+        assert m.latent.requires_grad  # flags restored
+
+
+# ------------------------------------------------------------------------------------ rabit quantize stages
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    from rabit.testing import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_stages")
+    make_tiny_llama(vocab_size=512).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    from rabit.data import CORPORA_DIR
+
+    (root / "train.txt").write_text((CORPORA_DIR / "austen" / "emma.txt").read_text(encoding="utf-8")[:20000])
+    (root / "eval.txt").write_text((CORPORA_DIR / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:6000])
+    return root
+
+
+def quantize_args(files, out, *extra):
+    return ["quantize", "--model", files / "model", "--out", out, "--train-data", files / "train.txt",
+            "--eval-data", files / "eval.txt", "--eval-seq-len", "64", "--eval-windows", "2", "--seq-len", "32",
+            "--tokens", "128", "--grad-accum", "1", "--save-every", "2", "--calib-samples", "2", "--calib-len", "32",
+            "--val-sequences", "1", "--no-progress", "--threads", "1", "--block-samples", "4", "--block-seq-len", "32",
+            "--block-batch-size", "2", "--refine-samples", "2", "--ood-windows", "2", *extra]
+
+
+def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, tmp_path, monkeypatch, capsys):
+    import json
+
+    from rabit.cli import main
+
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = [str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64")]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    ev = summary["eval"]
+    for key in ("fp", "init", "blocks", "e2e", "final"):
+        assert isinstance(ev[key], float), key
+    assert ev["ood"]["description"].startswith("austen-persuasion") and "not trained on" in ev["ood"]["description"]
+    assert ev["ood"]["fp"] > 0 and ev["ood"]["final"] > 0
+    assert summary["stages"]["scale_tokens"] == 64 and summary["stages"]["blocks_seconds"] > 0
+    assert sorted(p.name for p in (out / "blocks").glob("block_*.safetensors")) == ["block_000.safetensors",
+                                                                                    "block_001.safetensors"]
+    assert (out / "scales" / "checkpoints").is_dir()
+    md = capsys.readouterr().out
+    assert "after the block-wise stage" in md and "after the scale-only phase" in md and "Out of domain" in md
+    from safetensors.torch import load_file
+
+    before = load_file(out / "model.safetensors")
+    # a finished run resumes to the same result, training nothing again
+    assert main(args + ["--resume"]) == 0
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    # the stages are part of the run's identity
+    assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "1", "--scale-tokens", "64",
+                                               "--resume")]) == 2
+    assert "blocks.epochs" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""JobSpec: one set of defaults, the command line read both ways, the process split and the run identity."""
+import dataclasses
+
+import pytest
+
+from rabit.cli import build_parser
+from rabit.cli.options import job_from_args, job_to_argv
+from rabit.job import JobSpec
+from rabit.run_identity import identity_changes
+from rabit.train import TrainConfig
+
+
+def _parse(*argv) -> JobSpec:
+    return job_from_args(build_parser().parse_args(["quantize", *argv]))
+
+
+def test_the_command_line_defaults_are_the_job_spec_defaults():
+    assert _parse() == JobSpec()
+    # the trainer's own defaults are the command line's measured ones
+    t = TrainConfig()
+    assert (t.gamma, t.grad_accum, t.save_every, t.batch_size) == (0.0, 4, 10, 1)
+
+
+def test_a_job_spec_survives_the_round_trip_through_flags():
+    spec = JobSpec(model="some/model", tokens=1234, warmup=3.0)
+    spec.rabit.mode, spec.rabit.precondition, spec.rabit.exclude = "frozen", False, ("q_proj", "lm_head")
+    spec.train = dataclasses.replace(spec.train, gamma=5.0, batch_size=2, grad_accum=2, autocast=False,
+                                     optim=dataclasses.replace(spec.train.optim, latent_lr=1e-2))
+    spec.auto_split = False
+    spec.data.calib, spec.eval.bos, spec.run.resume, spec.dist.teacher = "austen", True, True, "bf16"
+    assert _parse(*job_to_argv(spec)) == spec
+
+
+def test_default_batch_is_split_across_processes_and_an_explicit_one_is_checked():
+    spec = JobSpec()
+    two = spec.for_processes(2)
+    assert (two.train.batch_size, two.train.grad_accum) == (2, 2) and two.tokens_per_step == spec.tokens_per_step
+    assert two.train_config().optim.warmup_steps == spec.train_config().optim.warmup_steps
+    assert two.split_description(2).startswith("4 sequences per step = 2 micro-batch(es) of 2 (1 per process")
+    assert spec.for_processes(4).train.batch_size == 4
+    with pytest.raises(ValueError, match="cannot be split evenly across 3 processes"):
+        spec.for_processes(3)
+    with pytest.raises(ValueError, match="--batch-size 3 is the global micro-batch and must be divisible by the 2"):
+        _parse("--batch-size", "3").for_processes(2)
+
+
+def test_run_identity_ignores_grouping_and_fills_settings_added_later():
+    spec = JobSpec()
+    record = spec.run_record("/m", 100, autocast=False)
+    old = {**record, "train": {k: v for k, v in record["train"].items() if k not in ("hidden_loss", "train_latents")},
+           "distributed": {"checkpoints": "dcp"}}
+    assert identity_changes(old, record) == []
+    regrouped = spec.for_processes(2).run_record("/m", 100, autocast=False)
+    assert identity_changes(record, regrouped) == []
+    spec.train.gamma = 5.0
+    assert [k for k, *_ in identity_changes(record, spec.run_record("/m", 100, autocast=False))] == ["train.gamma"]
+
+
+def test_validate_names_the_flag():
+    with pytest.raises(ValueError, match="--tokens 10 is smaller than one optimizer step"):
+        _parse("--tokens", "10").validate()
+    with pytest.raises(ValueError, match="--resume and --overwrite"):
+        _parse("--resume", "--overwrite").validate()

@@ -1,0 +1,117 @@
+"""Output-aware refinement of binary paths (rabit.ops.refine), alone, on random matrices."""
+import pytest
+import torch
+
+from rabit.ops.refine import (coupled_latent, damped, gptq_signs, mismatches, output_error, refine_paths,
+                              refit_column_scales, refit_row_scales, refit_scales)
+from rabit.ops.svid import coupled_signs, iterative_residual_svid, path_matrix, reconstruct
+
+
+def problem(out=24, n=20, tokens=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g) * (torch.rand(n, generator=g) + 0.2)
+    # correlated, unevenly scaled inputs: where output-aware fitting differs from weight fitting
+    mix = torch.eye(n) + 0.3 * torch.randn(n, n, generator=g)
+    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 3 + 0.1)
+    return w, x.T @ x
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (7, 33), (33, 5)])
+def test_gptq_signs_with_identity_metric_round_to_nearest(shape):
+    # With H = I there is no error to feed forward: each weight takes its nearest expressible value.
+    w, _ = problem(*shape)
+    paths = iterative_residual_svid(w, 2, 2)
+    g, h = [p[0] for p in paths], [p[2] for p in paths]
+    signs = gptq_signs(w, g, h, torch.eye(w.shape[1]), damp=0.0)
+    a, b = path_matrix(g[0], torch.ones_like(w), h[0]), path_matrix(g[1], torch.ones_like(w), h[1])
+    levels = torch.stack([s1 * a + s2 * b for s1 in (-1, 1) for s2 in (-1, 1)])
+    nearest = (levels - w).abs().min(0).values
+    chosen = (signs[0] * a + signs[1] * b - w).abs()
+    assert torch.allclose(chosen, nearest, atol=1e-6)
+    assert all(set(s.unique().tolist()) <= {-1.0, 1.0} for s in signs)
+
+
+def test_gptq_signs_lower_the_output_error_against_rounding():
+    w, H = problem(48, 40)
+    paths = iterative_residual_svid(w, 2, 4)
+    g, h = [p[0] for p in paths], [p[2] for p in paths]
+    nearest = gptq_signs(w, g, h, torch.eye(40), damp=0.0)
+    fed = gptq_signs(w, g, h, H)
+    err = lambda signs: output_error(w, [(gi, B, hi) for gi, B, hi in zip(g, signs, h)], H)  # noqa: E731
+    assert err(fed) < 0.9 * err(nearest)
+
+
+def test_row_and_column_refits_are_least_squares_optima():
+    w, H = problem(16, 12)
+    paths = iterative_residual_svid(w, 2, 2)
+    Hd = damped(H)
+    g = refit_row_scales(w, paths, Hd)
+    h = refit_column_scales(w, paths, Hd)
+    base = output_error(w, paths, Hd)
+    with_g = [(gi, B, hh) for gi, (_, B, hh) in zip(g, paths)]
+    with_h = [(gg, B, hi) for hi, (gg, B, _) in zip(h, paths)]
+    assert output_error(w, with_g, Hd) <= base + 1e-3 * base
+    assert output_error(w, with_h, Hd) <= base + 1e-3 * base
+    # optimality: no small perturbation of the refit scales does better
+    for trial in range(5):
+        gen = torch.Generator().manual_seed(trial)
+        eps = [1e-2 * torch.randn(gi.shape, generator=gen) * gi for gi in g]
+        moved = [(gi + e, B, hh) for gi, e, (_, B, hh) in zip(g, eps, paths)]
+        assert output_error(w, moved, Hd) >= output_error(w, with_g, Hd) * (1 - 1e-5)
+
+
+def test_joint_and_per_path_column_refits_agree_at_their_fixed_point(monkeypatch):
+    import rabit.ops.refine as refine
+
+    w, H = problem(16, 10)
+    paths = iterative_residual_svid(w, 2, 2)
+    Hd = damped(H)
+    joint = refit_column_scales(w, paths, Hd)
+    monkeypatch.setattr(refine, "JOINT_SOLVE_LIMIT", 0)
+    cur = paths
+    for _ in range(200):  # Gauss-Seidel converges to the joint optimum
+        hs = refit_column_scales(w, cur, Hd)
+        cur = [(g, B, h) for h, (g, B, _) in zip(hs, cur)]
+    e_joint = output_error(w, [(g, B, h) for h, (g, B, _) in zip(joint, paths)], Hd)
+    assert output_error(w, cur, Hd) == pytest.approx(e_joint, rel=1e-3)
+
+
+def test_refine_paths_never_increases_the_output_error_and_beats_isvid():
+    w, H = problem(64, 48, tokens=512)
+    paths = iterative_residual_svid(w, 2, 8)
+    refined, errors = refine_paths(w, paths, H, rounds=3)
+    assert all(b <= a for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 0.8 * errors[0]
+    assert output_error(w, refined, damped(H)) == pytest.approx(errors[-1], rel=1e-4)
+    for g, B, h in refined:
+        assert (g > 0).all() and (h > 0).all()
+        assert set(B.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_scale_refit_keeps_a_perfect_fit():
+    g = torch.Generator().manual_seed(3)
+    paths = [(torch.rand(9, generator=g) + 0.5, torch.randint(0, 2, (9, 7), generator=g).float() * 2 - 1,
+              torch.rand(7, generator=g) + 0.5) for _ in range(2)]
+    w = reconstruct(paths)
+    _, H = problem(9, 7)
+    refit = refit_scales(w, paths, damped(H))
+    assert torch.allclose(reconstruct(refit), w, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coupled_latent_derives_the_paths_signs_exactly(seed):
+    g = torch.Generator().manual_seed(seed)
+    out, n = 31, 17
+    # arbitrary sign planes, including B_2 = -B_1 where the second path is the larger one
+    paths = [(torch.rand(out, generator=g) + 0.1, torch.randint(0, 2, (out, n), generator=g).float() * 2 - 1,
+              torch.rand(n, generator=g) + 0.1) for _ in range(2)]
+    w = torch.randn(out, n, generator=g)
+    assert mismatches(reconstruct(paths), paths) > 0  # the reconstruction alone does not always suffice
+    latent = coupled_latent(paths, preferred=w)
+    assert mismatches(latent, paths) == 0
+    derived = coupled_signs(latent, [p[0] for p in paths], [p[2] for p in paths])
+    assert all(torch.equal(d, p[1]) for d, p in zip(derived, paths))
+    # where the preferred latent already derives the signs, it is kept
+    keep = torch.stack([d == p[1] for d, p in zip(coupled_signs(w, [p[0] for p in paths], [p[2] for p in paths]),
+                                                    paths)]).all(0)
+    assert torch.equal(latent[keep], w[keep])

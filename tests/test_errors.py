@@ -60,7 +60,7 @@ def test_internal_error_exits_1_with_a_traceback(tmp_path):
         rabit.cli.generate.run = run
         sys.exit(rabit.cli.main(["generate", "x", "--prompt", "p"]))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=SRC))
     assert r.returncode == 1 and "Traceback" in r.stderr and "RuntimeError: an internal bug" in r.stderr
 
@@ -163,7 +163,7 @@ def test_failed_registration_with_transformers_is_reported(saved_folder):
             raise AssertionError("loading should fail")
         print("OK")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=SRC))
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .errors import InputError
+from .errors import UnavailableError
 
 __all__ = [
     "BUILTIN_CORPORA",
@@ -259,11 +259,11 @@ def _load_hf(name: str, config: str | None, split: str) -> str:
     try:
         import datasets
     except ImportError as e:
-        raise InputError(f"loading Hugging Face dataset {desc} needs the 'datasets' package") from e
+        raise UnavailableError(f"loading Hugging Face dataset {desc} needs the 'datasets' package") from e
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - any failure here is reported the same way
-        raise InputError(
+        raise UnavailableError(
             f"could not load Hugging Face dataset {desc}: the hub is unreachable or the name, "
             f"config or split is wrong ({type(e).__name__}: {e}). Offline, use a built-in corpus "
             f"({', '.join(BUILTIN_CORPORA)}) or a local .txt/.jsonl file."

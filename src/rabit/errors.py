@@ -12,10 +12,14 @@ class InputError(Exception):
     """Input the user can fix; its message says what and how."""
 
 
-class BackendUnavailable(InputError, RuntimeError):
+class UnavailableError(InputError, RuntimeError):
+    """Something the input needs is not available here: an optional package, a dataset, a kernel backend."""
+
+
+class BackendUnavailable(UnavailableError):
     """A kernel backend was asked for explicitly but cannot run here."""
 
 
 INPUT_ERRORS = (InputError, ValueError, FileNotFoundError)
 
-__all__ = ["InputError", "BackendUnavailable", "INPUT_ERRORS"]
+__all__ = ["InputError", "UnavailableError", "BackendUnavailable", "INPUT_ERRORS"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, UnavailableError
 
 __all__ = ["LOCAL_TASKS_DIR", "local_task_names", "lm_eval_available", "make_task_manager", "check_tasks",
            "prepare_tasks", "PreparedTasks", "evaluate_tasks", "TaskDataError"]
@@ -210,8 +210,8 @@ def prepare_tasks(tasks: list[str], backend: str = "auto", include_paths: list[s
         load_piqa()  # the data is there and readable
         return PreparedTasks(names=["piqa"], backend="native")
     if not lm_eval_available():
-        raise InputError("zero-shot tasks need lm-eval: pip install 'rabit[eval]' (or the native backend "
-                         "for piqa)")
+        raise UnavailableError("zero-shot tasks need lm-eval: pip install 'rabit[eval]' (or the native backend "
+                               "for piqa)")
     tm = make_task_manager(tasks, include_paths)
     names = check_tasks(tasks, tm)
     loaded = _load_tasks(tm, names) if hasattr(tm, "load") else None

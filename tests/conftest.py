@@ -40,3 +40,12 @@ def write_run_files(root, tokenizer, train_chars=20000, eval_chars=6000):
     (root / "eval.txt").write_text((corpora / "persuasion.txt").read_text(encoding="utf-8")[:eval_chars],
                                    encoding="utf-8")
     return root
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test: tiny models on a shared 2-core machine avoid OpenMP spin-waiting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

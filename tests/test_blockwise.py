@@ -11,12 +11,8 @@ from rabit.train.blockwise import BlockConfig, BlockReconstruction, block_loss
 from rabit.train.checkpoint import CheckpointError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models on a shared 2-core machine: one thread (conftest's fixture)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def setup(mode="coupled", layers=3, seed=0):

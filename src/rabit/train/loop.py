@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(InputError, RuntimeError):
     """The loss (or the gradient) became NaN or Inf."""
 
 

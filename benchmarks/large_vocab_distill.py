@@ -50,7 +50,7 @@ def run_one(args) -> dict:
         loss = batch_distillation_loss(teacher, student, batch, 0.0, 1.0, 256, autocast=args.bf16, fused_head=fused)
         loss.total.backward()
         student.zero_grad(set_to_none=True)
-        return float(loss.kl)
+        return float(loss.kl.detach())
 
     step()   # warm-up (allocator, first-call costs)
     base, peak, stop = _rss(), [0], threading.Event()

@@ -147,7 +147,9 @@ def test_hf_source(monkeypatch):
     assert calls[-1] == ("wikitext", "wikitext-2-raw-v1", "validation")
     data.load_text("hf:some/name")
     assert calls[-1] == ("some/name", None, "train")
-    with pytest.raises(RuntimeError, match="unreachable"):
+    from rabit.errors import InputError
+
+    with pytest.raises(InputError, match="unreachable"):  # the user can fix it: one line, exit status 2
         data.load_text("hf:offline/thing")
     assert data.is_eval_only("hf:wikitext:wikitext-2-raw-v1:test")
     assert not data.is_eval_only("hf:wikitext:wikitext-2-raw-v1:train")

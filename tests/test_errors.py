@@ -77,7 +77,7 @@ def test_ablation_fails_when_an_evaluation_step_fails(tmp_path, monkeypatch, cap
             cell = Path(cmd[cmd.index("--out") + 1])
             (cell / "quantized").mkdir(parents=True)
             (cell / "summary.json").write_text(json.dumps({"eval": {"fp": 10.0, "init": 50.0, "final": 20.0},
-                                                           "train": {"tokens": 4096}}))
+                                                           "train": {"tokens": 64}}))
             return 0
         if sub == "eval":
             Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"tasks": {"piqa": {"acc": 0.5}}}))
@@ -85,7 +85,7 @@ def test_ablation_fails_when_an_evaluation_step_fails(tmp_path, monkeypatch, cap
         return 3   # diagnose fails
 
     monkeypatch.setattr(cli_ablate, "_run", fake_run)
-    rc = main(["ablate", "--model", "m", "--modes", "coupled,frozen", "--inits", "svid", "--tokens", "4096",
+    rc = main(["ablate", "--model", "m", "--modes", "coupled,frozen", "--inits", "svid", "--tokens", "2048",
                "--out-dir", str(tmp_path / "abl")])
     captured = capsys.readouterr()
     assert rc == 1
@@ -135,7 +135,7 @@ def test_unsaved_generation_config_and_unreadable_rabit_config_are_reported(save
         (bad / f.name).write_bytes(f.read_bytes())
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.warns(RuntimeWarning, match="rabit_config of this folder cannot be read .*not_a_field"):
-        loaded = load_quantized(bad, verify=False)   # config.json was edited on purpose
+        loaded = load_quantized(bad, verify=False)  # edited on purpose: its checksums no longer match
     assert getattr(loaded, "rabit_config", None) is None
     assert load_quantized(folder).rabit_config.init == "svid"
 

@@ -102,9 +102,10 @@ def _default_train() -> TrainConfig:
 @dataclass
 class JobSpec:
     model: str = DEFAULT_MODEL
-    # end-to-end token budget (steps = tokens // tokens per step): 8 steps, sized with the block stage for ~15 minutes
-    # on 2 CPU cores (docs/RESULTS.md section 7)
-    tokens: int = 16_384
+    # end-to-end token budget (steps = tokens // tokens per step): 20 steps. After the block stage's refinement it
+    # reached perplexity 76.4 where 16,384 tokens reached 164 (docs/RESULTS.md section 10); ~15 minutes in all
+    # on 2 idle cores with native bf16, longer on CPUs without it.
+    tokens: int = 40_960
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
     # rows of an optimizer step so that each process gets whole rows (same global batch and schedule).

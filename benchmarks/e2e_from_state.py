@@ -1,44 +1,72 @@
-"""End-to-end distillation from a saved student state (benchmarks/block_stage_probe.py): FULL steps training latents
-and scales, then SCALES steps with the latents frozen; WikiText-2 test perplexity (16 windows) and Austen's Persuasion
-(8 windows). Steps are 4 x 512 tokens.
+"""End-to-end distillation from a saved student (benchmarks/refine_inputs.py or block_stage_probe.py write
+one), with `rabit quantize`'s training settings unless overridden; then WikiText-2 test perplexity (first 16
+windows of 2048) and Austen's Persuasion (first 8). Optionally a scale-only phase (latents frozen) after it.
 
-Usage: python benchmarks/e2e_from_state.py NAME STATE.safetensors FULL SCALES [TRAIN_DATA [LATENT_LR [SCALE_LR]]]
-(docs/RESULTS.md section 10: `ref_full20 /tmp/exp/refine1.safetensors 20 0`)."""
-import time, sys, json, os, torch
-import rabit
-from rabit.models import load_model
-from rabit.data import training_sequences, eval_tokens
-from rabit.train.trainer import make_student, Trainer, TrainConfig
-from rabit.train.optim import OptimConfig
-from rabit.eval.perplexity import perplexity
-from rabit import rabit_layers
-name, state, full, scales = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-data = sys.argv[5] if len(sys.argv) > 5 else "wikitext2-valid"
-llr = float(sys.argv[6]) if len(sys.argv) > 6 else 3e-3
-slr2 = float(sys.argv[7]) if len(sys.argv) > 7 else 1e-3
-teacher, tok = load_model("SmolLM2-135M-Instruct"); teacher.eval()
-student = make_student(teacher, rabit.RaBiTConfig(), initialize=False)
-from safetensors.torch import load_model as load_st
-load_st(student, state)
-train, _ = training_sequences(tok, data.split(","), 512)
-res = {"name": name, "argv": sys.argv[1:]}
-def phase(steps, latents, lr_s, tag):
-    for m in rabit_layers(student).values():
-        for p in m.latent_parameters(): p.requires_grad_(latents)
-    tcfg = TrainConfig(steps=steps, batch_size=1, grad_accum=4, gamma=0.0, save_every=10**6,
-                       optim=OptimConfig(latent_lr=llr, scale_lr=lr_s, warmup_steps=max(1, round(0.05*steps))))
-    t = time.time()
-    r = Trainer(teacher, student, train, tcfg, f"/tmp/exp/e2e_{name}_{tag}", progress=False).train()
-    res[tag] = {"seconds": time.time()-t, "tok_s": r.tokens_per_second, "last": r.last}
-    print(tag, res[tag], flush=True)
-if full: phase(full, True, 1e-3, "full")
-if scales: phase(scales, False, slr2, "scales")
-for p in student.parameters(): p.requires_grad_(False)
-student.eval()
-test = eval_tokens(tok, "wikitext2-test"); ood = eval_tokens(tok, "austen-persuasion")
-t=time.time(); res["ppl16"] = perplexity(student, test, 2048, None, 16); res["t_ppl"] = time.time()-t
-res["ppl_austen8"] = perplexity(student, ood, 2048, None, 8)
-print(res, flush=True)
-json.dump(res, open(f"/tmp/exp/{name}.json", "w"), indent=1)
+    python benchmarks/e2e_from_state.py /tmp/exp/corr1.safetensors --out /tmp/exp/e_corr1 --steps 20
+    (docs/RESULTS.md section 10 trained on WikiText-2 validation only: --data wikitext2-valid)
+"""
+import argparse
+import dataclasses
+import json
+import time
+
+from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model
-save_model(student, f"/tmp/exp/{name}.safetensors")
+
+from rabit.data import eval_tokens, training_sequences
+from rabit.eval.perplexity import perplexity
+from rabit.job import JobSpec
+from rabit.models import load_model
+from rabit.train.trainer import Trainer, make_student
+
+spec = JobSpec()
+t, o = spec.train, spec.train.optim
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("state", help="student state (safetensors)")
+ap.add_argument("--out", required=True, help="writes OUT.json, OUT.safetensors and the run folder OUT.run")
+ap.add_argument("--steps", type=int, default=spec.steps)
+ap.add_argument("--scale-steps", type=int, default=0, help="then this many steps with the latents frozen")
+ap.add_argument("--data", default=",".join(spec.data.sources))
+ap.add_argument("--mix", default=spec.data.mix, help="size or equal (rabit.data.training_sequences)")
+ap.add_argument("--latent-lr", type=float, default=o.latent_lr)
+ap.add_argument("--scale-lr", type=float, default=o.scale_lr)
+ap.add_argument("--grad-accum", type=int, default=t.grad_accum)
+ap.add_argument("--gamma", type=float, default=t.gamma)
+ap.add_argument("--mode", default=spec.rabit.mode)
+ap.add_argument("--seed", type=int, default=0)
+args = ap.parse_args()
+
+teacher, tok = load_model(spec.model)
+teacher.eval()
+student = make_student(teacher, dataclasses.replace(spec.rabit, mode=args.mode), initialize=False)
+load_safetensors(student, args.state)
+train, _ = training_sequences(tok, args.data.split(","), spec.data.seq_len, val_fraction=spec.data.val_fraction,
+                              seed=args.seed, mix=args.mix)
+
+
+def config(steps, lr_scale):
+    optim = dataclasses.replace(o, latent_lr=args.latent_lr, scale_lr=lr_scale,
+                                warmup_steps=max(1, round(0.05 * steps)))
+    return dataclasses.replace(t, steps=steps, grad_accum=args.grad_accum, gamma=args.gamma, seed=args.seed,
+                               save_every=10**6, optim=optim)
+
+
+res = {"args": vars(args)}
+if args.steps:
+    t0 = time.time()
+    r = Trainer(teacher, student, train, config(args.steps, args.scale_lr), f"{args.out}.run", progress=False).train()
+    res["train"] = {"seconds": time.time() - t0, "tokens_per_second": r.tokens_per_second, "last": r.last}
+if args.scale_steps:
+    t0 = time.time()
+    scale_cfg = dataclasses.replace(config(args.scale_steps, args.scale_lr), train_latents=False)
+    r = Trainer(teacher, student, train, scale_cfg, f"{args.out}.run/scales", progress=False).train()
+    res["scales"] = {"seconds": time.time() - t0, "tokens_per_second": r.tokens_per_second, "last": r.last}
+for p in student.parameters():
+    p.requires_grad_(False)
+student.eval()
+res["wikitext2_test"] = perplexity(student, eval_tokens(tok, "wikitext2-test"), 2048, None, 16)
+res["persuasion"] = perplexity(student, eval_tokens(tok, "austen-persuasion"), 2048, None, 8)
+print(json.dumps({k: v for k, v in res.items() if k not in ("train", "scales")}), flush=True)
+with open(f"{args.out}.json", "w") as f:
+    json.dump(res, f, indent=1)
+save_model(student, f"{args.out}.safetensors")

@@ -7,6 +7,8 @@ import torch
 from conftest import make_tiny_llama
 from rabit import RaBiTConfig, rabit_layers
 from rabit.train import make_student
+from rabit.ops.refine import corrected_target, output_target
+from rabit.train.activations import layer_groups
 from rabit.train.blockwise import BlockConfig, BlockReconstruction, block_loss
 from rabit.train.checkpoint import CheckpointError
 
@@ -70,6 +72,68 @@ def test_refinement_alone_lowers_block_losses_and_keeps_coupled_signs():
         assert (student(x).logits - t).pow(2).mean() < (plain(x).logits - t).pow(2).mean()
 
 
+def test_corrected_target_is_the_least_squares_weight_on_the_students_inputs():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, generator=gen)
+    x = torch.randn(200, 5, generator=gen)                 # teacher's inputs (tokens, in)
+    # the student's inputs, with its prefix's error: mostly systematic (a linear distortion), partly noise
+    xq = x @ (torch.eye(5) + 0.3 * torch.randn(5, 5, generator=gen)) + 0.05 * torch.randn(200, 5, generator=gen)
+    H, C = xq.T @ xq, x.T @ xq
+    wt = corrected_target(w, H, C, damp=0.0)
+    # W_t minimizes sum_t ||W_t x~_t - W x_t||^2: the normal equations' solution
+    best = torch.linalg.lstsq(xq, x @ w.T).solution.T
+    torch.testing.assert_close(wt, best, rtol=1e-4, atol=1e-4)
+    assert (xq @ wt.T - x @ w.T).pow(2).sum() < 0.5 * (xq @ w.T - x @ w.T).pow(2).sum()
+    # inputs without error: the target is the weight itself, damping or not
+    torch.testing.assert_close(corrected_target(w, x.T @ x, x.T @ x), w, rtol=1e-5, atol=1e-5)
+
+
+def test_output_target_fits_arbitrary_targets_and_keeps_the_reference_when_it_fits():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 6, generator=gen)
+    x = torch.randn(300, 6, generator=gen)
+    t = x @ torch.randn(6, 4, generator=gen) + 0.1 * torch.randn(300, 4, generator=gen)   # any targets
+    best = torch.linalg.lstsq(x, t).solution.T
+    torch.testing.assert_close(output_target(w, x.T @ x, t.T @ x, damp=0.0), best, rtol=1e-4, atol=1e-4)
+    # targets the reference already produces: W itself, even with damping
+    torch.testing.assert_close(output_target(w, x.T @ x, (x @ w.T).T @ x), w, rtol=1e-5, atol=1e-5)
+
+
+def test_only_blocks_that_add_the_last_layer_to_their_output_take_the_block_target():
+    from rabit.train.blockwise import _adds_to_output
+
+    teacher, student, calib = setup(layers=1)
+    block = student.model.layers[0]
+    x = torch.randn(2, 16, teacher.config.hidden_size)
+    kw = {"position_embeddings": student.model.rotary_emb(x, torch.arange(16)[None]), "attention_mask": None}
+    assert _adds_to_output(block, kw, x, "mlp.down_proj")        # Llama: y = h + down(m)
+    assert not _adds_to_output(block, kw, x, "mlp.up_proj")      # its output goes through down_proj first
+
+
+def test_layer_groups_follow_the_blocks_call_order():
+    teacher, student, calib = setup(layers=1)
+    block = student.model.layers[0]
+    names = [n for n, m in block.named_modules() if n.endswith("proj")]
+    x = torch.randn(1, 16, teacher.config.hidden_size)
+    pos = torch.arange(16)[None]
+    kw = {"position_embeddings": student.model.rotary_emb(x, pos), "attention_mask": None}
+    groups = layer_groups(block, kw, x, names)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("inputs", ["quantized", "corrected", "block"])
+def test_sequential_refinement_beats_the_fp_metric_on_the_block_loss(inputs):
+    # fit on the inputs the student actually sees: every block but the first (whose inputs carry no error)
+    # ends closer to the teacher's output than refinement in the full-precision inputs' metric
+    teacher, student, calib = setup(layers=3)
+    fp = copy.deepcopy(student)
+    base = BlockReconstruction(teacher, fp, calib, cfg(epochs=0, refine_inputs="fp"), progress=False).run()
+    seq = BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_inputs=inputs), progress=False).run()
+    assert all(r.refine_ratio < 1 for r in seq)
+    assert sum(r.loss_after for r in seq) < sum(r.loss_after for r in base)
+
+
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     teacher, student, calib = setup()
     init = copy.deepcopy(student)
@@ -125,6 +189,8 @@ def test_bad_settings_are_refused():
         BlockConfig(samples=7, batch_size=2).validate()
     with pytest.raises(ValueError, match="loss"):
         BlockConfig(loss="l1").validate()
+    with pytest.raises(ValueError, match="refine_inputs"):
+        BlockConfig(refine_inputs="teacher").validate()
     teacher, student, calib = setup(layers=1)
     with pytest.raises(ValueError, match="calibration"):
         BlockReconstruction(teacher, student, calib[:2], cfg(), progress=False)

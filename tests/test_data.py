@@ -327,3 +327,23 @@ def test_real_corpora_with_tiny_tokenizer(tok, cache):
     assert ids.ndim == 1 and ids.numel() > 500_000
     assert tok.decode(ids[:20].tolist()) == data.load_text("wikitext2-test")[: len(tok.decode(ids[:20].tolist()))]
     assert tok.decode(ids[:20].tolist()).startswith(" = Robert Boulter = \n\n")
+
+
+def test_equal_mix_takes_as_many_rows_from_each_corpus(tok, tmp_path, cache):
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text(CORPUS_TEXT[:3000], encoding="utf-8")
+    large.write_text(data.load_text("shakespeare")[:20_000], encoding="utf-8")
+    n_small = data.pack_sequences(torch.tensor(_stream(tok, CORPUS_TEXT[:3000])), 32).shape[0]
+    small_rows = {tuple(r) for r in data.pack_sequences(torch.tensor(_stream(tok, CORPUS_TEXT[:3000])), 32).tolist()}
+    by_size, _ = data.training_sequences(tok, [str(small), str(large)], 32, val_fraction=0.0, cache_dir=cache)
+    equal, _ = data.training_sequences(tok, [str(small), str(large)], 32, val_fraction=0.0, cache_dir=cache,
+                                       mix="equal")
+    assert equal.shape[0] == 2 * n_small < by_size.shape[0]
+    assert sum(tuple(r) in small_rows for r in equal.tolist()) == n_small   # every small row, as many large ones
+    calib = data.calibration_batch(tok, [str(small), str(large)], 5, 16, mix="equal", cache_dir=cache)
+    small_stream = torch.tensor(_stream(tok, CORPUS_TEXT[:3000]))
+    in_small = [any(torch.equal(row, small_stream[i:i + 16]) for i in range(small_stream.numel() - 15))
+                for row in calib]
+    assert in_small == [True, True, True, False, False]
+    with pytest.raises(ValueError, match="mix"):
+        data.training_sequences(tok, [str(small)], 32, mix="proportional", cache_dir=cache)

@@ -185,7 +185,9 @@ def test_a_failure_on_one_rank_stops_every_rank_with_the_error(runs):
     assert err is not None, "the injected failure did not stop the run"
     assert "injected failure on rank 1" in str(err)
     started = float((runs["root"] / "fail-start").read_text())
-    assert runs["ended"] - started < 60  # no rank was left waiting in a collective
+    # no rank was left waiting in a collective: that would last until spawn's 600 s timeout. The bound leaves room
+    # for a loaded machine (69 s was seen under a parallel job); it is a hang check, not a speed test.
+    assert runs["ended"] - started < 240
     assert multiprocessing.active_children() == []
     # rank 0 logged the one step that completed, and no checkpoint was claimed for the failed step
     assert [r["step"] for r in StepLog.read(runs["root"] / "fail" / "log.jsonl")] == [1]

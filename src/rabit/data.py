@@ -477,6 +477,14 @@ def _bos_id(tokenizer) -> int:
     return int(bos)
 
 
+MIXES = ("size", "equal")
+
+
+def _check_mix(mix: str) -> None:
+    if mix not in MIXES:
+        raise ValueError(f"unknown data mix {mix!r}; choose one of {', '.join(MIXES)}")
+
+
 def _stream(tokenizer, sources: list[str], cache_dir) -> torch.Tensor:
     streams = [tokenize_corpus(tokenizer, s, cache_dir=cache_dir) for s in sources]
     return streams[0] if len(streams) == 1 else torch.cat(streams)
@@ -512,11 +520,15 @@ def training_sequences(
     seed: int = 0,
     add_bos: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    mix: str = "size",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and validation sequences from one or more sources.
 
-    The sources' token streams are concatenated, packed with :func:`pack_sequences`, shuffled with
-    ``torch.Generator().manual_seed(seed)``, and the first ``round(N * val_fraction)`` rows (at
+    mix "size": the sources' token streams are concatenated and packed with :func:`pack_sequences`, so each
+    source contributes in proportion to its size. mix "equal": each source is packed on its own and the
+    same number of rows is drawn from each (as many as the smallest has; a random subset of the others,
+    drawn with ``seed``), so that a large corpus does not crowd out the rest. The rows are then shuffled
+    with ``torch.Generator().manual_seed(seed)``, and the first ``round(N * val_fraction)`` rows (at
     least one when N >= 2 and val_fraction > 0, never all) become the validation set.
     Returns ``(train[N - M, seq_len], val[M, seq_len])`` as ``torch.long``.
     Evaluation-only sources (see :func:`is_eval_only`) are refused with a ValueError.
@@ -524,10 +536,18 @@ def training_sequences(
     sources = _as_list(sources)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_mix(mix)
     _check_trainable(sources, "training")
-    tokens = _stream(tokenizer, sources, cache_dir)
     bos = _bos_id(tokenizer) if add_bos else None
-    rows = pack_sequences(tokens, seq_len, bos_id=bos, name=", ".join(repr(s) for s in sources))
+    if mix == "equal" and len(sources) > 1:
+        parts = [pack_sequences(tokenize_corpus(tokenizer, s, cache_dir=cache_dir), seq_len, bos_id=bos,
+                                name=repr(s)) for s in sources]
+        m = min(p.shape[0] for p in parts)
+        g = torch.Generator().manual_seed(seed + 1)
+        rows = torch.cat([p[torch.randperm(p.shape[0], generator=g)[:m]] for p in parts])
+    else:
+        tokens = _stream(tokenizer, sources, cache_dir)
+        rows = pack_sequences(tokens, seq_len, bos_id=bos, name=", ".join(repr(s) for s in sources))
     n = rows.shape[0]
     n_val = 0
     if val_fraction > 0 and n >= 2:
@@ -544,16 +564,26 @@ def calibration_batch(
     seed: int = 0,
     add_bos: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    mix: str = "size",
 ) -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens (``torch.long [n_samples, seq_len]``),
     start positions drawn with ``torch.Generator().manual_seed(seed)``. With ``add_bos`` each row
-    is BOS plus ``seq_len - 1`` tokens. Evaluation-only sources are refused."""
+    is BOS plus ``seq_len - 1`` tokens. Several sources: mix "size" draws from their concatenation
+    (in proportion to their sizes), "equal" draws the same number of windows from each (the first
+    sources get one more when n_samples does not divide). Evaluation-only sources are refused."""
     sources = _as_list(source)
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if seq_len < (2 if add_bos else 1):
         raise ValueError(f"seq_len must be >= {2 if add_bos else 1}, got {seq_len}")
+    _check_mix(mix)
     _check_trainable(sources, "calibration")
+    if mix == "equal" and len(sources) > 1:
+        k = len(sources)
+        counts = [n_samples // k + (i < n_samples % k) for i in range(k)]
+        parts = [calibration_batch(tokenizer, s, c, seq_len, seed=seed + i, add_bos=add_bos, cache_dir=cache_dir)
+                 for i, (s, c) in enumerate(zip(sources, counts)) if c]
+        return torch.cat(parts)
     tokens = _stream(tokenizer, sources, cache_dir)
     body = seq_len - 1 if add_bos else seq_len
     if tokens.numel() < body:

@@ -22,6 +22,7 @@ from .config import RaBiTConfig
 from .run_identity import to_plain
 from .models import DEFAULT_MODEL
 from .run_identity import identity_changes, train_settings_changes  # noqa: F401 - part of the job's API
+from .data import MIXES
 from .train.blockwise import BlockConfig
 from .train.trainer import TrainConfig
 
@@ -38,6 +39,9 @@ class DataSpec:
     calib_samples: int = 16
     calib_len: int = 512
     bos: bool | None = None          # start training/calibration sequences with BOS (None: the tokenizer's rule)
+    # how several corpora are mixed: "size" (in proportion to their sizes) or "equal" (the same number of
+    # sequences from each), for training and the block stage's calibration (rabit.data.training_sequences)
+    mix: str = "size"
 
     @property
     def sources(self) -> list[str]:
@@ -133,6 +137,8 @@ class JobSpec:
         for flag, value, low in checks:
             if value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if d.mix not in MIXES:
+            raise ValueError(f"--data-mix must be one of {', '.join(MIXES)}, got {d.mix!r}")
         if self.run.resume and self.run.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
         if self.warmup < 0:
@@ -225,7 +231,7 @@ class JobSpec:
         return to_plain({
             "format": "rabit-quantize-run", "version": 1, "model": self.model, "model_path": model_path,
             "rabit_config": self.rabit.to_dict(), "train": tcfg.to_dict(), "tokens": self.steps * self.tokens_per_step,
-            "data": {"train": d.sources, "seq_len": d.seq_len, "val_fraction": d.val_fraction,
+            "data": {"train": d.sources, "mix": d.mix, "seq_len": d.seq_len, "val_fraction": d.val_fraction,
                      "train_sequences": int(train_sequences), "calib": d.calib_sources,
                      "calib_samples": d.calib_samples, "calib_len": d.calib_len, "bos": bool(train_bos)},
             "eval": {"data": self.eval.data, "seq_len": self.eval.seq_len, "windows": self.eval.windows,

@@ -16,7 +16,8 @@ NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version",
 # Settings added after version 1 of run.json, with the value older runs implicitly used.
 ADDED_SETTINGS = {"train.hidden_loss": "mse", "train.train_latents": True, "train.optim.muon_ns_dtype": "auto",
                   "stages.blocks": None, "stages.scale_tokens": 0,
-                  "data.bos": False}
+                  "stages.blocks.refine_inputs": "fp",   # runs before it existed refined on FP inputs
+                  "data.bos": False, "data.mix": "size"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import warnings
 from pathlib import Path
 
@@ -302,39 +301,20 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def read_safetensors_header(file: str | os.PathLike) -> dict[str, tuple[torch.dtype | str, tuple[int, ...]]]:
-    """{name: (dtype, shape)} from a safetensors header, checking the file holds all the data it declares."""
+    """{name: (dtype, shape)} from a safetensors header, after rabit.integrity.read_layout's structural checks
+    (byte ranges, file size). ValueError (IntegrityError) for a damaged file, FileNotFoundError for none."""
     file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
     try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file is shorter than the 8-byte header length")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file} not found") from None
-    except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not a valid safetensors file ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file}: not a valid safetensors file (header is not an object)")
-    out = {}
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt, shape, b = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"][1]
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise ValueError(f"{file}: malformed header entry for tensor {name!r}") from None
-        end = max(end, int(b))
-        out[name] = (_ST_DTYPES.get(dt) or dt, shape)
-    if 8 + n + end > size:
-        raise ValueError(f"{file}: truncated: the header declares {8 + n + end} bytes but the file has {size} "
-                         f"(re-copy or re-save the model)")
-    return out
+        layout = integrity.read_layout(file)
+    except integrity.IntegrityError as e:
+        msg = str(e)
+        if "truncated" not in msg:   # the header itself is unreadable
+            msg = f"{file}: not a valid safetensors file ({msg.removeprefix(f'{file}: ')})"
+        raise integrity.IntegrityError(msg) from None
+    return {name: (_ST_DTYPES.get(info["dtype"]) or info["dtype"], tuple(int(s) for s in info["shape"]))
+            for name, info in layout.header.items()}
 
 
 def check_checkpoint(model: nn.Module, files: list[str], qc: dict) -> None:

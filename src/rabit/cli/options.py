@@ -11,7 +11,8 @@ import copy
 from dataclasses import dataclass
 
 from ..config import INITS, LATENT_INITS, MODES, STES
-from ..train.blockwise import BLOCK_LOSSES
+from ..data import MIXES
+from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
 from ..job import JobSpec
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
@@ -74,6 +75,8 @@ _OPTIONS = [
 
     Option("--train-data", "data.train", "data", "training corpora, comma-separated: built-in names (wikitext2-valid, "
            "austen), .txt/.jsonl files or folders, hf:NAME[:CONFIG][:SPLIT]"),
+    Option("--data-mix", "data.mix", "data", "how several training corpora mix: size (in proportion to their "
+           "sizes) or equal (the same number of sequences from each)", choices=MIXES),
     Option("--seq-len", "data.seq_len", "data", "training sequence length", type=int),
     Option("--val-fraction", "data.val_fraction", "data", "held-out share of the training text", type=float),
     Option("--val-sequences", "data.val_sequences", "data",
@@ -101,6 +104,10 @@ _OPTIONS = [
            "(GPTQ-style signs + least-squares scales) per layer (0: none)", type=int),
     Option("--refine-samples", "blocks.refine_samples", "block-wise stage", "sequences whose activations form the "
            "refinement's output metric", type=int),
+    Option("--refine-inputs", "blocks.refine_inputs", "block-wise stage", "inputs and targets of the refinement: "
+           "block (the student's own inputs, targets the teacher's outputs, and the block's last layer the "
+           "teacher block's output), corrected (the same without that last-layer rule), quantized (the "
+           "student's inputs, GPTQ's sequential rule) or fp (the full-precision inputs)", choices=REFINE_INPUTS),
     Option("--scale-tokens", "scale_tokens", "distillation", "token budget of a final end-to-end phase that trains "
            "only scales and norms (latents frozen: ~3x cheaper per token; 0: none)", type=int),
     Option("--tokens", "tokens", "distillation", "training token budget (the default is ~10 minutes of training on 2 "

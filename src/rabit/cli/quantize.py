@@ -240,6 +240,7 @@ def run_job(spec: JobSpec) -> int:
     train_bos, eval_bos = bos_choices(spec, tok)
     sources = d.sources
     train, val = training_sequences(tok, sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
+                                    mix=d.mix,
                                     add_bos=train_bos.use)
     autocast = native_bf16(device) if spec.train.autocast is None else spec.train.autocast
     tcfg = spec.train_config(autocast)
@@ -354,16 +355,18 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
 
     b = spec.blocks
     # drawn from the whole training mix, with another seed than the initialization's calibration
-    rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1, add_bos=add_bos)
+    rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1, add_bos=add_bos,
+                             mix=spec.data.mix)
     what = (f"refinement ({b.refine_rounds} round(s))" if b.refine_rounds else "") + \
         (f"{' + ' if b.refine_rounds else ''}training ({b.epochs} epoch(s))" if b.epochs else "")
     _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens ...")
     records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress).run()
     evals["blocks_seconds"] = sum(r.seconds for r in records)
     evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records]}
-    _say(f"block-wise stage done in {evals['blocks_seconds']:.0f} s (block losses, mean: "
-         f"{sum(evals['blocks_loss']['before']) / len(records):.4f} -> "
-         f"{sum(evals['blocks_loss']['after']) / len(records):.4f})")
+    before = sum(evals['blocks_loss']['before']) / len(records)
+    after = sum(evals['blocks_loss']['after']) / len(records)
+    losses = f"{before:.4f} -> {after:.4f} by training" if b.epochs else f"{after:.4f}"
+    _say(f"block-wise stage done in {evals['blocks_seconds']:.0f} s ({b.loss} block loss, mean: {losses})")
     if not spec.eval.skip_init and "blocks" not in evals:
         evals["blocks"] = ppl(student, f"{spec.rabit.num_paths}-bit after the block stage")
         _say(f"{spec.rabit.num_paths}-bit after the block stage: perplexity {evals['blocks']:.3f}")

@@ -137,6 +137,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
         single.check_save_options(spec, teacher)
         train_bos, eval_bos = single.bos_choices(spec, tok)
         train, val = training_sequences(tok, d.sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
+                                        mix=d.mix,
                                         add_bos=train_bos.use)
         autocast = native_bf16(env.device) if spec.train.autocast is None else spec.train.autocast
         tcfg = spec.train_config(autocast)

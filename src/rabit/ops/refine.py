@@ -185,6 +185,23 @@ def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp:
 
 
 @torch.no_grad()
+def output_target(w: torch.Tensor, H: torch.Tensor, T: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight W_t whose outputs on inputs x~ best match targets t in least squares: W_t H = T with
+    H = sum x~ x~^T and T = sum t x~^T. Written W + (T - W H) H^-1 around a reference weight W, so that the
+    damping of H shrinks only the correction, never W itself."""
+    L = torch.linalg.cholesky(damped(H, damp))
+    return w + torch.cholesky_solve((T - w @ H).T.contiguous(), L).T
+
+
+@torch.no_grad()
+def corrected_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight W_t whose output on inputs x~ (a quantized model's) best matches, in least squares, what W
+    gives on the inputs x the full-precision model sees: output_target with t = W x, i.e. T = W C with
+    C = sum x x~^T. It is W exactly when the inputs carry no error."""
+    return output_target(w, H, w @ C, damp)
+
+
+@torch.no_grad()
 def coupled_latent(paths, preferred: torch.Tensor | None = None) -> torch.Tensor:
     """A latent weight whose coupled derivation (B_1 = sign(W), B_2 = sign(W - g_1 B_1 h_1), ...) gives exactly
     the paths' sign planes, so that a coupled layer starts from refined signs.

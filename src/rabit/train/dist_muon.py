@@ -5,24 +5,26 @@ import torch
 import torch.distributed as dist
 
 from .fsdp import _is_dtensor, _local
+from .optim import Muon
 
 
-class DistributedMuon(torch.optim.Muon):
-    """torch.optim.Muon for FSDP2-sharded (Shard(0) DTensor) 2-D parameters, with one owner per matrix.
+class DistributedMuon(Muon):
+    """rabit's Muon (torch.optim.Muon with a Newton-Schulz dtype) for FSDP2-sharded (Shard(0) DTensor) 2-D
+    parameters, with one owner per matrix.
 
     For each matrix: the Nesterov momentum update is formed on the local rows, cast to the Newton-Schulz dtype
-    (bf16 where native, else fp32, as the one-process Muon), gathered on the matrix's owner rank, orthogonalized there, and the rows are
-    scattered back; every rank then applies weight decay and the update to its own rows. Owners are assigned
-    greedily by size (the same way on every rank), so each rank does ~1/N of the Newton-Schulz work. The state
-    ("momentum_buffer", sharded like the parameter) and the hyper-parameters are torch.optim.Muon's, and the
-    update equals single-process Muon's bit for bit. Plain (non-DTensor) parameters are updated locally, as
-    torch.optim.Muon does, which is only valid in a single process.
+    (bf16 where native, else fp32, as the one-process Muon), gathered on the matrix's owner rank, orthogonalized
+    there, and the rows are scattered back; every rank then applies weight decay and the update to its own rows.
+    Owners are assigned greedily by size (the same way on every rank), so each rank does ~1/N of the
+    Newton-Schulz work. Momentum, orthogonalization and the update are the one-process Muon's own methods, the
+    state ("momentum_buffer", sharded like the parameter) and hyper-parameters torch.optim.Muon's, and the update
+    equals single-process Muon's bit for bit. Plain (non-DTensor) parameters are updated locally, which is only
+    valid in a single process.
     """
 
     def __init__(self, params, *, group=None, bucket_numel: int = 1 << 26, ns_dtype: torch.dtype | None = None,
                  **kwargs):
-        super().__init__(params, **kwargs)
-        self.ns_dtype = ns_dtype  # None: per device (rabit.train.optim.default_ns_dtype), as the one-process Muon
+        super().__init__(params, ns_dtype=ns_dtype, **kwargs)
         self._pg = group
         self._bucket_numel = int(bucket_numel)
 
@@ -31,28 +33,9 @@ class DistributedMuon(torch.optim.Muon):
             return 0, 1
         return dist.get_rank(self._pg), dist.get_world_size(self._pg)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        from torch.optim._muon import _adjust_lr
-
-        from .optim import default_ns_dtype, newton_schulz
-
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:   # Muon.step's body: runs the closure, then this
         rank, world = self._world()
-        items = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or torch.is_complex(p):
-                    raise RuntimeError("Muon supports dense real parameters only")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                items.append((group, p))
+        items = list(self._with_grads())
         loads = [0] * world
         owners = []
         for _, p in items:
@@ -61,28 +44,19 @@ class DistributedMuon(torch.optim.Muon):
             owners.append(owner)
 
         def finish(group, p, update_local):
-            lr = group["lr"]
-            lr = float(lr) if torch.is_tensor(lr) else lr
-            local = _local(p)
-            local.mul_(1 - lr * group["weight_decay"])
-            local.add_(update_local, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+            self._apply(group, _local(p), update_local, p.shape)
 
         bucket = []
         size = 0
         for (group, p), owner in zip(items, owners):
-            g = _local(p.grad)
-            buf = _local(self.state[p]["momentum_buffer"])
-            momentum = group["momentum"]
-            buf.lerp_(g, 1 - momentum)
-            update = g.lerp(buf, momentum) if group["nesterov"] else buf
+            update = self._momentum(group, _local(p.grad), _local(self.state[p]["momentum_buffer"]))
             if not _is_dtensor(p) and world > 1:
                 raise RuntimeError("DistributedMuon: a non-sharded parameter in a multi-process run; shard the "
                                    "model with fully_shard first")
-            # the same Newton-Schulz (and dtype) as the one-process Muon, so both train alike
-            dtype = self.ns_dtype or default_ns_dtype(p.device)
+            dtype = self._ns_dtype(p.device)
 
             def ns(x, group=group, dtype=dtype):
-                return newton_schulz(x, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                return self._orthogonalize(group, x, dtype)
 
             if world == 1:  # the local rows are the whole matrix
                 finish(group, p, ns(update))
@@ -94,7 +68,6 @@ class DistributedMuon(torch.optim.Muon):
                 bucket, size = [], 0
         if bucket:
             self._sharded_round(bucket, rank, world, finish)
-        return loss
 
     def _sharded_round(self, bucket, rank, world, finish) -> None:
         from torch.distributed.tensor import Shard

@@ -41,8 +41,6 @@ from __future__ import annotations
 import base64
 import io
 import gc
-import json
-import math
 import os
 import random
 import shutil

@@ -147,31 +147,55 @@ class Muon(torch.optim.Muon):
         super().__init__(params, *args, **kwargs)
         self.ns_dtype = ns_dtype
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    # The pieces of a step, shared with rabit.train.dist_muon.DistributedMuon so that both update alike.
+    def _with_grads(self):
+        """(group, p) for every parameter with a gradient, its momentum buffer created if new."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or torch.is_complex(p):
+                    raise RuntimeError("Muon supports dense real parameters only")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                yield group, p
+
+    @staticmethod
+    def _momentum(group, grad: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """Update the momentum buffer in place; returns the (Nesterov) update to orthogonalize."""
+        buf.lerp_(grad, 1 - group["momentum"])
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def _ns_dtype(self, device: torch.device) -> torch.dtype:
+        return self.ns_dtype or default_ns_dtype(device)
+
+    def _orthogonalize(self, group, update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+
+    @staticmethod
+    def _apply(group, param: torch.Tensor, update: torch.Tensor, shape) -> None:
+        """Decoupled weight decay, then the update at the shape-adjusted learning rate."""
         from torch.optim._muon import _adjust_lr
 
+        lr = group["lr"]
+        lr = float(lr) if torch.is_tensor(lr) else lr
+        param.mul_(1 - lr * group["weight_decay"])
+        param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+
+    @torch.no_grad()
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                dtype = self.ns_dtype or default_ns_dtype(p.device)
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        self._update()
         return loss
+
+    def _update(self) -> None:
+        for group, p in list(self._with_grads()):
+            update = self._momentum(group, p.grad, self.state[p]["momentum_buffer"])
+            self._apply(group, p, self._orthogonalize(group, update, self._ns_dtype(p.device)), p.shape)
 
 
 @dataclass

@@ -108,7 +108,7 @@ class JobSpec:
     model: str = DEFAULT_MODEL
     # end-to-end token budget (steps = tokens // tokens per step): 20 steps. After the block stage's refinement it
     # reached perplexity 76.4 where 16,384 tokens reached 164 (docs/RESULTS.md section 10); ~15 minutes in all
-    # on 2 idle cores with native bf16, longer on CPUs without it.
+    # on 2 idle cores with native bf16, ~40 on an AVX2 CPU without it (section 11).
     tokens: int = 40_960
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the

@@ -88,7 +88,7 @@ def test_ablation_fails_when_an_evaluation_step_fails(tmp_path, monkeypatch, cap
     rc = main(["ablate", "--model", "m", "--modes", "coupled,frozen", "--inits", "svid", "--tokens", "2048",
                "--out-dir", str(tmp_path / "abl")])
     captured = capsys.readouterr()
-    assert rc == 1
+    assert rc == 1, captured.err
     assert "coupled/svid: rabit diagnose exited with status 3" in captured.err
     assert "frozen/svid: rabit diagnose exited with status 3" in captured.err
     # the table is still written, with what did finish

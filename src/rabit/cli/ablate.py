@@ -86,15 +86,24 @@ def optimizer_state_bytes(run_dir: Path) -> dict[str, int] | None:
     return {"latent": latent, "other": other}
 
 
+def _read_json(path: Path) -> dict | None:
+    """A cell's result file, or None while it is missing or not yet complete: cells run in other threads (or
+    a killed run left a partial file), and the table is rewritten after every cell and at the end."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def collect(out_dir: Path, modes, inits) -> list[dict]:
     rows = []
     for init in inits:
         for mode in modes:
             cell = out_dir / f"{mode}-{init}"
             row = {"mode": mode, "init": init, "dir": str(cell)}
-            s = cell / "summary.json"
-            if s.exists():
-                summary = json.loads(s.read_text())
+            summary = _read_json(cell / "summary.json")
+            if summary is not None:
                 ev, tr = summary.get("eval", {}), summary.get("train", {})
                 row.update(fp_ppl=ev.get("fp"), init_ppl=ev.get("init"), ppl=ev.get("final"),
                            loss=(tr.get("val_after") or {}).get("loss"), kl=(tr.get("val_after") or {}).get("kl"),
@@ -102,9 +111,9 @@ def collect(out_dir: Path, modes, inits) -> list[dict]:
                            tok_s=tr.get("tokens_per_second"))
             row["optim_bytes"] = optimizer_state_bytes(cell)
             for name, key in (("piqa.json", "piqa"), ("diagnose.json", "diag")):
-                f = cell / name
-                if f.exists():
-                    row[key] = json.loads(f.read_text())
+                result = _read_json(cell / name)
+                if result is not None:
+                    row[key] = result
             rows.append(row)
     return rows
 

@@ -207,6 +207,16 @@ def read_layout(file: str | os.PathLike) -> SafetensorsLayout:
     return SafetensorsLayout(header, metadata, 8 + n, size)
 
 
+def read_with_record(file: Path, report) -> tuple[SafetensorsLayout, dict | None] | None:
+    """read_layout and recorded_checksums of `file`; a damaged file becomes a Problem in `report` (None)."""
+    try:
+        layout = read_layout(file)
+        return layout, recorded_checksums(layout, file)
+    except IntegrityError as e:
+        report.problems.append(Problem(str(file), str(e).removeprefix(f"{file}: ")))
+        return None
+
+
 def recorded_checksums(layout: SafetensorsLayout, file) -> dict | None:
     """The checksum record in a safetensors file's metadata (None if there is none)."""
     text = layout.metadata.get(METADATA_KEY)
@@ -339,12 +349,10 @@ def verify_model_folder(path: str | os.PathLike) -> Report:
     except (OSError, ValueError, AttributeError) as e:
         cfg, declared = None, None
         report.problems.append(Problem(str(path / "config.json"), f"unreadable ({type(e).__name__}: {e})"))
-    try:
-        layout = read_layout(weights)
-        record = recorded_checksums(layout, weights)
-    except IntegrityError as e:
-        report.problems.append(Problem(str(weights), str(e).removeprefix(f"{weights}: ")))
+    read = read_with_record(weights, report)
+    if read is None:
         return report
+    layout, record = read
     report.tensors, report.bytes = len(layout.header), layout.size
     report.files = 1
     if record is None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from .integrity import (_HASHES, ALGORITHM, WEIGHTS_NAME, IntegrityError, Problem, Report, check_files,
-                        check_tensors, damaged_tensors, file_record, read_layout, recorded_checksums,
+                        check_tensors, damaged_tensors, file_record, read_layout, read_with_record,
                         verify_model_folder)
 
 _log = logging.getLogger("rabit")
@@ -156,12 +156,10 @@ def _is_model_folder(path: Path) -> bool:
 def verify_state_dict_file(file: Path) -> Report:
     """A standalone safetensors file (a run's final model.safetensors) against its own checksum record."""
     report = Report(file, "state dict")
-    try:
-        layout = read_layout(file)
-        record = recorded_checksums(layout, file)
-    except IntegrityError as e:
-        report.problems.append(Problem(str(file), str(e).removeprefix(f"{file}: ")))
+    read = read_with_record(file, report)
+    if read is None:
         return report
+    layout, record = read
     report.files, report.tensors, report.bytes = 1, len(layout.header), layout.size
     if record is None:
         report.verified = False

@@ -34,6 +34,8 @@ ap.add_argument("--grad-accum", type=int, default=t.grad_accum)
 ap.add_argument("--gamma", type=float, default=t.gamma)
 ap.add_argument("--mode", default=spec.rabit.mode)
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--warmup", type=float, default=spec.warmup, help="warm-up: a fraction of the steps if < 1, else steps")
+ap.add_argument("--ns-steps", type=int, default=o.muon_ns_steps, help="Newton-Schulz iterations of Muon")
 args = ap.parse_args()
 
 teacher, tok = load_model(spec.model)
@@ -45,10 +47,12 @@ train, _ = training_sequences(tok, args.data.split(","), spec.data.seq_len, val_
 
 
 def config(steps, lr_scale):
-    optim = dataclasses.replace(o, latent_lr=args.latent_lr, scale_lr=lr_scale,
-                                warmup_steps=max(1, round(0.05 * steps)))
+    warmup = round(args.warmup * steps) if args.warmup < 1 else int(args.warmup)
+    optim = dataclasses.replace(o, latent_lr=args.latent_lr, scale_lr=lr_scale, warmup_steps=max(1, warmup),
+                                muon_ns_steps=args.ns_steps)
+    # --steps trains the latents too, whatever the job's default (--scale-steps freezes them below)
     return dataclasses.replace(t, steps=steps, grad_accum=args.grad_accum, gamma=args.gamma, seed=args.seed,
-                               save_every=10**6, optim=optim)
+                               save_every=10**6, optim=optim, train_latents=True)
 
 
 res = {"args": vars(args)}

@@ -25,6 +25,10 @@ ap.add_argument("--samples", type=int, default=16, help="refinement sequences (o
 ap.add_argument("--data", default=None, help="corpora of the block stage (default: the job's training mix)")
 ap.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 2048")
 ap.add_argument("--ood-windows", type=int, default=8, help="Persuasion windows of 2048")
+ap.add_argument("--epochs", type=int, default=0, help="block training after the refinement (0: none)")
+ap.add_argument("--block-samples", type=int, default=None, help="block training sequences (default: --samples)")
+ap.add_argument("--latent-lr", type=float, default=None, help="block training latent lr (0: scales and norms only)")
+ap.add_argument("--scale-lr", type=float, default=None, help="block training scale lr")
 ap.add_argument("--out", required=True, help="writes OUT.json and OUT.safetensors")
 args = ap.parse_args()
 
@@ -37,7 +41,10 @@ t0 = time.time()
 student, cached = _initialized_student(teacher, spec.rabit, calib, False, False, True)
 res = {"args": vars(args), "init_seconds": time.time() - t0, "init_cached": cached}
 cfg = dataclasses.replace(spec.blocks, refine_inputs=args.inputs, refine_rounds=args.rounds,
-                          refine_samples=args.samples, samples=max(args.samples, spec.blocks.samples))
+                          refine_samples=args.samples, epochs=args.epochs,
+                          samples=max(args.samples, args.block_samples or spec.blocks.samples),
+                          latent_lr=spec.blocks.latent_lr if args.latent_lr is None else args.latent_lr,
+                          scale_lr=spec.blocks.scale_lr if args.scale_lr is None else args.scale_lr)
 rows = calibration_batch(tok, args.data.split(",") if args.data else d.sources, cfg.samples, cfg.seq_len,
                          seed=spec.train.seed + 1)
 t0 = time.time()

@@ -264,3 +264,36 @@ def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, 
     assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "1", "--scale-tokens", "64",
                                                "--resume")]) == 2
     assert "blocks.epochs" in capsys.readouterr().err
+
+
+def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tmp_path, monkeypatch, capsys):
+    import json
+
+    from rabit.cli import main
+    from rabit.data import eval_tokens
+    from rabit.eval.perplexity import perplexity
+    from rabit.models import load_model
+
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = [str(a) for a in quantize_args(tiny_files, out, "--eval-windows", "3", "--stage-eval-windows", "1",
+                                          "--ood-windows", "0")]
+    assert main(args) == 0
+    ev = json.loads((out / "summary.json").read_text())["eval"]
+    assert ev["stage_windows"] == 1
+    for key in ("fp", "fp_stage", "init", "blocks", "final", "final_stage"):
+        assert isinstance(ev[key], float) and ev[key] > 1, key
+    teacher, tok = load_model(str(tiny_files / "model"))
+    stream = eval_tokens(tok, str(tiny_files / "eval.txt"))
+    assert ev["fp"] == pytest.approx(perplexity(teacher, stream, 64, None, 3), rel=1e-5)
+    assert ev["fp_stage"] == pytest.approx(perplexity(teacher, stream, 64, None, 1), rel=1e-5)
+    md = capsys.readouterr().out
+    assert "| model | perplexity | first 1 windows | stage time |" in md
+    assert "the intermediate stages on the first 1 of them" in md
+    # --stage-eval-windows 0 scores every stage like the final model: one perplexity column
+    out2 = tmp_path / "run2"
+    args2 = [str(a) for a in quantize_args(tiny_files, out2, "--stage-eval-windows", "0", "--ood-windows", "0")]
+    assert main(args2) == 0
+    ev2 = json.loads((out2 / "summary.json").read_text())["eval"]
+    assert ev2["stage_windows"] is None and ev2["fp_stage"] is None and ev2["final_stage"] is None
+    assert "| model | perplexity | stage time |" in capsys.readouterr().out

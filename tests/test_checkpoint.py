@@ -187,7 +187,7 @@ def quantize_cmd(files, out, *extra):
             "--train-data", str(files / "train.txt"), "--eval-data", str(files / "eval.txt"),
             "--eval-seq-len", "64", "--eval-windows", "1", "--seq-len", "32", "--tokens", str(32 * 2 * STEPS),
             "--grad-accum", "2", "--save-every", "7", "--calib-samples", "2", "--calib-len", "32",
-            "--val-sequences", "0", "--skip-init-eval", "--latent-lr", "1e-3", "--scale-lr", "1e-2",
+            "--val-sequences", "0", "--skip-init-eval", "--train-latents", "--latent-lr", "1e-3", "--scale-lr", "1e-2",
             "--no-progress", "--threads", "1", *extra]
 
 

@@ -209,7 +209,7 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
         args = ["--model", tmp_path / "model", "--out", out, "--train-data", tmp_path / "train.txt",
                 "--eval-data", tmp_path / "eval.txt", "--eval-seq-len", "64", "--eval-windows", "1", "--seq-len",
                 "32", "--tokens", "256", "--save-every", "2", "--calib-samples", "2", "--calib-len", "32",
-                "--val-sequences", "2", "--no-progress", "--threads", "1", "--skip-init-eval", *extra]
+                "--val-sequences", "2", "--no-progress", "--threads", "1", "--skip-init-eval", "--train-latents", *extra]
         return [sys.executable, "-m", "rabit", "quantize", *map(str, args)]
 
     env = dict(os.environ, RABIT_CACHE=str(tmp_path / "cache"))

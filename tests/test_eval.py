@@ -246,3 +246,23 @@ def test_cli_eval_saved_rabit_folder(tiny_folder, tmp_path, monkeypatch):
     assert res["perplexity"][str(text)]["ppl"] == pytest.approx(expected, rel=1e-3)
     assert res["tasks"]["piqa"]["n"] == 4
     assert _folder_digest(saved) == before
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+def test_perplexity_of_the_first_windows_equals_a_shorter_evaluation():
+    from rabit.eval.perplexity import perplexity, perplexity_of, window_nlls
+
+    torch.manual_seed(0)
+    model = make_tiny_llama(vocab_size=64).eval()
+    tokens = torch.randint(0, 64, (5 * 16 + 7,))     # 5 windows of 16 and a dropped tail
+    for bos in (None, 1):
+        nll, count = window_nlls(model, tokens, 16, bos, None, batch_size=2)
+        assert len(nll) == 5 and count == [16 if bos is not None else 15] * 5
+        assert all(v > 0 for v in nll)
+        for n in (1, 3, 5):
+            assert perplexity_of(nll, count, n) == pytest.approx(perplexity(model, tokens, 16, bos, n), rel=1e-5)
+        assert perplexity_of(nll, count) == pytest.approx(perplexity(model, tokens, 16, bos), rel=1e-5)
+        # the windows differ, so the first ones alone give another figure than all of them
+        assert perplexity_of(nll, count, 1) != pytest.approx(perplexity_of(nll, count), rel=1e-3)
+    with pytest.raises(ValueError, match="no windows"):
+        perplexity_of([], [], 2)

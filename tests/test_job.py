@@ -19,6 +19,10 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     # the trainer's own defaults are the command line's measured ones
     t = TrainConfig()
     assert (t.gamma, t.grad_accum, t.save_every, t.batch_size) == (0.0, 4, 10, 1)
+    # ... except that the job distills with frozen latents (measured better after the block stage at CPU
+    # budgets) where the library's Trainer trains them, as the method does
+    assert t.train_latents and not JobSpec().train_config().train_latents
+    assert _parse("--train-latents").train_config().train_latents
 
 
 def test_a_job_spec_survives_the_round_trip_through_flags():
@@ -28,6 +32,7 @@ def test_a_job_spec_survives_the_round_trip_through_flags():
                                      optim=dataclasses.replace(spec.train.optim, latent_lr=1e-2))
     spec.auto_split = False
     spec.data.calib, spec.eval.bos, spec.run.resume, spec.dist.teacher = "austen", True, True, "bf16"
+    spec.train.train_latents, spec.eval.stage_windows = True, 0
     assert _parse(*job_to_argv(spec)) == spec
 
 
@@ -49,7 +54,11 @@ def test_run_identity_ignores_grouping_and_fills_settings_added_later():
     record = spec.run_record("/m", 100, autocast=False)
     old = {**record, "train": {k: v for k, v in record["train"].items() if k not in ("hidden_loss", "train_latents")},
            "distributed": {"checkpoints": "dcp"}}
-    assert identity_changes(old, record) == []
+    # runs from before train_latents existed trained their latents: today's default (frozen) is another run,
+    # --train-latents the same one
+    assert identity_changes(old, record) == [("train.train_latents", True, False)]
+    latents = _parse("--train-latents").run_record("/m", 100, autocast=False)
+    assert identity_changes(old, latents) == []
     regrouped = spec.for_processes(2).run_record("/m", 100, autocast=False)
     assert identity_changes(record, regrouped) == []
     spec.train.gamma = 5.0

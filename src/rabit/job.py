@@ -59,6 +59,10 @@ class EvalSpec:
     windows: int = 16                # the first N windows (0: the whole corpus, ~13 min per model on 2 CPU cores)
     bos: bool = False                # prefix each window with BOS
     skip_init: bool = False          # do not measure the initialized model
+    # Intermediate stages (after initialization, after the block stage, before a scale-only phase) are scored on
+    # the first stage_windows windows only (the FP and final models also report that figure, for free): each
+    # 16-window evaluation costs ~2.3 minutes of the demo on 2 cores. 0: score them like the final model.
+    stage_windows: int = 4
     # Perplexity on a domain the default mix does not train on (Jane Austen's Persuasion), FP and 2-bit at the end,
     # so that a run reports how it generalizes, not only its training domain. "" or 0 windows: skip.
     ood_data: str = "austen-persuasion"
@@ -99,16 +103,19 @@ class DistSpec:
 # step (Muon's orthogonalization costs ~1.6 micro-batches on CPU, so fewer, larger steps are faster); KL only
 # (gamma 0: perplexity 411 vs 486 with the relative hidden loss at gamma 10 and 801 with the paper's MSE at
 # gamma 100, 24k tokens on SmolLM2, docs/RESULTS.md section 2); a checkpoint every 10 steps.
+# The latent weights stay frozen at the refined signs and only scales and norms train (--train-latents trains
+# them too, with Muon): after the block stage's refinement, at this budget, training the latents raised the
+# training loss on the same batches and scored worse in and out of domain (docs/RESULTS.md section 13).
 def _default_train() -> TrainConfig:
-    return TrainConfig()
+    return TrainConfig(train_latents=False)
 
 
 @dataclass
 class JobSpec:
     model: str = DEFAULT_MODEL
     # end-to-end token budget (steps = tokens // tokens per step): 20 steps. After the block stage's refinement it
-    # reached perplexity 76.4 where 16,384 tokens reached 164 (docs/RESULTS.md section 10); ~15 minutes in all
-    # on 2 idle cores with native bf16, ~40 on an AVX2 CPU without it (section 11).
+    # reached perplexity 76.4 where 16,384 tokens reached 164 (docs/RESULTS.md section 10). The whole job with
+    # frozen latents: 21 minutes on 2 idle AVX2 cores without native bf16 (section 13), less with bf16 AMX.
     tokens: int = 40_960
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
@@ -133,6 +140,7 @@ class JobSpec:
                   ("--grad-accum", t.grad_accum, 1), ("--save-every", t.save_every, 1),
                   ("--calib-samples", d.calib_samples, 1), ("--calib-len", d.calib_len, 2),
                   ("--eval-seq-len", e.seq_len, 2), ("--eval-windows", e.windows, 0),
+                  ("--stage-eval-windows", e.stage_windows, 0),
                   ("--val-sequences", d.val_sequences, 0), ("--num-paths", self.rabit.num_paths, 1)]
         for flag, value, low in checks:
             if value < low:
@@ -236,6 +244,7 @@ class JobSpec:
                      "calib_samples": d.calib_samples, "calib_len": d.calib_len, "bos": bool(train_bos)},
             "eval": {"data": self.eval.data, "seq_len": self.eval.seq_len, "windows": self.eval.windows,
                      "bos": self.eval.bos if eval_bos is None else bool(eval_bos), "val_sequences": d.val_sequences, "skip_init": self.eval.skip_init,
+                     "stage_windows": self.eval.stage_windows,
                      "ood_data": self.eval.ood_data, "ood_windows": self.eval.ood_windows},
             "stages": {"blocks": self.blocks.to_dict() if self.block_stage else None,
                        "scale_tokens": self.scale_steps * self.tokens_per_step},

@@ -215,6 +215,8 @@ def base_job(args) -> JobSpec:
     parser.prog = "rabit ablate --extra"
     spec = job_from_args(parser.parse_args(shlex.split(args.extra)))
     spec.model, spec.tokens = args.model, args.tokens
+    # the modes differ in how their latent weights train: an ablation of modes trains them
+    spec.train.train_latents = True
     spec.eval.windows = args.eval_windows
     spec.run.progress = False
     return spec

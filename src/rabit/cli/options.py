@@ -108,8 +108,13 @@ _OPTIONS = [
            "block (the student's own inputs, targets the teacher's outputs, and the block's last layer the "
            "teacher block's output), corrected (the same without that last-layer rule), quantized (the "
            "student's inputs, GPTQ's sequential rule) or fp (the full-precision inputs)", choices=REFINE_INPUTS),
+    Option("--train-latents", "train.train_latents", "distillation", "end-to-end distillation also trains the "
+           "latent weights (Muon), RaBiT's full QAT, for budgets of millions of tokens; by default only scales and "
+           "norms train, which measured better after the block stage at CPU budgets (docs/RESULTS.md section 13)",
+           "true"),
     Option("--scale-tokens", "scale_tokens", "distillation", "token budget of a final end-to-end phase that trains "
-           "only scales and norms (latents frozen: ~3x cheaper per token; 0: none)", type=int),
+           "only scales and norms, after a --train-latents phase (no Muon: 1.25x cheaper per token on an AVX2 CPU, "
+           "~3x with bf16 AMX; 0: none)", type=int),
     Option("--tokens", "tokens", "distillation", "training token budget (the default is ~10 minutes of training on 2 "
            "CPU cores with the default model)", type=int),
     Option("--batch-size", "train.batch_size", "distillation", "sequences per micro-batch (the global micro-batch "
@@ -150,6 +155,9 @@ _OPTIONS = [
            "evaluate the first N windows (0 = the whole corpus, ~13 min per model on 2 CPU cores)", type=int),
     Option("--eval-bos", "eval.bos", "evaluation",
            "prefix each perplexity window with BOS even where --bos / the tokenizer says not to", "true"),
+    Option("--stage-eval-windows", "eval.stage_windows", "evaluation",
+           "score the intermediate stages (init, block stage) on the first N windows only; the FP and final "
+           "models report that figure too (0 = as many as --eval-windows)", type=int),
     Option("--skip-init-eval", "eval.skip_init", "evaluation",
            "do not measure the perplexity of the initialized model before training", "true"),
     Option("--ood-data", "eval.ood_data", "evaluation", "a corpus of a domain not trained on, scored FP and 2-bit at "

@@ -35,7 +35,7 @@ def add_parser(sub):
         description="Compress a causal LM to 2 bits with RaBiT: calibrate, initialize (ISVID + "
                     "preconditioning), distill from the full-precision model for a token budget, "
                     "evaluate perplexity before and after, and save the result. With no arguments, "
-                    f"runs on {DEFAULT_MODEL} with defaults sized for ~15 minutes on 2 CPU cores.")
+                    f"runs on {DEFAULT_MODEL} with defaults sized for 15-20 minutes on 2 CPU cores.")
     add_job_arguments(p)
     return p
 
@@ -72,6 +72,72 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
     except OSError as e:
         _say(f"(could not cache the FP perplexity in {path}: {e})")
     return value, False
+
+
+class JobPerplexity:
+    """The job's perplexity measurements on one corpus. The full-precision and the final model are scored on
+    spec.eval.windows; the intermediate stages (after initialization, after the block stage, before the scale-only
+    phase) on the first spec.eval.stage_windows only, which costs a fraction of it (each 2048-token window is
+    ~9 s of a 2-core CPU for the default model). The FP and final models' figures on those same first windows come
+    free with their full evaluation, so every stage can be compared on equal windows."""
+
+    def __init__(self, spec: JobSpec, stream: torch.Tensor, bos: int | None, description: str, progress: bool,
+                 say=None):
+        ev = spec.eval
+        self.spec, self.stream, self.bos, self.description, self.progress = spec, stream, bos, description, progress
+        self.say = say or _say
+        self.windows = ev.windows or None
+        available = stream.numel() // ev.seq_len
+        total = min(self.windows or available, available)
+        # None: the stages are scored like the final model (stage_windows 0, or not fewer than the final windows)
+        self.stage_windows = ev.stage_windows if 0 < ev.stage_windows < total else None
+
+    def _nlls(self, model, what: str, windows: int | None):
+        from ..eval.perplexity import window_nlls
+
+        ev = self.spec.eval
+        where = (self.description if windows == self.windows
+                 else f"{ev.data}, the first {windows} windows of {ev.seq_len} tokens")
+        self.say(f"perplexity of the {what} model on {where} ...")
+        return window_nlls(model, self.stream, self.spec.eval.seq_len, self.bos, windows, progress=self.progress)
+
+    def full(self, model, what: str) -> tuple[float, float | None]:
+        """(perplexity on the evaluation windows, perplexity on the first stage windows or None)."""
+        from ..eval.perplexity import perplexity_of
+
+        nll, count = self._nlls(model, what, self.windows)
+        return perplexity_of(nll, count), (perplexity_of(nll, count, self.stage_windows)
+                                           if self.stage_windows else None)
+
+    def stage(self, model, what: str) -> float:
+        """Perplexity of an intermediate stage (on the stage windows)."""
+        if self.stage_windows is None:
+            return self.full(model, what)[0]
+        from ..eval.perplexity import perplexity_of
+
+        return perplexity_of(*self._nlls(model, what, self.stage_windows))
+
+    def fp(self, teacher, tokenizer) -> tuple[float, float | None, bool]:
+        """(FP perplexity, FP perplexity on the stage windows, whether both came from the cache)."""
+        from ..data import tokenizer_fingerprint
+
+        ev = self.spec.eval
+        base = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tokenizer),
+                "corpus": ev.data, "seq_len": ev.seq_len, "bos": self.bos, "dtype": "float32"}
+        measured = {}
+
+        def full():
+            measured["v"] = self.full(teacher, "full-precision")
+            return measured["v"][0]
+
+        fp, hit = _fp_ppl_cached(teacher, {**base, "windows": ev.windows}, full)
+        if self.stage_windows is None:
+            return fp, None, hit
+        # from the full pass just made, else (the full figure was cached) a pass over the stage windows only
+        fp_stage, hit_stage = _fp_ppl_cached(
+            teacher, {**base, "windows": self.stage_windows},
+            lambda: measured["v"][1] if measured else self.stage(teacher, "full-precision"))
+        return fp, fp_stage, hit and hit_stage
 
 
 def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool = False,
@@ -179,7 +245,10 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
         "model": spec.model, "mode": rc.mode, "num_paths": rc.num_paths, "out": str(out),
         **({"world_size": world_size} if world_size > 1 else {}),
         "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"),
-                 "blocks": evals.get("blocks"), "e2e": evals.get("e2e"), "final": final, "ood": evals.get("ood")},
+                 "blocks": evals.get("blocks"), "e2e": evals.get("e2e"), "final": final, "ood": evals.get("ood"),
+                 # the intermediate stages' windows, with the FP and final models on them (None: all windows)
+                 "stage_windows": evals.get("stage_windows"), "fp_stage": evals.get("fp_stage"),
+                 "final_stage": evals.get("final_stage")},
         "stages": {"init_seconds": evals.get("init_seconds"), "blocks_seconds": evals.get("blocks_seconds"),
                    "e2e_seconds": train_seconds,
                    "scale_seconds": (evals.get("scale_phase") or {}).get("seconds"),
@@ -216,8 +285,7 @@ def run(args) -> int:
 def run_job(spec: JobSpec) -> int:
     """The whole quantize job in this process (spec validated)."""
     from .. import run_folder
-    from ..data import calibration_batch, eval_tokens, tokenizer_fingerprint, training_sequences
-    from ..eval.perplexity import perplexity
+    from ..data import calibration_batch, eval_tokens, training_sequences
     from ..models import load_model, resolve_model_path
     from ..train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json, verify_checkpoint
     from ..train.trainer import Trainer, make_student, native_bf16
@@ -262,14 +330,12 @@ def run_job(spec: JobSpec) -> int:
     _say(f"run folder: {out}")
     _say(f"training: {steps} steps x {spec.tokens_per_step} tokens = {steps * spec.tokens_per_step:,} tokens from "
          f"{', '.join(sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
-         f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}, {train_bos.describe()}")
+         f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}, "
+         f"{'latents and scales' if tcfg.train_latents else 'scales and norms (latents frozen)'} train, "
+         f"{train_bos.describe()}")
 
     bos = eval_bos.token_id
-    windows = ev.windows or None
-
-    def ppl(model, what):
-        _say(f"perplexity of the {what} model on {eval_desc} ...")
-        return perplexity(model, eval_stream, ev.seq_len, bos, windows, progress=progress)
+    scorer = JobPerplexity(spec, eval_stream, bos, eval_desc, progress)
 
     evals_path = out / "evals.json"
     evals = {}
@@ -280,15 +346,13 @@ def run_job(spec: JobSpec) -> int:
             _say(f"({e}; measuring again)")
             evals = {}
 
+    # a run resumed from before stage windows existed scored its stages on all windows
+    evals.setdefault("stage_windows", None if ("init" in evals or "blocks" in evals) else scorer.stage_windows)
     if "fp" not in evals:
         t0 = time.time()
-        key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
-               "corpus": ev.data, "seq_len": ev.seq_len, "windows": ev.windows,
-               "bos": bos, "dtype": "float32"}
-        fp, hit = _fp_ppl_cached(teacher, key, lambda: ppl(teacher, "full-precision"))
-        evals["fp"] = fp
+        evals["fp"], evals["fp_stage"], hit = scorer.fp(teacher, tok)
         evals["fp_seconds"] = time.time() - t0
-        _say(f"full precision: perplexity {fp:.3f}" + (" (cached)" if hit else ""))
+        _say(f"full precision: perplexity {evals['fp']:.3f}" + (" (cached)" if hit else ""))
         atomic_write_json(evals_path, evals)
 
     # ---- student: from the checkpoint, or calibrated and initialized
@@ -306,12 +370,12 @@ def run_job(spec: JobSpec) -> int:
         evals["init_cached"] = cached
         _say(f"initialized in {evals['init_seconds']:.0f} s" + (" (paths from the init cache)" if cached else ""))
         if not ev.skip_init and "init" not in evals:
-            evals["init"] = ppl(student, f"{rc.num_paths}-bit initialized")
+            evals["init"] = scorer.stage(student, f"{rc.num_paths}-bit initialized")
             _say(f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
         atomic_write_json(evals_path, evals)
     student.to(device)
     if spec.block_stage and ck_path is None:
-        _block_stage(spec, teacher, student, tok, out, evals, ppl, progress, train_bos.use)
+        _block_stage(spec, teacher, student, tok, out, evals, scorer.stage, progress, train_bos.use)
 
     trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
     if ck_path is not None:
@@ -325,7 +389,7 @@ def run_job(spec: JobSpec) -> int:
     last = trainer  # the trainer of the last phase measures the held-out loss after training
     if spec.scale_steps > 0:
         if "e2e" not in evals:
-            evals["e2e"] = ppl(student, f"{rc.num_paths}-bit distilled (before the scale-only phase)")
+            evals["e2e"] = scorer.stage(student, f"{rc.num_paths}-bit distilled (before the scale-only phase)")
             atomic_write_json(evals_path, evals)
         scales = Trainer(teacher, student, train, spec.scale_train_config(autocast), out / "scales",
                          progress=progress)
@@ -338,7 +402,7 @@ def run_job(spec: JobSpec) -> int:
     val_after = last.evaluate(val_rows) if val_rows is not None else None
     last.teacher_run = None  # free the bf16 teacher copy before evaluation
 
-    final = ppl(student, f"{rc.num_paths}-bit distilled")
+    final, evals["final_stage"] = scorer.full(student, f"{rc.num_paths}-bit distilled")
     _say(f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
     _out_of_domain(spec, teacher, student, tok, evals, progress, bos)
     atomic_write_json(evals_path, evals)

@@ -106,8 +106,7 @@ def run_quantize(spec: JobSpec) -> int:
 
 def _run_quantize(spec: JobSpec, env) -> int:
     from .. import run_folder
-    from ..data import calibration_batch, eval_tokens, tokenizer_fingerprint, training_sequences
-    from ..eval.perplexity import perplexity
+    from ..data import calibration_batch, eval_tokens, training_sequences
     from ..models import load_model, resolve_model_path
     from ..train.checkpoint import atomic_write_json, read_json
     from ..train.distributed import DistConfig, DistributedTrainer
@@ -154,7 +153,9 @@ def _run_quantize(spec: JobSpec, env) -> int:
         _say0(env, f"training on {env.world_size} process(es) ({env.backend}): {tcfg.steps} steps x "
                    f"{spec.tokens_per_step} tokens = {tcfg.steps * spec.tokens_per_step:,} tokens "
                    f"({spec.split_description(env.world_size)}), bf16 autocast {'on' if autocast else 'off'}, "
-                   f"mode {rc.mode}, k={rc.num_paths}, teacher {dcfg.teacher}, Muon {dcfg.muon}")
+                   f"mode {rc.mode}, k={rc.num_paths}, "
+                   f"{'latents and scales' if tcfg.train_latents else 'scales and norms (latents frozen)'} train, "
+                   f"teacher {dcfg.teacher}, Muon {dcfg.muon}")
         return {"tcfg": tcfg, "ck": str(ck[1]) if ck else None, "hf_config": teacher.config,
                 "dtype": next(teacher.parameters()).dtype, "autocast": autocast,
                 "bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}}
@@ -163,11 +164,9 @@ def _run_quantize(spec: JobSpec, env) -> int:
     tcfg, ck = info["tcfg"], info["ck"]
     eval_desc = ev.description() + (", BOS-prefixed" if info["bos"]["eval"]["use"] and not ev.bos else "")
 
-    def ppl(model, what):
-        tok = local["tok"]
-        _say0(env, f"perplexity of the {what} model on {eval_desc} ...")
-        return perplexity(model, local["eval_stream"], ev.seq_len, info["bos"]["eval"]["token_id"],
-                          ev.windows or None, progress=progress)
+    def scorer():  # rank 0 only: it holds the evaluation stream
+        return single.JobPerplexity(spec, local["eval_stream"], info["bos"]["eval"]["token_id"], eval_desc,
+                                    progress, say=lambda msg: _say0(env, msg))
 
     # ---- stage 2 (rank 0): FP perplexity, calibration + initialization (others: the meta architecture)
     def stage2():
@@ -179,11 +178,11 @@ def _run_quantize(spec: JobSpec, env) -> int:
                 evals = read_json(evals_path, "evaluation record")
             except CheckpointError:
                 evals = {}
+        score = scorer()
+        # a run resumed from before stage windows existed scored its stages on all windows
+        evals.setdefault("stage_windows", None if ("init" in evals or "blocks" in evals) else score.stage_windows)
         if "fp" not in evals:
-            key = {"model": single._model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
-                   "corpus": ev.data, "seq_len": ev.seq_len, "windows": ev.windows,
-                   "bos": info["bos"]["eval"]["token_id"], "dtype": "float32"}
-            evals["fp"], hit = single._fp_ppl_cached(teacher, key, lambda: ppl(teacher, "full-precision"))
+            evals["fp"], evals["fp_stage"], hit = score.fp(teacher, tok)
             _say0(env, f"full precision: perplexity {evals['fp']:.3f}" + (" (cached)" if hit else ""))
         if ck is not None:
             student = make_student(teacher, rc, initialize=False)  # filled from the checkpoint
@@ -198,10 +197,10 @@ def _run_quantize(spec: JobSpec, env) -> int:
                                                                         progress, rs.init_cache)
             evals["init_seconds"] = time.time() - t0
             if not ev.skip_init and "init" not in evals:
-                evals["init"] = ppl(student, f"{rc.num_paths}-bit initialized")
+                evals["init"] = score.stage(student, f"{rc.num_paths}-bit initialized")
                 _say0(env, f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
             if spec.block_stage:  # on rank 0 only, before the student is sharded
-                single._block_stage(spec, teacher, student, tok, out, evals, ppl, progress, info["bos"]["train"]["use"])
+                single._block_stage(spec, teacher, student, tok, out, evals, score.stage, progress, info["bos"]["train"]["use"])
         atomic_write_json(evals_path, evals)
         local.update(student=student, evals=evals)
         return True
@@ -254,7 +253,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
                            f"unexpected {unexpected[:5]}")
     del full
     final_student.to(env.device).eval()
-    final = ppl(final_student, f"{rc.num_paths}-bit distilled")
+    final, evals["final_stage"] = scorer().full(final_student, f"{rc.num_paths}-bit distilled")
     _say0(env, f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
     memory = {"peak_bytes_per_rank": [r["peak_bytes"] for r in mem["ranks"]],
               "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]}

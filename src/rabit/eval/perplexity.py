@@ -7,7 +7,6 @@ import torch
 from tqdm.auto import tqdm
 
 
-@torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: int | None = None,
                max_windows: int | None = None, batch_size: int = 1, progress: bool = False,
                autocast_dtype: torch.dtype | None = None) -> float:
@@ -17,6 +16,24 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: i
     window is prefixed by BOS (then every token of the window is scored), which some models (Llama 2, Gemma) expect.
     max_windows limits the evaluation to the first windows, for quick checks.
     """
+    nll, count = window_nlls(model, tokens, seq_len, bos_token_id, max_windows, batch_size, progress, autocast_dtype)
+    return perplexity_of(nll, count)
+
+
+def perplexity_of(nll: list[float], count: list[int], windows: int | None = None) -> float:
+    """exp(mean NLL) of the first `windows` windows (all if None) of window_nlls' result: the perplexity of
+    fewer windows comes free with a longer evaluation."""
+    n = len(nll) if windows is None else min(windows, len(nll))
+    if n < 1:
+        raise ValueError("no windows to take the perplexity of")
+    return math.exp(sum(nll[:n]) / sum(count[:n]))
+
+
+@torch.no_grad()
+def window_nlls(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: int | None = None,
+                max_windows: int | None = None, batch_size: int = 1, progress: bool = False,
+                autocast_dtype: torch.dtype | None = None) -> tuple[list[float], list[int]]:
+    """Summed next-token NLL and scored-token count of each window, in corpus order (see perplexity)."""
     if tokens.ndim != 1:
         raise ValueError(f"expected a 1-D token stream, got shape {tuple(tokens.shape)}")
     if seq_len < 2:
@@ -32,7 +49,8 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll_sum, count = 0.0, 0
+    nll_sums: list[float] = []
+    counts: list[int] = []
     try:
         for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
             batch = batch.to(device)
@@ -45,9 +63,9 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: i
             pred = logits[:, :-1].float()
             target = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
-                                                    reduction="sum")
-            nll_sum += nll.item()
-            count += target.numel()
+                                                    reduction="none").view(target.shape).sum(1)
+            nll_sums += [float(v) for v in nll]
+            counts += [target.shape[1]] * target.shape[0]
     finally:
         model.train(was_training)
-    return math.exp(nll_sum / count)
+    return nll_sums, counts

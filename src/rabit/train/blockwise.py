@@ -143,6 +143,7 @@ class BlockReconstruction:
         if len(self.t_layers) != len(self.s_layers):
             raise ValueError("teacher and student have different numbers of decoder blocks")
         self.records: list[BlockRecord] = []
+        self._adds_cache: dict[tuple[str, str], bool] = {}
 
     # ------------------------------------------------------------------------------------ resume state
     def _progress_path(self) -> Path | None:
@@ -208,20 +209,50 @@ class BlockReconstruction:
         return ActivationStore(shape, where / f"{name}.f32")
 
     def _forward_all(self, layer, kw, src: ActivationStore, dst: ActivationStore | None,
-                     target: ActivationStore | None = None, cov: LayerCovariance | None = None) -> float:
-        """dst[j] = layer(src[j]) for every batch; returns the mean block loss against target (if given)."""
+                     target: ActivationStore | None = None, cov: LayerCovariance | None = None,
+                     inputs: dict[str, list[torch.Tensor]] | None = None, input_rows: int = 0) -> float:
+        """dst[j] = layer(src[j]) for every batch; returns the mean block loss against target (if given).
+        With `inputs` ({layer name: []}), the named layers' inputs of the batches within the first input_rows
+        rows are appended to it as (tokens, in) fp32 (one copy for layers fed the same tensor), so that the
+        refinement needs no second pass for them."""
         bs = self.cfg.batch_size
         total = 0.0
-        for j in range(0, self.cfg.samples, bs):
-            if cov is not None:
-                cov.enabled = j < self.cfg.refine_samples
-                cov.next_batch()
-            out = layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
-            if target is not None:
-                total += float(block_loss(out, target.data[j:j + bs].to(self.device), self.cfg.loss))
-            if dst is not None:
-                dst.data[j:j + bs] = out.cpu()
+        batch_inputs: dict[int, tuple] = {}
+        capturing = {"on": False}
+
+        def make(name):
+            def pre(module, args):
+                if capturing["on"]:
+                    x = args[0]
+                    hit = batch_inputs.get(id(x))
+                    if hit is None:  # the tensor is kept in the entry so that its id cannot be reused meanwhile
+                        hit = batch_inputs[id(x)] = (x, x.detach().reshape(-1, x.shape[-1]).float())
+                    inputs[name].append(hit[1])
+            return pre
+
+        handles = [layer.get_submodule(n).register_forward_pre_hook(make(n)) for n in (inputs or {})]
+        try:
+            for j in range(0, self.cfg.samples, bs):
+                if cov is not None:
+                    cov.enabled = j < self.cfg.refine_samples
+                    cov.next_batch()
+                batch_inputs.clear()
+                capturing["on"] = j + bs <= input_rows
+                out = layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
+                if target is not None:
+                    total += float(block_loss(out, target.data[j:j + bs].to(self.device), self.cfg.loss))
+                if dst is not None:
+                    dst.data[j:j + bs] = out.cpu()
+        finally:
+            for h in handles:
+                h.remove()
         return total / (self.cfg.samples // bs)
+
+    def _refine_rows(self) -> int:
+        """The rows the sequential refinement uses: whole batches (the captured keyword arguments, e.g. attention
+        masks, are shaped for batch_size rows) covering refine_samples, at most all samples."""
+        bs = self.cfg.batch_size
+        return min(-(-self.cfg.refine_samples // bs) * bs, self.cfg.samples)
 
     def _refine_layer(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor, preferred: torch.Tensor) -> float:
         """Refine one layer's paths towards w in the metric H; returns output error after / before."""
@@ -236,30 +267,24 @@ class BlockReconstruction:
         return errors[-1] / errors[0] if errors[0] > 0 else 1.0
 
     @torch.no_grad()
-    def _refine_sequential(self, i: int, kw: dict, x_fp: ActivationStore, x_q: ActivationStore,
-                           y_fp: ActivationStore) -> list[float]:
+    def _refine_sequential(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore,
+                           fp_inputs: dict[str, list[torch.Tensor]]) -> list[float]:
         """GPTQ-order refinement of block i: each group of layers fed one tensor (q/k/v, then o, gate/up, down)
         is refined on the inputs the student block gives it now (quantized prefix, earlier groups already
-        refined); with refine_inputs == "corrected" its target is the teacher's output on the FP inputs."""
+        refined); with refine_inputs == "corrected" its target is the teacher's output on the FP inputs
+        (fp_inputs: the teacher block's layer inputs per batch of the refinement rows, captured by run())."""
         cfg = self.cfg
         t_block, s_block = self.t_layers[i], self.s_layers[i]
         layers = _rabit_modules(s_block)
         names = list(layers)
-        # whole batches only: the captured keyword arguments (attention masks) are shaped for batch_size rows
         bs = cfg.batch_size
-        n = min(-(-cfg.refine_samples // bs) * bs, cfg.samples)
-        batches = [(j, j + bs) for j in range(0, n, bs)]
-        fp_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        batches = [(j, j + bs) for j in range(0, self._refine_rows(), bs)]
         corrected = cfg.refine_inputs in ("corrected", "block")
-        if corrected:
-            for j0, j1 in batches:
-                run_capturing(t_block, kw, x_fp.data[j0:j1].to(self.device), names,
-                               lambda name, x2: fp_inputs[name].append(x2))
         ratios = []
         groups = layer_groups(s_block, kw, x_q.data[0:bs].to(self.device), names)
         for g, group in enumerate(groups):
             if (cfg.refine_inputs == "block" and g == len(groups) - 1 and len(group) == 1
-                    and _adds_to_output(s_block, kw, x_q.data[0:bs].to(self.device), group[0])):
+                    and self._adds_to_output(s_block, kw, x_q.data[0:bs].to(self.device), group[0])):
                 ratios.append(self._refine_to_block_output(t_block, s_block, kw, group[0], x_q, y_fp, batches))
                 continue
             H = C = None
@@ -278,6 +303,13 @@ class BlockReconstruction:
                 ratios.append(self._refine_layer(layers[name], target, H, preferred=target))
                 fp_inputs.pop(name, None)
         return ratios
+
+    def _adds_to_output(self, block: nn.Module, kw: dict, x: torch.Tensor, name: str) -> bool:
+        """_adds_to_output, checked once per block class and layer name (two block passes each time)."""
+        key = (type(block).__qualname__, name)
+        if key not in self._adds_cache:
+            self._adds_cache[key] = _adds_to_output(block, kw, x, name)
+        return self._adds_cache[key]
 
     @torch.no_grad()
     def _refine_to_block_output(self, t_block, s_block, kw, name: str, x_q: ActivationStore, y_fp: ActivationStore,
@@ -397,17 +429,21 @@ class BlockReconstruction:
                 refine = cfg.refine_rounds > 0 and cfg.refine_samples > 0
                 fp_metric = refine and cfg.refine_inputs == "fp"
                 cov = LayerCovariance(self.t_layers[i], list(_rabit_modules(self.s_layers[i]))) if fp_metric else None
+                # the corrected targets need the teacher block's layer inputs: captured in its pass
+                fp_inputs = ({name: [] for name in _rabit_modules(self.s_layers[i])}
+                             if refine and cfg.refine_inputs in ("corrected", "block") else None)
                 with torch.no_grad():
                     try:
-                        self._forward_all(self.t_layers[i], kw, x_fp, y_fp, cov=cov)
+                        self._forward_all(self.t_layers[i], kw, x_fp, y_fp, cov=cov, inputs=fp_inputs,
+                                          input_rows=self._refine_rows())
                     finally:
                         if cov is not None:
                             cov.remove()
                 if fp_metric:
                     ratios = self._refine(i, cov)
                 else:
-                    ratios = self._refine_sequential(i, kw, x_fp, x_q, y_fp) if refine else []
-                del cov
+                    ratios = self._refine_sequential(i, kw, x_q, y_fp, fp_inputs or {}) if refine else []
+                del cov, fp_inputs
                 steps = 0
                 if cfg.epochs > 0:
                     with torch.no_grad():

@@ -57,25 +57,35 @@ def _fmt(v, spec=".2f"):
 def summary_markdown(s: dict) -> str:
     """A short Markdown table from the summary dict the quantize command builds."""
     ev = s.get("eval", {})
-    lines = [f"RaBiT {s.get('num_paths', 2)}-bit ({s.get('mode')}) of {s.get('model')}", "",
-             f"Perplexity: {ev.get('description', '')}", "",
-             "| model | perplexity | stage time |", "|---|---|---|"]
     k = s.get("num_paths", 2)
     st = s.get("stages") or {}
+    sw = ev.get("stage_windows")  # intermediate stages scored on the first sw windows only (None: on all)
+    lines = [f"RaBiT {k}-bit ({s.get('mode')}) of {s.get('model')}", "",
+             f"Perplexity: {ev.get('description', '')}"
+             + (f"; the intermediate stages on the first {sw} of them" if sw else ""), ""]
+    if sw:
+        lines += [f"| model | perplexity | first {sw} windows | stage time |", "|---|---|---|---|"]
+    else:
+        lines += ["| model | perplexity | stage time |", "|---|---|---|"]
 
     def secs(key):
         return f"{_fmt(st.get(key), '.0f')} s" if st.get(key) is not None else "-"
 
-    lines.append(f"| full precision (fp32) | {_fmt(ev.get('fp'))} | |")
+    def row(what, full, stage, time_key):
+        cells = [what] + ([_fmt(full), _fmt(stage)] if sw else [_fmt(stage if full is None else full)])
+        return "| " + " | ".join(cells + [secs(time_key) if time_key else ""]) + " |"
+
+    lines.append(row("full precision (fp32)", ev.get("fp"), ev.get("fp_stage"), None))
     if ev.get("init") is not None:
-        lines.append(f"| {k}-bit after initialization (no training) | {_fmt(ev.get('init'))} | {secs('init_seconds')} |")
+        lines.append(row(f"{k}-bit after initialization (no training)", None, ev.get("init"), "init_seconds"))
     if ev.get("blocks") is not None:
-        lines.append(f"| {k}-bit after the block-wise stage | {_fmt(ev.get('blocks'))} | {secs('blocks_seconds')} |")
+        lines.append(row(f"{k}-bit after the block-wise stage", None, ev.get("blocks"), "blocks_seconds"))
     if ev.get("e2e") is not None:
-        lines.append(f"| {k}-bit after end-to-end distillation | {_fmt(ev.get('e2e'))} | {secs('e2e_seconds')} |")
-        lines.append(f"| {k}-bit after the scale-only phase | {_fmt(ev.get('final'))} | {secs('scale_seconds')} |")
+        lines.append(row(f"{k}-bit after end-to-end distillation", None, ev.get("e2e"), "e2e_seconds"))
+        lines.append(row(f"{k}-bit after the scale-only phase", ev.get("final"), ev.get("final_stage"),
+                         "scale_seconds"))
     else:
-        lines.append(f"| {k}-bit after distillation | {_fmt(ev.get('final'))} | {secs('e2e_seconds')} |")
+        lines.append(row(f"{k}-bit after distillation", ev.get("final"), ev.get("final_stage"), "e2e_seconds"))
     ood = ev.get("ood")
     if ood:
         lines += ["", f"Out of domain: {ood.get('description')}", "", "| model | perplexity |", "|---|---|",

@@ -47,7 +47,7 @@ class BlockConfig:
     # Defaults are `rabit quantize`'s (sized for ~15 minutes on 2 CPU cores, docs/RESULTS.md section 7): the
     # closed-form refinement only. Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
     # Block-AP) costs about as much as end-to-end training on samples x seq_len x epochs tokens.
-    samples: int = 16             # calibration sequences the blocks are reconstructed on
+    samples: int = 32             # calibration sequences the blocks are reconstructed on
     seq_len: int = 512
     epochs: int = 0               # passes over the samples per block; 0 = closed-form refinement only
     batch_size: int = 4
@@ -56,7 +56,10 @@ class BlockConfig:
     min_lr_ratio: float = 0.0     # cosine floor of each block's schedule
     loss: str = "relative"        # per-token ||s - t||^2 / ||t||^2 (robust to massive activations) or "mse"
     refine_rounds: int = 1        # rounds of output-aware refinement before training (0: none)
-    refine_samples: int = 16      # sequences whose activations form H for the refinement
+    # sequences whose activations form H for the refinement: 32 x 512 tokens took the default model from 246.7 to
+    # 126.9 before any training where 16 x 512 overfitted them (a 1536-input layer fitted on 8,192 tokens; docs/
+    # RESULTS.md section 13); more is likely better still and costs block-stage time roughly in proportion
+    refine_samples: int = 32
     # whose inputs the refinement fits on: "fp" (H of the full-precision block's inputs, target W x),
     # "quantized" (GPTQ's sequential rule: H of the student's own inputs, from the quantized prefix and the
     # block's already-refined layers, target W x~) or "corrected" (the same H, target the teacher's W x on

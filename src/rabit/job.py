@@ -115,7 +115,8 @@ class JobSpec:
     model: str = DEFAULT_MODEL
     # end-to-end token budget (steps = tokens // tokens per step): 20 steps. After the block stage's refinement it
     # reached perplexity 76.4 where 16,384 tokens reached 164 (docs/RESULTS.md section 10). The whole job with
-    # frozen latents: 21 minutes on 2 idle AVX2 cores without native bf16 (section 13), less with bf16 AMX.
+    # frozen latents: 21 minutes on 2 idle AVX2 cores without native bf16 with 16 refinement rows (section 13),
+    # ~3 minutes more with today's 32; less with bf16 AMX.
     tokens: int = 40_960
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the

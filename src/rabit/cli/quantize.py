@@ -92,6 +92,11 @@ class JobPerplexity:
         # None: the stages are scored like the final model (stage_windows 0, or not fewer than the final windows)
         self.stage_windows = ev.stage_windows if 0 < ev.stage_windows < total else None
 
+    def record_windows(self, evals: dict) -> None:
+        """Note in evals the windows its stages are scored on; a run resumed from before stage windows existed
+        scored them on all windows."""
+        evals.setdefault("stage_windows", None if ("init" in evals or "blocks" in evals) else self.stage_windows)
+
     def _nlls(self, model, what: str, windows: int | None):
         from ..eval.perplexity import window_nlls
 
@@ -346,8 +351,7 @@ def run_job(spec: JobSpec) -> int:
             _say(f"({e}; measuring again)")
             evals = {}
 
-    # a run resumed from before stage windows existed scored its stages on all windows
-    evals.setdefault("stage_windows", None if ("init" in evals or "blocks" in evals) else scorer.stage_windows)
+    scorer.record_windows(evals)
     if "fp" not in evals:
         t0 = time.time()
         evals["fp"], evals["fp_stage"], hit = scorer.fp(teacher, tok)

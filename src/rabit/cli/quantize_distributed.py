@@ -179,8 +179,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
             except CheckpointError:
                 evals = {}
         score = scorer()
-        # a run resumed from before stage windows existed scored its stages on all windows
-        evals.setdefault("stage_windows", None if ("init" in evals or "blocks" in evals) else score.stage_windows)
+        score.record_windows(evals)
         if "fp" not in evals:
             evals["fp"], evals["fp_stage"], hit = score.fp(teacher, tok)
             _say0(env, f"full precision: perplexity {evals['fp']:.3f}" + (" (cached)" if hit else ""))

@@ -121,6 +121,15 @@ class LayerCovariance:
             h.remove()
 
 
+def flat_input(cache: dict[int, tuple], x: torch.Tensor) -> torch.Tensor:
+    """x as (tokens, in) fp32, one copy per tensor for the layers fed the same input (q/k/v, gate/up). The cache
+    keeps x itself alive in the entry, so that its id cannot be reused by another tensor meanwhile."""
+    hit = cache.get(id(x))
+    if hit is None:
+        hit = cache[id(x)] = (x, x.detach().reshape(-1, x.shape[-1]).float())
+    return hit[1]
+
+
 def run_capturing(block: nn.Module, kw: dict, x: torch.Tensor, names: list[str], on_input) -> None:
     """block(x, **kw) with forward pre-hooks on the named layers: on_input(name, x2d) for each call (x2d the
     layer's input as (tokens, in) fp32, one copy for layers fed the same tensor). The pass stops as soon as
@@ -130,11 +139,7 @@ def run_capturing(block: nn.Module, kw: dict, x: torch.Tensor, names: list[str],
 
     def make(name):
         def pre(module, args):
-            inp = args[0]
-            hit = flat.get(id(inp))
-            if hit is None:   # the tensor is kept in the entry so that its id cannot be reused meanwhile
-                hit = flat[id(inp)] = (inp, inp.detach().reshape(-1, inp.shape[-1]).float())
-            on_input(name, hit[1])
+            on_input(name, flat_input(flat, args[0]))
             seen.add(name)
             if len(seen) == len(names):
                 raise _Stop

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from ..layer import RaBiTLinear
 from ..ops.refine import corrected_target, coupled_latent, output_target, refine_paths
-from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, layer_groups, layer_output,
-                          run_capturing, to_device)
+from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, flat_input, layer_groups,
+                          layer_output, run_capturing, to_device)
 from .losses import autocast_context, decoder_layers
 from .optim import OptimConfig, Optimizers, prepare_student, split_parameters
 
@@ -226,11 +226,7 @@ class BlockReconstruction:
         def make(name):
             def pre(module, args):
                 if capturing["on"]:
-                    x = args[0]
-                    hit = batch_inputs.get(id(x))
-                    if hit is None:  # the tensor is kept in the entry so that its id cannot be reused meanwhile
-                        hit = batch_inputs[id(x)] = (x, x.detach().reshape(-1, x.shape[-1]).float())
-                    inputs[name].append(hit[1])
+                    inputs[name].append(flat_input(batch_inputs, args[0]))
             return pre
 
         handles = [layer.get_submodule(n).register_forward_pre_hook(make(n)) for n in (inputs or {})]

@@ -97,6 +97,9 @@ def test_output_target_fits_arbitrary_targets_and_keeps_the_reference_when_it_fi
     torch.testing.assert_close(output_target(w, x.T @ x, t.T @ x, damp=0.0), best, rtol=1e-4, atol=1e-4)
     # targets the reference already produces: W itself, even with damping
     torch.testing.assert_close(output_target(w, x.T @ x, (x @ w.T).T @ x), w, rtol=1e-5, atol=1e-5)
+    # the damping (BlockConfig.target_damp) moves the target from the least-squares fit towards W, monotonically
+    dist = [float((output_target(w, x.T @ x, t.T @ x, damp=d) - w).norm()) for d in (0.01, 0.1, 1.0, 100.0)]
+    assert dist[0] > dist[1] > dist[2] > dist[3] and dist[3] < 0.05 * dist[0]
 
 
 def test_only_blocks_that_add_the_last_layer_to_their_output_take_the_block_target():
@@ -191,6 +194,9 @@ def test_bad_settings_are_refused():
         BlockConfig(loss="l1").validate()
     with pytest.raises(ValueError, match="refine_inputs"):
         BlockConfig(refine_inputs="teacher").validate()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="target_damp"):
+            BlockConfig(target_damp=bad).validate()
     teacher, student, calib = setup(layers=1)
     with pytest.raises(ValueError, match="calibration"):
         BlockReconstruction(teacher, student, calib[:2], cfg(), progress=False)
@@ -264,6 +270,9 @@ def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, 
     assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "1", "--scale-tokens", "64",
                                                "--resume")]) == 2
     assert "blocks.epochs" in capsys.readouterr().err
+    assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64",
+                                               "--refine-damp", "0.5", "--resume")]) == 2
+    assert "blocks.target_damp" in capsys.readouterr().err
 
 
 def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ consecutive values of a row, with one fp16 scale per group, stores it in bits + 
 * ``QuantizedEmbedding``: the lookup dequantizes only the rows it gathers (keeps Gemma's embedding scaling).
 * ``QuantizedTiedHead``: an output head tied to a QuantizedEmbedding (no storage of its own).
 * ``QuantizedLinear``: an untied output head (dequantized on the fly, in chunks of rows).
+* Both heads run ``rabit.kernels.groupwise_linear`` (a native kernel over the codes) for decoding-sized inputs.
 * ``quantize_embeddings_``: converts a model in place; ``build_skeleton_`` rebuilds the modules on load from the
   ``embedding_quant`` entry of the quantization_config.
 """
@@ -141,6 +142,12 @@ class QuantizedEmbedding(_GroupQuantized):
 
 
 def _chunked_linear(x: torch.Tensor, layer: _GroupQuantized, bias: torch.Tensor | None) -> torch.Tensor:
+    from .kernels import groupwise_linear   # the kernels import this module's math: import at use
+
+    # decoding: the native kernel reads the codes once, never materializing the dequantized table
+    y = groupwise_linear(x, layer.qweight, layer.scales, layer.bits, layer.group_size, bias)
+    if y is not None:
+        return y
     rows = layer.qweight.shape[0]
     chunk = _DECODE_CHUNK_ROWS if x.numel() // x.shape[-1] <= _DECODE_MAX_INPUT_ROWS else _HEAD_CHUNK_ROWS
     outs = [F.linear(x, layer.dequantized(slice(i, i + chunk)).to(x.dtype)) for i in range(0, rows, chunk)]

@@ -104,6 +104,9 @@ _OPTIONS = [
            "(GPTQ-style signs + least-squares scales) per layer (0: none)", type=int),
     Option("--refine-samples", "blocks.refine_samples", "block-wise stage", "sequences whose activations form the "
            "refinement's output metric", type=int),
+    Option("--refine-damp", "blocks.target_damp", "block-wise stage", "ridge of the refinement's least-squares "
+           "targets, relative to the mean input energy (larger: targets nearer the original weight, less fitted to "
+           "the calibration tokens)", type=float),
     Option("--refine-inputs", "blocks.refine_inputs", "block-wise stage", "inputs and targets of the refinement: "
            "block (the student's own inputs, targets the teacher's outputs, and the block's last layer the "
            "teacher block's output), corrected (the same without that last-layer rule), quantized (the "

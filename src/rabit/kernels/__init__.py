@@ -16,12 +16,17 @@ available, "cpu" for CPU tensors when the native library builds, and "reference"
 warning when an accelerated backend was expected but is unavailable).  Gradients: when autograd would need to
 flow through the call, "auto" uses the reference; an explicitly chosen fast backend computes the forward and the
 reference's formula gives the gradients.
+
+The group-quantized linear of a quantized embedding's output head (``--embed-bits``) has its own entry,
+``groupwise_linear``: the native kernel ``groupwise_cpu`` for decoding-sized CPU inputs, tested against
+``groupwise_linear_reference``.
 """
 from __future__ import annotations
 
 from .dispatch import (BACKENDS, ENV_VAR, OP_NAME, available_backends, backend_available, dense_weight,
-                       rabit_linear, select_backend)
-from .reference import dense_weight_reference, rabit_linear_reference
+                       groupwise_linear, rabit_linear, select_backend)
+from .reference import dense_weight_reference, groupwise_linear_reference, rabit_linear_reference
 
 __all__ = ["BACKENDS", "ENV_VAR", "OP_NAME", "available_backends", "backend_available", "select_backend",
-           "rabit_linear", "dense_weight", "rabit_linear_reference", "dense_weight_reference"]
+           "rabit_linear", "dense_weight", "rabit_linear_reference", "dense_weight_reference", "groupwise_linear",
+           "groupwise_linear_reference"]

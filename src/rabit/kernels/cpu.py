@@ -1,6 +1,5 @@
-"""Native CPU backend: builds ``rabit/csrc/rabit_cpu.c`` with the system C compiler on first use (cached under
-``rabit.paths.cache_root()/kernels/<hash>/``, i.e. ``~/.cache/rabit/kernels`` or ``$RABIT_CACHE/kernels``) and
-calls it through ctypes.
+"""Native CPU backend: builds ``rabit/csrc/rabit_cpu.c`` with the system C compiler on first use (``native_build``:
+cached under ``rabit.paths.cache_root()/kernels/<hash>/``) and calls it through ctypes.
 
 The library has AVX-512, AVX2 and scalar code paths chosen at run time (``isa()``); threads come from OpenMP
 (the same libgomp torch uses), ``torch.get_num_threads()`` of them by default. When the compiler cannot build
@@ -9,32 +8,23 @@ with OpenMP the kernel is built without it, single-threaded, and a warning says 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-import warnings
 import weakref
 from pathlib import Path
 
 import torch
 
-from ..paths import cache_root
 from ..sign_bits import packed_shape
+from . import native_build
 
 _SRC = Path(__file__).resolve().parent.parent / "csrc" / "rabit_cpu.c"
-_BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off"]
+_BASE_FLAGS = native_build.BASE_FLAGS
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ISA_NAMES = {0: "auto", 1: "scalar", 2: "avx2", 3: "avx512", 4: "avx512vbmi"}
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512vbmi": 4}
 
-_lock = threading.Lock()
 _lib = None
-_error: str | None = None
 
 
 class _GemmArgs(ctypes.Structure):
@@ -44,66 +34,11 @@ class _GemmArgs(ctypes.Structure):
 
 
 def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "gcc", "cc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
-
-
-def _compile(cc: str, flags: list[str], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *flags, str(_SRC), "-o", tmp, "-lm"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}")
-        os.replace(tmp, out)   # atomic: concurrent builders never see a half-written library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _first_error_line(message: str) -> str:
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    errs = [ln for ln in lines if "error" in ln.lower()]
-    return (errs or lines or ["unknown error"])[0][:300]
+    return native_build.compiler()
 
 
 def _build_and_load():
-    src = _SRC.read_bytes()
-    errors = []
-    omp_error = "the library did not load"
-    cc = _compiler()
-    for extra in (["-fopenmp"], []):      # retry without OpenMP (single-threaded) if it is missing
-        flags = _BASE_FLAGS + extra
-        key = hashlib.sha256(src + repr((flags, sys.platform, platform.machine())).encode()).hexdigest()[:16]
-        roots = [cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rabit-kernels-{os.getuid()}"]
-        lib = None
-        for root in roots:                # fall back to /tmp when the cache dir is not writable
-            path = root / key / "librabit_cpu.so"
-            try:
-                if not path.exists():
-                    if cc is None:
-                        raise RuntimeError("no C compiler found (install gcc or set CC)")
-                    _compile(cc, flags, path)
-                lib = ctypes.CDLL(str(path))
-                break
-            except Exception as e:  # noqa: BLE001
-                errors.append(str(e))
-                if extra and not isinstance(e, OSError):
-                    omp_error = _first_error_line(str(e))
-                if cc is None or not isinstance(e, OSError):
-                    break                 # a compile error will not go away in another directory
-        if lib is not None:
-            break
-    else:
-        raise RuntimeError("\n".join(dict.fromkeys(errors)))
-    if not extra:
-        warnings.warn(f"the rabit CPU kernel was built without OpenMP ({omp_error}): it runs on one thread, so "
-                      "--threads / torch.set_num_threads do not speed it up; install OpenMP for your C compiler "
-                      "(e.g. libgomp) to fix", RuntimeWarning, stacklevel=2)
+    lib = native_build.build_library(_SRC, "librabit_cpu.so", _BASE_FLAGS, "the rabit CPU kernel")
     i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.rabit_gemm_args.restype = i32
     lib.rabit_gemm_args.argtypes = [ctypes.POINTER(_GemmArgs)]
@@ -119,34 +54,23 @@ def _build_and_load():
     return lib
 
 
+_library = native_build.LazyLibrary(_build_and_load, "rabit CPU kernel")
+
+
 def load():
     """The ctypes library, building it if needed. Raises RuntimeError if it cannot be built."""
-    global _lib, _error
-    if _lib is not None:
-        return _lib
-    if _error is not None:
-        raise RuntimeError(_error)
-    with _lock:
-        if _lib is None and _error is None:
-            try:
-                _lib = _build_and_load()
-            except Exception as e:  # noqa: BLE001
-                _error = f"rabit CPU kernel unavailable: {e}"
+    global _lib
     if _lib is None:
-        raise RuntimeError(_error)
+        _lib = _library.load()   # the module-level handle is the dispatch's cheap "already built" check
     return _lib
 
 
 def is_available() -> bool:
-    try:
-        load()
-        return True
-    except RuntimeError:
-        return False
+    return _library.is_available()
 
 
 def build_error() -> str | None:
-    return None if is_available() else _error
+    return None if is_available() else _library.error
 
 
 def isa() -> str:

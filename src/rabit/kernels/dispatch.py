@@ -17,7 +17,8 @@ import torch
 
 from ..errors import BackendUnavailable
 from . import cpu as _cpu
-from .reference import dense_weight_reference, rabit_linear_reference
+from . import groupwise_cpu as _groupwise_cpu
+from .reference import dense_weight_reference, groupwise_linear_reference, rabit_linear_reference
 
 BACKENDS = ("reference", "cpu", "triton")
 ENV_VAR = "RABIT_KERNEL_BACKEND"
@@ -192,3 +193,33 @@ def dense_weight(packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, dtype: 
     if packed.device.type == "cpu" and backend in (None, "auto", "cpu") and _cpu.is_available():
         return _cpu.dense_weight_cpu(packed, g, h).to(dtype)
     return dense_weight_reference(packed, g, h, dtype=dtype)
+
+
+# Up to this many input rows the group-quantized linear runs the native kernel (one pass over the codes per 4
+# rows); above it, blocks of dequantized rows and torch's GEMM are faster (prefill).
+GROUPWISE_KERNEL_MAX_ROWS = 8
+
+
+def groupwise_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                     bias: torch.Tensor | None = None, backend: str | None = "auto") -> torch.Tensor | None:
+    """y = x @ W^T + bias for a group-quantized W (``rabit.embedquant.quantize_groupwise``'s codes and fp16
+    scales), or None when no kernel applies and the caller should use its own dequantize-and-GEMM path.
+
+    backend: "auto" (the native CPU kernel for CPU inputs of at most GROUPWISE_KERNEL_MAX_ROWS rows that need no
+    gradient, when it builds), "cpu" (always the kernel; raises if unavailable) or "reference" (dequantize all).
+    """
+    backend = backend or "auto"
+    if backend == "reference":
+        return groupwise_linear_reference(x, codes, scales, bits, group_size, bias)
+    if backend == "cpu":
+        if not _groupwise_cpu.is_available():
+            raise BackendUnavailable(f"backend 'cpu' is unavailable: {_groupwise_cpu._library.error}")
+        return _groupwise_cpu.groupwise_linear_cpu(x, codes, scales, bits, group_size, bias)
+    if backend != "auto":
+        raise ValueError(f"unknown backend {backend!r} for the group-quantized linear; expected auto, cpu or "
+                         "reference")
+    rows = x.numel() // max(1, x.shape[-1])
+    if (not x.is_cpu or rows > GROUPWISE_KERNEL_MAX_ROWS or scales.dtype != torch.float16
+            or (torch.is_grad_enabled() and x.requires_grad) or not _groupwise_cpu.is_available()):
+        return None
+    return _groupwise_cpu.groupwise_linear_cpu(x, codes, scales, bits, group_size, bias)

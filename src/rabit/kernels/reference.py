@@ -33,3 +33,13 @@ def dense_weight_reference(packed: torch.Tensor, g: torch.Tensor, h: torch.Tenso
     for i in range(k):
         w += g[i].to(dtype)[:, None] * signs[i] * h[i].to(dtype)[None, :]
     return w
+
+
+def groupwise_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int,
+                               group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a group-quantized W (``rabit.embedquant`` layout), dequantized in full; in x.dtype."""
+    from ..embedquant import dequantize_groupwise   # embedquant calls the kernels: import at use
+
+    w = dequantize_groupwise(codes, scales, bits, group_size, torch.float32)
+    y = torch.nn.functional.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)

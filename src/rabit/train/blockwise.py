@@ -58,7 +58,7 @@ class BlockConfig:
     refine_rounds: int = 1        # rounds of output-aware refinement before training (0: none)
     # sequences whose activations form H for the refinement: 32 x 512 tokens took the default model from 246.7 to
     # 126.9 before any training where 16 x 512 overfitted them (a 1536-input layer fitted on 8,192 tokens; docs/
-    # RESULTS.md section 13); more is likely better still and costs block-stage time roughly in proportion
+    # RESULTS.md section 13); 64 x 512 gave 102.8 for +70% block-stage time (section 14)
     refine_samples: int = 32
     # whose inputs the refinement fits on: "fp" (H of the full-precision block's inputs, target W x),
     # "quantized" (GPTQ's sequential rule: H of the student's own inputs, from the quantized prefix and the
@@ -67,6 +67,11 @@ class BlockConfig:
     # ("corrected", and the block's last layer, where its output is added to the block's output, targets the
     # teacher block's output itself: it also takes up the error the residual stream carries)
     refine_inputs: str = "block"
+    # ridge of the least-squares targets ("corrected" / "block"), relative to mean(diag H): the target weight
+    # W + (T - W H)(H + damp I)^-1 fits the calibration tokens' outputs; a larger damp keeps it nearer W. On 32
+    # rows 0.1 gave 111.8 / 89.3 (in / out of domain) against 126.9 / 97.7 with 0.01 and 113.2 / 92.5 with 1.0;
+    # on 64 rows 0.1 and 0.01 tied (docs/RESULTS.md section 14)
+    target_damp: float = 0.1
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     autocast: bool | None = None  # bf16 autocast; None = where the device has native bf16
     max_memory_gb: float = 4.0    # above this the activations are memory-mapped files instead of tensors
@@ -90,6 +95,8 @@ class BlockConfig:
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"blocks.{name} must be a finite number >= 0, got {v}")
+        if not (self.target_damp > 0 and math.isfinite(self.target_damp)):
+            raise ValueError(f"blocks.target_damp must be a finite number > 0, got {self.target_damp}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"blocks.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not self.max_memory_gb > 0:
@@ -298,7 +305,7 @@ class BlockReconstruction:
                 run_capturing(s_block, kw, x_q.data[j0:j1].to(self.device), group[:1], accumulate)
             for name in group:
                 w = t_block.get_submodule(name).weight.detach().float()
-                target = corrected_target(w, H, C) if C is not None else w
+                target = corrected_target(w, H, C, cfg.target_damp) if C is not None else w
                 ratios.append(self._refine_layer(layers[name], target, H, preferred=target))
                 fp_inputs.pop(name, None)
         return ratios
@@ -340,7 +347,7 @@ class BlockReconstruction:
             H = m.T @ m if H is None else H + m.T @ m
             T = t.T @ m if T is None else T + t.T @ m
         w = t_block.get_submodule(name).weight.detach().float()
-        target = output_target(w, H, T)
+        target = output_target(w, H, T, self.cfg.target_damp)
         return self._refine_layer(layer, target, H, preferred=target)
 
     def _refine(self, i: int, cov: LayerCovariance) -> list[float]:

@@ -30,6 +30,7 @@ ap.add_argument("--block-samples", type=int, default=None, help="block training 
 ap.add_argument("--latent-lr", type=float, default=None, help="block training latent lr (0: scales and norms only)")
 ap.add_argument("--scale-lr", type=float, default=None, help="block training scale lr")
 ap.add_argument("--target-damp", type=float, default=None, help="ridge of the refinement targets (default: the job's)")
+ap.add_argument("--metric-damp", type=float, default=None, help="damping of the refinement's metric H (default: the job's)")
 ap.add_argument("--out", required=True, help="writes OUT.json and OUT.safetensors")
 args = ap.parse_args()
 
@@ -44,6 +45,7 @@ res = {"args": vars(args), "init_seconds": time.time() - t0, "init_cached": cach
 cfg = dataclasses.replace(spec.blocks, refine_inputs=args.inputs, refine_rounds=args.rounds,
                           refine_samples=args.samples, epochs=args.epochs,
                           target_damp=spec.blocks.target_damp if args.target_damp is None else args.target_damp,
+                          metric_damp=spec.blocks.metric_damp if args.metric_damp is None else args.metric_damp,
                           samples=max(args.samples, args.block_samples or spec.blocks.samples),
                           latent_lr=spec.blocks.latent_lr if args.latent_lr is None else args.latent_lr,
                           scale_lr=spec.blocks.scale_lr if args.scale_lr is None else args.scale_lr)

@@ -195,8 +195,9 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="refine_inputs"):
         BlockConfig(refine_inputs="teacher").validate()
     for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="target_damp"):
-            BlockConfig(target_damp=bad).validate()
+        for name in ("target_damp", "metric_damp"):
+            with pytest.raises(ValueError, match=name):
+                BlockConfig(**{name: bad}).validate()
     teacher, student, calib = setup(layers=1)
     with pytest.raises(ValueError, match="calibration"):
         BlockReconstruction(teacher, student, calib[:2], cfg(), progress=False)

@@ -17,7 +17,7 @@ NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version",
 ADDED_SETTINGS = {"train.hidden_loss": "mse", "train.train_latents": True, "train.optim.muon_ns_dtype": "auto",
                   "stages.blocks": None, "stages.scale_tokens": 0,
                   "stages.blocks.refine_inputs": "fp",   # runs before it existed refined on FP inputs
-                  "stages.blocks.target_damp": 0.01,
+                  "stages.blocks.target_damp": 0.01, "stages.blocks.metric_damp": 0.01,
                   "data.bos": False, "data.mix": "size"}
 
 

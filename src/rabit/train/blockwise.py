@@ -72,6 +72,8 @@ class BlockConfig:
     # rows 0.1 gave 111.8 / 89.3 (in / out of domain) against 126.9 / 97.7 with 0.01 and 113.2 / 92.5 with 1.0;
     # on 64 rows 0.1 and 0.01 tied (docs/RESULTS.md section 14)
     target_damp: float = 0.1
+    # damping of H itself in the refinement's output metric (signs and scales), relative to mean(diag H); GPTQ's 0.01
+    metric_damp: float = 0.01
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     autocast: bool | None = None  # bf16 autocast; None = where the device has native bf16
     max_memory_gb: float = 4.0    # above this the activations are memory-mapped files instead of tensors
@@ -95,8 +97,10 @@ class BlockConfig:
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"blocks.{name} must be a finite number >= 0, got {v}")
-        if not (self.target_damp > 0 and math.isfinite(self.target_damp)):
-            raise ValueError(f"blocks.target_damp must be a finite number > 0, got {self.target_damp}")
+        for name in ("target_damp", "metric_damp"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"blocks.{name} must be a finite number > 0, got {v}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"blocks.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not self.max_memory_gb > 0:
@@ -262,7 +266,8 @@ class BlockReconstruction:
 
     def _refine_layer(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor, preferred: torch.Tensor) -> float:
         """Refine one layer's paths towards w in the metric H; returns output error after / before."""
-        new, errors = refine_paths(w, layer.paths(), H, rounds=self.cfg.refine_rounds)
+        new, errors = refine_paths(w, layer.paths(), H, rounds=self.cfg.refine_rounds,
+                                   damp=self.cfg.metric_damp)
         if errors[-1] < errors[0]:
             layer.load_paths(new, preferred)
             if layer.mode == "coupled":

@@ -19,7 +19,6 @@ from ..sign_bits import packed_shape
 from . import native_build
 
 _SRC = Path(__file__).resolve().parent.parent / "csrc" / "rabit_cpu.c"
-_BASE_FLAGS = native_build.BASE_FLAGS
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ISA_NAMES = {0: "auto", 1: "scalar", 2: "avx2", 3: "avx512", 4: "avx512vbmi"}
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512vbmi": 4}
@@ -38,7 +37,7 @@ def _compiler() -> str | None:
 
 
 def _build_and_load():
-    lib = native_build.build_library(_SRC, "librabit_cpu.so", _BASE_FLAGS, "the rabit CPU kernel")
+    lib = native_build.build_library(_SRC, "librabit_cpu.so", native_build.BASE_FLAGS, "the rabit CPU kernel")
     i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.rabit_gemm_args.restype = i32
     lib.rabit_gemm_args.argtypes = [ctypes.POINTER(_GemmArgs)]
@@ -66,7 +65,11 @@ def load():
 
 
 def is_available() -> bool:
-    return _library.is_available()
+    """Whether the library builds; a successful check also sets the dispatch's "already built" handle."""
+    if not _library.is_available():
+        return False
+    load()
+    return True
 
 
 def build_error() -> str | None:

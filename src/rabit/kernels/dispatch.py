@@ -213,7 +213,7 @@ def groupwise_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
         return groupwise_linear_reference(x, codes, scales, bits, group_size, bias)
     if backend == "cpu":
         if not _groupwise_cpu.is_available():
-            raise BackendUnavailable(f"backend 'cpu' is unavailable: {_groupwise_cpu._library.error}")
+            raise BackendUnavailable(f"backend 'cpu' is unavailable: {_groupwise_cpu.build_error()}")
         return _groupwise_cpu.groupwise_linear_cpu(x, codes, scales, bits, group_size, bias)
     if backend != "auto":
         raise ValueError(f"unknown backend {backend!r} for the group-quantized linear; expected auto, cpu or "

@@ -34,6 +34,10 @@ def is_available() -> bool:
     return _library.is_available()
 
 
+def build_error() -> str | None:
+    return None if is_available() else _library.error
+
+
 def isa() -> str:
     return ISA_NAMES[_library.load().gq_cpu_isa()]
 

@@ -31,6 +31,7 @@ ap.add_argument("--mix", default=spec.data.mix, help="size or equal (rabit.data.
 ap.add_argument("--latent-lr", type=float, default=o.latent_lr)
 ap.add_argument("--scale-lr", type=float, default=o.scale_lr)
 ap.add_argument("--grad-accum", type=int, default=t.grad_accum)
+ap.add_argument("--seq-len", type=int, default=spec.data.seq_len, help="training sequence length")
 ap.add_argument("--gamma", type=float, default=t.gamma)
 ap.add_argument("--mode", default=spec.rabit.mode)
 ap.add_argument("--seed", type=int, default=0)
@@ -42,7 +43,7 @@ teacher, tok = load_model(spec.model)
 teacher.eval()
 student = make_student(teacher, dataclasses.replace(spec.rabit, mode=args.mode), initialize=False)
 load_safetensors(student, args.state)
-train, _ = training_sequences(tok, args.data.split(","), spec.data.seq_len, val_fraction=spec.data.val_fraction,
+train, _ = training_sequences(tok, args.data.split(","), args.seq_len, val_fraction=spec.data.val_fraction,
                               seed=args.seed, mix=args.mix)
 
 

@@ -21,7 +21,8 @@ from rabit.train.blockwise import REFINE_INPUTS, BlockReconstruction
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--inputs", choices=REFINE_INPUTS, default="corrected")
 ap.add_argument("--rounds", type=int, default=1)
-ap.add_argument("--samples", type=int, default=16, help="refinement sequences (of 512 tokens)")
+ap.add_argument("--samples", type=int, default=16, help="refinement sequences (of --seq-len tokens)")
+ap.add_argument("--seq-len", type=int, default=None, help="block-stage sequence length (default: the job's)")
 ap.add_argument("--data", default=None, help="corpora of the block stage (default: the job's training mix)")
 ap.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 2048")
 ap.add_argument("--ood-windows", type=int, default=8, help="Persuasion windows of 2048")
@@ -44,6 +45,7 @@ student, cached = _initialized_student(teacher, spec.rabit, calib, False, False,
 res = {"args": vars(args), "init_seconds": time.time() - t0, "init_cached": cached}
 cfg = dataclasses.replace(spec.blocks, refine_inputs=args.inputs, refine_rounds=args.rounds,
                           refine_samples=args.samples, epochs=args.epochs,
+                          seq_len=args.seq_len or spec.blocks.seq_len,
                           target_damp=spec.blocks.target_damp if args.target_damp is None else args.target_damp,
                           metric_damp=spec.blocks.metric_damp if args.metric_damp is None else args.metric_damp,
                           samples=max(args.samples, args.block_samples or spec.blocks.samples),

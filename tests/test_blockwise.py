@@ -125,7 +125,47 @@ def test_layer_groups_follow_the_blocks_call_order():
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-@pytest.mark.parametrize("inputs", ["quantized", "corrected", "block"])
+def test_the_attention_output_joins_the_stream_inside_a_llama_block():
+    from rabit.train.blockwise import _adds_to_stream
+
+    teacher, student, calib = setup(layers=1)
+    block = student.model.layers[0]
+    x = torch.randn(2, 16, teacher.config.hidden_size)
+    kw = {"position_embeddings": student.model.rotary_emb(x, torch.arange(16)[None]), "attention_mask": None}
+    assert _adds_to_stream(block, kw, x, "self_attn.o_proj")   # the post-attention norm reads x + o_proj(a)
+    assert not _adds_to_stream(block, kw, x, "self_attn.v_proj")
+    assert not _adds_to_stream(block, kw, x, "mlp.up_proj")
+    assert not _adds_to_stream(block, kw, x, "mlp.down_proj")  # the block's output: no module reads it inside
+
+
+def test_residual_refinement_brings_the_mid_block_stream_nearer_the_teachers():
+    # "residual" refines o_proj towards the teacher's stream after attention (x_T + W_o a_T), not only towards
+    # W_o a_T: the first block (inputs without error) is refined exactly as "block" does; later blocks end with
+    # the MLP's input nearer the teacher's
+    def mids(model):
+        out = []
+        hooks = [layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda module, args: out.append(args[0].detach())) for layer in model.model.layers]
+        with torch.no_grad():
+            model(calib)
+        for h in hooks:
+            h.remove()
+        return out
+
+    first, later = [], []
+    for seed in range(3):
+        teacher, student, calib = setup(layers=3, seed=seed)
+        block = copy.deepcopy(student)
+        BlockReconstruction(teacher, block, calib, cfg(epochs=0, refine_inputs="block"), progress=False).run()
+        BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_inputs="residual"), progress=False).run()
+        t, b, r = mids(teacher), mids(block), mids(student)
+        first.append(float((r[0] - b[0]).abs().max()))
+        later.append((sum(float((r[i] - t[i]).norm()) for i in (1, 2)), sum(float((b[i] - t[i]).norm()) for i in (1, 2))))
+    assert max(first) < 1e-5
+    assert sum(x for x, _ in later) < 0.99 * sum(y for _, y in later)
+
+
+@pytest.mark.parametrize("inputs", ["quantized", "corrected", "block", "residual"])
 def test_sequential_refinement_beats_the_fp_metric_on_the_block_loss(inputs):
     # fit on the inputs the student actually sees: every block but the first (whose inputs carry no error)
     # ends closer to the teacher's output than refinement in the full-precision inputs' metric
@@ -274,6 +314,9 @@ def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, 
     assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64",
                                                "--refine-damp", "0.5", "--resume")]) == 2
     assert "blocks.target_damp" in capsys.readouterr().err
+    assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64",
+                                               "--refine-metric-damp", "0.5", "--resume")]) == 2
+    assert "blocks.metric_damp" in capsys.readouterr().err
 
 
 def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tmp_path, monkeypatch, capsys):

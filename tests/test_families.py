@@ -127,7 +127,7 @@ def test_unsupported_family_falls_back_with_one_notice(caplog):
 
 
 @pytest.mark.parametrize("name", ["gemma3", "qwen2.5-sliding", "mistral"])
-@pytest.mark.parametrize("inputs", ["block", "fp"])
+@pytest.mark.parametrize("inputs", ["block", "residual", "fp"])
 def test_block_stage_runs_on_every_family(name, inputs):
     # Gemma 3 materializes its attention masks per batch: every pass of the block stage must use whole batches
     # (a real Gemma 3 270M run once failed on a 1-row pass). The refinement must lower each layer's output error.

@@ -23,6 +23,11 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     # budgets) where the library's Trainer trains them, as the method does
     assert t.train_latents and not JobSpec().train_config().train_latents
     assert _parse("--train-latents").train_config().train_latents
+    # frozen latents (no Muon) take one sequence per step; latent training keeps the trainer's 4, unless set
+    assert JobSpec().train.grad_accum == _parse().train.grad_accum == 1
+    assert _parse("--train-latents").train.grad_accum == 4
+    assert _parse("--train-latents", "--grad-accum", "2").train.grad_accum == 2
+    assert _parse("--grad-accum", "3").train.grad_accum == 3
 
 
 def test_a_job_spec_survives_the_round_trip_through_flags():
@@ -37,7 +42,14 @@ def test_a_job_spec_survives_the_round_trip_through_flags():
 
 
 def test_default_batch_is_split_across_processes_and_an_explicit_one_is_checked():
-    spec = JobSpec()
+    # the frozen-latent default (one sequence per step): one sequence per process per step
+    frozen = JobSpec()
+    assert frozen.for_processes(1) is frozen
+    two = frozen.for_processes(2)
+    assert (two.train.batch_size, two.train.grad_accum) == (2, 1) and two.tokens_per_step == 2 * frozen.tokens_per_step
+    assert frozen.for_processes(4).train.batch_size == 4
+    # the latent-training default (4 sequences per step): regrouped, the same step
+    spec = _parse("--train-latents")
     two = spec.for_processes(2)
     assert (two.train.batch_size, two.train.grad_accum) == (2, 2) and two.tokens_per_step == spec.tokens_per_step
     assert two.train_config().optim.warmup_steps == spec.train_config().optim.warmup_steps
@@ -52,15 +64,19 @@ def test_default_batch_is_split_across_processes_and_an_explicit_one_is_checked(
 def test_run_identity_ignores_grouping_and_fills_settings_added_later():
     spec = JobSpec()
     record = spec.run_record("/m", 100, autocast=False)
-    old = {**record, "train": {k: v for k, v in record["train"].items() if k not in ("hidden_loss", "train_latents")},
-           "distributed": {"checkpoints": "dcp"}}
-    # runs from before train_latents existed trained their latents: today's default (frozen) is another run,
-    # --train-latents the same one
-    assert identity_changes(old, record) == [("train.train_latents", True, False)]
     latents = _parse("--train-latents").run_record("/m", 100, autocast=False)
+    old = {**latents, "train": {k: v for k, v in latents["train"].items() if k not in ("hidden_loss", "train_latents")},
+           "distributed": {"checkpoints": "dcp"}}
+    # runs from before train_latents existed trained their latents: --train-latents is the same run, today's
+    # default (frozen latents, one sequence per step) another one
     assert identity_changes(old, latents) == []
-    regrouped = spec.for_processes(2).run_record("/m", 100, autocast=False)
-    assert identity_changes(record, regrouped) == []
+    assert ("train.train_latents", True, False) in identity_changes(old, record)
+    latents = _parse("--train-latents")
+    regrouped = latents.for_processes(2).run_record("/m", 100, autocast=False)
+    assert identity_changes(latents.run_record("/m", 100, autocast=False), regrouped) == []
+    # the frozen default's one-sequence step becomes one per process: another run, refused on resume
+    assert "train.sequences_per_step" in [k for k, *_ in identity_changes(
+        record, spec.for_processes(2).run_record("/m", 100, autocast=False))]
     spec.train.gamma = 5.0
     assert [k for k, *_ in identity_changes(record, spec.run_record("/m", 100, autocast=False))] == ["train.gamma"]
 

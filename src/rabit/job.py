@@ -106,17 +106,23 @@ class DistSpec:
 # The latent weights stay frozen at the refined signs and only scales and norms train (--train-latents trains
 # them too, with Muon): after the block stage's refinement, at this budget, training the latents raised the
 # training loss on the same batches and scored worse in and out of domain (docs/RESULTS.md section 13).
+# Without Muon a step costs the same per token at any size, so the job takes one sequence per step (80 steps of
+# 512 tokens): 78.3 / 76.3 against 82.4 / 78.4 with 20 steps of 4 (WikiText-2 / Persuasion, section 15).
+# LATENT_GRAD_ACCUM: the micro-batches per step when the latents train (TrainConfig's default, sized for Muon).
+LATENT_GRAD_ACCUM = TrainConfig.grad_accum
+
+
 def _default_train() -> TrainConfig:
-    return TrainConfig(train_latents=False)
+    return TrainConfig(train_latents=False, grad_accum=1)
 
 
 @dataclass
 class JobSpec:
     model: str = DEFAULT_MODEL
-    # end-to-end token budget (steps = tokens // tokens per step): 20 steps. After the block stage's refinement it
-    # reached perplexity 76.4 where 16,384 tokens reached 164 (docs/RESULTS.md section 10). The whole job with
-    # frozen latents: 21 minutes on 2 idle AVX2 cores without native bf16 with 16 refinement rows (section 13),
-    # ~3 minutes more with today's 32; less with bf16 AMX.
+    # end-to-end token budget (steps = tokens // tokens per step; 80 steps of one sequence with frozen latents).
+    # After the block stage's refinement it reached perplexity 76.4 where 16,384 tokens reached 164 (docs/
+    # RESULTS.md section 10). The whole job: 27 minutes on 2 idle AVX2 cores without native bf16 (section 14);
+    # less with bf16 AMX.
     tokens: int = 40_960
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
@@ -215,6 +221,10 @@ class JobSpec:
         if t.batch_size % world_size == 0:
             return self
         rows = t.batch_size * t.grad_accum
+        if self.auto_split and rows < world_size and world_size % rows == 0:
+            # a default step smaller than the processes (frozen latents: one sequence): one sequence per process
+            # per step, so more sequences per step than one process takes (a resume keeps the process count)
+            return dataclasses.replace(self, train=dataclasses.replace(t, batch_size=world_size, grad_accum=1))
         if self.auto_split and rows % world_size == 0:
             batch = next(b for b in range(world_size, rows + 1, world_size) if rows % b == 0)
             return dataclasses.replace(self, train=dataclasses.replace(t, batch_size=batch, grad_accum=rows // batch))

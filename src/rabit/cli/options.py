@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import INITS, LATENT_INITS, MODES, STES
 from ..data import MIXES
 from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
-from ..job import JobSpec
+from ..job import LATENT_GRAD_ACCUM, JobSpec
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
 MUON_MODES = ("owner", "dtensor")
@@ -107,10 +107,14 @@ _OPTIONS = [
     Option("--refine-damp", "blocks.target_damp", "block-wise stage", "ridge of the refinement's least-squares "
            "targets, relative to the mean input energy (larger: targets nearer the original weight, less fitted to "
            "the calibration tokens)", type=float),
+    Option("--refine-metric-damp", "blocks.metric_damp", "block-wise stage", "damping of the refinement's output "
+           "metric H (signs and scales), relative to the mean input energy (larger: nearer a plain weight-space "
+           "fit)", type=float),
     Option("--refine-inputs", "blocks.refine_inputs", "block-wise stage", "inputs and targets of the refinement: "
            "block (the student's own inputs, targets the teacher's outputs, and the block's last layer the "
-           "teacher block's output), corrected (the same without that last-layer rule), quantized (the "
-           "student's inputs, GPTQ's sequential rule) or fp (the full-precision inputs)", choices=REFINE_INPUTS),
+           "teacher block's output), residual (block, and the attention's output projection, where it joins the "
+           "residual stream, targets the teacher's stream there), corrected (block without the last-layer rule), "
+           "quantized (the student's inputs, GPTQ's sequential rule) or fp (the full-precision inputs)", choices=REFINE_INPUTS),
     Option("--train-latents", "train.train_latents", "distillation", "end-to-end distillation also trains the "
            "latent weights (Muon), RaBiT's full QAT, for budgets of millions of tokens; by default only scales and "
            "norms train: after the block stage, at 40k tokens, 5%% better out of domain, 10%% worse in domain and "
@@ -123,9 +127,10 @@ _OPTIONS = [
            "CPU cores with the default model)", type=int),
     Option("--batch-size", "train.batch_size", "distillation", "sequences per micro-batch (the global micro-batch "
            "with --nproc; left at the default, a step is split across processes automatically)", type=int),
-    Option("--grad-accum", "train.grad_accum", "distillation", "micro-batches per optimizer step (Muon's "
-           "orthogonalization costs about 1.6 micro-batches of 512 tokens on CPU, so fewer, larger steps are faster)",
-           type=int),
+    Option("--grad-accum", "train.grad_accum", "distillation", "micro-batches per optimizer step (default: 1 "
+           "with frozen latents, where a step costs the same per token at any size and more steps trained better; "
+           "4 with --train-latents: Muon's orthogonalization costs about 1.6 micro-batches of 512 tokens on CPU, "
+           "so fewer, larger steps are faster)", type=int),
     Option("--latent-lr", "train.optim.latent_lr", "distillation",
            "Muon learning rate of the latent weights, AdamW-matched RMS", type=float),
     Option("--scale-lr", "train.optim.scale_lr", "distillation", "AdamW learning rate of scales and norms",
@@ -240,6 +245,9 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
             continue
         _set_field(spec, o.path, value)
     spec.auto_split = all(values.get(OPTIONS[f].path) is None for f in _BATCH_FLAGS)
+    if spec.auto_split and spec.train.train_latents:
+        # latent training keeps Muon's larger step (the job's one-sequence step is for frozen latents)
+        spec.train.grad_accum = LATENT_GRAD_ACCUM
     return spec
 
 
@@ -249,6 +257,8 @@ def job_to_argv(spec: JobSpec) -> list[str]:
     argv: list[str] = []
     for o in _OPTIONS:
         value, default = get_field(spec, o.path), get_field(defaults, o.path)
+        if o.path == "train.grad_accum" and spec.train.train_latents:
+            default = LATENT_GRAD_ACCUM   # what job_from_args gives --train-latents without batch flags
         forced = o.flag in _BATCH_FLAGS and not spec.auto_split
         if value == default and not forced:
             continue

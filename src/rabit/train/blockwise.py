@@ -39,7 +39,9 @@ from .losses import autocast_context, decoder_layers
 from .optim import OptimConfig, Optimizers, prepare_student, split_parameters
 
 BLOCK_LOSSES = ("relative", "mse")
-REFINE_INPUTS = ("fp", "quantized", "corrected", "block")
+REFINE_INPUTS = ("fp", "quantized", "corrected", "block", "residual")
+# the modes whose targets are the teacher's outputs on its own inputs (they need the teacher block's layer inputs)
+_CORRECTED = ("corrected", "block", "residual")
 
 
 @dataclass
@@ -65,15 +67,20 @@ class BlockConfig:
     # block's already-refined layers, target W x~) or "corrected" (the same H, target the teacher's W x on
     # its full-precision inputs, so that each layer also absorbs the error its inputs carry; GPTAQ) or "block"
     # ("corrected", and the block's last layer, where its output is added to the block's output, targets the
-    # teacher block's output itself: it also takes up the error the residual stream carries)
+    # teacher block's output itself: it also takes up the error the residual stream carries) or "residual"
+    # ("block", and a layer whose output is added to the residual stream inside the block (Llama's o_proj: the
+    # MLP's input is x + o_proj(a)) targets the teacher's residual stream there, x_T + W_o a_T, so that the MLP
+    # already sees the corrected stream)
     refine_inputs: str = "block"
     # ridge of the least-squares targets ("corrected" / "block"), relative to mean(diag H): the target weight
     # W + (T - W H)(H + damp I)^-1 fits the calibration tokens' outputs; a larger damp keeps it nearer W. On 32
     # rows 0.1 gave 111.8 / 89.3 (in / out of domain) against 126.9 / 97.7 with 0.01 and 113.2 / 92.5 with 1.0;
     # on 64 rows 0.1 and 0.01 tied (docs/RESULTS.md section 14)
     target_damp: float = 0.1
-    # damping of H itself in the refinement's output metric (signs and scales), relative to mean(diag H); GPTQ's 0.01
-    metric_damp: float = 0.01
+    # damping of H itself in the refinement's output metric (signs and scales), relative to mean(diag H): GPTQ's
+    # 0.01 before; on 32 rows (target_damp 0.1) 0.1 gave 102.2 / 86.1 against 111.8 / 89.3 (docs/RESULTS.md
+    # section 15)
+    metric_damp: float = 0.1
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     autocast: bool | None = None  # bf16 autocast; None = where the device has native bf16
     max_memory_gb: float = 4.0    # above this the activations are memory-mapped files instead of tensors
@@ -279,7 +286,7 @@ class BlockReconstruction:
 
     @torch.no_grad()
     def _refine_sequential(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore,
-                           fp_inputs: dict[str, list[torch.Tensor]]) -> list[float]:
+                           fp_inputs: dict[str, list[torch.Tensor]], x_fp: ActivationStore) -> list[float]:
         """GPTQ-order refinement of block i: each group of layers fed one tensor (q/k/v, then o, gate/up, down)
         is refined on the inputs the student block gives it now (quantized prefix, earlier groups already
         refined); with refine_inputs == "corrected" its target is the teacher's output on the FP inputs
@@ -290,30 +297,51 @@ class BlockReconstruction:
         names = list(layers)
         bs = cfg.batch_size
         batches = [(j, j + bs) for j in range(0, self._refine_rows(), bs)]
-        corrected = cfg.refine_inputs in ("corrected", "block")
+        corrected = cfg.refine_inputs in _CORRECTED
         ratios = []
-        groups = layer_groups(s_block, kw, x_q.data[0:bs].to(self.device), names)
+        x0 = x_q.data[0:bs].to(self.device)
+        groups = layer_groups(s_block, kw, x0, names)
         for g, group in enumerate(groups):
-            if (cfg.refine_inputs == "block" and g == len(groups) - 1 and len(group) == 1
-                    and self._adds_to_output(s_block, kw, x_q.data[0:bs].to(self.device), group[0])):
+            if (cfg.refine_inputs in ("block", "residual") and g == len(groups) - 1 and len(group) == 1
+                    and self._adds_to_output(s_block, kw, x0, group[0])):
                 ratios.append(self._refine_to_block_output(t_block, s_block, kw, group[0], x_q, y_fp, batches))
                 continue
-            H = C = None
+            # "residual": a single layer whose output joins the block's input stream inside the block also takes
+            # up the stream's error, x_T - x_S, on top of its corrected target W a_T (E = sum (x_T - x_S) a_S^T)
+            stream = (cfg.refine_inputs == "residual" and g < len(groups) - 1 and len(group) == 1
+                      and self._adds_to_stream(s_block, kw, x0, group[0]))
+            H = C = E = None
             for b, (j0, j1) in enumerate(batches):
-                def accumulate(name, xq, b=b):
-                    nonlocal H, C
+                def accumulate(name, xq, b=b, j0=j0, j1=j1):
+                    nonlocal H, C, E
                     h = xq.T @ xq
                     H = h if H is None else H + h
                     if corrected:
                         c = fp_inputs[name][b].T @ xq
                         C = c if C is None else C + c
+                    if stream:
+                        d = (x_fp.data[j0:j1] - x_q.data[j0:j1]).to(self.device).float()
+                        e = d.reshape(-1, d.shape[-1]).T @ xq
+                        E = e if E is None else E + e
                 run_capturing(s_block, kw, x_q.data[j0:j1].to(self.device), group[:1], accumulate)
             for name in group:
                 w = t_block.get_submodule(name).weight.detach().float()
-                target = corrected_target(w, H, C, cfg.target_damp) if C is not None else w
+                if E is not None:
+                    target = output_target(w, H, w @ C + E, cfg.target_damp)
+                elif C is not None:
+                    target = corrected_target(w, H, C, cfg.target_damp)
+                else:
+                    target = w
                 ratios.append(self._refine_layer(layers[name], target, H, preferred=target))
                 fp_inputs.pop(name, None)
         return ratios
+
+    def _adds_to_stream(self, block: nn.Module, kw: dict, x: torch.Tensor, name: str) -> bool:
+        """_adds_to_stream, checked once per block class and layer name (one block pass each time)."""
+        key = (type(block).__qualname__, name, "stream")
+        if key not in self._adds_cache:
+            self._adds_cache[key] = _adds_to_stream(block, kw, x, name)
+        return self._adds_cache[key]
 
     def _adds_to_output(self, block: nn.Module, kw: dict, x: torch.Tensor, name: str) -> bool:
         """_adds_to_output, checked once per block class and layer name (two block passes each time)."""
@@ -442,7 +470,7 @@ class BlockReconstruction:
                 cov = LayerCovariance(self.t_layers[i], list(_rabit_modules(self.s_layers[i]))) if fp_metric else None
                 # the corrected targets need the teacher block's layer inputs: captured in its pass
                 fp_inputs = ({name: [] for name in _rabit_modules(self.s_layers[i])}
-                             if refine and cfg.refine_inputs in ("corrected", "block") else None)
+                             if refine and cfg.refine_inputs in _CORRECTED else None)
                 with torch.no_grad():
                     try:
                         self._forward_all(self.t_layers[i], kw, x_fp, y_fp, cov=cov, inputs=fp_inputs,
@@ -453,7 +481,7 @@ class BlockReconstruction:
                 if fp_metric:
                     ratios = self._refine(i, cov)
                 else:
-                    ratios = self._refine_sequential(i, kw, x_q, y_fp, fp_inputs or {}) if refine else []
+                    ratios = self._refine_sequential(i, kw, x_q, y_fp, fp_inputs or {}, x_fp) if refine else []
                 del cov, fp_inputs
                 steps = 0
                 if cfg.epochs > 0:
@@ -505,6 +533,36 @@ def _adds_to_output(block: nn.Module, kw: dict, x: torch.Tensor, name: str) -> b
     if d.shape != y.shape:
         return False
     return bool((y - y0 - d).norm() <= 1e-4 * (y.norm() + d.norm()))
+
+
+@torch.no_grad()
+def _adds_to_stream(block: nn.Module, kw: dict, x: torch.Tensor, name: str) -> bool:
+    """Whether some module of the block, called after the named layer, takes x + (the layer's output) as its
+    input: the layer's output joins the block's input stream there (Llama's o_proj: the post-attention norm
+    reads x + o_proj(a)); not where it is normalized first (Gemma's post-attention norm)."""
+    layer = block.get_submodule(name)
+    seen = {"d": None, "hit": False}
+
+    def record(module, args, out):
+        seen["d"] = out.detach().float()
+
+    def check(module, args):
+        d = seen["d"]
+        if d is None or seen["hit"] or not args or not isinstance(args[0], torch.Tensor):
+            return
+        a = args[0]
+        if a.shape == x.shape == d.shape and a.dtype.is_floating_point:
+            expect = x.float() + d
+            seen["hit"] = bool((a.float() - expect).norm() <= 1e-4 * (expect.norm() + d.norm()))
+
+    handles = [layer.register_forward_hook(record)]
+    handles += [m.register_forward_pre_hook(check) for n, m in block.named_modules() if n and m is not layer]
+    try:
+        block(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen["hit"]
 
 
 def _rabit_modules(block: nn.Module) -> dict[str, RaBiTLinear]:

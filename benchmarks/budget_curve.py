@@ -31,6 +31,9 @@ ap.add_argument("--grad-accum", type=int, default=t.grad_accum)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--offset-seconds", type=float, default=0.0,
                 help="time spent before this phase (initialization + block stage), added to the plot's x axis")
+ap.add_argument("--start-json", default=None,
+                help="the refine_inputs.py JSON that wrote the state: its perplexities are the step-0 point "
+                     "(instead of scoring the start again)")
 ap.add_argument("--plot", default=None, help="also write this PNG")
 args = ap.parse_args()
 
@@ -67,7 +70,13 @@ def before_step(trainer, step_no):
         score(step_no - 1)
 
 
-score(0)
+if args.start_json:
+    with open(args.start_json) as f:
+        start = json.load(f)
+    points.append({"steps": 0, "tokens": 0, "train_seconds": 0.0, "wikitext2_test": start["wikitext2_test"],
+                   "persuasion": start["persuasion"], "from": args.start_json})
+else:
+    score(0)
 clock["start"], clock["eval"] = time.time(), 0.0
 Trainer(teacher, student, train, cfg, f"{args.out}.run", progress=False, step_callback=before_step).train()
 score(args.steps)

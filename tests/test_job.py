@@ -86,3 +86,19 @@ def test_validate_names_the_flag():
         _parse("--tokens", "10").validate()
     with pytest.raises(ValueError, match="--resume and --overwrite"):
         _parse("--resume", "--overwrite").validate()
+
+
+def test_ablation_cells_train_latents_with_the_latent_step_size():
+    # `rabit ablate` compares modes by how their latents train: its cells take Muon's 4-sequence step, unless
+    # --extra sets the batch
+    import argparse
+
+    from rabit.cli.ablate import add_parser, base_job
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    spec = base_job(parser.parse_args(["ablate"]))
+    assert spec.train.train_latents and spec.train.grad_accum == 4
+    assert "--grad-accum" not in job_to_argv(spec)
+    spec = base_job(parser.parse_args(["ablate", "--extra", "--grad-accum 2"]))
+    assert spec.train.grad_accum == 2 and job_to_argv(spec)[job_to_argv(spec).index("--grad-accum") + 1] == "2"

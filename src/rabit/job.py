@@ -110,10 +110,16 @@ class DistSpec:
 # 512 tokens): 78.3 / 76.3 against 82.4 / 78.4 with 20 steps of 4 (WikiText-2 / Persuasion, section 15).
 # LATENT_GRAD_ACCUM: the micro-batches per step when the latents train (TrainConfig's default, sized for Muon).
 LATENT_GRAD_ACCUM = TrainConfig.grad_accum
+FROZEN_GRAD_ACCUM = 1
+
+
+def default_grad_accum(train_latents: bool) -> int:
+    """Micro-batches per optimizer step when --batch-size and --grad-accum are left unset."""
+    return LATENT_GRAD_ACCUM if train_latents else FROZEN_GRAD_ACCUM
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(train_latents=False, grad_accum=1)
+    return TrainConfig(train_latents=False, grad_accum=FROZEN_GRAD_ACCUM)
 
 
 @dataclass
@@ -178,6 +184,12 @@ class JobSpec:
             raise ValueError(f"--tokens {self.tokens} is smaller than one optimizer step ({t.batch_size} x "
                              f"{t.grad_accum} x {d.seq_len} = {self.tokens_per_step} tokens)")
         self.train_config(autocast=False).validate()
+
+    def resolve_batch(self) -> None:
+        """With --batch-size and --grad-accum left unset (auto_split), the step size follows whether the latents
+        train: call after changing train.train_latents."""
+        if self.auto_split:
+            self.train.grad_accum = default_grad_accum(self.train.train_latents)
 
     # --------------------------------------------------------------------------------------- derived
     @property

@@ -217,6 +217,7 @@ def base_job(args) -> JobSpec:
     spec.model, spec.tokens = args.model, args.tokens
     # the modes differ in how their latent weights train: an ablation of modes trains them
     spec.train.train_latents = True
+    spec.resolve_batch()
     spec.eval.windows = args.eval_windows
     spec.run.progress = False
     return spec

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import INITS, LATENT_INITS, MODES, STES
 from ..data import MIXES
 from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
-from ..job import LATENT_GRAD_ACCUM, JobSpec
+from ..job import JobSpec, default_grad_accum
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
 MUON_MODES = ("owner", "dtensor")
@@ -245,9 +245,7 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
             continue
         _set_field(spec, o.path, value)
     spec.auto_split = all(values.get(OPTIONS[f].path) is None for f in _BATCH_FLAGS)
-    if spec.auto_split and spec.train.train_latents:
-        # latent training keeps Muon's larger step (the job's one-sequence step is for frozen latents)
-        spec.train.grad_accum = LATENT_GRAD_ACCUM
+    spec.resolve_batch()   # latent training keeps Muon's larger step (one sequence per step is for frozen latents)
     return spec
 
 
@@ -257,8 +255,8 @@ def job_to_argv(spec: JobSpec) -> list[str]:
     argv: list[str] = []
     for o in _OPTIONS:
         value, default = get_field(spec, o.path), get_field(defaults, o.path)
-        if o.path == "train.grad_accum" and spec.train.train_latents:
-            default = LATENT_GRAD_ACCUM   # what job_from_args gives --train-latents without batch flags
+        if o.path == "train.grad_accum":
+            default = default_grad_accum(spec.train.train_latents)   # what job_from_args gives without the flag
         forced = o.flag in _BATCH_FLAGS and not spec.auto_split
         if value == default and not forced:
             continue

@@ -40,6 +40,22 @@ def test_decoder_logits_match_hf_forward(cls, packed):
         dec.prefill(torch.ones(1, 8, dtype=torch.long))
 
 
+def test_decoder_with_int8_lookup_tables():
+    """backend cpu_int8: the one-token steps use the int8 tables (close to, not equal to, the exact steps); the
+    prefill of several tokens stays exact."""
+    from rabit.serialization import packed_layers
+
+    model = _packed_tiny()
+    with torch.no_grad():
+        ref = model(IDS).logits
+    for m in packed_layers(model).values():
+        m.backend = "cpu_int8"
+    out = _incremental(StaticDecoder(model, max_len=16), IDS, 5)
+    torch.testing.assert_close(out[:, :5], ref[:, :5], rtol=0, atol=1e-4)
+    steps = (out[:, 5:] - ref[:, 5:]).abs().max().item()
+    assert 1e-5 < steps < 0.05 * ref[:, 5:].abs().max().item()
+
+
 def test_greedy_generation_matches_transformers_generate():
     from rabit.testing import tiny_tokenizer
 
@@ -116,10 +132,11 @@ def test_bench_decode_cli_tiny(capsys):
 
     rc = main(["bench", "decode", "--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4",
                "--kv-heads", "2", "--vocab", "256", "--prompt-len", "4", "--new-tokens", "3", "--reps", "2",
-               "--engines", "rabit,fp32", "--threads", "1", "--omp-wait-policy", "inherit"])
+               "--engines", "rabit,rabit-int8,fp32", "--threads", "1", "--omp-wait-policy", "inherit"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| rabit 2-bit" in out and "| PyTorch fp32 |" in out and "2 x 3 tok" in out
+    assert "| rabit 2-bit, int8 lookup tables (cpu_int8) |" in out
     assert main(["bench", "decode", "--engines", "nope", "--layers", "1"]) == 2
 
 
@@ -163,3 +180,14 @@ def test_engine_process_crash_and_environment():
     assert engine_env("rabit", "inherit", base) == base
     with pytest.raises(ValueError):
         engine_env("rabit", "spin", base)
+
+
+def test_bench_finds_the_checkouts_llama_cpp_folder():
+    # the default --llama-cpp-dir is third_party/ of the checkout, the folder build_llama_cpp.sh writes to
+    from pathlib import Path
+
+    from rabit.cli.bench import repo_root
+
+    root = repo_root()
+    assert (root / "benchmarks" / "build_llama_cpp.sh").is_file()
+    assert root == Path(__file__).resolve().parents[1]

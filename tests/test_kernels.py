@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from rabit import kernels, sign_bits
 from rabit.kernels import cpu as cpu_backend
-from rabit.kernels.reference import dense_weight_reference, rabit_linear_reference
+from rabit.kernels.reference import dense_weight_reference, rabit_linear_lut8_reference, rabit_linear_reference
 from rabit.packed_layer import PackedRaBiTLinear
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -169,6 +169,66 @@ def test_cpu_large_threaded():
     ref = exact(x, B, g, h, b)
     for nt in (1, 2):
         assert rel_err(cpu_backend.rabit_linear_cpu(x, P, g, h, b, num_threads=nt), ref) < 1e-5
+
+
+# ---------------------------------------------------------------- int8 lookup tables ("cpu_int8")
+LUT8_SHAPES = [(2, 129, 577), (3, 5, 7), (1, 70, 64), (2, 200, 100), (2, 17, 1000), (2, 48, 2048)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("k,out,inf", LUT8_SHAPES)
+def test_lut8_matches_its_reference_on_every_isa(k, out, inf):
+    """Every code path computes the same integer sums as the PyTorch reference of the method (so the same bits as
+    each other), odd shapes and partial blocks of 256 inputs included; 1 and 2 threads."""
+    x, B, g, h, b = make(k, out, inf, 1, seed=3 * out + inf)
+    P = sign_bits.pack_signs(B)
+    ref = rabit_linear_lut8_reference(x, P, g, h, b)
+    first = None
+    for isa in ("scalar", "avx2", "avx512", "avx512vbmi"):
+        for nt in (1, 2):
+            y = cpu_backend.rabit_linear_cpu(x, P, g, h, b, isa=isa, num_threads=nt, lut8=True)
+            assert rel_err(y, ref) < 1e-6, (isa, nt)
+            if first is None:
+                first = y
+            assert torch.equal(y, first), (isa, nt)   # bit-identical across ISAs and threads
+
+
+@needs_cpu
+@pytest.mark.parametrize("k,out,inf", LUT8_SHAPES)
+def test_lut8_error_within_its_bound(k, out, inf):
+    """Against the exact product: each group's lookup is off by at most half a quantization step s_b, so
+    |y - y_exact| <= sum_i |g_i| * sum_b s_b / 2 * groups(b); and on Gaussian inputs the relative error is ~1e-2."""
+    x, B, g, h, b = make(k, out, inf, 1, seed=out + 7 * inf)
+    P = sign_bits.pack_signs(B)
+    y = cpu_backend.rabit_linear_cpu(x, P, g, h, b, lut8=True)
+    ref = exact(x, B, g, h, b)
+    bound = torch.zeros(out, dtype=torch.float64)
+    for i in range(k):
+        a = torch.zeros(-(-inf // 32) * 32, dtype=torch.float64)
+        a[:inf] = (h[i] * x[0]).double()
+        group_sums = a.view(-1, 4).abs().sum(1)
+        for q0 in range(0, group_sums.numel(), 64):
+            blk = group_sums[q0:q0 + 64]
+            bound += g[i].double().abs() * (blk.max() / 63 / 2 * blk.numel())
+    err = (y.double() - ref).abs()[0]
+    assert (err <= bound * 1.0001 + 1e-6).all()
+    assert 1e-4 < rel_err(y, ref) < 3e-2          # rounded (not the exact path), but close
+
+
+@needs_cpu
+def test_lut8_several_rows_and_half_inputs():
+    """lut8 applies to one-row inputs; several rows run the exact path. 16-bit inputs are converted first."""
+    x, B, g, h, b = make(2, 129, 577, 5, seed=21)
+    P = sign_bits.pack_signs(B)
+    assert torch.equal(cpu_backend.rabit_linear_cpu(x, P, g, h, b, lut8=True),
+                       cpu_backend.rabit_linear_cpu(x, P, g, h, b))
+    xb = x[:1].to(torch.bfloat16)
+    y = cpu_backend.rabit_linear_cpu(xb, P, g, h, b, lut8=True)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), rabit_linear_lut8_reference(xb.float(), P, g, h, b)) < 1e-2   # bf16 output rounding
+    assert rel_err(kernels.rabit_linear(x[:1], P, g, h, b, backend="cpu_int8"),
+                   rabit_linear_lut8_reference(x[:1], P, g, h, b)) < 1e-6
+    assert kernels.select_backend(x, "auto") == "cpu"    # auto never picks the approximate backend
 
 
 # ---------------------------------------------------------------- dispatch

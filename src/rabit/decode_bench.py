@@ -17,11 +17,11 @@ import signal
 import subprocess
 import sys
 
-TORCH_ENGINES = ("rabit", "rabit-fphead", "fp32")
+TORCH_ENGINES = ("rabit", "rabit-int8", "rabit-fphead", "fp32")
 # OMP_WAIT_POLICY per engine under --omp-wait-policy engine (the default). The torch engines were measured
 # fastest with ACTIVE when running alone (74-76 vs 56-62 tokens/s, Intel, 2 cores); llama.cpp keeps its own
 # default (the variable is removed from its environment).
-ENGINE_WAIT_POLICY = {"rabit": "ACTIVE", "rabit-fphead": "ACTIVE", "fp32": "ACTIVE"}
+ENGINE_WAIT_POLICY = {e: "ACTIVE" for e in TORCH_ENGINES}
 WAIT_POLICIES = ("engine", "passive", "active", "inherit")
 
 
@@ -88,6 +88,7 @@ def worker(spec: dict) -> dict:
 
     from .cli.bench import _torch_run, make_random_llama, packed_copy
     from .generate import StaticDecoder
+    from .packed_layer import PackedRaBiTLinear
 
     torch.set_num_threads(spec["threads"])
     shape, engine = spec["shape"], spec["engine"]
@@ -95,9 +96,13 @@ def worker(spec: dict) -> dict:
                              max_positions=max(4096, spec["prompt_len"] + spec["new_tokens"] + 8))
     if engine == "fp32":
         model = base
-    elif engine in ("rabit", "rabit-fphead"):
-        model = packed_copy(base, quantize_head=engine == "rabit")
+    elif engine in ("rabit", "rabit-int8", "rabit-fphead"):
+        model = packed_copy(base, quantize_head=engine != "rabit-fphead")
         del base
+        if engine == "rabit-int8":
+            for mod in model.modules():
+                if isinstance(mod, PackedRaBiTLinear):
+                    mod.backend = "cpu_int8"
     else:
         raise ValueError(f"unknown torch engine {engine!r}")
     gen = torch.Generator().manual_seed(spec["seed"])

@@ -95,9 +95,9 @@ def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False
             backend = kernels.select_backend(probe, mod.backend)
         except (ValueError, RuntimeError):
             backend = None
-        if backend == "cpu":
+        if backend in ("cpu", "cpu_int8"):
             packed, g, h, bias = mod.packed, mod.g, mod.h, mod.bias
-            return lambda x: kernels.rabit_linear(x, packed, g, h, bias, backend="cpu", threads=threads)
+            return lambda x: kernels.rabit_linear(x, packed, g, h, bias, backend=backend, threads=threads)
     if type(mod) is nn.Linear:
         w, b = mod.weight, mod.bias
         fn = lambda x: F.linear(x, w, b)  # noqa: E731

@@ -6,6 +6,8 @@ interleaved round by round so that every figure sees the same machine load:
 
   rabit        every linear of the blocks and lm_head packed 2-bit (PackedRaBiTLinear, native CPU kernel; random
                sign planes and fp16 scales, sharing the fp32 model's embeddings and norms)
+  rabit-int8   the same as rabit through the "cpu_int8" backend (int8 lookup tables, activations rounded per 256
+               inputs as llama.cpp's Q8_K; relative error ~1e-2)
   rabit-fphead the same with lm_head kept in fp32
   fp32         the same random model in fp32 PyTorch (nn.Linear)
   (all three run through rabit.generate.StaticDecoder: static KV cache, same Python loop)
@@ -26,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..decode_bench import TORCH_ENGINES   # one list for the CLI and the engine processes
+
 BENCH_SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=4, vocab=49152)
-TORCH_ENGINES = ("rabit", "rabit-fphead", "fp32")
 LLAMA_ENGINES = {"f16": "F16", "q2_k": "Q2_K", "tq2_0": "TQ2_0"}
 DEFAULT_ENGINES = "rabit,fp32,q2_k,tq2_0"
 
@@ -151,7 +154,12 @@ def packed_copy(model, quantize_head: bool = True, scale_dtype=None, seed: int =
 
 # --------------------------------------------------------------------------------------------- llama.cpp
 def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    """The checkout this package runs from (the folder holding pyproject.toml above src/rabit/cli/), or the
+    working directory for an installed copy: where third_party/ lives."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "pyproject.toml").exists() and (parent / "src" / "rabit").is_dir():
+            return parent
+    return Path.cwd()
 
 
 def llama_cpp_tools(llama_dir: Path) -> dict:
@@ -373,12 +381,13 @@ def _bits_per_weight(shape: dict, engine: str) -> float:
     kv = shape["kv_heads"] * d // shape["heads"]
     dims = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]
     layers = [PackedRaBiTLinear(i, o, 2, device="meta") for o, i in dims * shape["layers"]]
-    if engine == "rabit":
+    if engine != "rabit-fphead":
         layers.append(PackedRaBiTLinear(d, v, 2, device="meta"))
     return bits_per_weight(torch.nn.ModuleList(layers))
 
 
-ENGINE_LABELS = {"rabit": "rabit 2-bit (blocks + lm_head packed)", "rabit-fphead": "rabit 2-bit, fp32 lm_head",
+ENGINE_LABELS = {"rabit": "rabit 2-bit (blocks + lm_head packed)",
+                 "rabit-int8": "rabit 2-bit, int8 lookup tables (cpu_int8)", "rabit-fphead": "rabit 2-bit, fp32 lm_head",
                  "fp32": "PyTorch fp32", "f16": "llama.cpp F16", "q2_k": "llama.cpp Q2_K",
                  "tq2_0": "llama.cpp TQ2_0"}
 

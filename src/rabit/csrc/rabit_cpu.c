@@ -15,6 +15,10 @@
  *   No multiplications in the big product; x is read once (when building the tables) for all paths; g is applied
  *   once per row and path.  Measured ceiling on Zen 4: ~150 G sign-ops/s per core (~19 GB/s of sign bits).
  *
+ * "lut8" (one input row, opt-in): the same tables rounded to int8 with a scale per 256 inputs, looked up 64 (AVX-512
+ * VBMI vpshufb) or 32 (AVX2) rows x 1 group per instruction and summed in int16: ~2x fewer instructions per sign
+ * bit than the exact fp32 path, at a relative error of ~1e-2 (see the section "int8 lookup tables" below).
+ *
  * ISA: AVX-512 (F+BW+VL, +VBMI) and AVX2+FMA code paths compiled with target attributes, selected at run time;
  * a portable scalar path otherwise.  Threads: OpenMP (the libgomp torch already loaded), work items of 4 tiles
  * (64 rows) handed out dynamically.  Batches: up to 4 rows of x share each index extraction (tables of 4 rows).
@@ -40,7 +44,7 @@ enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AVX512VBM
 #define TG 4           /* tiles per work item (64 rows); the AVX-512 blocks are written for 4 */
 #define NTMAX (TG > 4 ? TG : 4)
 #ifndef PF_DIST
-#define PF_DIST 0      /* software prefetch distance in 64-byte words (0: off; 4 and 16 measured no better) */
+#define PF_DIST 512      /* software prefetch distance in 64-byte words (0: off; 4 and 16 measured no better) */
 #endif
 #define BCHUNK 4       /* batch rows processed per table build */
 
@@ -125,11 +129,9 @@ static void build_tables_scalar(const job_t *J, int64_t lo, int64_t hi) {
         group_inputs(J, b, p, q, a);
         float *T = J->tables + it * 16;
         for (int m = 0; m < 16; m++) {
-            float t = (m & 1) ? a[0] : -a[0];
-            t += (m & 2) ? a[1] : -a[1];
-            t += (m & 4) ? a[2] : -a[2];
-            t += (m & 8) ? a[3] : -a[3];
-            T[m] = t;
+            float u = ((m & 1) ? a[0] : -a[0]) + ((m & 2) ? a[1] : -a[1]);
+            float v = ((m & 4) ? a[2] : -a[2]) + ((m & 8) ? a[3] : -a[3]);
+            T[m] = u + v;   /* pairwise, as the SIMD builders */
         }
     }
 }
@@ -195,13 +197,13 @@ AVX2_ATTR static void build_tables_avx2(const job_t *J, int64_t lo, int64_t hi) 
         if (q == 0 && it != lo && ++p == J->k) { p = 0; b++; }
         float a[4];
         group_inputs(J, b, p, q, a);
-        __m256 t = _mm256_mul_ps(s0, _mm256_set1_ps(a[0]));
-        t = _mm256_fmadd_ps(s1, _mm256_set1_ps(a[1]), t);
-        t = _mm256_fmadd_ps(s2, _mm256_set1_ps(a[2]), t);
-        __m256 a3 = _mm256_set1_ps(a[3]);
+        /* (+-a0 +-a1) + (+-a2 +-a3): the same additions as the scalar and AVX-512 builders, so that every ISA
+         * rounds the int8 tables (lut8) from identical fp32 values */
+        __m256 u = _mm256_add_ps(_mm256_mul_ps(s0, _mm256_set1_ps(a[0])), _mm256_mul_ps(s1, _mm256_set1_ps(a[1])));
+        __m256 v = _mm256_mul_ps(s2, _mm256_set1_ps(a[2])), a3 = _mm256_set1_ps(a[3]);
         float *T = J->tables + it * 16;
-        _mm256_store_ps(T, _mm256_sub_ps(t, a3));
-        _mm256_store_ps(T + 8, _mm256_add_ps(t, a3));
+        _mm256_store_ps(T, _mm256_add_ps(u, _mm256_sub_ps(v, a3)));
+        _mm256_store_ps(T + 8, _mm256_add_ps(u, _mm256_add_ps(v, a3)));
     }
 }
 
@@ -499,6 +501,256 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
 }
 #endif /* RABIT_X86 */
 
+/* ------------------------------------------------------------------ int8 lookup tables ("lut8", batch 1)
+ *
+ * The fp32 tables of one input row are rounded to int8, one scale per block of Q8_BLOCK inputs (as llama.cpp's
+ * Q8_K activations): s_b = max |T| over the block / Q8_MAX, Tq = rint(T / s_b).  |Tq| <= 63, so the lookups of two
+ * groups add in int8 without overflow; sums over a block are exact in int16/int32, then y_r += s_b * sum (fma).
+ * Every ISA computes identical int8 tables and identical integer sums, and applies the block scales and g in the
+ * same order, so all code paths give the same bits.  The rounding error is at most s_b / 2 per group lookup.
+ *
+ * Table layout: per (path, chunk of 32 inputs = 8 groups) 128 bytes, 8 slots of 16 int8 entries; group n of the
+ * chunk goes to the slot that the ISA's shuffle wants in its 128-bit lane (q8_slot).  The sign bits keep the
+ * "tiled16x32" layout: byte j of a row's 32-bit word holds the nibbles of groups 2j (low) and 2j+1 (high), and
+ * the SIMD paths transpose 4 x 16 bytes in registers so that one 16-byte lane holds byte j of 16 rows.
+ */
+#define Q8_BLOCK 256                   /* inputs per table scale */
+#define Q8_CHUNKS (Q8_BLOCK / 32)
+#define Q8_MAX 63
+#ifndef Q8_PF_BYTES
+#define Q8_PF_BYTES 32768
+#define Q8_PF_HINT _MM_HINT_T0
+#endif
+
+static inline int q8_slot(int isa, int n) {
+    if (isa == ISA_AVX512VBMI) return (n & 1) * 4 + n / 2; /* lanes j of slots 0-3: even groups 2j; 4-7: odd */
+    if (isa >= ISA_AVX2) return 2 * (n % 4) + n / 4;       /* ymm pairs [g0|g4] [g1|g5] [g2|g6] [g3|g7] */
+    return n;
+}
+
+/* fp32 tables of path p (J->tables, batch row 0) -> int8 tables tq [ncw][128] and scales ts [nblk] */
+static void quantize_tables_scalar(const job_t *J, int isa, int p, int8_t *tq, float *ts) {
+    int64_t ng = J->in_pad / 4, ncw = J->ncw;
+    const float *T = J->tables + (int64_t)p * ng * 16;
+    for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
+        int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
+        float m = 0.0f;
+        for (int64_t i = c0 * 128; i < c1 * 128; i++) m = fmaxf(m, fabsf(T[i]));
+        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
+        ts[blk] = m / (float)Q8_MAX;
+        for (int64_t c = c0; c < c1; c++)
+            for (int n = 0; n < 8; n++)
+                for (int e = 0; e < 16; e++) {
+                    float v = rintf(T[(c * 8 + n) * 16 + e] * inv);
+                    v = v > Q8_MAX ? Q8_MAX : (v < -Q8_MAX ? -Q8_MAX : v);
+                    tq[c * 128 + q8_slot(isa, n) * 16 + e] = (int8_t)v;
+                }
+    }
+}
+
+/* rows of tiles [t0, t1): y = sum_p g_p * (sum_b s_b * (integer sum over block b)) + bias */
+static void tiles_q8_scalar(const job_t *J, const int8_t *tq, const float *ts, int64_t nblk, int64_t t0, int64_t t1) {
+    int64_t ncw = J->ncw, out_pad = J->ntiles * TILE;
+    for (int64_t t = t0; t < t1; t++) {
+        float yv[TILE] = {0};
+        for (int r = 0; r < TILE; r++) {
+            for (int p = 0; p < J->k; p++) {
+                const uint8_t *P = J->packed + ((int64_t)p * J->ntiles + t) * ncw * 64 + r * 4;
+                const int8_t *tp = tq + (int64_t)p * ncw * 128;
+                float f = 0.0f;
+                for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
+                    int32_t acc = 0;
+                    for (int64_t c = c0; c < c0 + Q8_CHUNKS && c < ncw; c++) {
+                        uint32_t w = ld32(P + c * 64);
+                        for (int n = 0; n < 8; n++) acc += tp[c * 128 + n * 16 + ((w >> (4 * n)) & 15u)];
+                    }
+                    f = fmaf((float)acc, ts[(int64_t)p * nblk + blk], f);
+                }
+                yv[r] = fmaf(J->g[(int64_t)p * out_pad + t * TILE + r], f, yv[r]);
+            }
+        }
+        store_tile(J, 0, t, yv);
+    }
+}
+
+#ifdef RABIT_X86
+AVX512_ATTR static void quantize_tables_avx512(const job_t *J, int isa, int p, int8_t *tq, float *ts) {
+    int64_t ng = J->in_pad / 4, ncw = J->ncw;
+    const float *T = J->tables + (int64_t)p * ng * 16;
+    const __m512 lim = _mm512_set1_ps((float)Q8_MAX), nlim = _mm512_set1_ps(-(float)Q8_MAX);
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
+        int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
+        __m512 mv = _mm512_setzero_ps();
+        for (int64_t i = c0 * 128; i < c1 * 128; i += 16)
+            mv = _mm512_max_ps(mv, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_load_ps(T + i)),
+                                                                         absmask)));
+        float m = _mm512_reduce_max_ps(mv);
+        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
+        ts[blk] = m / (float)Q8_MAX;
+        __m512 iv = _mm512_set1_ps(inv);
+        for (int64_t c = c0; c < c1; c++)
+            for (int n = 0; n < 8; n++) {
+                __m512 v = _mm512_mul_ps(_mm512_load_ps(T + (c * 8 + n) * 16), iv);
+                v = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                                nlim), lim);
+                _mm_storeu_si128((__m128i *)(tq + c * 128 + q8_slot(isa, n) * 16),
+                                 _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+            }
+    }
+}
+
+/* int16 sums of 16 rows (two halves of a zmm) over one block -> fp32 */
+AVX512_ATTR static inline __m512 q8_block_sum_avx512(__m512i a0, __m512i a1) {
+    __m512i v = _mm512_add_epi16(a0, a1);    /* [rows 0-15: lanes 0+2 | rows 0-15: lanes 1+3] */
+    __m512i r = _mm512_add_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)),
+                                 _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+    return _mm512_cvtepi32_ps(r);
+}
+
+AVX512VBMI_ATTR static void tiles_q8_avx512vbmi(const job_t *J, const int8_t *tq, const float *ts, int64_t nblk,
+                                                int64_t t0, int64_t t1) {
+    int64_t ncw = J->ncw, out_pad = J->ntiles * TILE;
+    /* lane j, byte r <- byte j of row r's word (byte 4r + j) */
+    uint8_t perm_b[64];
+    for (int j = 0; j < 4; j++) for (int r = 0; r < 16; r++) perm_b[16 * j + r] = (uint8_t)(4 * r + j);
+    const __m512i perm = _mm512_loadu_si512(perm_b), m0f = _mm512_set1_epi8(0x0f);
+    for (int64_t t = t0; t < t1; t++) {
+        __m512 y = _mm512_setzero_ps();
+        for (int p = 0; p < J->k; p++) {
+            const uint8_t *P = J->packed + ((int64_t)p * J->ntiles + t) * ncw * 64;
+            const int8_t *tp = tq + (int64_t)p * ncw * 128;
+            __m512 f = _mm512_setzero_ps();
+            for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
+                int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+                for (int64_t c = c0; c < c1; c++) {
+                    if (Q8_PF_BYTES) _mm_prefetch((const char *)(P + c * 64 + Q8_PF_BYTES), Q8_PF_HINT);
+                    __m512i w = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512((const void *)(P + c * 64)));
+                    __m512i lo = _mm512_and_si512(w, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
+                    __m512i s = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128), lo),
+                                                _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128 + 64), hi));
+                    a0 = _mm512_add_epi16(a0, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(s)));
+                    a1 = _mm512_add_epi16(a1, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(s, 1)));
+                }
+                f = _mm512_fmadd_ps(q8_block_sum_avx512(a0, a1), _mm512_set1_ps(ts[(int64_t)p * nblk + blk]), f);
+            }
+            y = _mm512_fmadd_ps(_mm512_loadu_ps(J->g + (int64_t)p * out_pad + t * TILE), f, y);
+        }
+        float v[TILE];
+        _mm512_storeu_ps(v, y);
+        store_tile(J, 0, t, v);
+    }
+}
+
+AVX2_ATTR static void quantize_tables_avx2(const job_t *J, int isa, int p, int8_t *tq, float *ts) {
+    int64_t ng = J->in_pad / 4, ncw = J->ncw;
+    const float *T = J->tables + (int64_t)p * ng * 16;
+    const __m256 lim = _mm256_set1_ps((float)Q8_MAX), nlim = _mm256_set1_ps(-(float)Q8_MAX);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i pk = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
+        int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
+        __m256 mv = _mm256_setzero_ps();
+        for (int64_t i = c0 * 128; i < c1 * 128; i += 8)
+            mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_load_ps(T + i), absmask));
+        float mm[8];
+        _mm256_storeu_ps(mm, mv);
+        float m = 0.0f;
+        for (int i = 0; i < 8; i++) m = fmaxf(m, mm[i]);
+        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
+        ts[blk] = m / (float)Q8_MAX;
+        __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t c = c0; c < c1; c++)
+            for (int n = 0; n < 8; n++) {
+                int8_t *dst = tq + c * 128 + q8_slot(isa, n) * 16;
+                for (int h8 = 0; h8 < 16; h8 += 8) {
+                    __m256 v = _mm256_mul_ps(_mm256_load_ps(T + (c * 8 + n) * 16 + h8), iv);
+                    v = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                                    nlim), lim);
+                    /* 8 int32 in [-63, 63] -> 8 bytes */
+                    __m256i b = _mm256_shuffle_epi8(_mm256_cvtps_epi32(v), pk);
+                    uint32_t lo4 = (uint32_t)_mm256_extract_epi32(b, 0), hi4 = (uint32_t)_mm256_extract_epi32(b, 4);
+                    memcpy(dst + h8, &lo4, 4);
+                    memcpy(dst + h8 + 4, &hi4, 4);
+                }
+            }
+    }
+}
+
+/* 16 int8 values (one lane) -> add to 16 int16 */
+AVX2_ATTR static inline __m256i q8_widen_add_avx2(__m256i acc, __m256i s) {
+    acc = _mm256_add_epi16(acc, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(s)));
+    return _mm256_add_epi16(acc, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(s, 1)));
+}
+
+AVX2_ATTR static void tiles_q8_avx2(const job_t *J, const int8_t *tq, const float *ts, int64_t nblk,
+                                    int64_t t0, int64_t t1) {
+    int64_t ncw = J->ncw, out_pad = J->ntiles * TILE;
+    /* in each lane: byte 4j + r <- byte j of row r's word (4 rows per lane) */
+    const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i dw = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), m0f = _mm256_set1_epi8(0x0f);
+    for (int64_t t = t0; t < t1; t++) {
+        __m256 y0 = _mm256_setzero_ps(), y1 = y0;
+        for (int p = 0; p < J->k; p++) {
+            const uint8_t *P = J->packed + ((int64_t)p * J->ntiles + t) * ncw * 64;
+            const int8_t *tp = tq + (int64_t)p * ncw * 128;
+            __m256 f0 = _mm256_setzero_ps(), f1 = f0;
+            for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
+                int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
+                __m256i acc = _mm256_setzero_si256();
+                for (int64_t c = c0; c < c1; c++) {
+                    if (Q8_PF_BYTES) _mm_prefetch((const char *)(P + c * 64 + Q8_PF_BYTES), Q8_PF_HINT);
+                    /* rows 0-7 and 8-15 -> X: [byte 0 of rows 0-15 | byte 2], Y: [byte 1 | byte 3] */
+                    __m256i w0 = _mm256_permutevar8x32_epi32(
+                        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + c * 64)), tr), dw);
+                    __m256i w1 = _mm256_permutevar8x32_epi32(
+                        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + c * 64 + 32)), tr), dw);
+                    __m256i X = _mm256_unpacklo_epi64(w0, w1), Y = _mm256_unpackhi_epi64(w0, w1);
+                    const int8_t *tc = tp + c * 128;
+                    __m256i sx = _mm256_add_epi8(
+                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)tc), _mm256_and_si256(X, m0f)),
+                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 32)),
+                                            _mm256_and_si256(_mm256_srli_epi16(X, 4), m0f)));
+                    __m256i sy = _mm256_add_epi8(
+                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 64)), _mm256_and_si256(Y, m0f)),
+                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 96)),
+                                            _mm256_and_si256(_mm256_srli_epi16(Y, 4), m0f)));
+                    acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, sx), sy);
+                }
+                __m256 sc = _mm256_set1_ps(ts[(int64_t)p * nblk + blk]);
+                f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc))), sc, f0);
+                f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1))), sc, f1);
+            }
+            const float *g = J->g + (int64_t)p * out_pad + t * TILE;
+            y0 = _mm256_fmadd_ps(_mm256_loadu_ps(g), f0, y0);
+            y1 = _mm256_fmadd_ps(_mm256_loadu_ps(g + 8), f1, y1);
+        }
+        float v[TILE];
+        _mm256_storeu_ps(v, y0); _mm256_storeu_ps(v + 8, y1);
+        store_tile(J, 0, t, v);
+    }
+}
+#endif /* RABIT_X86 */
+
+static void quantize_tables(const job_t *J, int isa, int p, int8_t *tq, float *ts) {
+#ifdef RABIT_X86
+    if (isa >= ISA_AVX512) { quantize_tables_avx512(J, isa, p, tq, ts); return; }
+    if (isa == ISA_AVX2) { quantize_tables_avx2(J, isa, p, tq, ts); return; }
+#endif
+    quantize_tables_scalar(J, isa, p, tq, ts);
+}
+
+static void tiles_q8(const job_t *J, int isa, const int8_t *tq, const float *ts, int64_t nblk, int64_t t0, int64_t t1) {
+#ifdef RABIT_X86
+    if (isa == ISA_AVX512VBMI) { tiles_q8_avx512vbmi(J, tq, ts, nblk, t0, t1); return; }
+    if (isa >= ISA_AVX2) { tiles_q8_avx2(J, tq, ts, nblk, t0, t1); return; }   /* AVX-512 without VBMI too */
+#endif
+    tiles_q8_scalar(J, tq, ts, nblk, t0, t1);
+}
+
 /* ------------------------------------------------------------------ dispatch */
 static int cpu_isa(void) {
 #ifdef RABIT_X86
@@ -581,7 +833,7 @@ static void build_tables(const job_t *J, int isa, int64_t lo, int64_t hi) {
 RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_stride,
                          const uint8_t *packed, int k, int64_t out, int64_t in,
                          const void *g, int g_dt, const void *h, int h_dt, const void *bias, int bias_dt,
-                         void *y, int y_dt, int64_t y_stride, int nthreads, int isa_req) {
+                         void *y, int y_dt, int64_t y_stride, int nthreads, int isa_req, int lut8) {
     if (k < 1 || out < 1 || in < 1 || batch < 0) return 1;
     if (batch == 0) return 0;
     int isa = pick_isa(isa_req);
@@ -594,7 +846,12 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
     size_t n_x = x_dt == DT_F32 ? 0 : (size_t)bchunk * in_pad;
     size_t off_t = off_x + (n_x + 15) / 16 * 16;
     size_t n_t = (size_t)bchunk * k * ng * 16;
-    float *buf = scratch(off_t + n_t);
+    /* lut8 (one input row): int8 tables [k][ncw][128] and their scales [k][nblk] after the fp32 tables */
+    int q8 = lut8 && batch == 1;
+    int64_t ncw = in_pad / 32, nblk = (ncw + Q8_CHUNKS - 1) / Q8_CHUNKS;
+    size_t off_q = off_t + (n_t + 15) / 16 * 16, n_q = q8 ? ((size_t)k * ncw * 128 / 4 + 15) / 16 * 16 : 0;
+    size_t off_s = off_q + n_q, n_s = q8 ? (size_t)k * nblk : 0;
+    float *buf = scratch(off_s + n_s);
     if (!buf) return 2;
     float *gf = buf, *hf = buf + off_h, *bf = bias ? buf + off_b : NULL;
     load_scales(g, g_dt, k, out, out_pad, gf, isa);
@@ -625,8 +882,12 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
         int64_t nitems = J.nbatch * k * ng;
         /* Small table builds (batch 1: k*in/4 groups, ~1 ns each) run on the calling thread: a barrier costs
          * more than the build, and a preempted worker at a barrier stalls everyone on a busy machine. */
-        int par_build = nt > 1 && nitems > 8192;
+        int par_build = nt > 1 && nitems > 8192 && !q8;   /* lut8 quantizes the tables before the region */
         if (!par_build) build_tables(&J, isa, 0, nitems);
+        int8_t *tq = (int8_t *)(buf + off_q);
+        float *ts = buf + off_s;
+        if (q8)
+            for (int p = 0; p < k; p++) quantize_tables(&J, isa, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
         int64_t next = 0;   /* tile groups are handed out dynamically (robust to a preempted thread) */
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
@@ -642,6 +903,7 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
                 int64_t gi = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
                 if (gi >= ntg) break;
                 int64_t t0 = gi * TG, t1 = t0 + TG < ntiles ? t0 + TG : ntiles;
+                if (q8) { tiles_q8(&J, isa, tq, ts, nblk, t0, t1); continue; }
 #ifdef RABIT_X86
                 if (isa == ISA_AVX512VBMI) tiles_avx512vbmi(&J, t0, t1);
                 else if (isa == ISA_AVX512) tiles_avx512(&J, t0, t1);
@@ -660,13 +922,13 @@ typedef struct {
     const void *x; int64_t x_dt, batch, x_stride;
     const uint8_t *packed; int64_t k, out, in;
     const void *g; int64_t g_dt; const void *h; int64_t h_dt; const void *bias; int64_t bias_dt;
-    void *y; int64_t y_dt, y_stride, nthreads, isa;
+    void *y; int64_t y_dt, y_stride, nthreads, isa, lut8;
 } gemm_args_t;
 
 RABIT_API int rabit_gemm_args(const gemm_args_t *a) {
     return rabit_gemm(a->x, (int)a->x_dt, a->batch, a->x_stride, a->packed, (int)a->k, a->out, a->in,
                       a->g, (int)a->g_dt, a->h, (int)a->h_dt, a->bias, (int)a->bias_dt,
-                      a->y, (int)a->y_dt, a->y_stride, (int)a->nthreads, (int)a->isa);
+                      a->y, (int)a->y_dt, a->y_stride, (int)a->nthreads, (int)a->isa, (int)a->lut8);
 }
 
 /* rows [r0, r1) of W = sum_p g_p[:,None] * B_p * h_p[None,:] into W (row-major, (r1 - r0) x in, fp32) */

@@ -29,7 +29,7 @@ _lib = None
 class _GemmArgs(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p if n in ("x", "packed", "g", "h", "bias", "y") else ctypes.c_int64)
                 for n in ("x", "x_dt", "batch", "x_stride", "packed", "k", "out", "in_", "g", "g_dt", "h", "h_dt",
-                          "bias", "bias_dt", "y", "y_dt", "y_stride", "nthreads", "isa")]
+                          "bias", "bias_dt", "y", "y_dt", "y_stride", "nthreads", "isa", "lut8")]
 
 
 def _compiler() -> str | None:
@@ -43,7 +43,7 @@ def _build_and_load():
     lib.rabit_gemm_args.argtypes = [ctypes.POINTER(_GemmArgs)]
     lib.rabit_gemm.restype = i32
     lib.rabit_gemm.argtypes = [vp, i32, i64, i64, vp, i32, i64, i64, vp, i32, vp, i32, vp, i32,
-                               vp, i32, i64, i32, i32]
+                               vp, i32, i64, i32, i32, i32]
     lib.rabit_dense_rows.restype = i32
     lib.rabit_dense_rows.argtypes = [vp, i32, i64, i64, vp, i32, vp, i32, vp, i64, i64, i32, i32]
     lib.rabit_dense_weight.restype = i32
@@ -152,8 +152,11 @@ def _dense_linear(lib, x2, packed, g, h, bias, nt, isa, out):
 def rabit_linear_cpu(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
                      bias: torch.Tensor | None = None, num_threads: int | None = None,
                      isa: str = "auto", out: torch.Tensor | None = None,
-                     dense_min_batch: int | None = None) -> torch.Tensor:
-    """Native kernel; x (..., in) in fp32/bf16/fp16 -> y (..., out) in x.dtype (computed in fp32)."""
+                     dense_min_batch: int | None = None, lut8: bool = False) -> torch.Tensor:
+    """Native kernel; x (..., in) in fp32/bf16/fp16 -> y (..., out) in x.dtype (computed in fp32).
+
+    lut8: one input row uses int8 lookup tables (the backend "cpu_int8": h * x rounded per 256 inputs, relative
+    error ~1e-2, ~2x fewer instructions); more rows run the exact path."""
     lib = _lib if _lib is not None else load()
     k, nout, inf = _check(x, packed, g, h, bias)
     x2 = x.reshape(-1, inf)
@@ -181,7 +184,7 @@ def rabit_linear_cpu(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: 
                         g.data_ptr(), _DT[g.dtype], h.data_ptr(), _DT[h.dtype],
                         bias.data_ptr() if bias is not None else None,
                         _DT[bias.dtype] if bias is not None else 0,
-                        out.data_ptr(), _DT[x.dtype], nout, nt, ISA_CODES[isa])
+                        out.data_ptr(), _DT[x.dtype], nout, nt, ISA_CODES[isa], int(lut8))
     if rc != 0:
         raise RuntimeError(f"rabit_gemm failed (code {rc})")
     return out.reshape(*x.shape[:-1], nout)
@@ -192,10 +195,11 @@ class CpuLinearPlan:
     reshapes x, allocates y and calls C (saves ~5 us of Python per call versus ``rabit_linear_cpu``).
     Holds references to the tensors; rebuild it if they are replaced (not needed when modified in place)."""
 
-    __slots__ = ("packed", "g", "h", "bias", "k", "out_features", "in_features", "isa", "_fn", "_args", "_pargs", "_lock")
+    __slots__ = ("packed", "g", "h", "bias", "k", "out_features", "in_features", "isa", "lut8", "_fn", "_args",
+                 "_pargs", "_lock")
 
     def __init__(self, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None,
-                 isa: str = "auto"):
+                 isa: str = "auto", lut8: bool = False):
         lib = load()
         k, nout, inf = _check(torch.empty(1, h.shape[-1]), packed, g, h, bias)
         self.packed, self.g, self.h = packed.contiguous(), g.contiguous(), h.contiguous()
@@ -208,6 +212,7 @@ class CpuLinearPlan:
         a.g, a.g_dt, a.h, a.h_dt = self.g.data_ptr(), _DT[g.dtype], self.h.data_ptr(), _DT[h.dtype]
         a.bias, a.bias_dt = (b.data_ptr(), _DT[b.dtype]) if b is not None else (None, 0)
         a.y_stride, a.isa = nout, self.isa
+        self.lut8 = a.lut8 = int(bool(lut8))
         self._pargs = ctypes.byref(a)
         self._lock = threading.Lock()   # the argument struct is shared: one call at a time per plan
 
@@ -223,7 +228,7 @@ class CpuLinearPlan:
         nt = torch.get_num_threads() if num_threads is None else num_threads
         if batch >= DENSE_MIN_BATCH:
             return rabit_linear_cpu(x, self.packed, self.g, self.h, self.bias, num_threads=nt,
-                                    isa=ISA_NAMES.get(self.isa, "auto"))
+                                    isa=ISA_NAMES.get(self.isa, "auto"), lut8=bool(self.lut8))
         y = torch.empty(batch, self.out_features, dtype=x.dtype)
         a = self._args
         with self._lock:
@@ -255,15 +260,17 @@ class _CachedPlan:
                                   bias.data_ptr() if bias is not None else 0))
 
 
-_plans: dict[int, _CachedPlan] = {}   # id(packed) -> its plan
+_plans: dict[tuple, _CachedPlan] = {}   # (id(packed), lut8) -> its plan
 
 
-def _plan_for(packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None) -> CpuLinearPlan:
-    key = id(packed)
+def _plan_for(packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None,
+              lut8: bool = False) -> CpuLinearPlan:
+    key = (id(packed), bool(lut8))
     entry = _plans.get(key)
     if entry is not None and entry.matches(packed, g, h, bias):
         return entry.plan
-    plan = CpuLinearPlan(packed.detach(), g.detach(), h.detach(), bias.detach() if bias is not None else None)
+    plan = CpuLinearPlan(packed.detach(), g.detach(), h.detach(), bias.detach() if bias is not None else None,
+                         lut8=lut8)
     this: list = []
 
     def on_death(_ref, key=key, this=this, plans=_plans):   # one of the tensors was freed: forget its plan
@@ -278,11 +285,11 @@ def _plan_for(packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias: torc
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
-           bias: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, num_threads: int | None = None, lut8: bool = False) -> torch.Tensor:
     """``rabit_linear_cpu`` with the checks and argument conversions done once per (packed, g, h, bias): the
-    prepared call (a ``CpuLinearPlan``) is cached for as long as these tensors live. The backend "cpu" of
-    ``rabit.kernels.rabit_linear``."""
-    return _plan_for(packed, g, h, bias)(x, num_threads)
+    prepared call (a ``CpuLinearPlan``) is cached for as long as these tensors live. The backends "cpu" and
+    (lut8=True) "cpu_int8" of ``rabit.kernels.rabit_linear``."""
+    return _plan_for(packed, g, h, bias, lut8)(x, num_threads)
 
 
 def dense_weight_cpu(packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, num_threads: int | None = None,

@@ -20,7 +20,8 @@ from . import cpu as _cpu
 from . import groupwise_cpu as _groupwise_cpu
 from .reference import dense_weight_reference, groupwise_linear_reference, rabit_linear_reference
 
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", "cpu_int8", "triton")
+_CPU_BACKENDS = ("cpu", "cpu_int8")
 ENV_VAR = "RABIT_KERNEL_BACKEND"
 OP_NAME = "rabit::packed_linear"
 _warned: set[str] = set()
@@ -43,7 +44,7 @@ def _triton_available() -> bool:
 def backend_available(name: str) -> bool:
     if name == "reference":
         return True
-    if name == "cpu":
+    if name in _CPU_BACKENDS:
         return _cpu.is_available()
     if name == "triton":
         return _triton_available()
@@ -58,13 +59,13 @@ def available_backends() -> list[str]:
 def _supports(name: str, device: torch.device) -> bool:
     if name == "reference":
         return True
-    if name == "cpu":
+    if name in _CPU_BACKENDS:
         return device.type == "cpu"
     return device.type == "cuda"
 
 
 def _why_unavailable(name: str) -> str:
-    if name == "cpu":
+    if name in _CPU_BACKENDS:
         return _cpu.build_error() or "rabit CPU kernel unavailable"
     if name == "triton":
         return "triton is not importable or CUDA is not available"
@@ -73,8 +74,8 @@ def _why_unavailable(name: str) -> str:
 
 def select_backend(x: torch.Tensor, backend: str | None = "auto", needs_grad: bool = False) -> str:
     """The backend ``rabit_linear`` would use for this input."""
-    if backend == "cpu" and x.is_cpu and _cpu._lib is not None:
-        return "cpu"                                                 # fast path of the decoders
+    if backend in _CPU_BACKENDS and x.is_cpu and _cpu._lib is not None:
+        return backend                                               # fast path of the decoders
     if backend is None or backend == "auto":
         forced = os.environ.get(ENV_VAR)
         if forced is None and not needs_grad and x.is_cpu and _cpu._lib is not None:
@@ -116,8 +117,8 @@ def select_backend(x: torch.Tensor, backend: str | None = "auto", needs_grad: bo
 def _run(name: str, x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
          bias: torch.Tensor | None, threads: int) -> torch.Tensor:
     """Run the backend `name` (already selected); threads <= 0: torch's thread count."""
-    if name == "cpu":
-        return _cpu.linear(x, packed, g, h, bias, threads if threads > 0 else None)
+    if name in _CPU_BACKENDS:
+        return _cpu.linear(x, packed, g, h, bias, threads if threads > 0 else None, lut8=name == "cpu_int8")
     if name == "triton":
         from .triton_gemv import rabit_linear_triton
         return rabit_linear_triton(x, packed, g, h, bias)
@@ -171,7 +172,8 @@ def rabit_linear(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torc
     x:       (..., in_features), float32 / bfloat16 / float16; the result has x's dtype and shape (..., out).
     packed:  uint8 sign planes in the ``rabit.sign_bits`` layout, shape sign_bits.packed_shape(k, out, in).
     g:       (k, out) per-output scales; h: (k, in) per-input scales (any float dtype). bias: (out,) or None.
-    backend: "auto", "reference", "cpu" or "triton" (see ``select_backend``).
+    backend: "auto", "reference", "cpu", "cpu_int8" or "triton" (see ``select_backend``). "cpu_int8" rounds
+             one-row inputs' lookup tables to int8 (decoding; relative error ~1e-2); "auto" never picks it.
     threads: threads of the native CPU kernel (None: ``torch.get_num_threads()``).
     """
     backend = backend or "auto"

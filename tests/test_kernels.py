@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from rabit import kernels, sign_bits
 from rabit.kernels import cpu as cpu_backend
-from rabit.kernels.reference import dense_weight_reference, rabit_linear_lut8_reference, rabit_linear_reference
+from rabit.kernels.reference import (LUT8_BLOCK, LUT8_MAX, dense_weight_reference, rabit_linear_lut8_reference,
+                                    rabit_linear_reference)
 from rabit.packed_layer import PackedRaBiTLinear
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -197,7 +198,7 @@ def test_lut8_matches_its_reference_on_every_isa(k, out, inf):
 @pytest.mark.parametrize("k,out,inf", LUT8_SHAPES)
 def test_lut8_error_within_its_bound(k, out, inf):
     """Against the exact product: each group's lookup is off by at most half a quantization step s_b, so
-    |y - y_exact| <= sum_i |g_i| * sum_b s_b / 2 * groups(b); and on Gaussian inputs the relative error is ~1e-2."""
+    |y - y_exact| <= sum_i |g_i| * sum_b s_b / 2 * groups(b); and on Gaussian inputs the relative error is ~5e-3."""
     x, B, g, h, b = make(k, out, inf, 1, seed=out + 7 * inf)
     P = sign_bits.pack_signs(B)
     y = cpu_backend.rabit_linear_cpu(x, P, g, h, b, lut8=True)
@@ -207,12 +208,13 @@ def test_lut8_error_within_its_bound(k, out, inf):
         a = torch.zeros(-(-inf // 32) * 32, dtype=torch.float64)
         a[:inf] = (h[i] * x[0]).double()
         group_sums = a.view(-1, 4).abs().sum(1)
-        for q0 in range(0, group_sums.numel(), 64):
-            blk = group_sums[q0:q0 + 64]
-            bound += g[i].double().abs() * (blk.max() / 63 / 2 * blk.numel())
+        per_block = LUT8_BLOCK // 4
+        for q0 in range(0, group_sums.numel(), per_block):
+            blk = group_sums[q0:q0 + per_block]
+            bound += g[i].double().abs() * (blk.max() / LUT8_MAX / 2 * blk.numel())
     err = (y.double() - ref).abs()[0]
     assert (err <= bound * 1.0001 + 1e-6).all()
-    assert 1e-4 < rel_err(y, ref) < 3e-2          # rounded (not the exact path), but close
+    assert 1e-4 < rel_err(y, ref) < 1.5e-2        # rounded (not the exact path), but close
 
 
 @needs_cpu

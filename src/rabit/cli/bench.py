@@ -6,8 +6,8 @@ interleaved round by round so that every figure sees the same machine load:
 
   rabit        every linear of the blocks and lm_head packed 2-bit (PackedRaBiTLinear, native CPU kernel; random
                sign planes and fp16 scales, sharing the fp32 model's embeddings and norms)
-  rabit-int8   the same as rabit through the "cpu_int8" backend (int8 lookup tables, activations rounded per 256
-               inputs as llama.cpp's Q8_K; relative error ~1e-2)
+  rabit-int8   the same as rabit through the "cpu_int8" backend (int8 lookup tables, table entries rounded per 64
+               inputs, like llama.cpp's Q8_K activations; relative error ~5e-3)
   rabit-fphead the same with lm_head kept in fp32
   fp32         the same random model in fp32 PyTorch (nn.Linear)
   (all three run through rabit.generate.StaticDecoder: static KV cache, same Python loop)

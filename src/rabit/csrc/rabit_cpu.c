@@ -15,9 +15,9 @@
  *   No multiplications in the big product; x is read once (when building the tables) for all paths; g is applied
  *   once per row and path.  Measured ceiling on Zen 4: ~150 G sign-ops/s per core (~19 GB/s of sign bits).
  *
- * "lut8" (one input row, opt-in): the same tables rounded to int8 with a scale per 256 inputs, looked up 64 (AVX-512
- * VBMI vpshufb) or 32 (AVX2) rows x 1 group per instruction and summed in int16: ~2x fewer instructions per sign
- * bit than the exact fp32 path, at a relative error of ~1e-2 (see the section "int8 lookup tables" below).
+ * "lut8" (one input row, opt-in): the same tables rounded to int8 with a scale per 64 inputs, looked up 64 (AVX-512
+ * VBMI vpshufb) or 32 (AVX2) rows x 1 group per instruction and summed in int16: fewer instructions per sign bit
+ * than the exact fp32 path, at a relative error of ~5e-3 (see the section "int8 lookup tables" below).
  *
  * ISA: AVX-512 (F+BW+VL, +VBMI) and AVX2+FMA code paths compiled with target attributes, selected at run time;
  * a portable scalar path otherwise.  Threads: OpenMP (the libgomp torch already loaded), work items of 4 tiles
@@ -44,7 +44,9 @@ enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AVX512VBM
 #define TG 4           /* tiles per work item (64 rows); the AVX-512 blocks are written for 4 */
 #define NTMAX (TG > 4 ? TG : 4)
 #ifndef PF_DIST
-#define PF_DIST 512      /* software prefetch distance in 64-byte words (0: off; 4 and 16 measured no better) */
+#define PF_DIST 512      /* software prefetch distance in 64-byte words, per tile stream (0: off).  On the Zen 5
+                            EPYC, 512 (32 KB) took a decoding step's GEMVs from ~5.8 to ~4.6 ms, 128 and 1024 less
+                            (docs/RESULTS.md section 16); 4 and 16 measured no better on an earlier machine */
 #endif
 #define BCHUNK 4       /* batch rows processed per table build */
 
@@ -223,6 +225,7 @@ AVX2_ATTR static void tiles_avx2(const job_t *J, int64_t t0, int64_t t1) {
                 const float *T = J->tables + ((b * J->k) + p) * ng * 16;
                 __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
                 for (int64_t c = 0; c < ncw; c++) {
+                    if (PF_DIST) _mm_prefetch((const char *)(P + (c + PF_DIST) * 64), _MM_HINT_T0);
                     __m256i w0 = _mm256_loadu_si256((const __m256i *)(P + c * 64));
                     __m256i w1 = _mm256_loadu_si256((const __m256i *)(P + c * 64 + 32));
                     const float *tc = T + 128 * c;
@@ -503,9 +506,12 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
 
 /* ------------------------------------------------------------------ int8 lookup tables ("lut8", batch 1)
  *
- * The fp32 tables of one input row are rounded to int8, one scale per block of Q8_BLOCK inputs (as llama.cpp's
- * Q8_K activations): s_b = max |T| over the block / Q8_MAX, Tq = rint(T / s_b).  |Tq| <= 63, so the lookups of two
- * groups add in int8 without overflow; sums over a block are exact in int16/int32, then y_r += s_b * sum (fma).
+ * The fp32 tables of one input row are rounded to int8, one scale per block of Q8_BLOCK inputs (like llama.cpp's
+ * Q8_K activations, per 4-input sum here): s_b = max |T| over the block / Q8_MAX, Tq = rint(T / s_b); sums over a
+ * block are exact in int16 (<= 2 * 127 * Q8_BLOCK / 32 per lane), then y_r += s_b * sum (fma).  With Q8_MAX <= 63
+ * the lookups of two groups could add in int8 (fewer instructions): measured on the default model, 63 with blocks of
+ * 256 inputs gave a KL of 0.024 per token from the exact path on WikiText-2, 127 with blocks of 64 gave 0.0025
+ * (docs/RESULTS.md section 16).
  * Every ISA computes identical int8 tables and identical integer sums, and applies the block scales and g in the
  * same order, so all code paths give the same bits.  The rounding error is at most s_b / 2 per group lookup.
  *
@@ -514,13 +520,17 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
  * "tiled16x32" layout: byte j of a row's 32-bit word holds the nibbles of groups 2j (low) and 2j+1 (high), and
  * the SIMD paths transpose 4 x 16 bytes in registers so that one 16-byte lane holds byte j of 16 rows.
  */
-#define Q8_BLOCK 256                   /* inputs per table scale */
-#define Q8_CHUNKS (Q8_BLOCK / 32)
-#define Q8_MAX 63
-#ifndef Q8_PF_BYTES
-#define Q8_PF_BYTES 32768
-#define Q8_PF_HINT _MM_HINT_T0
+#ifndef Q8_BLOCK
+#define Q8_BLOCK 64                    /* inputs per table scale (a multiple of 32, <= 1024) */
 #endif
+#define Q8_CHUNKS (Q8_BLOCK / 32)
+#ifndef Q8_MAX
+#define Q8_MAX 127
+#endif
+#ifndef Q8_PF_BYTES
+#define Q8_PF_BYTES 32768              /* software prefetch distance along a path's sign bits (0: off) */
+#endif
+#define Q8_PF_HINT _MM_HINT_T0
 
 static inline int q8_slot(int isa, int n) {
     if (isa == ISA_AVX512VBMI) return (n & 1) * 4 + n / 2; /* lanes j of slots 0-3: even groups 2j; 4-7: odd */
@@ -628,8 +638,14 @@ AVX512VBMI_ATTR static void tiles_q8_avx512vbmi(const job_t *J, const int8_t *tq
                     if (Q8_PF_BYTES) _mm_prefetch((const char *)(P + c * 64 + Q8_PF_BYTES), Q8_PF_HINT);
                     __m512i w = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512((const void *)(P + c * 64)));
                     __m512i lo = _mm512_and_si512(w, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
-                    __m512i s = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128), lo),
-                                                _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128 + 64), hi));
+                    __m512i s = _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128), lo);
+                    __m512i u = _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128 + 64), hi);
+                    if (Q8_MAX <= 63) {   /* two lookups add in int8 */
+                        s = _mm512_add_epi8(s, u);
+                    } else {
+                        a0 = _mm512_add_epi16(a0, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(u)));
+                        a1 = _mm512_add_epi16(a1, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(u, 1)));
+                    }
                     a0 = _mm512_add_epi16(a0, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(s)));
                     a1 = _mm512_add_epi16(a1, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(s, 1)));
                 }
@@ -710,15 +726,19 @@ AVX2_ATTR static void tiles_q8_avx2(const job_t *J, const int8_t *tq, const floa
                         _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + c * 64 + 32)), tr), dw);
                     __m256i X = _mm256_unpacklo_epi64(w0, w1), Y = _mm256_unpackhi_epi64(w0, w1);
                     const int8_t *tc = tp + c * 128;
-                    __m256i sx = _mm256_add_epi8(
-                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)tc), _mm256_and_si256(X, m0f)),
-                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 32)),
-                                            _mm256_and_si256(_mm256_srli_epi16(X, 4), m0f)));
-                    __m256i sy = _mm256_add_epi8(
-                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 64)), _mm256_and_si256(Y, m0f)),
-                        _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 96)),
-                                            _mm256_and_si256(_mm256_srli_epi16(Y, 4), m0f)));
-                    acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, sx), sy);
+                    __m256i sx = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)tc), _mm256_and_si256(X, m0f));
+                    __m256i ux = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 32)),
+                                                     _mm256_and_si256(_mm256_srli_epi16(X, 4), m0f));
+                    __m256i sy = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 64)),
+                                                     _mm256_and_si256(Y, m0f));
+                    __m256i uy = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 96)),
+                                                     _mm256_and_si256(_mm256_srli_epi16(Y, 4), m0f));
+                    if (Q8_MAX <= 63) {   /* two lookups add in int8 */
+                        acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, _mm256_add_epi8(sx, ux)), _mm256_add_epi8(sy, uy));
+                    } else {
+                        acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, sx), sy);
+                        acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, ux), uy);
+                    }
                 }
                 __m256 sc = _mm256_set1_ps(ts[(int64_t)p * nblk + blk]);
                 f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc))), sc, f0);

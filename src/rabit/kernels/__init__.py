@@ -10,8 +10,8 @@ Backends
   "cpu"        native C kernel (lookup tables over 4 inputs, AVX-512/AVX2/scalar picked at run time, OpenMP
                threads); CPU tensors.  Built with the system C compiler on first use.
   "cpu_int8"   the same native kernel with int8 lookup tables for one-row inputs (batch-1 decoding): h * x
-               rounded with one scale per 256 inputs, as llama.cpp's Q8_K activations; relative error ~1e-2,
-               ~2x fewer instructions per sign bit. Several rows run the exact path. Never chosen by "auto".
+               rounded with one scale per 64 inputs (as llama.cpp's Q8_K activations, per 4-input sum); relative
+               error ~5e-3, fewer instructions per sign bit. Several rows run the exact path. Never chosen by "auto".
   "triton"     Triton GEMV (decode) / GEMM (prefill) kernels; CUDA tensors, needs ``triton``.
 
 ``backend="auto"`` (default) takes ``$RABIT_KERNEL_BACKEND`` if set, else "triton" for CUDA tensors when

@@ -173,7 +173,7 @@ def rabit_linear(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torc
     packed:  uint8 sign planes in the ``rabit.sign_bits`` layout, shape sign_bits.packed_shape(k, out, in).
     g:       (k, out) per-output scales; h: (k, in) per-input scales (any float dtype). bias: (out,) or None.
     backend: "auto", "reference", "cpu", "cpu_int8" or "triton" (see ``select_backend``). "cpu_int8" rounds
-             one-row inputs' lookup tables to int8 (decoding; relative error ~1e-2); "auto" never picks it.
+             one-row inputs' lookup tables to int8 (decoding; relative error ~5e-3); "auto" never picks it.
     threads: threads of the native CPU kernel (None: ``torch.get_num_threads()``).
     """
     backend = backend or "auto"

@@ -25,8 +25,8 @@ def rabit_linear_reference(x: torch.Tensor, packed: torch.Tensor, g: torch.Tenso
 
 
 # the "cpu_int8" kernel's table quantization (Q8_BLOCK, Q8_MAX in csrc/rabit_cpu.c)
-LUT8_BLOCK = 256   # inputs per table scale
-LUT8_MAX = 63      # largest |entry|: two lookups add in int8
+LUT8_BLOCK = 64    # inputs per table scale
+LUT8_MAX = 127     # largest |entry| (int8)
 
 
 def rabit_linear_lut8_reference(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,

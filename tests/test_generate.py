@@ -178,6 +178,9 @@ def test_engine_process_crash_and_environment():
     assert "OMP_WAIT_POLICY" not in engine_env("tq2_0", "engine", base)  # llama.cpp keeps its own default
     assert engine_env("tq2_0", "active", base)["OMP_WAIT_POLICY"] == "ACTIVE"
     assert engine_env("rabit", "inherit", base) == base
+    assert engine_env("rabit", "engine", base)["THP_MEM_ALLOC_ENABLE"] == "1"     # torch engines: huge pages
+    assert "THP_MEM_ALLOC_ENABLE" not in engine_env("tq2_0", "engine", base)
+    assert engine_env("rabit", "engine", {**base, "THP_MEM_ALLOC_ENABLE": "0"})["THP_MEM_ALLOC_ENABLE"] == "0"
     with pytest.raises(ValueError):
         engine_env("rabit", "spin", base)
 

@@ -23,6 +23,7 @@ TORCH_ENGINES = ("rabit", "rabit-int8", "rabit-fphead", "fp32")
 # default (the variable is removed from its environment).
 ENGINE_WAIT_POLICY = {e: "ACTIVE" for e in TORCH_ENGINES}
 WAIT_POLICIES = ("engine", "passive", "active", "inherit")
+THP_ENV = "THP_MEM_ALLOC_ENABLE"   # PyTorch's CPU allocator: madvise(MADV_HUGEPAGE) on large allocations
 
 
 class EngineFailed(RuntimeError):
@@ -30,12 +31,16 @@ class EngineFailed(RuntimeError):
 
 
 def engine_env(engine: str, policy: str, base: dict | None = None) -> dict:
-    """The environment of one run of `engine` under --omp-wait-policy `policy`."""
+    """The environment of one run of `engine` under --omp-wait-policy `policy`. The torch engines also allocate
+    their large tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1, unless set): the GEMVs of a decoding
+    step stream 115 MB, and 2 MB pages took them 3-7% faster (docs/RESULTS.md section 16)."""
     if policy not in WAIT_POLICIES:
         raise ValueError(f"unknown OMP wait policy {policy!r}; choose from {', '.join(WAIT_POLICIES)}")
     env = dict(os.environ if base is None else base)
     if policy == "inherit":
         return env
+    if engine in TORCH_ENGINES:
+        env.setdefault(THP_ENV, "1")
     if policy == "engine":
         want = ENGINE_WAIT_POLICY.get(engine)
     else:

@@ -35,6 +35,11 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    import os
+
+    # before torch allocates the model: its CPU allocator then puts large tensors on transparent huge pages, which
+    # made the GEMVs of a decoding step 3-7% faster (docs/RESULTS.md section 16); read once, at the first allocation
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import torch
 
     from ..generate import generate

@@ -16,8 +16,8 @@ class PackedRaBiTLinear(nn.Module):
     Buffers (all saved in the state dict):
       packed (uint8, ``sign_bits.packed_shape(k, out, in)``, layout ``sign_bits.LAYOUT``): the k sign planes;
       g (k, out) and h (k, in) in ``scale_dtype`` (default fp16); bias (out,) in ``scale_dtype`` or None.
-    ``backend`` ("auto", "reference", "cpu", "triton") is passed to ``rabit.kernels.rabit_linear`` (the operator
-    ``torch.ops.rabit.packed_linear``).
+    ``backend`` ("auto", "reference", "cpu", "cpu_int8", "triton") is passed to ``rabit.kernels.rabit_linear`` (the
+    operator ``torch.ops.rabit.packed_linear``).
     The output has the dtype of the input (fp32/bf16/fp16 activations).
     """
 

@@ -395,7 +395,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """Load a folder written by ``save_quantized``: a transformers model with PackedRaBiTLinear layers, in eval mode.
 
     dtype: dtype of the non-quantized float tensors (None: as stored); the scales keep their stored dtype.
-    backend: kernel backend for the packed layers ("auto", "cpu", "triton", "reference").
+    backend: kernel backend for the packed layers ("auto", "cpu", "cpu_int8", "triton", "reference").
     verify: check every tensor and file against the checksums saved with them (rabit.integrity) and raise
         rabit.integrity.IntegrityError, naming the file and tensor, on any mismatch; False skips the check.
     Never runs code from the folder (safetensors only, trust_remote_code=False).

@@ -56,6 +56,28 @@ def test_decoder_with_int8_lookup_tables():
     assert 1e-5 < steps < 0.05 * ref[:, 5:].abs().max().item()
 
 
+def test_bf16_valued_head_decodes_as_bf16():
+    """An fp32 head holding bf16 values (a packed folder's tied embedding) runs as a bf16 GEMV in the one-token
+    steps, close to the fp32 head; any other head (and bf16_head=False) keeps the fp32 path, bit for bit."""
+    from rabit.generate import _bf16_head_fn
+
+    model = make_tiny_llama()
+    assert _bf16_head_fn(model.lm_head, 1, False) is None                 # random fp32 values: not bf16
+    with torch.no_grad():
+        ref = model(IDS).logits
+        exact = _incremental(StaticDecoder(model, max_len=16, bf16_head=True), IDS, 5)
+        torch.testing.assert_close(exact, ref, rtol=0, atol=1e-4)
+        model.lm_head.weight.copy_(model.lm_head.weight.to(torch.bfloat16).float())
+        ref = model(IDS).logits
+        assert _bf16_head_fn(model.lm_head, 1, False) is not None
+        fast = _incremental(StaticDecoder(model, max_len=16), IDS, 5)
+        slow = _incremental(StaticDecoder(model, max_len=16, bf16_head=False), IDS, 5)
+    torch.testing.assert_close(slow, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast[:, :5], ref[:, :5], rtol=0, atol=1e-4)   # the prefill keeps the fp32 head
+    steps = (fast[:, 5:] - ref[:, 5:]).abs().max().item()
+    assert 0 < steps < 2e-2 * ref.abs().max().item()
+
+
 def test_greedy_generation_matches_transformers_generate():
     from rabit.testing import tiny_tokenizer
 

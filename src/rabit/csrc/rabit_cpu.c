@@ -43,6 +43,10 @@ enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AVX512VBM
 #define TILE 16
 #define TG 4           /* tiles per work item (64 rows); the AVX-512 blocks are written for 4 */
 #define NTMAX (TG > 4 ? TG : 4)
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1   /* into L2: 4 tile streams x PF_DIST ahead into L1 (T0) evicted the working set and
+                                 halved cache-resident GEMVs on 2 threads (docs/RESULTS.md section 16) */
+#endif
 #ifndef PF_DIST
 #define PF_DIST 512      /* software prefetch distance in 64-byte words, per tile stream (0: off).  On the Zen 5
                             EPYC, 512 (32 KB) took a decoding step's GEMVs from ~5.8 to ~4.6 ms, 128 and 1024 less
@@ -225,7 +229,7 @@ AVX2_ATTR static void tiles_avx2(const job_t *J, int64_t t0, int64_t t1) {
                 const float *T = J->tables + ((b * J->k) + p) * ng * 16;
                 __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
                 for (int64_t c = 0; c < ncw; c++) {
-                    if (PF_DIST) _mm_prefetch((const char *)(P + (c + PF_DIST) * 64), _MM_HINT_T0);
+                    if (PF_DIST) _mm_prefetch((const char *)(P + (c + PF_DIST) * 64), PF_HINT);
                     __m256i w0 = _mm256_loadu_si256((const __m256i *)(P + c * 64));
                     __m256i w1 = _mm256_loadu_si256((const __m256i *)(P + c * 64 + 32));
                     const float *tc = T + 128 * c;
@@ -346,7 +350,7 @@ ATTR static inline __attribute__((always_inline)) void NAME(const job_t *J, int6
             __m512i w[NTMAX];                                                                                 \
             for (int i = 0; i < NT; i++) w[i] = _mm512_loadu_si512((const void *)(P + i * tstride + c * 64)); \
             if (PF_DIST) for (int i = 0; i < NT; i++)                                                     \
-                _mm_prefetch((const char *)(P + i * tstride + (c + PF_DIST) * 64), _MM_HINT_T0);          \
+                _mm_prefetch((const char *)(P + i * tstride + (c + PF_DIST) * 64), PF_HINT);              \
             for (int n = 0; n < 8; n++) {                                                                 \
                 __m512i idx[NTMAX];                                                                           \
                 for (int i = 0; i < NT; i++) idx[i] = n ? EXTRACT(w[i], n) : w[i];                        \
@@ -530,7 +534,7 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
 #ifndef Q8_PF_BYTES
 #define Q8_PF_BYTES 32768              /* software prefetch distance along a path's sign bits (0: off) */
 #endif
-#define Q8_PF_HINT _MM_HINT_T0
+#define Q8_PF_HINT PF_HINT
 
 static inline int q8_slot(int isa, int n) {
     if (isa == ISA_AVX512VBMI) return (n & 1) * 4 + n / 2; /* lanes j of slots 0-3: even groups 2j; 4-7: odd */

@@ -528,6 +528,8 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
 #define Q8_BLOCK 64                    /* inputs per table scale (a multiple of 32, <= 1024) */
 #endif
 #define Q8_CHUNKS (Q8_BLOCK / 32)
+/* int16 sums: the AVX2 path adds 8 lookups (<= 127) per row and chunk to one lane */
+_Static_assert(Q8_BLOCK % 32 == 0 && Q8_BLOCK <= 1024, "Q8_BLOCK: a multiple of 32, at most 1024");
 #ifndef Q8_MAX
 #define Q8_MAX 127
 #endif

@@ -98,6 +98,6 @@ if args.plot:
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    ax.set_title(f"2-bit SmolLM2-135M, frozen-latent distillation, {args.steps}-step schedule")
+    ax.set_title(f"2-bit SmolLM2-135M, frozen-latent distillation,\n{args.steps}-step schedule", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)

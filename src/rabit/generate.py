@@ -97,7 +97,12 @@ def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False
             backend = None
         if backend in ("cpu", "cpu_int8"):
             packed, g, h, bias = mod.packed, mod.g, mod.h, mod.bias
-            return lambda x: kernels.rabit_linear(x, packed, g, h, bias, backend=backend, threads=threads)
+            if compile:   # the registered operator keeps the compiled graph whole
+                return lambda x: kernels.rabit_linear(x, packed, g, h, bias, backend=backend, threads=threads)
+            # the prepared native call itself: no backend selection or plan lookup per token (~2 us a call)
+            plan = kernels.cpu.CpuLinearPlan(packed.detach(), g.detach(), h.detach(),
+                                             bias.detach() if bias is not None else None, lut8=backend == "cpu_int8")
+            return lambda x: plan(x, threads)
     if type(mod) is nn.Linear:
         w, b = mod.weight, mod.bias
         fn = lambda x: F.linear(x, w, b)  # noqa: E731

@@ -387,7 +387,8 @@ def _bits_per_weight(shape: dict, engine: str) -> float:
 
 
 ENGINE_LABELS = {"rabit": "rabit 2-bit (blocks + lm_head packed)",
-                 "rabit-int8": "rabit 2-bit, int8 lookup tables (cpu_int8)", "rabit-fphead": "rabit 2-bit, fp32 lm_head",
+                 "rabit-int8": "rabit 2-bit, int8 lookup tables (cpu_int8)",
+                 "rabit-fphead": "rabit 2-bit, fp32 lm_head",
                  "fp32": "PyTorch fp32", "f16": "llama.cpp F16", "q2_k": "llama.cpp Q2_K",
                  "tq2_0": "llama.cpp TQ2_0"}
 

@@ -93,7 +93,7 @@ def worker(spec: dict) -> dict:
 
     from .cli.bench import _torch_run, make_random_llama, packed_copy
     from .generate import StaticDecoder
-    from .packed_layer import PackedRaBiTLinear
+    from .serialization import packed_layers
 
     torch.set_num_threads(spec["threads"])
     shape, engine = spec["shape"], spec["engine"]
@@ -105,9 +105,8 @@ def worker(spec: dict) -> dict:
         model = packed_copy(base, quantize_head=engine != "rabit-fphead")
         del base
         if engine == "rabit-int8":
-            for mod in model.modules():
-                if isinstance(mod, PackedRaBiTLinear):
-                    mod.backend = "cpu_int8"
+            for mod in packed_layers(model).values():
+                mod.backend = "cpu_int8"
     else:
         raise ValueError(f"unknown torch engine {engine!r}")
     gen = torch.Generator().manual_seed(spec["seed"])

@@ -512,10 +512,10 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
  *
  * The fp32 tables of one input row are rounded to int8, one scale per block of Q8_BLOCK inputs (like llama.cpp's
  * Q8_K activations, per 4-input sum here): s_b = max |T| over the block / Q8_MAX, Tq = rint(T / s_b); sums over a
- * block are exact in int16 (<= 2 * 127 * Q8_BLOCK / 32 per lane), then y_r += s_b * sum (fma).  With Q8_MAX <= 63
- * the lookups of two groups could add in int8 (fewer instructions): measured on the default model, 63 with blocks of
- * 256 inputs gave a KL of 0.024 per token from the exact path on WikiText-2, 127 with blocks of 64 gave 0.0025
- * (docs/RESULTS.md section 16).
+ * block are exact in int16, then y_r += s_b * sum (fma).  A variant with entries <= 63, whose two lookups per byte
+ * add in int8 before widening (fewer instructions), with blocks of 256 inputs, was measured and dropped: a KL of
+ * 0.024 per token from the exact path on WikiText-2 against 0.0025 for 127 and blocks of 64 (docs/RESULTS.md
+ * section 16).
  * Every ISA computes identical int8 tables and identical integer sums, and applies the block scales and g in the
  * same order, so all code paths give the same bits.  The rounding error is at most s_b / 2 per group lookup.
  *
@@ -530,13 +530,7 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
 #define Q8_CHUNKS (Q8_BLOCK / 32)
 /* int16 sums: the AVX2 path adds 8 lookups (<= 127) per row and chunk to one lane */
 _Static_assert(Q8_BLOCK % 32 == 0 && Q8_BLOCK <= 1024, "Q8_BLOCK: a multiple of 32, at most 1024");
-#ifndef Q8_MAX
-#define Q8_MAX 127
-#endif
-#ifndef Q8_PF_BYTES
-#define Q8_PF_BYTES 32768              /* software prefetch distance along a path's sign bits (0: off) */
-#endif
-#define Q8_PF_HINT PF_HINT
+#define Q8_MAX 127                     /* largest |table entry| */
 
 static inline int q8_slot(int isa, int n) {
     if (isa == ISA_AVX512VBMI) return (n & 1) * 4 + n / 2; /* lanes j of slots 0-3: even groups 2j; 4-7: odd */
@@ -641,17 +635,13 @@ AVX512VBMI_ATTR static void tiles_q8_avx512vbmi(const job_t *J, const int8_t *tq
                 int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
                 __m512i a0 = _mm512_setzero_si512(), a1 = a0;
                 for (int64_t c = c0; c < c1; c++) {
-                    if (Q8_PF_BYTES) _mm_prefetch((const char *)(P + c * 64 + Q8_PF_BYTES), Q8_PF_HINT);
+                    if (PF_DIST) _mm_prefetch((const char *)(P + (c + PF_DIST) * 64), PF_HINT);
                     __m512i w = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512((const void *)(P + c * 64)));
                     __m512i lo = _mm512_and_si512(w, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
                     __m512i s = _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128), lo);
                     __m512i u = _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128 + 64), hi);
-                    if (Q8_MAX <= 63) {   /* two lookups add in int8 */
-                        s = _mm512_add_epi8(s, u);
-                    } else {
-                        a0 = _mm512_add_epi16(a0, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(u)));
-                        a1 = _mm512_add_epi16(a1, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(u, 1)));
-                    }
+                    a0 = _mm512_add_epi16(a0, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(u)));
+                    a1 = _mm512_add_epi16(a1, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(u, 1)));
                     a0 = _mm512_add_epi16(a0, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(s)));
                     a1 = _mm512_add_epi16(a1, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(s, 1)));
                 }
@@ -691,7 +681,7 @@ AVX2_ATTR static void quantize_tables_avx2(const job_t *J, int isa, int p, int8_
                     __m256 v = _mm256_mul_ps(_mm256_load_ps(T + (c * 8 + n) * 16 + h8), iv);
                     v = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
                                                     nlim), lim);
-                    /* 8 int32 in [-63, 63] -> 8 bytes */
+                    /* 8 int32 in [-Q8_MAX, Q8_MAX] -> 8 bytes */
                     __m256i b = _mm256_shuffle_epi8(_mm256_cvtps_epi32(v), pk);
                     uint32_t lo4 = (uint32_t)_mm256_extract_epi32(b, 0), hi4 = (uint32_t)_mm256_extract_epi32(b, 4);
                     memcpy(dst + h8, &lo4, 4);
@@ -724,7 +714,7 @@ AVX2_ATTR static void tiles_q8_avx2(const job_t *J, const int8_t *tq, const floa
                 int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
                 __m256i acc = _mm256_setzero_si256();
                 for (int64_t c = c0; c < c1; c++) {
-                    if (Q8_PF_BYTES) _mm_prefetch((const char *)(P + c * 64 + Q8_PF_BYTES), Q8_PF_HINT);
+                    if (PF_DIST) _mm_prefetch((const char *)(P + (c + PF_DIST) * 64), PF_HINT);
                     /* rows 0-7 and 8-15 -> X: [byte 0 of rows 0-15 | byte 2], Y: [byte 1 | byte 3] */
                     __m256i w0 = _mm256_permutevar8x32_epi32(
                         _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + c * 64)), tr), dw);
@@ -739,12 +729,8 @@ AVX2_ATTR static void tiles_q8_avx2(const job_t *J, const int8_t *tq, const floa
                                                      _mm256_and_si256(Y, m0f));
                     __m256i uy = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 96)),
                                                      _mm256_and_si256(_mm256_srli_epi16(Y, 4), m0f));
-                    if (Q8_MAX <= 63) {   /* two lookups add in int8 */
-                        acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, _mm256_add_epi8(sx, ux)), _mm256_add_epi8(sy, uy));
-                    } else {
-                        acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, sx), sy);
-                        acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, ux), uy);
-                    }
+                    acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, sx), sy);
+                    acc = q8_widen_add_avx2(q8_widen_add_avx2(acc, ux), uy);
                 }
                 __m256 sc = _mm256_set1_ps(ts[(int64_t)p * nblk + blk]);
                 f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc))), sc, f0);

@@ -8,12 +8,16 @@ the weight, the sign planes (as bool) and the clipped-STE mask are made once, wi
 
     d latent = dW (times the STE mask),   d g_i = (dW * B_i) @ h_i,   d h_i = g_i @ (dW * B_i).
 
-The forward value is bitwise the composition's; the scale gradients differ by summation order only.
+The forward value is bitwise the composition's; the scale gradients differ by summation order only. The scale
+gradients of all k paths come from one pass over dW (`scale_grads`: the native kernel
+rabit.kernels.scale_grad_cpu on CPU, else `scale_grads_reference`, the PyTorch formula).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import scale_grad_cpu
 
 
 @torch.no_grad()
@@ -56,6 +60,25 @@ def signed(grad: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, grad, grad.neg())
 
 
+def scale_grads_reference(grad_w: torch.Tensor, positives, g, h) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """([d g_i], [d h_i]) from d loss / d W: d g_i = (dW * B_i) @ h_i, d h_i = g_i @ (dW * B_i), B_i = +-1 from
+    the bool planes `positives` (True = +1). Plain PyTorch, any device: one dense out x in temporary per path."""
+    dg, dh = [], []
+    for pos, gi, hi in zip(positives, g, h):
+        p = signed(grad_w, pos)
+        dg.append(p @ hi)
+        dh.append(gi @ p)
+    return dg, dh
+
+
+def scale_grads(grad_w: torch.Tensor, positives, g, h) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """scale_grads_reference's values (to fp32 summation order), from one pass over grad_w for all paths when
+    the native CPU kernel takes the inputs (CPU, fp32, contiguous, the library built), else the reference."""
+    if scale_grad_cpu.supports(grad_w, positives, g, h) and scale_grad_cpu.is_available():
+        return scale_grad_cpu.scale_grads_cpu(grad_w, positives, g, h)
+    return scale_grads_reference(grad_w, positives, g, h)
+
+
 class _CoupledLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, positives, mask, compute_dtype, bias, latent, *scales):
@@ -86,13 +109,9 @@ class _CoupledLinear(torch.autograd.Function):
             grad_w = (go.T @ xc.reshape(-1, xc.shape[-1])).float()
             if need[6]:
                 grad_latent = grad_w if ctx.mask is None else grad_w * ctx.mask
-            for i in range(k):
-                if need[7 + i] or need[7 + k + i]:
-                    p = signed(grad_w, ctx.positives[i])
-                    if need[7 + i]:
-                        grad_scales[i] = p @ h[i]
-                    if need[7 + k + i]:
-                        grad_scales[k + i] = g[i] @ p
+            if any(need[7:]):
+                dg, dh = scale_grads(grad_w, ctx.positives, g, h)
+                grad_scales = [d if need[7 + j] else None for j, d in enumerate(dg + dh)]
         return (grad_x, None, None, None, None, grad_bias, grad_latent, *grad_scales)
 
 

@@ -1,0 +1,247 @@
+/*
+ * The path-scale gradients of the coupled RaBiT linear (rabit.ops.coupled), for all k paths in one pass over
+ * d loss / d W:
+ *
+ *     dg_i[o] = sum_j s_i[o, j] * gw[o, j] * h_i[j]        dh_i[j] = sum_o g_i[o] * s_i[o, j] * gw[o, j]
+ *
+ * with s_i = +1 where the sign plane B_i is True (1 byte per weight, the bool plane coupled_weight() keeps),
+ * else -1. gw: fp32 (out, in), row-major, contiguous. The PyTorch formula (torch.where(B_i, gw, -gw), then two
+ * matrix-vector products) writes and reads two dense out x in temporaries per path; here gw is read once for
+ * all paths and s_i * gw is a sign flip in registers.
+ *
+ * Rows are split statically over OpenMP threads (contiguous ranges); each thread accumulates dh in its own
+ * buffer, summed in thread order at the end, so a result is reproducible for a given thread count. Columns are
+ * walked in tiles (at most TILE_MAX) so that a tile of h_i and of the dh accumulators stays in L1 across rows.
+ * AVX-512 (F, BW, VL) and AVX2 (+FMA) paths, chosen at run time, and a scalar path; fp32 accumulation.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SG_X86 1
+#endif
+
+#define SG_API __attribute__((visibility("default")))
+#define PMAX 4          /* paths sharing one load of a gw vector; more paths: several passes */
+#define TILE_MAX 1024   /* columns per tile */
+#define KMAX 64
+
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+typedef struct {
+    const float *gw; int64_t out, in; int k;
+    const uint8_t *const *s; const float *const *g; const float *const *h;
+    float *const *dg;
+} job_t;
+
+/* rows [r0, r1) x columns [c0, c1) of paths p0 .. p0 + kk - 1: dg[p][o] += row partials, dh[p][j] += ... */
+static void tile_scalar(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, int kk,
+                        float *const *dh) {
+    for (int64_t o = r0; o < r1; o++) {
+        const float *w = J->gw + o * J->in;
+        for (int p = p0; p < p0 + kk; p++) {
+            const uint8_t *s = J->s[p] + o * J->in;
+            const float *h = J->h[p];
+            float *d = dh[p];
+            const float go = J->g[p][o];
+            float acc = 0.0f;
+            for (int64_t j = c0; j < c1; j++) {
+                const float v = s[j] ? w[j] : -w[j];
+                acc += v * h[j];
+                d[j] += go * v;
+            }
+            J->dg[p][o] += acc;
+        }
+    }
+}
+
+#ifdef SG_X86
+#define AVX2_ATTR __attribute__((target("avx2,fma")))
+#define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+AVX2_ATTR static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* KK is a constant at every call site (always inlined): the per-path accumulators stay in registers */
+__attribute__((always_inline)) AVX2_ATTR static inline void
+tile_avx2_k(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, const int KK,
+            float *const *dh) {
+    const __m256i sbit = _mm256_set1_epi32((int)0x80000000u), zero = _mm256_setzero_si256();
+    for (int64_t o = r0; o < r1; o++) {
+        const float *w = J->gw + o * J->in;
+        const uint8_t *s[PMAX]; const float *h[PMAX]; float *d[PMAX];
+        __m256 acc[PMAX], gs[PMAX];
+        float tail[PMAX];
+        for (int p = 0; p < KK; p++) {
+            s[p] = J->s[p0 + p] + o * J->in; h[p] = J->h[p0 + p]; d[p] = dh[p0 + p];
+            acc[p] = _mm256_setzero_ps(); gs[p] = _mm256_set1_ps(J->g[p0 + p][o]); tail[p] = 0.0f;
+        }
+        int64_t j = c0;
+        for (; j + 8 <= c1; j += 8) {
+            const __m256i wv = _mm256_castps_si256(_mm256_loadu_ps(w + j));
+            for (int p = 0; p < KK; p++) {
+                /* bytes 0 -> all ones -> the sign bit set -> -gw */
+                __m256i neg = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s[p] + j))),
+                                                 zero);
+                __m256 v = _mm256_castsi256_ps(_mm256_xor_si256(wv, _mm256_and_si256(neg, sbit)));
+                acc[p] = _mm256_fmadd_ps(v, _mm256_loadu_ps(h[p] + j), acc[p]);
+                _mm256_storeu_ps(d[p] + j, _mm256_fmadd_ps(gs[p], v, _mm256_loadu_ps(d[p] + j)));
+            }
+        }
+        for (; j < c1; j++) {
+            for (int p = 0; p < KK; p++) {
+                const float v = s[p][j] ? w[j] : -w[j];
+                tail[p] += v * h[p][j];
+                d[p][j] += J->g[p0 + p][o] * v;
+            }
+        }
+        for (int p = 0; p < KK; p++) J->dg[p0 + p][o] += hsum8(acc[p]) + tail[p];
+    }
+}
+
+AVX2_ATTR static void tile_avx2(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, int kk,
+                                float *const *dh) {
+    switch (kk) {
+    case 1: tile_avx2_k(J, r0, r1, c0, c1, p0, 1, dh); break;
+    case 2: tile_avx2_k(J, r0, r1, c0, c1, p0, 2, dh); break;
+    case 3: tile_avx2_k(J, r0, r1, c0, c1, p0, 3, dh); break;
+    default: tile_avx2_k(J, r0, r1, c0, c1, p0, 4, dh); break;
+    }
+}
+
+__attribute__((always_inline)) AVX512_ATTR static inline void
+tile_avx512_k(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, const int KK,
+              float *const *dh) {
+    const __m512i sbit = _mm512_set1_epi32((int)0x80000000u);
+    const __m128i ones = _mm_set1_epi8((char)0xFF);
+    const int64_t n = c1 - c0;
+    const __mmask16 last = (n % 16) ? (__mmask16)((1u << (n % 16)) - 1u) : (__mmask16)0xFFFF;
+    for (int64_t o = r0; o < r1; o++) {
+        const float *w = J->gw + o * J->in;
+        const uint8_t *s[PMAX]; const float *h[PMAX]; float *d[PMAX];
+        __m512 acc[PMAX], gs[PMAX];
+        for (int p = 0; p < KK; p++) {
+            s[p] = J->s[p0 + p] + o * J->in; h[p] = J->h[p0 + p]; d[p] = dh[p0 + p];
+            acc[p] = _mm512_setzero_ps(); gs[p] = _mm512_set1_ps(J->g[p0 + p][o]);
+        }
+        for (int64_t j = c0; j < c1; j += 16) {
+            const __mmask16 m = (c1 - j >= 16) ? (__mmask16)0xFFFF : last;
+            const __m512i wv = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, w + j));
+            for (int p = 0; p < KK; p++) {
+                /* lanes whose byte is 0 (B = -1): flip the sign bit */
+                const __mmask16 neg = _mm_testn_epi8_mask(_mm_maskz_loadu_epi8(m, s[p] + j), ones);
+                const __m512 v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(wv, neg, wv, sbit));
+                acc[p] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, h[p] + j), acc[p]);
+                _mm512_mask_storeu_ps(d[p] + j, m, _mm512_fmadd_ps(gs[p], v, _mm512_maskz_loadu_ps(m, d[p] + j)));
+            }
+        }
+        for (int p = 0; p < KK; p++) J->dg[p0 + p][o] += _mm512_reduce_add_ps(acc[p]);
+    }
+}
+
+AVX512_ATTR static void tile_avx512(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0,
+                                    int kk, float *const *dh) {
+    switch (kk) {
+    case 1: tile_avx512_k(J, r0, r1, c0, c1, p0, 1, dh); break;
+    case 2: tile_avx512_k(J, r0, r1, c0, c1, p0, 2, dh); break;
+    case 3: tile_avx512_k(J, r0, r1, c0, c1, p0, 3, dh); break;
+    default: tile_avx512_k(J, r0, r1, c0, c1, p0, 4, dh); break;
+    }
+}
+#endif
+
+static int cpu_isa(void) {
+#ifdef SG_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+    return ISA_SCALAR;
+}
+
+SG_API int sg_cpu_isa(void) { return cpu_isa(); }
+
+/* rows [r0, r1), all columns, all paths, into this thread's dh buffers */
+static void rows_all(const job_t *J, int isa, int64_t r0, int64_t r1, float *const *dh) {
+    const int64_t ntiles = (J->in + TILE_MAX - 1) / TILE_MAX;
+    const int64_t width = ((J->in + ntiles - 1) / ntiles + 15) / 16 * 16;   /* even tiles, whole vectors */
+    for (int p = 0; p < J->k; p++)
+        for (int64_t o = r0; o < r1; o++) J->dg[p][o] = 0.0f;
+    for (int64_t c0 = 0; c0 < J->in; c0 += width) {
+        const int64_t c1 = c0 + width < J->in ? c0 + width : J->in;
+        for (int p0 = 0; p0 < J->k; p0 += PMAX) {
+            const int kk = J->k - p0 < PMAX ? J->k - p0 : PMAX;
+#ifdef SG_X86
+            if (isa == ISA_AVX512) { tile_avx512(J, r0, r1, c0, c1, p0, kk, dh); continue; }
+            if (isa == ISA_AVX2) { tile_avx2(J, r0, r1, c0, c1, p0, kk, dh); continue; }
+#endif
+            tile_scalar(J, r0, r1, c0, c1, p0, kk, dh);
+        }
+    }
+}
+
+/*
+ * dg[i] (out floats) and dh[i] (in floats) for i < k, from gw (out x in, fp32, contiguous), the sign planes
+ * s[i] (out x in bytes, nonzero = +1), g[i] (out) and h[i] (in). isa_req: ISA_* (AUTO = the best this CPU
+ * has; a better one than the CPU has is lowered to it). Below min_work (out * in * k) one thread runs, whatever
+ * nthreads says: fork/join and the final barrier cost more than they save on small layers, and far more on a
+ * loaded machine, where a thread may wait a scheduler slice for its sibling. Returns 0, or 1 for bad arguments,
+ * 2 when out of memory.
+ */
+SG_API int sg_scale_grads(const float *gw, int64_t out, int64_t in, int k, const uint8_t *const *s,
+                          const float *const *g, const float *const *h, float *const *dg, float *const *dh,
+                          int nthreads, int isa_req, int64_t min_work) {
+    if (out < 0 || in < 0 || k < 1 || k > KMAX) return 1;
+    for (int p = 0; p < k; p++) {
+        if (in > 0 && out > 0 && (!s[p] || !g[p] || !h[p])) return 1;
+        if (out > 0) memset(dg[p], 0, (size_t)out * sizeof(float));
+        if (in > 0) memset(dh[p], 0, (size_t)in * sizeof(float));
+    }
+    if (out == 0 || in == 0) return 0;
+    int isa = cpu_isa();
+    if (isa_req != ISA_AUTO && isa_req < isa) isa = isa_req;
+    job_t J = {gw, out, in, k, s, g, h, dg};
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if ((double)out * in * k < (double)min_work) nt = 1;
+    if (nt > out) nt = (int)out;
+    if (nt == 1) {                                          /* accumulate straight into the outputs */
+        rows_all(&J, isa, 0, out, dh);
+        return 0;
+    }
+    float *ws = (float *)calloc((size_t)nt * k * in, sizeof(float));   /* per-thread dh accumulators */
+    if (!ws) return 2;
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int t = 0, n = 1;
+#endif
+        float *mine[KMAX];
+        for (int p = 0; p < k; p++) mine[p] = ws + ((int64_t)t * k + p) * in;
+        const int64_t r0 = out * t / n, r1 = out * (t + 1) / n;
+        rows_all(&J, isa, r0, r1, mine);
+#pragma omp barrier
+        /* dh = sum of the n buffers in thread order, the columns split over the threads */
+        const int64_t j0 = in * t / n, j1 = in * (t + 1) / n;
+        for (int p = 0; p < k; p++) {
+            for (int64_t j = j0; j < j1; j++) {
+                float sum = 0.0f;
+                for (int u = 0; u < n; u++) sum += ws[((int64_t)u * k + p) * in + j];
+                dh[p][j] = sum;
+            }
+        }
+    }
+    free(ws);
+    return 0;
+}

@@ -6,7 +6,7 @@ checkpointing and logging. Times are CPU seconds of this process (time.process_t
 loaded machine distorts far less than wall-clock time. Prints one JSON line per step (losses and phase times)
 so that two code versions can be compared step by step (same seed, same data, same start).
 
-    python benchmarks/train_step_profile.py --steps 3 --seq-len 256 [--profile] [--model PATH|small]
+    python benchmarks/train_step_profile.py --steps 3 --seq-len 256 [--profile] [--model PATH|small] [--frozen-latents]
 
 --profile adds a torch.profiler table of the last step's operators by self CPU time.
 """
@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--latent-sgd", action="store_true",
                     help="update the latents by plain SGD instead of Muon (times the rest of the step alone)")
+    ap.add_argument("--frozen-latents", action="store_true",
+                    help="freeze the latents (only scales, norms and biases train, no Muon): the job's default "
+                         "distillation (train_latents=False)")
     ap.add_argument("--muon-ns-dtype", default=None, help="OptimConfig.muon_ns_dtype, where the code has it")
     args = ap.parse_args()
     if args.threads:
@@ -67,7 +70,7 @@ def main() -> None:
         rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(args.data_seed))]
     student = make_student(teacher, RaBiTConfig(mode=args.mode, init="naive", precondition=False))
     student.train()
-    split = prepare_student(student)
+    split = prepare_student(student, train_latents=not args.frozen_latents)
     ocfg = OptimConfig(latent_lr=args.latent_lr, scale_lr=1e-3)
     if args.muon_ns_dtype:
         ocfg.muon_ns_dtype = args.muon_ns_dtype

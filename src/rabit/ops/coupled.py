@@ -8,16 +8,17 @@ the weight, the sign planes (as bool) and the clipped-STE mask are made once, wi
 
     d latent = dW (times the STE mask),   d g_i = (dW * B_i) @ h_i,   d h_i = g_i @ (dW * B_i).
 
-The forward value is bitwise the composition's; the scale gradients differ by summation order only. The scale
-gradients of all k paths come from one pass over dW (`scale_grads`: the native kernel
-rabit.kernels.scale_grad_cpu on CPU, else `scale_grads_reference`, the PyTorch formula).
+The forward value is bitwise the composition's; the scale gradients differ by summation order only. On CPU both
+the derivation and the scale gradients of all k paths are one native pass each over out x in
+(rabit.kernels.coupled_cpu, no per-path temporaries); `coupled_weight_reference` and `scale_grads_reference`
+are the PyTorch formulas they are tested against and fall back to (other devices, dtypes, layouts, no compiler).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import scale_grad_cpu
+from ..kernels import coupled_cpu
 
 
 @torch.no_grad()
@@ -27,8 +28,21 @@ def coupled_weight(latent: torch.Tensor, g: list[torch.Tensor], h: list[torch.Te
 
     W = sum_i g_i B_i h_i (fp32, the same floats as summing path_matrix(g_i, B_i, h_i)); positives[i] is the
     bool plane B_i == +1 (sign(0) = +1, as binarize); mask (bool) is |latent| <= clip * sum_i |g_i| |h_i|^T
-    for the clipped STE, None when clip is None.
+    for the clipped STE, None when clip is None. The native kernel when it takes the inputs (bitwise the same
+    result), else coupled_weight_reference.
     """
+    if coupled_cpu.supports_derive(latent, g, h) and coupled_cpu.is_available():
+        weight, positives, mask, finite = coupled_cpu.derive_cpu(latent, g, h, clip)
+        if not finite:   # as the reference: a non-finite latent must show in the weight
+            weight = weight + (latent - latent)
+        return weight, positives, mask
+    return coupled_weight_reference(latent, g, h, clip)
+
+
+@torch.no_grad()
+def coupled_weight_reference(latent: torch.Tensor, g: list[torch.Tensor], h: list[torch.Tensor],
+                             clip: float | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """coupled_weight in plain PyTorch (any device): several dense out x in temporaries per path."""
     residual = latent
     weight = None
     positives = []
@@ -74,8 +88,8 @@ def scale_grads_reference(grad_w: torch.Tensor, positives, g, h) -> tuple[list[t
 def scale_grads(grad_w: torch.Tensor, positives, g, h) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """scale_grads_reference's values (to fp32 summation order), from one pass over grad_w for all paths when
     the native CPU kernel takes the inputs (CPU, fp32, contiguous, the library built), else the reference."""
-    if scale_grad_cpu.supports(grad_w, positives, g, h) and scale_grad_cpu.is_available():
-        return scale_grad_cpu.scale_grads_cpu(grad_w, positives, g, h)
+    if coupled_cpu.supports(grad_w, positives, g, h) and coupled_cpu.is_available():
+        return coupled_cpu.scale_grads_cpu(grad_w, positives, g, h)
     return scale_grads_reference(grad_w, positives, g, h)
 
 

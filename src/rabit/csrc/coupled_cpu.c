@@ -1,6 +1,13 @@
 /*
- * The path-scale gradients of the coupled RaBiT linear (rabit.ops.coupled), for all k paths in one pass over
- * d loss / d W:
+ * Native CPU kernels of the coupled RaBiT linear (rabit.ops.coupled), each one pass over out x in:
+ *
+ * cw_derive: the derivation coupled_weight() makes once per parameter change, B_1 = sign(latent),
+ *     B_2 = sign(latent - g_1 B_1 h_1), ...: the weight W = sum_i g_i B_i h_i (fp32), the sign planes (bool
+ *     bytes, 1 = +1) and the clipped-STE mask |latent| <= clip * sum_i |g_i| |h_i|^T, with the same fp32
+ *     operations in the same order as the PyTorch formula (so the same bits: no FMA, -ffp-contract=off), without
+ *     its per-path temporaries (outer product, its negation, torch.where, residual, bound).
+ *
+ * sg_scale_grads: the path-scale gradients for all k paths in one pass over d loss / d W:
  *
  *     dg_i[o] = sum_j s_i[o, j] * gw[o, j] * h_i[j]        dh_i[j] = sum_o g_i[o] * s_i[o, j] * gw[o, j]
  *
@@ -9,13 +16,15 @@
  * matrix-vector products) writes and reads two dense out x in temporaries per path; here gw is read once for
  * all paths and s_i * gw is a sign flip in registers.
  *
- * Rows are split statically over OpenMP threads (contiguous ranges); each thread accumulates dh in its own
- * buffer, summed in thread order at the end, so a result is reproducible for a given thread count. Columns are
- * walked in tiles (at most TILE_MAX) so that a tile of h_i and of the dh accumulators stays in L1 across rows.
- * AVX-512 (F, BW, VL) and AVX2 (+FMA) paths, chosen at run time, and a scalar path; fp32 accumulation.
+ * Rows are split statically over OpenMP threads (contiguous ranges). sg_scale_grads accumulates dh in one buffer
+ * per thread, summed in thread order at the end, so a result is reproducible for a given thread count; its
+ * columns are walked in tiles (at most TILE_MAX) so that a tile of h_i and of the dh accumulators stays in L1
+ * across rows. AVX-512 (F, BW, VL) and AVX2 (+FMA) paths, chosen at run time, and a scalar path; fp32
+ * accumulation.
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -244,4 +253,195 @@ SG_API int sg_scale_grads(const float *gw, int64_t out, int64_t in, int k, const
     }
     free(ws);
     return 0;
+}
+
+/* ------------------------------------------------------------------ cw_derive */
+typedef struct {
+    const float *latent; int64_t out, in; int k;
+    const float *const *g; const float *const *h;
+    float *w; uint8_t *const *s; uint8_t *mask; float clip;
+} derive_t;
+
+/* one row: res (in floats of scratch) carries the residual latent - sum of the terms so far */
+static int derive_row_scalar(const derive_t *D, int64_t o, float *res) {
+    const int64_t n = D->in;
+    const float *lat = D->latent + o * n;
+    float *w = D->w + o * n;
+    int bad = 0;
+    for (int64_t j = 0; j < n; j++) bad |= !isfinite(lat[j]);
+    for (int i = 0; i < D->k; i++) {
+        const float gi = D->g[i][o];
+        const float *h = D->h[i], *r = i == 0 ? lat : res;
+        uint8_t *s = D->s[i] + o * n;
+        for (int64_t j = 0; j < n; j++) {
+            const float outer = gi * h[j];
+            const int pos = r[j] >= 0.0f;
+            const float term = pos ? outer : -outer;
+            s[j] = (uint8_t)pos;
+            if (i + 1 < D->k) res[j] = r[j] - term;
+            w[j] = i == 0 ? term : w[j] + term;
+        }
+    }
+    if (D->mask) {
+        uint8_t *m = D->mask + o * n;
+        for (int64_t j = 0; j < n; j++) {
+            float b = fabsf(D->g[0][o]) * fabsf(D->h[0][j]);
+            for (int i = 1; i < D->k; i++) b = b + fabsf(D->g[i][o]) * fabsf(D->h[i][j]);
+            m[j] = (uint8_t)(fabsf(lat[j]) <= b * D->clip);
+        }
+    }
+    return bad;
+}
+
+#ifdef SG_X86
+AVX2_ATTR static inline void store_bytes8(uint8_t *dst, __m256 cmp) {   /* all-ones lanes -> 1, else 0 */
+    __m256i a = _mm256_and_si256(_mm256_castps_si256(cmp), _mm256_set1_epi32(1));
+    __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    _mm_storel_epi64((__m128i *)dst, _mm_packus_epi16(p16, p16));
+}
+
+AVX2_ATTR static int derive_row_avx2(const derive_t *D, int64_t o, float *res) {
+    const int64_t n = D->in, nv = n / 8 * 8;
+    const float *lat = D->latent + o * n;
+    float *w = D->w + o * n;
+    const __m256 sbit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u)), zero = _mm256_setzero_ps();
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 badv = zero;
+    int bad = 0;
+    for (int64_t j = 0; j < nv; j += 8) {
+        __m256 x = _mm256_loadu_ps(lat + j), d = _mm256_sub_ps(x, x);   /* NaN exactly where x is not finite */
+        badv = _mm256_or_ps(badv, _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+    }
+    bad |= _mm256_movemask_ps(badv) != 0;
+    for (int64_t j = nv; j < n; j++) bad |= !isfinite(lat[j]);
+    for (int i = 0; i < D->k; i++) {
+        const float gs = D->g[i][o];
+        const __m256 gi = _mm256_set1_ps(gs);
+        const float *h = D->h[i], *r = i == 0 ? lat : res;
+        uint8_t *s = D->s[i] + o * n;
+        const int last = i + 1 == D->k;
+        for (int64_t j = 0; j < nv; j += 8) {
+            const __m256 rv = _mm256_loadu_ps(r + j), outer = _mm256_mul_ps(gi, _mm256_loadu_ps(h + j));
+            const __m256 pos = _mm256_cmp_ps(rv, zero, _CMP_GE_OQ);
+            const __m256 term = _mm256_xor_ps(outer, _mm256_andnot_ps(pos, sbit));
+            store_bytes8(s + j, pos);
+            if (!last) _mm256_storeu_ps(res + j, _mm256_sub_ps(rv, term));
+            _mm256_storeu_ps(w + j, i == 0 ? term : _mm256_add_ps(_mm256_loadu_ps(w + j), term));
+        }
+        for (int64_t j = nv; j < n; j++) {
+            const float outer = gs * h[j];
+            const int pos = r[j] >= 0.0f;
+            const float term = pos ? outer : -outer;
+            s[j] = (uint8_t)pos;
+            if (!last) res[j] = r[j] - term;
+            w[j] = i == 0 ? term : w[j] + term;
+        }
+    }
+    if (D->mask) {
+        uint8_t *m = D->mask + o * n;
+        const __m256 clip = _mm256_set1_ps(D->clip);
+        for (int64_t j = 0; j < nv; j += 8) {
+            __m256 b = _mm256_mul_ps(_mm256_set1_ps(fabsf(D->g[0][o])), _mm256_and_ps(_mm256_loadu_ps(D->h[0] + j), absm));
+            for (int i = 1; i < D->k; i++)
+                b = _mm256_add_ps(b, _mm256_mul_ps(_mm256_set1_ps(fabsf(D->g[i][o])),
+                                                   _mm256_and_ps(_mm256_loadu_ps(D->h[i] + j), absm)));
+            store_bytes8(m + j, _mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(lat + j), absm), _mm256_mul_ps(b, clip),
+                                              _CMP_LE_OQ));
+        }
+        for (int64_t j = nv; j < n; j++) {
+            float b = fabsf(D->g[0][o]) * fabsf(D->h[0][j]);
+            for (int i = 1; i < D->k; i++) b = b + fabsf(D->g[i][o]) * fabsf(D->h[i][j]);
+            m[j] = (uint8_t)(fabsf(lat[j]) <= b * D->clip);
+        }
+    }
+    return bad;
+}
+
+AVX512_ATTR static int derive_row_avx512(const derive_t *D, int64_t o, float *res) {
+    const int64_t n = D->in;
+    const float *lat = D->latent + o * n;
+    float *w = D->w + o * n;
+    const __m512i sbit = _mm512_set1_epi32((int)0x80000000u);
+    const __m512 zero = _mm512_setzero_ps();
+    const __m128i one = _mm_set1_epi8(1);
+    const __mmask16 last_m = (n % 16) ? (__mmask16)((1u << (n % 16)) - 1u) : (__mmask16)0xFFFF;
+    __mmask16 bad = 0;
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : last_m;
+        const __m512 x = _mm512_maskz_loadu_ps(m, lat + j), d = _mm512_sub_ps(x, x);
+        bad |= _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
+    }
+    for (int i = 0; i < D->k; i++) {
+        const __m512 gi = _mm512_set1_ps(D->g[i][o]);
+        const float *h = D->h[i], *r = i == 0 ? lat : res;
+        uint8_t *s = D->s[i] + o * n;
+        const int last = i + 1 == D->k;
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : last_m;
+            const __m512 rv = _mm512_maskz_loadu_ps(m, r + j);
+            const __m512 outer = _mm512_mul_ps(gi, _mm512_maskz_loadu_ps(m, h + j));
+            const __mmask16 pos = _mm512_cmp_ps_mask(rv, zero, _CMP_GE_OQ);
+            const __m512 term = _mm512_castsi512_ps(
+                _mm512_mask_xor_epi32(_mm512_castps_si512(outer), (__mmask16)~pos, _mm512_castps_si512(outer), sbit));
+            _mm_mask_storeu_epi8(s + j, m, _mm_maskz_mov_epi8(pos, one));
+            if (!last) _mm512_mask_storeu_ps(res + j, m, _mm512_sub_ps(rv, term));
+            _mm512_mask_storeu_ps(w + j, m, i == 0 ? term : _mm512_add_ps(_mm512_maskz_loadu_ps(m, w + j), term));
+        }
+    }
+    if (D->mask) {
+        uint8_t *mk = D->mask + o * n;
+        const __m512 clip = _mm512_set1_ps(D->clip);
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : last_m;
+            __m512 b = _mm512_mul_ps(_mm512_set1_ps(fabsf(D->g[0][o])), _mm512_abs_ps(_mm512_maskz_loadu_ps(m, D->h[0] + j)));
+            for (int i = 1; i < D->k; i++)
+                b = _mm512_add_ps(b, _mm512_mul_ps(_mm512_set1_ps(fabsf(D->g[i][o])),
+                                                   _mm512_abs_ps(_mm512_maskz_loadu_ps(m, D->h[i] + j))));
+            const __mmask16 le = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_maskz_loadu_ps(m, lat + j)),
+                                                    _mm512_mul_ps(b, clip), _CMP_LE_OQ);
+            _mm_mask_storeu_epi8(mk + j, m, _mm_maskz_mov_epi8(le, one));
+        }
+    }
+    return bad != 0;
+}
+#endif
+
+/*
+ * From latent (out x in fp32, contiguous), g[i] (out) and h[i] (in), i < k: w (out x in fp32), s[i] (out x in
+ * bytes, 1 where B_i = +1) and, when mask is not NULL, mask (out x in bytes, 1 where |latent| <= clip * bound).
+ * Returns 0, 1 when some latent is not finite (all outputs are still written), -1 for bad arguments, -2 when out
+ * of memory. Threads and isa_req as sg_scale_grads.
+ */
+SG_API int cw_derive(const float *latent, int64_t out, int64_t in, int k, const float *const *g,
+                     const float *const *h, float *w, uint8_t *const *s, uint8_t *mask, float clip, int nthreads,
+                     int isa_req, int64_t min_work) {
+    if (out < 0 || in < 0 || k < 1 || k > KMAX) return -1;
+    if (out == 0 || in == 0) return 0;
+    int isa = cpu_isa();
+    if (isa_req != ISA_AUTO && isa_req < isa) isa = isa_req;
+    derive_t D = {latent, out, in, k, g, h, w, s, mask, clip};
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if ((double)out * in * k < (double)min_work) nt = 1;
+    if (nt > out) nt = (int)out;
+    float *scratch = (float *)malloc((size_t)nt * in * sizeof(float));   /* one residual row per thread */
+    if (!scratch) return -2;
+    int bad = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : bad)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int t = 0, nth = 1;
+#endif
+        float *res = scratch + (int64_t)t * in;
+        for (int64_t o = out * t / nth; o < out * (t + 1) / nth; o++) {
+#ifdef SG_X86
+            if (isa == ISA_AVX512) { bad |= derive_row_avx512(&D, o, res); continue; }
+            if (isa == ISA_AVX2) { bad |= derive_row_avx2(&D, o, res); continue; }
+#endif
+            bad |= derive_row_scalar(&D, o, res);
+        }
+    }
+    free(scratch);
+    return bad;
 }

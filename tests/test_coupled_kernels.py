@@ -90,6 +90,11 @@ def test_derivation_dispatcher_falls_back_to_the_reference(monkeypatch):
     ref = coupled_weight_reference(latent, g, h, 0.7)
     assert not coupled_cpu.supports_derive(latent.t(), g, h)
     assert not coupled_cpu.supports_derive(latent.double(), g, h)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not coupled_cpu.supports_derive(latent.as_subclass(Sub), g, h)   # e.g. a DTensor: the reference
     _same(coupled_weight(latent.t().contiguous().t(), g, h, 0.7), ref)
     monkeypatch.setattr(coupled_cpu, "is_available", lambda: False)
     _same(coupled_weight(latent, g, h, 0.7), ref)

@@ -56,7 +56,9 @@ def isa() -> str:
 
 
 def _plain(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> bool:
-    return t.device.type == "cpu" and t.dtype == dtype and tuple(t.shape) == shape and t.is_contiguous()
+    # plain tensors only: a subclass (DTensor, a fake tensor) may have no memory of its own behind data_ptr()
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
+            and tuple(t.shape) == shape and t.is_contiguous())
 
 
 def supports_derive(latent: torch.Tensor, g, h) -> bool:

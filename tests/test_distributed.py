@@ -27,7 +27,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 RCFG = dict(init="naive", precondition=False)  # coupled, k=2; a cheap init (the values come from a file anyway)
-REL = 1e-4
+# Later steps: the step-1 gradients agree to fp32 summation order (~1e-7), but the updates amplify that (an
+# update can move residuals of the coupled derivation across zero, flipping signs of path 2): ~1e-4 by step 4
+# (measured: 3e-5 with PyTorch's scale-gradient formula, 2e-4 with the native kernel; 2e-4 also between the
+# kernel and the formula in one process). A different batch moves a step's loss by percents.
+REL = 1e-3
 
 
 def _config() -> TrainConfig:
@@ -133,6 +137,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     root = runs["root"]
     ref, two = _losses(root / "ref"), _losses(root / "two")
     assert len(ref) == len(two) == 4
+    assert two[0] == pytest.approx(ref[0], rel=1e-6)   # the same parameters: only the reductions differ
     assert two == pytest.approx(ref, rel=REL)
     rows = StepLog.read(root / "two" / "log.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["world_size"] for r in rows} == {2}

@@ -4,6 +4,10 @@ windows of 2048) and Austen's Persuasion (first 8). Optionally a scale-only phas
 
     python benchmarks/e2e_from_state.py /tmp/exp/corr1.safetensors --out /tmp/exp/e_corr1 --steps 20
     (docs/RESULTS.md section 10 trained on WikiText-2 validation only: --data wikitext2-valid)
+
+--mode independent starts standard residual QAT from a coupled state's paths (same signs and scales; one latent
+per path, as RaBiTLinear.load_paths sets them); --correlations N adds rabit diagnose's path correlations on N
+calibration rows before and after training (docs/RESULTS.md section 20).
 """
 import argparse
 import dataclasses
@@ -18,6 +22,34 @@ from rabit.eval.perplexity import perplexity
 from rabit.job import JobSpec
 from rabit.models import load_model
 from rabit.train.trainer import Trainer, make_student
+from rabit.layer import RaBiTLinear
+
+
+def student_mode(model):
+    return next(m.mode for m in model.modules() if isinstance(m, RaBiTLinear))
+
+
+def convert_mode(teacher, student, config):
+    """A student of config.mode starting from `student`'s paths (scales, signs); latents from the teacher's weights."""
+    import torch
+
+    other = make_student(teacher, config, initialize=False)
+    other.load_state_dict({k: v for k, v in student.state_dict().items() if ".latent" not in k}, strict=False)
+    t_mods = dict(teacher.named_modules())
+    src = dict(student.named_modules())
+    with torch.no_grad():
+        for name, mod in other.named_modules():
+            if isinstance(mod, RaBiTLinear):
+                mod.load_paths(src[name].paths(), t_mods[name].weight.float())
+    return other
+
+
+def correlations(rows):
+    from rabit.data import calibration_batch
+    from rabit.diagnose import path_correlations, summarize
+
+    calib = calibration_batch(tok, spec.data.sources, rows, spec.data.seq_len, seed=12345)
+    return summarize(path_correlations(student, teacher, calib))
 
 spec = JobSpec()
 t, o = spec.train, spec.train.optim
@@ -36,13 +68,19 @@ ap.add_argument("--gamma", type=float, default=t.gamma)
 ap.add_argument("--mode", default=spec.rabit.mode)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--warmup", type=float, default=spec.warmup, help="warm-up: a fraction of the steps if < 1, else steps")
+ap.add_argument("--correlations", type=int, default=0,
+                help="path correlations (rabit diagnose) on this many calibration rows, before and after")
 ap.add_argument("--ns-steps", type=int, default=o.muon_ns_steps, help="Newton-Schulz iterations of Muon")
 args = ap.parse_args()
 
 teacher, tok = load_model(spec.model)
 teacher.eval()
-student = make_student(teacher, dataclasses.replace(spec.rabit, mode=args.mode), initialize=False)
+student = make_student(teacher, spec.rabit, initialize=False)
 load_safetensors(student, args.state)
+if args.mode != student_mode(student):
+    # e.g. an independent-mode run from a coupled refined start: the same paths (signs and scales), each
+    # path's latent set from them as RaBiTLinear.load_paths does for that mode
+    student = convert_mode(teacher, student, dataclasses.replace(spec.rabit, mode=args.mode))
 train, _ = training_sequences(tok, args.data.split(","), args.seq_len, val_fraction=spec.data.val_fraction,
                               seed=args.seed, mix=args.mix)
 
@@ -57,6 +95,8 @@ def config(steps, lr_scale):
 
 
 res = {"args": vars(args)}
+if args.correlations:
+    res["correlations_before"] = correlations(args.correlations)
 if args.steps:
     t0 = time.time()
     r = Trainer(teacher, student, train, config(args.steps, args.scale_lr), f"{args.out}.run", progress=False).train()
@@ -69,6 +109,8 @@ if args.scale_steps:
 for p in student.parameters():
     p.requires_grad_(False)
 student.eval()
+if args.correlations:
+    res["correlations_after"] = correlations(args.correlations)
 res["wikitext2_test"] = perplexity(student, eval_tokens(tok, "wikitext2-test"), 2048, None, 16)
 res["persuasion"] = perplexity(student, eval_tokens(tok, "austen-persuasion"), 2048, None, 8)
 print(json.dumps({k: v for k, v in res.items() if k not in ("train", "scales")}), flush=True)

@@ -32,6 +32,8 @@ ap.add_argument("--latent-lr", type=float, default=None, help="block training la
 ap.add_argument("--scale-lr", type=float, default=None, help="block training scale lr")
 ap.add_argument("--target-damp", type=float, default=None, help="ridge of the refinement targets (default: the job's)")
 ap.add_argument("--metric-damp", type=float, default=None, help="damping of the refinement's metric H (default: the job's)")
+ap.add_argument("--no-act-order", dest="act_order", action="store_false",
+                help="round the refinement's signs in natural column order (default: GPTQ's act order)")
 ap.add_argument("--out", required=True, help="writes OUT.json and OUT.safetensors")
 args = ap.parse_args()
 
@@ -44,7 +46,7 @@ t0 = time.time()
 student, cached = _initialized_student(teacher, spec.rabit, calib, False, False, True)
 res = {"args": vars(args), "init_seconds": time.time() - t0, "init_cached": cached}
 cfg = dataclasses.replace(spec.blocks, refine_inputs=args.inputs, refine_rounds=args.rounds,
-                          refine_samples=args.samples, epochs=args.epochs,
+                          refine_samples=args.samples, epochs=args.epochs, act_order=args.act_order,
                           seq_len=args.seq_len or spec.blocks.seq_len,
                           target_damp=spec.blocks.target_damp if args.target_damp is None else args.target_damp,
                           metric_damp=spec.blocks.metric_damp if args.metric_damp is None else args.metric_damp,

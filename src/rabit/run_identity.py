@@ -18,6 +18,7 @@ ADDED_SETTINGS = {"train.hidden_loss": "mse", "train.train_latents": True, "trai
                   "stages.blocks": None, "stages.scale_tokens": 0,
                   "stages.blocks.refine_inputs": "fp",   # runs before it existed refined on FP inputs
                   "stages.blocks.target_damp": 0.01, "stages.blocks.metric_damp": 0.01,
+                  "stages.blocks.act_order": False,
                   "data.bos": False, "data.mix": "size"}
 
 

@@ -110,6 +110,8 @@ _OPTIONS = [
     Option("--refine-metric-damp", "blocks.metric_damp", "block-wise stage", "damping of the refinement's output "
            "metric H (signs and scales), relative to the mean input energy (larger: nearer a plain weight-space "
            "fit)", type=float),
+    Option("--no-refine-act-order", "blocks.act_order", "block-wise stage", "round the refinement's signs in the "
+           "columns' natural order instead of GPTQ's act order (decreasing input energy)", "false"),
     Option("--refine-inputs", "blocks.refine_inputs", "block-wise stage", "inputs and targets of the refinement: "
            "block (the student's own inputs, targets the teacher's outputs, and the block's last layer the "
            "teacher block's output), residual (block, and the attention's output projection, where it joins the "

@@ -53,8 +53,16 @@ def _sign_combinations(k: int, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_signs(w: torch.Tensor, g: list[torch.Tensor], h: list[torch.Tensor], H: torch.Tensor,
-               block_size: int = 128, damp: float = 0.01) -> list[torch.Tensor]:
-    """Sign planes for fixed scales, chosen column by column with GPTQ error feedback in the metric H."""
+               block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> list[torch.Tensor]:
+    """Sign planes for fixed scales, chosen column by column with GPTQ error feedback in the metric H.
+
+    act_order: round the columns in order of decreasing H diagonal (GPTQ's "act order"): the inputs that carry
+    the most energy are rounded first, while the most columns remain to absorb their error."""
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        signs = gptq_signs(w[:, perm], g, [hi[perm] for hi in h], H[perm][:, perm], block_size, damp)
+        inv = torch.argsort(perm)
+        return [s[:, inv].contiguous() for s in signs]
     W = w.to(torch.float32).clone()
     n = W.shape[1]
     k = len(g)
@@ -162,7 +170,7 @@ def refit_scales(w: torch.Tensor, paths, H: torch.Tensor):
 
 @torch.no_grad()
 def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp: float = 0.01,
-                 block_size: int = 128):
+                 block_size: int = 128, act_order: bool = False):
     """Alternate scale refits and GPTQ sign choices for `rounds` rounds, keeping the best paths by output
     error. Returns (paths, errors): errors[0] is the starting output error, then one per round (the best so
     far, so the sequence never increases)."""
@@ -172,7 +180,7 @@ def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp:
     errors = [output_error(w, best, Hd)]
     for _ in range(rounds):
         cand = refit_scales(w, best, Hd)
-        signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, damp)
+        signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, damp, act_order)
         cand = refit_scales(w, [(g, B, h) for (g, _, h), B in zip(cand, signs)], Hd)
         err = output_error(w, cand, Hd)
         if err < errors[-1]:

@@ -321,6 +321,9 @@ def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, 
     assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64",
                                                "--refine-metric-damp", "0.5", "--resume")]) == 2
     assert "blocks.metric_damp" in capsys.readouterr().err
+    assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64",
+                                               "--no-refine-act-order", "--resume")]) == 2
+    assert "blocks.act_order" in capsys.readouterr().err
 
 
 def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tmp_path, monkeypatch, capsys):

@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #define SG_X86 1
 #endif
+#include "rabit_simd.h"
 
 #define SG_API __attribute__((visibility("default")))
 #define PMAX 4          /* paths sharing one load of a gw vector; more paths: several passes */
@@ -71,13 +72,6 @@ static void tile_scalar(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int6
 #ifdef SG_X86
 #define AVX2_ATTR __attribute__((target("avx2,fma")))
 #define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-
-AVX2_ATTR static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* KK is a constant at every call site (always inlined): the per-path accumulators stay in registers */
 __attribute__((always_inline)) AVX2_ATTR static inline void

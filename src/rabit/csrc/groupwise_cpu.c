@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #define GQ_X86 1
 #endif
+#include "rabit_simd.h"
 
 #include "rabit_half.h"
 
@@ -68,13 +69,6 @@ static void rows_scalar(const job_t *J, int64_t r0, int64_t r1) {
 
 #ifdef GQ_X86
 #define AVX2_ATTR __attribute__((target("avx2,fma,f16c")))
-
-AVX2_ATTR static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* One input row (decoding): four independent accumulators per group, so that the FMA latency chain does not
  * bound the loop (one chain ran at ~2.7 G weights/s per core, half the machine's bandwidth). */

@@ -40,6 +40,14 @@ def test_decoder_logits_match_hf_forward(cls, packed):
         dec.prefill(torch.ones(1, 8, dtype=torch.long))
 
 
+def test_cuda_graph_option_is_refused_where_it_cannot_run():
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="CUDA device"):
+        StaticDecoder(model, max_len=16, cuda_graph=True)
+    with pytest.raises(ValueError, match="not both"):
+        StaticDecoder(model, max_len=16, compile=True, cuda_graph=True)
+
+
 def test_decoder_with_int8_lookup_tables():
     """backend cpu_int8: the one-token steps use the int8 tables (close to, not equal to, the exact steps); the
     prefill of several tokens stays exact."""

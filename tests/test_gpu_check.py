@@ -38,10 +38,14 @@ def test_dry_run_writes_every_section(tmp_path):
     assert [(r["out"], r["in"]) for r in rows] == [(64, 96), (100, 33)]
     assert all(r["packed_us"] > 0 and r["fp16_linear_us"] > 0 for r in rows) and secs["gemv"]["copy_GBps"] > 0
     for w in ("fp16", "2bit"):
-        assert secs["decode"][w]["tokens_per_s"] > 0
+        assert secs["decode"][w]["eager"]["tokens_per_s"] > 0
+        assert "graph" not in secs["decode"][w]  # CUDA graphs: on a GPU only
+    assert secs["decode"]["speedup_2bit_vs_fp16"] == pytest.approx(
+        secs["decode"]["2bit"]["eager"]["tokens_per_s"] / secs["decode"]["fp16"]["eager"]["tokens_per_s"])
     assert secs["train"]["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(secs["train"]["final_loss"]))
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| out x in |" in md and "2-bit vs fp16" in md and "tokens/s" in md
+    assert "random weights" not in md or secs["train"]["weights"] == "random"
 
 
 def test_unknown_section_is_a_usage_error(tmp_path):
@@ -62,3 +66,21 @@ def test_device_sections_run(tmp_path):
     assert _module().main(["--out", str(tmp_path), "--sections", "triton,gemv"]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["sections"]["gemv"]["rows"][-1]["out"] == 8192
+
+
+@pytest.mark.cuda
+def test_graph_decoding_matches_eager_on_device():
+    """The CUDA-graph replay of the one-token step gives the eager step's tokens (fp16, tiny Llama)."""
+    from transformers import LlamaForCausalLM
+
+    from rabit.generate import decode_tokens, make_decoder
+
+    mod = _module()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(mod.llama_config(True)).to(torch.float16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    eager = decode_tokens(make_decoder(model, 40), ids, 24).tokens
+    graph_decoder = make_decoder(model, 40, cuda_graph=True)
+    assert decode_tokens(graph_decoder, ids, 24).tokens == eager
+    assert decode_tokens(graph_decoder, ids, 24).tokens == eager  # replayed after a reset

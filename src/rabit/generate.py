@@ -152,12 +152,16 @@ class StaticDecoder:
     """gpt-fast style decoding over a Llama-family Hugging Face model, batch 1, static KV cache.
 
     max_len: prompt + new tokens capacity. compile: torch.compile the one-token step (fixed shapes).
+    cuda_graph: on a CUDA device, record the fixed-shape one-token step once as a CUDA graph and replay it per
+    token: batch-1 decoding launches hundreds of small kernels per token, and launching them from Python costs
+    more than the weights take to read (the graph replays them without the Python and launch overhead).
     bf16_head: the one-token steps compute an fp32 output head whose weights are exactly bf16 values (a tied
     head loaded from a packed folder) as a bf16 GEMV: half the bytes, its input rounded to bf16.
     """
 
     def __init__(self, model: nn.Module, max_len: int, compile: bool = False, dtype: torch.dtype | None = None,
-                 threads: int | None = None, serial_small_ops: bool = True, bf16_head: bool = True):
+                 threads: int | None = None, serial_small_ops: bool = True, bf16_head: bool = True,
+                 cuda_graph: bool = False):
         self.plan, why = decoder_plan(model)
         if self.plan is None:
             raise ValueError(f"StaticDecoder does not support this model: {why}")
@@ -217,8 +221,15 @@ class StaticDecoder:
         head_fast = _bf16_head_fn(self.model.lm_head, self.threads, self.serial) if bf16_head and not compile else None
         self.head = head_fast or _linear_fn(self.model.lm_head, self.threads, self.serial, compile)
         self._step_fn = self._step_masked
-        if compile:
+        if compile and cuda_graph:
+            raise ValueError("choose compile or cuda_graph, not both")
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the model on a CUDA device, not {self.device}")
+        self.cuda_graph = bool(cuda_graph)
+        self._graph = None
+        if compile or cuda_graph:
             self._arange = torch.arange(self.max_len, device=self.device)
+        if compile:
             self._step_fn = torch.compile(self._step_masked, dynamic=False)
 
     def reset(self) -> None:
@@ -368,6 +379,28 @@ class StaticDecoder:
             x = self._residual_block(i, x, lin["o"](o.view(1, 1, H * D)))
         return _softcap(self.head(self.final_norm(x)), self.final_softcap)
 
+    def _graph_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """_step_masked replayed from a CUDA graph (recorded on the first call) over static input buffers."""
+        if self._graph is None:
+            self._g_ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self._g_pos = torch.zeros((), dtype=torch.long, device=self.device)
+            self._g_ids.copy_(ids)
+            self._g_pos.fill_(pos)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the capture (kernel compilation, allocator pools)
+                for _ in range(2):
+                    self._step_masked(self._g_ids, self._g_pos)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._g_out = self._step_masked(self._g_ids, self._g_pos)
+            self._graph = graph
+        self._g_ids.copy_(ids)
+        self._g_pos.fill_(pos)
+        self._graph.replay()
+        return self._g_out.clone()  # the next replay overwrites the graph's output buffer
+
     # ------------------------------------------------------------------------------------------------- API
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -383,7 +416,9 @@ class StaticDecoder:
         if self.pos >= self.max_len:
             raise ValueError(f"the KV cache is full ({self.max_len} tokens)")
         ids = torch.as_tensor(token, device=self.device).view(1, 1)
-        if self.compiled:
+        if self.cuda_graph:
+            out = self._graph_step(ids, self.pos)
+        elif self.compiled:
             out = self._step_fn(ids, torch.tensor(self.pos, device=self.device))
         else:
             out = self._decode_one(ids, self.pos)
@@ -432,16 +467,19 @@ class HFStaticDecoder:
         return self._run(torch.as_tensor(token, device=self.device).view(1, 1), self._fwd)
 
 
-def make_decoder(model: nn.Module, max_len: int, compile: bool = False, lean: bool | None = None):
+def make_decoder(model: nn.Module, max_len: int, compile: bool = False, lean: bool | None = None,
+                 cuda_graph: bool = False):
     """StaticDecoder for the families of rabit.decoder_plan (lean=None/True), else HFStaticDecoder (with one log
-    line per reason the first time)."""
+    line per reason the first time). cuda_graph: StaticDecoder's CUDA-graph replay of the one-token step."""
     if lean is None:
         lean, why = lean_supported(model)
         if not lean and why not in _NOTICED:
             _NOTICED.add(why)
             _log.warning("rabit: no fast decoder for this model (%s); using transformers' generic path", why)
     if lean:
-        return StaticDecoder(model, max_len, compile=compile)
+        return StaticDecoder(model, max_len, compile=compile, cuda_graph=cuda_graph)
+    if cuda_graph:
+        raise ValueError("cuda_graph needs the lean StaticDecoder, which does not support this model")
     return HFStaticDecoder(model, max_len, compile=compile)
 
 

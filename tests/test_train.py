@@ -275,6 +275,64 @@ def test_huge_learning_rate_is_reported_as_divergence(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI refusals
+class FakeClock:
+    """time.perf_counter for rabit.train.loop: every call advances 0.25 s, so each step (four calls) lasts 0.75 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.25
+        return self.now
+
+
+def budgeted_config(**kw):
+    from rabit.train.loop import PROVISIONAL_STEPS
+
+    optim = OptimConfig(latent_lr=3e-3, scale_lr=3e-3, warmup_steps=PROVISIONAL_STEPS, min_lr_ratio=0.1)
+    return TrainConfig(steps=PROVISIONAL_STEPS, grad_accum=1, autocast=False, save_every=3, time_budget_s=9.0,
+                       budget_warmup=0.25, optim=optim, **kw)
+
+
+def test_time_budget_chooses_the_steps_from_the_timed_first_steps(tmp_path, monkeypatch):
+    from rabit.train import loop
+
+    monkeypatch.setattr(loop, "time", FakeClock())
+    teacher, student = tiny_student()
+    tr = Trainer(teacher, student, rows(16, 12), budgeted_config(), tmp_path, progress=False)
+    assert tr.budget_pending()
+    result = tr.train()
+    # 3 timed steps (2.25 s of the 9 s budget), then (9 - 2.25) / 0.75 = 9 more
+    assert result.steps == 12 and tr.cfg.steps == 12 and not tr.budget_pending()
+    assert tr.cfg.optim.warmup_steps == 3  # 25 % of the 12 chosen steps
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert max(r["lr_latent"] for r in log[:3]) < 1e-7  # the timed steps barely move the weights
+    assert log[3]["lr_latent"] == pytest.approx(3e-3, rel=1e-6)  # warm-up over from step 4 (index 3)
+    assert log[-1]["lr_latent"] < 0.15 * 3e-3  # the cosine ends near min_lr_ratio at the chosen last step
+    saved = load_checkpoint(latest_checkpoint(tmp_path)).state["config"]
+    assert saved["steps"] == 12 and saved["time_budget_s"] == 9.0
+
+
+def test_time_budget_resume_keeps_the_steps_the_first_session_chose(tmp_path, monkeypatch):
+    from rabit.train import loop
+
+    monkeypatch.setattr(loop, "time", FakeClock())
+    data = rows(16, 12)
+    teacher, student = tiny_student()
+    whole = Trainer(teacher, copy.deepcopy(student), data, budgeted_config(), tmp_path / "whole", progress=False)
+    whole.train()
+    first = Trainer(teacher, copy.deepcopy(student), data, budgeted_config(), tmp_path / "cut", progress=False)
+    assert first.train(stop_at=6).steps == 6  # "killed" after step 6's checkpoint
+    # the next session runs at another speed: the chosen 12 steps stay (and so the schedule)
+    monkeypatch.setattr(loop, "time", type("Slow", (FakeClock,), {"perf_counter": lambda self: FakeClock.perf_counter(self) * 3})())
+    second = Trainer(teacher, copy.deepcopy(student), data, budgeted_config(), tmp_path / "cut", progress=False)
+    assert second.resume() and second.cfg.steps == 12 and second.step == 6
+    assert second.train().steps == 12
+    lrs = lambda d: [json.loads(line)["lr_latent"] for line in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lrs(tmp_path / "cut") == pytest.approx(lrs(tmp_path / "whole"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run_files(tmp_path_factory):
     """A tiny Llama + tiny tokenizer folder and small local corpora."""
@@ -371,7 +429,22 @@ def test_cli_full_run_then_refuses_to_clobber_it(cli, tiny_run_files, tmp_path, 
     assert evals["init"] == solo_evals["init"]
 
 
-@pytest.mark.parametrize("case", ["eval-data", "too-small", "budget", "bad-model", "no-tokenizer", "bad-lr"])
+def test_cli_time_budget_run(cli, tiny_run_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = cli_args(tiny_run_files, out)
+    del args[args.index("--tokens"):args.index("--tokens") + 2]
+    assert cli(args + ["--train-minutes", "0.02"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert summary["train"]["steps"] >= 3 and run["train"]["time_budget_s"] == pytest.approx(1.2)
+    said = capsys.readouterr()
+    assert "0.02 minutes of steps (chosen after timing the first 3)" in said.out + said.err
+    saved = load_checkpoint(latest_checkpoint(out)).state["config"]
+    assert saved["steps"] == summary["train"]["steps"]
+
+
+@pytest.mark.parametrize("case", ["eval-data", "too-small", "budget", "bad-model", "no-tokenizer", "bad-lr",
+                                  "two-budgets", "no-minutes"])
 def test_cli_bad_input_is_refused_and_writes_nothing(case, cli, tiny_run_files, tmp_path, capsys):
     out = tmp_path / "run"
     args = cli_args(tiny_run_files, out)
@@ -392,6 +465,13 @@ def test_cli_bad_input_is_refused_and_writes_nothing(case, cli, tiny_run_files, 
         make_tiny_llama(vocab_size=512).save_pretrained(bare)
         args[args.index("--model") + 1] = str(bare)
         expect = "tokenizer"
+    elif case == "two-budgets":
+        args += ["--train-minutes", "1"]
+        expect = "--tokens or --train-minutes"
+    elif case == "no-minutes":
+        del args[args.index("--tokens"):args.index("--tokens") + 2]
+        args += ["--train-minutes", "0"]
+        expect = "--train-minutes must be > 0"
     else:
         args += ["--latent-lr", "-1"]
         expect = "latent_lr"

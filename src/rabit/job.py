@@ -24,6 +24,7 @@ from .models import DEFAULT_MODEL
 from .run_identity import identity_changes, train_settings_changes  # noqa: F401 - part of the job's API
 from .data import MIXES
 from .train.blockwise import BlockConfig
+from .train.loop import PROVISIONAL_STEPS, warmup_steps_for
 from .train.trainer import TrainConfig
 
 
@@ -130,6 +131,9 @@ class JobSpec:
     # RESULTS.md section 10). The whole job: 27 minutes on 2 idle AVX2 cores without native bf16 (section 14);
     # less with bf16 AMX.
     tokens: int = 40_960
+    # or a time budget: end-to-end training takes about this many minutes of steps, whatever the machine (the steps
+    # are chosen from the first steps' measured time; checkpoint writes and evaluations are not counted)
+    train_minutes: float | None = None
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
     # rows of an optimizer step so that each process gets whole rows (same global batch and schedule).
@@ -180,6 +184,8 @@ class JobSpec:
         if self.block_stage:
             self.blocks.validate()
         self.rabit.validate()
+        if self.train_minutes is not None and not self.train_minutes > 0:
+            raise ValueError(f"--train-minutes must be > 0, got {self.train_minutes}")
         if self.steps < 1:
             raise ValueError(f"--tokens {self.tokens} is smaller than one optimizer step ({t.batch_size} x "
                              f"{t.grad_accum} x {d.seq_len} = {self.tokens_per_step} tokens)")
@@ -202,6 +208,9 @@ class JobSpec:
 
     @property
     def steps(self) -> int:
+        """Optimizer steps of end-to-end training (provisional with a time budget: the loop chooses them)."""
+        if self.train_minutes:
+            return PROVISIONAL_STEPS
         return self.tokens // self.tokens_per_step
 
     @property
@@ -211,17 +220,19 @@ class JobSpec:
     def scale_train_config(self, autocast: bool | None = None) -> TrainConfig:
         """The TrainConfig of the scale-only phase: the same settings, latents frozen, its own step count."""
         steps = self.scale_steps
-        warmup = int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
-        optim = dataclasses.replace(self.train.optim, warmup_steps=min(warmup, steps))
+        optim = dataclasses.replace(self.train.optim, warmup_steps=warmup_steps_for(self.warmup, steps))
         return dataclasses.replace(self.train, steps=max(steps, 1), optim=optim, train_latents=False,
                                    autocast=self.train.autocast if autocast is None else autocast)
 
     def train_config(self, autocast: bool | None = None) -> TrainConfig:
         """The TrainConfig the trainer runs: steps and warm-up steps from the token budget, autocast resolved."""
         steps = self.steps
-        warmup = int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
-        optim = dataclasses.replace(self.train.optim, warmup_steps=min(warmup, steps))
+        # a time budget starts with a warm-up as long as its provisional steps: a near-zero rate while timing
+        warmup = steps if self.train_minutes else warmup_steps_for(self.warmup, steps)
+        optim = dataclasses.replace(self.train.optim, warmup_steps=warmup)
         return dataclasses.replace(self.train, steps=steps, optim=optim,
+                                   time_budget_s=60.0 * self.train_minutes if self.train_minutes else 0.0,
+                                   budget_warmup=self.warmup if self.train_minutes else TrainConfig.budget_warmup,
                                    autocast=self.train.autocast if autocast is None else autocast)
 
     def for_processes(self, world_size: int) -> "JobSpec":

@@ -127,6 +127,10 @@ _OPTIONS = [
            "~3x with bf16 AMX; 0: none)", type=int),
     Option("--tokens", "tokens", "distillation", "training token budget (the default is ~10 minutes of training on 2 "
            "CPU cores with the default model)", type=int),
+    Option("--train-minutes", "train_minutes", "distillation", "a time budget instead of --tokens: end-to-end "
+           "training takes about this many minutes on any machine (the steps are chosen after timing the first "
+           "3, which run at a near-zero learning rate; evaluations and checkpoint writes are not counted)",
+           type=float),
     Option("--batch-size", "train.batch_size", "distillation", "sequences per micro-batch (the global micro-batch "
            "with --nproc; left at the default, a step is split across processes automatically)", type=int),
     Option("--grad-accum", "train.grad_accum", "distillation", "micro-batches per optimizer step (default: 1 "
@@ -246,6 +250,8 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
         if value is None and (o.flag in _BATCH_FLAGS or o.append):
             continue
         _set_field(spec, o.path, value)
+    if spec.train_minutes is not None and spec.tokens != JobSpec.tokens:
+        raise ValueError("give one training budget: --tokens or --train-minutes, not both")
     spec.auto_split = all(values.get(OPTIONS[f].path) is None for f in _BATCH_FLAGS)
     spec.resolve_batch()   # latent training keeps Muon's larger step (one sequence per step is for frozen latents)
     return spec

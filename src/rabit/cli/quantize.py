@@ -293,6 +293,7 @@ def run_job(spec: JobSpec) -> int:
     from ..data import calibration_batch, eval_tokens, training_sequences
     from ..models import load_model, resolve_model_path
     from ..train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json, verify_checkpoint
+    from ..train.loop import BUDGET_PROBE_STEPS
     from ..train.trainer import Trainer, make_student, native_bf16
 
     wall0 = time.time()
@@ -333,7 +334,10 @@ def run_job(spec: JobSpec) -> int:
     # ---- all checks passed: prepare the folder
     run_folder.prepare(out, state, rs.overwrite, run_info)
     _say(f"run folder: {out}")
-    _say(f"training: {steps} steps x {spec.tokens_per_step} tokens = {steps * spec.tokens_per_step:,} tokens from "
+    budget = (f"{spec.train_minutes:g} minutes of steps (chosen after timing the first {BUDGET_PROBE_STEPS})"
+              if spec.train_minutes else f"{steps} steps")
+    _say(f"training: {budget} x {spec.tokens_per_step} tokens"
+         + ("" if spec.train_minutes else f" = {steps * spec.tokens_per_step:,} tokens") + " from "
          f"{', '.join(sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
          f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}, "
          f"{'latents and scales' if tcfg.train_latents else 'scales and norms (latents frozen)'} train, "
@@ -384,7 +388,8 @@ def run_job(spec: JobSpec) -> int:
     trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
     if ck_path is not None:
         trainer.resume(verify=False)  # verified above
-        _say(f"resumed at step {trainer.step} of {steps}")
+        _say(f"resumed at step {trainer.step} of "
+             + ("a time budget still timing its first steps" if trainer.budget_pending() else f"{trainer.cfg.steps}"))
     val_rows = val[: d.val_sequences] if d.val_sequences and val.shape[0] else None
     if val_rows is not None and "val_before" not in evals:
         evals["val_before"] = trainer.evaluate(val_rows)

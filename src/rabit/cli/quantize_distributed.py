@@ -150,8 +150,10 @@ def _run_quantize(spec: JobSpec, env) -> int:
         run_folder.prepare(out, state, rs.overwrite, run_info)
         local.update(teacher=teacher, tok=tok, train=train, val=val, eval_stream=eval_stream)
         _say0(env, f"run folder: {out}")
-        _say0(env, f"training on {env.world_size} process(es) ({env.backend}): {tcfg.steps} steps x "
-                   f"{spec.tokens_per_step} tokens = {tcfg.steps * spec.tokens_per_step:,} tokens "
+        length = (f"{spec.train_minutes:g} minutes of steps" if spec.train_minutes else
+                  f"{tcfg.steps} steps = {tcfg.steps * spec.tokens_per_step:,} tokens")
+        _say0(env, f"training on {env.world_size} process(es) ({env.backend}): {length}, "
+                   f"{spec.tokens_per_step} tokens each "
                    f"({spec.split_description(env.world_size)}), bf16 autocast {'on' if autocast else 'off'}, "
                    f"mode {rc.mode}, k={rc.num_paths}, "
                    f"{'latents and scales' if tcfg.train_latents else 'scales and norms (latents frozen)'} train, "
@@ -220,7 +222,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
     gc.collect()
     if ck is not None:
         trainer.resume(verify=spec.run.verify)
-        _say0(env, f"resumed at step {trainer.step} of {tcfg.steps} from {ck}")
+        _say0(env, f"resumed at step {trainer.step} of {trainer.cfg.steps} from {ck}")
     val_rows = broadcast_object(local["val"][: d.val_sequences] if env.is_main and d.val_sequences
                                 and local["val"].shape[0] else None)
     evals = local.get("evals", {})

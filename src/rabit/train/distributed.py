@@ -289,6 +289,7 @@ class DistributedTrainer(DistillLoop):
             raise CheckpointError(f"{path} is not a {DCP_FORMAT} (format {st.get('format')!r})")
         if verify:
             check_dcp_folder(path)  # collective: each rank checks a share of the files
+        self.adopt_budgeted_steps(st.get("config"))
         check_train_settings(path, st.get("config"), self.cfg)
         if set(st["scheduler"]["base_lr"]) != set(self.optim.named()):
             raise CheckpointError(f"checkpoint {path} has optimizers {sorted(st['scheduler']['base_lr'])}, "
@@ -324,6 +325,7 @@ class DistributedTrainer(DistillLoop):
 
         from .checkpoint import _from_json_value, load_checkpoint, set_rng_state
         ck = load_checkpoint(path)
+        self.adopt_budgeted_steps(ck.state.get("config"))
         check_train_settings(path, ck.state.get("config"), self.cfg)
         meta = ck.state.get("optimizers", {})
         if set(meta) != set(self.optim.named()):

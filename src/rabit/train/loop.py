@@ -9,6 +9,7 @@ itself (logging, progress, NaN/Inf stops with the last good state saved, the res
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+
+
+# A time-budgeted run (TrainConfig.time_budget_s) trains with these provisional steps, whose warm-up keeps the
+# learning rate near zero, until BUDGET_PROBE_STEPS steps are timed; the first step (allocations, kernel
+# builds) is left out of the estimate when there are others.
+PROVISIONAL_STEPS = 1_000_000
+BUDGET_PROBE_STEPS = 3
+
+
+def warmup_steps_for(rule: float, steps: int) -> int:
+    """Warm-up steps of a run of `steps` steps: a fraction of them if rule < 1, else a count (at most steps)."""
+    return min(int(round(rule * steps)) if rule < 1 else int(rule), steps)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -173,6 +186,33 @@ class DistillLoop:
 
     checkpoint_root: Path
 
+    # ------------------------------------------------------------------------------------- time budget
+    def budget_pending(self) -> bool:
+        """A time budget whose steps are not chosen yet."""
+        return self.cfg.time_budget_s > 0 and self.cfg.steps == PROVISIONAL_STEPS
+
+    def set_total_steps(self, steps: int, warmup_steps: int) -> None:
+        """Fix the run's length (and so its learning-rate schedule from this step on)."""
+        self.cfg.steps = int(steps)
+        self.cfg.optim.warmup_steps = int(warmup_steps)
+        self.optim.config.warmup_steps = int(warmup_steps)
+        self.optim.total_steps = int(steps)
+        self.optim.apply_schedule()
+
+    def adopt_budgeted_steps(self, saved: dict | None) -> None:
+        """On resume: a time-budgeted run keeps the steps its first session chose (stored in its checkpoint)."""
+        if (self.cfg.time_budget_s > 0 and saved and saved.get("time_budget_s") == self.cfg.time_budget_s
+                and saved.get("steps") not in (None, PROVISIONAL_STEPS)):
+            self.set_total_steps(int(saved["steps"]), int(saved.get("optim", {}).get("warmup_steps", 0)))
+
+    def _choose_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
+        """Steps that fit the time budget, from this session's step times (every rank agrees: means of all)."""
+        times = step_times[1:] or step_times
+        per_step, spent = self.collective.mean([statistics.median(times), train_seconds])
+        steps = self.step + max(0, int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+        self.set_total_steps(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
+        return steps
+
     def _load_position(self, path: Path, state: dict) -> None:
         """The schedule and data position a checkpoint's state stores (both checkpoint kinds store them alike)."""
         from .checkpoint import CheckpointError
@@ -210,9 +250,10 @@ class DistillLoop:
         total = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
         self.student.train()
         desc = "distilling" + (f" ({col.world_size} proc)" if col.distributed else "")
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=desc, disable=not self.progress,
+        bar = tqdm(total=None if self.budget_pending() else cfg.steps, initial=self.step, unit="step", desc=desc, disable=not self.progress,
                    dynamic_ncols=True)
         train_seconds, session_tokens, last = 0.0, 0, None
+        step_times: list[float] = []
         params = [p for _, p in self.split.latents + self.split.others]
         if col.is_main:
             self.log.truncate_after(self.step)  # drop steps a killed session logged after its last checkpoint
@@ -248,6 +289,7 @@ class DistillLoop:
                 self.step = step_no
                 dt = time.perf_counter() - t0
                 train_seconds += dt
+                step_times.append(dt)
                 session_tokens += self.tokens_per_step
                 tok_s = session_tokens / max(train_seconds, 1e-9)
                 last = {"step": step_no, "loss": loss, "kl": kl, "mse": mse, "grad_norm": grad_norm,
@@ -259,6 +301,11 @@ class DistillLoop:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", kl=f"{kl:.4g}", mse=f"{mse:.4g}", tok_s=f"{tok_s:.0f}",
                                 refresh=False)
+                if self.budget_pending() and len(step_times) >= BUDGET_PROBE_STEPS:
+                    chosen = self._choose_budgeted_steps(step_times, train_seconds)
+                    total = chosen if stop_at is None else min(chosen, int(stop_at))
+                    bar.total = chosen
+                    bar.refresh()
                 if self.step % cfg.save_every == 0 or self.step == total:
                     self.save()
             if self.last_saved != self.step:

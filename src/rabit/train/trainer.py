@@ -51,6 +51,11 @@ class TrainConfig:
     # False freezes the latent weights (no Muon): only scales, norms (and biases) train with AdamW, e.g. for a
     # scale-only phase after the latents were fitted
     train_latents: bool = True
+    # > 0: a budget in seconds of training steps (checkpoint writes excluded). `steps` is then provisional
+    # (loop.PROVISIONAL_STEPS, near-zero learning rate) until the first loop.BUDGET_PROBE_STEPS steps are timed;
+    # the loop then sets steps (and the warm-up, budget_warmup) so that the whole training fits the budget.
+    time_budget_s: float = 0.0
+    budget_warmup: float = 0.05     # with a time budget: warm-up as a fraction of the chosen steps (< 1) or steps
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
@@ -65,6 +70,9 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.time_budget_s < 0 or self.budget_warmup < 0:
+            raise ValueError(f"time_budget_s and budget_warmup must be >= 0, got {self.time_budget_s}, "
+                             f"{self.budget_warmup}")
         self.optim.validate()
 
     def to_dict(self) -> dict:
@@ -283,6 +291,7 @@ class Trainer(DistillLoop):
         if path is None:
             return False
         ck = load_checkpoint(path, verify=verify)
+        self.adopt_budgeted_steps(ck.state.get("config"))
         check_train_settings(path, ck.state.get("config"), self.cfg)
         try:
             missing, unexpected = self.student.load_state_dict(ck.model, strict=False)

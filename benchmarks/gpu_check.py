@@ -8,13 +8,16 @@ instead of aborting the others):
   triton     the Triton GEMV/GEMM kernels against the plain PyTorch reference on the device (odd shapes, fp32,
              fp16, bf16); --dry runs them under the Triton interpreter when triton is installed, else skips.
   gemv       batch-1 GEMV time and bandwidth at 4096^2, 4096x11008 (out x in, and transposed) and 8192^2, against
-             a device-to-device copy (the bandwidth ceiling) and fp16 F.linear.
+             a device-to-device copy (the bandwidth ceiling) and fp16 F.linear: device time per call (a CUDA
+             graph of back-to-back calls over weight copies worth 4x the L2 cache, so weights come from DRAM)
+             and the wall time of one synchronized call.
   decode     tokens/s of a Llama-2-7B-shaped model (random weights) with a static cache, 2-bit packed vs fp16.
   train      a few coupled-RaBiT training steps of the default model (SmolLM2-135M-Instruct) with tokens/s.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -125,34 +128,108 @@ def check_triton(device: torch.device, dry: bool) -> dict:
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]  # (out, in)
 GEMV_SHAPES_DRY = [(64, 96), (100, 33)]
+L2_ROTATION = 4   # the weight copies a timed loop cycles through hold at least this many L2 caches' worth
+
+
+def l2_bytes(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 60 << 20))
+
+
+def rotation_copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of an nbytes weight a timed loop cycles through (one on CPU)."""
+    if device.type != "cuda":
+        return 1
+    return max(1, -(-L2_ROTATION * l2_bytes(device) // nbytes))
+
+
+def kernel_seconds(calls, device: torch.device, iters: int, repeats: int = 5) -> tuple[float, str]:
+    """Device time per call of `iters` back-to-back calls cycling through `calls` (distinct weight copies, so
+    that no call finds its weights in L2), median of `repeats` timings with CUDA events; and how it was launched.
+
+    The calls are captured into one CUDA graph and replayed: timing eager launches would measure Python and
+    Triton's launch path (tens of microseconds) rather than a kernel of a few. Where capture fails, eager
+    back-to-back launches are timed instead (the method is reported)."""
+    for call in calls:        # compile / autotune / allocate outside the capture
+        call()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(iters):
+                calls[i % len(calls)]()
+        run, method = graph.replay, "CUDA graph of back-to-back calls, CUDA events"
+    except RuntimeError as e:
+        def run():
+            for i in range(iters):
+                calls[i % len(calls)]()
+        method = f"eager back-to-back calls, CUDA events (graph capture failed: {e})"
+    run()  # warm-up replay
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(times), method
 
 
 def gemv_bandwidth(device: torch.device, dry: bool) -> dict:
-    """Batch-1 packed GEMV vs fp16 F.linear and vs a device copy of the same number of bytes."""
+    """Batch-1 packed GEMV vs fp16 F.linear and vs a device copy of the same number of bytes.
+
+    On CUDA "us" is device time per call (``kernel_seconds``: a CUDA graph of back-to-back calls over weight copies
+    totalling >= L2_ROTATION x the L2 cache, so the weights come from DRAM); "per call" is the wall time of one
+    synchronized call, launch included (rotating over the same copies). On CPU (--dry) both are wall times."""
+    from rabit.kernels import select_backend, triton_gemv
+
     runs = 5 if dry else 200
-    half = torch.float16 if device.type == "cuda" else torch.float32
-    # copy ceiling: a large buffer copied device-to-device (bytes read + bytes written)
+    cuda = device.type == "cuda"
+    half = torch.float16 if cuda else torch.float32
+    # copy ceiling: a buffer larger than L2 copied device-to-device (bytes read + bytes written)
     n = (1 << 16) if dry else (1 << 28)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_s = median_seconds(lambda: dst.copy_(src), device, runs)
+
+    def copy():
+        dst.copy_(src)
+
+    copy_s = kernel_seconds([copy], device, 20)[0] if cuda else median_seconds(copy, device, runs)
     copy_gbs = 2 * n / copy_s / 1e9
     del src, dst
-    rows = []
+    rows, method = [], "wall time per call (CPU)"
     for out_f, in_f in (GEMV_SHAPES_DRY if dry else GEMV_SHAPES):
-        layer = random_packed_fast(2, out_f, in_f, device)
         x = torch.randn(1, in_f, device=device, dtype=half)
-        w = torch.randn(out_f, in_f, device=device, dtype=half)
+        probe = random_packed_fast(2, out_f, in_f, device)
+        packed_bytes = sum(b.numel() * b.element_size() for b in probe.buffers() if b is not None)
+        dense_bytes = out_f * in_f * x.element_size()
+        layers = [probe] + [random_packed_fast(2, out_f, in_f, device, seed=i)
+                            for i in range(1, rotation_copies(packed_bytes, device))]
+        weights = [torch.randn(out_f, in_f, device=device, dtype=half)
+                   for _ in range(rotation_copies(dense_bytes, device))]
+        packed_calls = [lambda m=m: m(x) for m in layers]
+        dense_calls = [lambda w=w: F.linear(x, w) for w in weights]
         with torch.inference_mode():
-            t_packed = median_seconds(lambda: layer(x), device, runs)
-            t_dense = median_seconds(lambda: F.linear(x, w), device, runs)
-        packed_bytes = sum(b.numel() * b.element_size() for b in layer.buffers() if b is not None)
+            per_call = {}
+            for name, calls in (("packed", packed_calls), ("dense", dense_calls)):
+                turn = itertools.cycle(calls)
+                per_call[name] = median_seconds(lambda: next(turn)(), device, runs)
+            if cuda:
+                t_packed, method = kernel_seconds(packed_calls, device, runs)
+                t_dense = kernel_seconds(dense_calls, device, runs)[0]
+            else:
+                t_packed, t_dense = per_call["packed"], per_call["dense"]
         gbs = (packed_bytes + (in_f + out_f) * x.element_size()) / t_packed / 1e9  # weights + x + y
-        rows.append({"out": out_f, "in": in_f, "packed_us": t_packed * 1e6, "fp16_linear_us": t_dense * 1e6,
-                     "speedup_vs_fp16": t_dense / t_packed, "packed_GBps": gbs,
-                     "fraction_of_copy_bandwidth": gbs / copy_gbs})
-        del layer, w
-    return {"copy_GBps": copy_gbs, "rows": rows, "activation_dtype": str(half)[6:]}
+        row = {"out": out_f, "in": in_f, "packed_us": t_packed * 1e6, "fp16_linear_us": t_dense * 1e6,
+               "packed_us_per_call": per_call["packed"] * 1e6, "fp16_linear_us_per_call": per_call["dense"] * 1e6,
+               "speedup_vs_fp16": t_dense / t_packed, "packed_GBps": gbs,
+               "fraction_of_copy_bandwidth": gbs / copy_gbs, "weight_copies": [len(layers), len(weights)]}
+        if select_backend(x, probe.backend) == "triton":   # the launch parameters it used (for tuning)
+            row["gemv_config"] = triton_gemv.gemv_launch_params(1, out_f, probe.packed.shape[2], 2,
+                                                                triton_gemv.sm_count(device))
+        rows.append(row)
+        del layers, weights, probe, packed_calls, dense_calls
+    return {"copy_GBps": copy_gbs, "rows": rows, "activation_dtype": str(half)[6:], "timing": method}
 
 
 def llama_config(dry: bool):
@@ -305,11 +382,13 @@ def markdown(report: dict) -> str:
             lines.append(f"{sec['cases']} cases, {len(sec['failures'])} failures, max relative error "
                          f"{sec['max_rel_error']:.2e}")
         elif name == "gemv":
-            lines += [f"device copy: {sec['copy_GBps']:.3g} GB/s; activations {sec['activation_dtype']}", "",
-                      "| out x in | packed (us) | fp16 F.linear (us) | speed-up | packed GB/s | of copy |",
-                      "|---|---|---|---|---|---|"]
+            lines += [f"device copy: {sec['copy_GBps']:.3g} GB/s; activations {sec['activation_dtype']}; timing: "
+                      f"{sec['timing']}; per call: one synchronized call, launch included", "",
+                      "| out x in | packed (us) | per call | fp16 F.linear (us) | per call | speed-up | packed GB/s "
+                      "| of copy |", "|---|---|---|---|---|---|---|---|"]
             for r in sec["rows"]:
-                lines.append(f"| {r['out']} x {r['in']} | {r['packed_us']:.1f} | {r['fp16_linear_us']:.1f} | "
+                lines.append(f"| {r['out']} x {r['in']} | {r['packed_us']:.1f} | {r['packed_us_per_call']:.1f} | "
+                             f"{r['fp16_linear_us']:.1f} | {r['fp16_linear_us_per_call']:.1f} | "
                              f"{r['speedup_vs_fp16']:.2f}x | {r['packed_GBps']:.3g} | "
                              f"{r['fraction_of_copy_bandwidth']:.0%} |")
         elif name == "decode":

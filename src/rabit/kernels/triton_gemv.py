@@ -1,12 +1,17 @@
-"""Triton kernels for RaBiT layers on GPU: a GEMV for decoding (few rows of x) and a tensor-core GEMM for prefill.
+"""Triton kernels for RaBiT layers on GPU: a split-K GEMV for decoding (few rows of x) and a tensor-core GEMM for
+prefill.
 
 Both read the packed sign planes as int32 words (``packed.view(torch.int32)``, shape (k, out_pad/16, in_pad/32,
 16): word [p, t, c, r] holds the signs of row 16t+r, inputs 32c..32c+31, bit i = input 32c+i; see
-``rabit.sign_bits``).  triton is optional: importing this module never fails, ``is_available()`` tells.
-With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's interpreter; used by the tests).
+``rabit.sign_bits``).  The GEMV splits the input words into SPLIT_K slices on a grid (row blocks, slices,
+row-groups of x), so that a batch-1 layer fills the GPU; the slices' float32 partial sums are added by one
+reduction (``gemv_launch_params`` documents the heuristic and how to force parameters).  triton is optional:
+importing this module never fails, ``is_available()`` tells.  With ``TRITON_INTERPRET=1`` the kernels also run
+on CPU tensors (Triton's interpreter; used by the tests).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,43 +39,67 @@ def is_available() -> bool:
 if HAVE_TRITON:
 
     @triton.jit
-    def _rabit_gemv_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, y_ptr,
-                           M, N, K, T, CW, stride_xm, stride_ym,
+    def _gemv_block(w_rows, x_rows, h_path, w0, w_hi, K, tile_ok, m_ok, BLOCK_W: tl.constexpr):
+        # the GEMV's loads for words [w0, w0 + BLOCK_W) of one path (nothing past w_hi): the words of its rows
+        # (BN, BW) (per tile, 16 rows x BLOCK_W words are 64*BLOCK_W contiguous bytes), x (BM, BK) and h (BK,)
+        ws = w0 + tl.arange(0, BLOCK_W)
+        words = tl.load(w_rows[:, None] + ws[None, :] * 16, mask=tile_ok[:, None] & (ws[None, :] < w_hi), other=0)
+        cols = w0 * 32 + tl.arange(0, BLOCK_W * 32)
+        col_ok = (cols < K) & (cols < w_hi * 32)
+        xv = tl.load(x_rows[:, None] + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+        hv = tl.load(h_path + cols, mask=col_ok, other=0.0)
+        return words, xv, hv
+
+    @triton.jit
+    def _rabit_gemv_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, out_ptr,
+                           M, N, K, T, CW, WPS, stride_xm, stride_os, stride_om,
                            NPATHS: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        # y[m, n] = sum_p g[p, n] * sum_j sign_p[n, j] * h[p, j] * x[m, j] (+ bias[n]); no multiply by the signs
+        # Split-K: program (pid_n, pid_k, pid_m) computes rows pid_n*BLOCK_N.. (whole 16-row tiles) for rows
+        # pid_m*BLOCK_M.. of x over input words [pid_k*WPS, pid_k*WPS + WPS) and stores that partial sum at
+        # out + pid_k*stride_os (a float32 partial buffer, or y itself when there is one split).
+        # sum_j s_j v_j = 2 sum_{bit j = 1} v_j - sum_j v_j, v = x*h: the bit expansion only selects (no sign
+        # multiply) and the slice total of v is shared by all BLOCK_N rows.
         pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         m_ok = ms < M
         tile = rows // 16
-        rr = rows % 16
-        bit = tl.arange(0, 32)
+        tile_ok = tile < T   # padded rows of a tile exist in the words: only tiles past the end are masked
+        w_rows = w_ptr + tile * (CW * 16) + rows % 16   # word 0 of each row in path 0
+        x_rows = x_ptr + ms * stride_xm
+        w_lo = pid_k * WPS
+        w_hi = tl.minimum(w_lo + WPS, CW)
+        bitmask = 1 << tl.arange(0, 32)   # bit test with one and (no shift per element)
         BLOCK_K: tl.constexpr = BLOCK_W * 32
         y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for p in tl.static_range(NPATHS):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for w0 in range(0, CW, BLOCK_W):
-                ws = w0 + tl.arange(0, BLOCK_W)
-                woff = ((p * T + tile[:, None]) * CW + ws[None, :]) * 16 + rr[:, None]
-                words = tl.load(w_ptr + woff, mask=row_ok[:, None] & (ws[None, :] < CW), other=0)
-                plus = ((words[:, :, None] >> bit[None, None, :]) & 1) != 0          # (BN, BW, 32)
+            # accumulated elementwise and reduced once per path: a reduction per step would cost more shuffles
+            # than the selects and adds it sums
+            pos = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)   # sum of v over the set bits
+            tot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)            # sum of v over the slice
+            w_path = w_rows + p * T * CW * 16
+            words, xv, hv = _gemv_block(w_path, x_rows, h_ptr + p * K, w_lo, w_hi, K, tile_ok, m_ok, BLOCK_W)
+            for w0 in range(w_lo, w_hi, BLOCK_W):
+                # the next block is requested before this one is used, so a program always has loads in
+                # flight (Triton's pipeliner leaves these register-consumed loads alone)
+                words_n, xv_n, hv_n = _gemv_block(w_path, x_rows, h_ptr + p * K, w0 + BLOCK_W, w_hi, K, tile_ok,
+                                                  m_ok, BLOCK_W)
+                plus = (words[:, :, None] & bitmask[None, None, :]) != 0              # (BN, BW, 32)
                 plus = tl.reshape(plus, (BLOCK_N, BLOCK_K))
-                cols = w0 * 32 + tl.arange(0, BLOCK_K)
-                col_ok = cols < K
-                xv = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :],
-                             mask=m_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-                hv = tl.load(h_ptr + p * K + cols, mask=col_ok, other=0.0).to(tl.float32)
-                xh = (xv * hv[None, :])[:, None, :]                                   # (BM, 1, BK)
-                acc += tl.sum(tl.where(plus[None, :, :], xh, -xh), axis=2)
+                v = xv.to(tl.float32) * hv.to(tl.float32)[None, :]                    # (BM, BK)
+                tot += v
+                pos += tl.where(plus[None, :, :], v[:, None, :], 0.0)
+                words, xv, hv = words_n, xv_n, hv_n
             gv = tl.load(g_ptr + p * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            y += acc * gv[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & row_ok[None, :])
+            y += (2.0 * tl.sum(pos, axis=2) - tl.sum(tot, axis=1)[:, None]) * gv[None, :]
+        if HAS_BIAS:   # added once, by the first split
+            y += tl.load(b_ptr + rows, mask=row_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
     @triton.jit
     def _rabit_gemm_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, y_ptr,
@@ -122,9 +151,100 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# GEMV launch heuristic (split-K). A batch-1 GEMV reads each weight bit once, so it is bound by how many loads are
+# in flight: with only cdiv(out, BLOCK_N) programs (64 for 4096 outputs) most SMs of a 132-SM GPU idle, and each
+# program's serial walk over the whole input exposes the load latency. Splitting the input words into SPLIT_K
+# slices aims at GEMV_PROGRAMS_PER_SM resident programs of 4 warps per SM (latency hidden by the other programs
+# and by the kernel's one-block prefetch), while each program still reads GEMV_MIN_PROGRAM_BYTES of words or more
+# (below that the partial sums' traffic and the launch cost more than the parallelism gains).
+GEMV_PROGRAMS_PER_SM = 4
+GEMV_MIN_PROGRAM_BYTES = 4096
+GEMV_DEFAULT_SMS = 132   # H100 / H200 SXM; used on CPU (interpreter, compile_check)
+# (BLOCK_N, BLOCK_W) per BLOCK_M, all with 4 warps and BLOCK_M*BLOCK_N*BLOCK_W*32 = 4096 selected-v accumulators
+# (32 fp32 registers per thread), picked from ptxas' register counts for sm_90 with Triton 3.6 (the device's
+# version), 2-3 paths, fp16, bf16 and fp32 x: 72-115 registers, no spills, no shuffles inside the loop, so 4-5
+# programs fit an SM's 64K registers. Some neighbouring choices need 150-200 (e.g. (32, 2) at 2 rows: 166), and 64
+# accumulators per thread 128-166. Not timed: no GPU has run this kernel yet; force others with gemv_config.
+GEMV_BLOCKS = {1: (64, 2), 2: (16, 4), 4: (32, 1), 8: (16, 1)}
+GEMV_NUM_WARPS = 4
+# num_stages is passed for the record only: Triton's pipeliner leaves these register-consumed loads alone (the
+# PTX is the same for 1, 2 and 3), hence the explicit one-block prefetch in the kernel
+GEMV_NUM_STAGES = 2
+GEMV_CONFIG_KEYS = ("SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_W", "num_warps", "num_stages")
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; GEMV_DEFAULT_SMS elsewhere (interpreter, compile_check)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return GEMV_DEFAULT_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _is_pow2(n) -> bool:
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def gemv_launch_params(m: int, n: int, words: int, paths: int, sms: int = GEMV_DEFAULT_SMS,
+                       overrides: tuple = ()) -> dict:
+    """Launch parameters of the split-K GEMV for m rows of x, n outputs, `words` 32-input words per row (in_pad/32)
+    and `paths` sign planes on a GPU with `sms` multiprocessors.
+
+    Heuristic: BLOCK_M = next_pow2(m) (at most GEMV_MAX_ROWS; more rows get more programs along grid axis 2);
+    BLOCK_N and BLOCK_W from GEMV_BLOCKS, capped by the layer's size; SPLIT_K = enough slices for
+    GEMV_PROGRAMS_PER_SM * sms programs, but no more than leaves each program GEMV_MIN_PROGRAM_BYTES of words.
+    For 4096 x 4096, 2 paths, one row of x, 132 SMs: 64 row blocks x 8 slices of 16 words = 512 programs reading
+    8 KiB each.
+
+    `overrides`: (key, value) pairs from GEMV_CONFIG_KEYS that replace the heuristic's choice (for tuning).
+    SPLIT_K is then normalized: every slice holds WPS words, a multiple of BLOCK_W, and no slice is empty (so a
+    SPLIT_K above the number of word blocks gives one block per slice). Returns SPLIT_K, WPS (words per slice),
+    BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages.
+    """
+    forced = dict(overrides)
+    bad = [k for k in forced if k not in GEMV_CONFIG_KEYS]
+    if bad:
+        raise ValueError(f"unknown GEMV config key(s) {bad}; expected some of {GEMV_CONFIG_KEYS}")
+    bm = forced.get("BLOCK_M", min(_next_pow2(m), GEMV_MAX_ROWS))
+    bn, bw = GEMV_BLOCKS.get(bm, GEMV_BLOCKS[GEMV_MAX_ROWS])
+    bn = forced.get("BLOCK_N", max(16, min(bn, _next_pow2(n))))
+    bw = forced.get("BLOCK_W", min(bw, _next_pow2(words)))
+    warps = forced.get("num_warps", GEMV_NUM_WARPS)
+    for key, val in (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_W", bw), ("num_warps", warps)):
+        if not _is_pow2(val):
+            raise ValueError(f"{key} must be a power of two, got {val!r}")
+    if bn < 16:
+        raise ValueError(f"BLOCK_N must cover whole 16-row tiles, got {bn}")
+    if "SPLIT_K" in forced:
+        split = forced["SPLIT_K"]
+        if not isinstance(split, int) or split < 1:
+            raise ValueError(f"SPLIT_K must be a positive int, got {split!r}")
+    else:
+        others = _cdiv(n, bn) * _cdiv(m, bm)   # programs along the other grid axes
+        min_words = _cdiv(GEMV_MIN_PROGRAM_BYTES, bn * paths * 4)
+        split = max(1, min(_cdiv(GEMV_PROGRAMS_PER_SM * sms, others), words // min_words))
+    wps = _cdiv(_cdiv(words, split), bw) * bw
+    return {"SPLIT_K": _cdiv(words, wps), "WPS": wps, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_W": bw,
+            "num_warps": warps, "num_stages": forced.get("num_stages", GEMV_NUM_STAGES)}
+
+
 def rabit_linear_triton(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
-                        bias: torch.Tensor | None = None, mode: str = "auto") -> torch.Tensor:
-    """x (..., in) -> (..., out) in x.dtype. mode: "auto" | "gemv" | "gemm"."""
+                        bias: torch.Tensor | None = None, mode: str = "auto", *,
+                        gemv_config: dict | None = None) -> torch.Tensor:
+    """x (..., in) -> (..., out) in x.dtype. mode: "auto" | "gemv" | "gemm".
+
+    gemv_config: for tuning, GEMV launch parameters that replace the heuristic's (keys from GEMV_CONFIG_KEYS,
+    e.g. ``{"SPLIT_K": 8, "BLOCK_N": 32, "num_warps": 8}``); see ``gemv_launch_params``.
+    """
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     k, nout, inf = g.shape[0], g.shape[-1], h.shape[-1]
@@ -141,55 +261,70 @@ def rabit_linear_triton(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, 
     words = packed.contiguous().view(torch.int32)
     T, CW = words.shape[1], words.shape[2]
     g, h = g.contiguous(), h.contiguous()
-    y = torch.empty(M, nout, dtype=x.dtype, device=x.device)
     if M == 0:
-        return y.reshape(*x.shape[:-1], nout)
+        return torch.empty(*x.shape[:-1], nout, dtype=x.dtype, device=x.device)
     b = bias.contiguous() if bias is not None else g   # dummy pointer when there is no bias
     interp = interpreting()
     if mode == "gemv" or (mode == "auto" and M <= GEMV_MAX_ROWS):
-        BM = min(_next_pow2(M), GEMV_MAX_ROWS)
-        # 32 rows x 256 inputs per step: enough programs to fill an H100 for out >= 4096 (untuned: no GPU here)
-        BN = 16 if interp else 32
-        BW = 2 if interp else max(1, 8 // BM)
-        grid = (triton.cdiv(nout, BN), triton.cdiv(M, BM))
-        _rabit_gemv_kernel[grid](x2, words, g, h, b, y, M, nout, inf, T, CW, x2.stride(0), y.stride(0),
-                                 NPATHS=k, HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_W=BW)
-    else:
-        BM = 16 if interp else 64
-        BN = 16 if interp else 64
-        BW = 1 if interp else 2
-        grid = (triton.cdiv(M, BM), triton.cdiv(nout, BN))
-        _rabit_gemm_kernel[grid](x2, words, g, h, b, y, M, nout, inf, T, CW, x2.stride(0), y.stride(0),
-                                 NPATHS=k, HAS_BIAS=bias is not None, DOT_F32=x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16),
-                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_W=BW)
+        cfg = gemv_launch_params(M, nout, CW, k, sm_count(x.device), tuple(sorted((gemv_config or {}).items())))
+        split, BM, BN = cfg["SPLIT_K"], cfg["BLOCK_M"], cfg["BLOCK_N"]
+        # one slice: store y directly; several: float32 partials (no atomics, so the result is deterministic),
+        # summed by one reduction
+        out = torch.empty(split, M, nout, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+        grid = (triton.cdiv(nout, BN), split, triton.cdiv(M, BM))
+        _rabit_gemv_kernel[grid](x2, words, g, h, b, out, M, nout, inf, T, CW, cfg["WPS"], x2.stride(0),
+                                 out.stride(0), out.stride(1), NPATHS=k, HAS_BIAS=bias is not None,
+                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
+                                 num_stages=cfg["num_stages"])
+        y = out[0] if split == 1 else out.sum(0).to(x.dtype)
+        return y.reshape(*x.shape[:-1], nout)
+    y = torch.empty(M, nout, dtype=x.dtype, device=x.device)
+    BM = 16 if interp else 64
+    BN = 16 if interp else 64
+    BW = 1 if interp else 2
+    grid = (triton.cdiv(M, BM), triton.cdiv(nout, BN))
+    _rabit_gemm_kernel[grid](x2, words, g, h, b, y, M, nout, inf, T, CW, x2.stride(0), y.stride(0),
+                             NPATHS=k, HAS_BIAS=bias is not None,
+                             DOT_F32=x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16),
+                             BLOCK_M=BM, BLOCK_N=BN, BLOCK_W=BW)
     return y.reshape(*x.shape[:-1], nout)
 
 
 def compile_check(capability: int = 90, warp_size: int = 32) -> dict[str, int]:
     """Compile both kernels for a CUDA target without needing a GPU (Triton's bundled ptxas); returns the PTX size
-    per variant.  Raises if a kernel does not lower."""
+    per variant.  Raises if a kernel does not lower.  The GEMV variants use the heuristic's parameters for 1, 4
+    and 8 rows of x (4096 x 4096, 2-3 paths), storing float32 partials or, with one slice, y itself."""
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", capability, warp_size)
-    base = {"x_ptr": "*fp32", "w_ptr": "*i32", "g_ptr": "*fp16", "h_ptr": "*fp16", "b_ptr": "*fp16",
-            "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "T": "i32", "CW": "i32", "stride_xm": "i32",
-            "stride_ym": "i32"}
-    variants = [
-        ("gemv_fp32", _rabit_gemv_kernel, {}, dict(NPATHS=2, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=64, BLOCK_W=8)),
-        ("gemv_bf16_m4", _rabit_gemv_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16"},
-         dict(NPATHS=3, HAS_BIAS=False, BLOCK_M=4, BLOCK_N=64, BLOCK_W=2)),
-        ("gemm_bf16", _rabit_gemm_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16"},
-         dict(NPATHS=2, HAS_BIAS=True, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_W=2)),
-        ("gemm_fp32", _rabit_gemm_kernel, {}, dict(NPATHS=2, HAS_BIAS=False, DOT_F32=True, BLOCK_M=64,
-                                                    BLOCK_N=64, BLOCK_W=2)),
-    ]
+    scalars = {"x_ptr": "*fp32", "w_ptr": "*i32", "g_ptr": "*fp16", "h_ptr": "*fp16", "b_ptr": "*fp16",
+               "M": "i32", "N": "i32", "K": "i32", "T": "i32", "CW": "i32", "stride_xm": "i32"}
+    gemv_sig = dict(scalars, out_ptr="*fp32", WPS="i32", stride_os="i32", stride_om="i32")
+    gemm_sig = dict(scalars, y_ptr="*fp32", stride_ym="i32")
+
+    def gemv(rows: int, paths: int, bias: bool, over: dict, forced: tuple = ()):
+        cfg = gemv_launch_params(rows, 4096, 128, paths, overrides=forced)
+        consts = dict(NPATHS=paths, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_W=cfg["BLOCK_W"])
+        return _rabit_gemv_kernel, dict(gemv_sig, **over), consts, dict(num_warps=cfg["num_warps"],
+                                                                         num_stages=cfg["num_stages"])
+
+    variants = {
+        "gemv_fp32_m1": gemv(1, 2, True, {}),
+        "gemv_fp16_m1_direct": gemv(1, 2, False, {"x_ptr": "*fp16", "out_ptr": "*fp16"}, (("SPLIT_K", 1),)),
+        "gemv_bf16_m4": gemv(4, 3, False, {"x_ptr": "*bf16"}),
+        "gemv_fp16_m8": gemv(8, 2, True, {"x_ptr": "*fp16"}),
+        "gemm_bf16": (_rabit_gemm_kernel, dict(gemm_sig, x_ptr="*bf16", y_ptr="*bf16"),
+                      dict(NPATHS=2, HAS_BIAS=True, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_W=2), {}),
+        "gemm_fp32": (_rabit_gemm_kernel, gemm_sig,
+                      dict(NPATHS=2, HAS_BIAS=False, DOT_F32=True, BLOCK_M=64, BLOCK_N=64, BLOCK_W=2), {}),
+    }
     sizes = {}
-    for name, kern, over, consts in variants:
-        sig = dict(base, **over)
-        sig.update({k: "constexpr" for k in consts})
+    for name, (kern, sig, consts, options) in variants.items():
+        sig = dict(sig, **{k: "constexpr" for k in consts})
         compiled = triton.compile(triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=consts),
-                                  target=target)
+                                  target=target, options=options)
         sizes[name] = len(compiled.asm["ptx"])
     return sizes

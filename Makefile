@@ -25,7 +25,12 @@ demo: install
 	$(VENV)/bin/rabit quantize --out $(DEMO_OUT) $$(test -f $(DEMO_OUT)/run.json && echo --resume) $(ARGS)
 	OMP_WAIT_POLICY=passive $(VENV)/bin/rabit generate $(DEMO_OUT)/quantized --prompt "The meaning of life is" --max-new-tokens 48
 
-test: install
+# The tests also run the Triton kernels under Triton's CPU interpreter (a large package the demo does not need).
+$(VENV)/.installed-triton: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,eval,triton]'
+	touch $@
+
+test: $(VENV)/.installed-triton
 	$(PY) -m pytest -q
 
 clean:

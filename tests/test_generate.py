@@ -102,6 +102,26 @@ def test_greedy_generation_matches_transformers_generate():
     assert lean_supported(model)[0] and isinstance(make_decoder(model, 8), StaticDecoder)
 
 
+def test_repetition_penalty():
+    from rabit.generate import apply_repetition_penalty
+
+    logits = torch.tensor([[[0.5, 3.0, -1.0, 2.5]]])
+    out = apply_repetition_penalty(logits, torch.tensor([1, 2]), 2.0)
+    torch.testing.assert_close(out, torch.tensor([0.5, 1.5, -2.0, 2.5]))
+    assert torch.equal(apply_repetition_penalty(logits, torch.tensor([1, 2]), 1.0), logits[0, 0])
+    assert sample(out) == 3  # token 1 was the best before it was seen
+    # in decoding: a tiny model whose greedy text repeats tokens stops repeating them under a strong penalty
+    model = make_tiny_llama()
+    dec = StaticDecoder(model, 48)
+    plain = decode_tokens(dec, IDS[:, :4], 24).tokens
+    assert len(set(plain)) < len(plain)
+    penalized = decode_tokens(dec, IDS[:, :4], 24, repetition_penalty=1e6).tokens
+    assert penalized != plain and len(set(penalized)) > len(set(plain))
+    assert decode_tokens(dec, IDS[:, :4], 24, repetition_penalty=1.0).tokens == plain
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        decode_tokens(dec, IDS[:, :4], 4, repetition_penalty=0.0)
+
+
 def test_sampling_options():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.5]])
     assert sample(logits) == 1

@@ -503,7 +503,23 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The last position's logits (vocab,) with every token id in `seen` made less likely (CTRL's rule, as in
+    transformers and llama.cpp's repeat penalty): a positive logit divided by `penalty`, a negative one multiplied.
+    penalty 1 leaves them as they are."""
+    out = logits.reshape(-1, logits.shape[-1])[-1].float()
+    if penalty == 1.0 or seen.numel() == 0:
+        return out
+    out = out.clone()
+    seen = seen.to(out.device)
+    picked = out[seen]
+    out[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float = 1.0) -> None:
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature is not None and temperature < 0:
@@ -532,15 +548,29 @@ class DecodeResult:
 def decode_tokens(decoder, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                   generator: torch.Generator | None = None,
-                  on_token: Callable[[int], None] | None = None) -> DecodeResult:
+                  on_token: Callable[[int], None] | None = None, repetition_penalty: float = 1.0) -> DecodeResult:
     """Prefill `input_ids` (1, T), then generate up to `max_new_tokens`. The decoder is reset first.
 
     The first new token comes from the prefill logits; each further one costs one `step`, timed individually.
+    repetition_penalty > 1 discourages every token of the prompt and of the text so far (apply_repetition_penalty).
     """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     ids = torch.as_tensor(input_ids).view(1, -1)
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty (0 tokens)")
+    seen = torch.zeros(0, dtype=torch.long)
+    if repetition_penalty != 1.0:
+        seen = torch.unique(ids[0])
+
+    def pick(logits: torch.Tensor) -> int:
+        nonlocal seen
+        if repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        if repetition_penalty != 1.0 and not bool((seen == tok).any()):
+            seen = torch.cat([seen, torch.tensor([tok])])
+        return tok
+
     eos = set()
     if eos_token_id is not None:
         eos = set(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else {int(eos_token_id)}
@@ -551,7 +581,7 @@ def decode_tokens(decoder, input_ids: torch.Tensor, max_new_tokens: int, tempera
     steps: list[float] = []
     prefill_s = 0.0
     if max_new_tokens > 0:
-        tok = sample(logits, temperature, top_k, top_p, generator)
+        tok = pick(logits)
         prefill_s = time.perf_counter() - t0
         out.append(tok)
         if on_token:
@@ -559,7 +589,7 @@ def decode_tokens(decoder, input_ids: torch.Tensor, max_new_tokens: int, tempera
         while len(out) < max_new_tokens and tok not in eos:
             t = time.perf_counter()
             logits = decoder.step(tok)
-            tok = sample(logits, temperature, top_k, top_p, generator)
+            tok = pick(logits)
             steps.append(time.perf_counter() - t)
             out.append(tok)
             if on_token:
@@ -624,10 +654,11 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False, add_bos: bool | No
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stream: Callable[[str], None] | None = None, compile: bool = False, chat: bool = False,
-             stop_at_eos: bool = True, decoder=None, add_bos: bool | None = None) -> GenerationResult:
+             stop_at_eos: bool = True, decoder=None, add_bos: bool | None = None,
+             repetition_penalty: float = 1.0) -> GenerationResult:
     """Generate text for `prompt` (greedy unless temperature > 0), streaming pieces to `stream` if given.
-    add_bos: None follows the tokenizer's rule (see encode_prompt)."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    add_bos: None follows the tokenizer's rule (see encode_prompt). repetition_penalty: see decode_tokens."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     ids = encode_prompt(tokenizer, prompt, chat, add_bos)
     if decoder is None:
         decoder = make_decoder(model, ids.shape[1] + max_new_tokens, compile=compile)
@@ -637,7 +668,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128
     streamer = TextStreamer(tokenizer, stream) if stream else None
     res = decode_tokens(decoder, ids, max_new_tokens, temperature, top_k, top_p,
                         eos_token_id=tokenizer.eos_token_id if stop_at_eos else None, generator=gen,
-                        on_token=streamer)
+                        on_token=streamer, repetition_penalty=repetition_penalty)
     if streamer:
         streamer.flush()
     text = tokenizer.decode(res.tokens, skip_special_tokens=True)
@@ -645,4 +676,5 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128
 
 
 __all__ = ["StaticDecoder", "HFStaticDecoder", "make_decoder", "lean_supported", "sample", "decode_tokens",
+           "apply_repetition_penalty",
            "DecodeResult", "generate", "GenerationResult", "TextStreamer", "encode_prompt"]

@@ -14,6 +14,9 @@ def add_parser(sub):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes tokens of the prompt and of the text so far less likely (greedy too): a "
+                        "positive logit is divided by it, a negative one multiplied (default: 1, off)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (slow to compile on CPU; see docs/INFERENCE.md)")
@@ -64,7 +67,8 @@ def run(args) -> int:
         write(args.prompt)
     res = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=None if args.no_stream else write,
-                   compile=args.compile, chat=args.chat, stop_at_eos=not args.ignore_eos, add_bos=args.bos)
+                   compile=args.compile, chat=args.chat, stop_at_eos=not args.ignore_eos, add_bos=args.bos,
+                   repetition_penalty=args.repetition_penalty)
     if args.no_stream:
         write(args.prompt + res.text)
     write("\n")

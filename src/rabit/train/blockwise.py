@@ -59,8 +59,9 @@ class BlockConfig:
     loss: str = "relative"        # per-token ||s - t||^2 / ||t||^2 (robust to massive activations) or "mse"
     # rounds of output-aware refinement before training (0: none). With act order a second round pays: 99.9 / 82.2
     # -> 92.1 / 78.8 before training, 67.7 / 70.3 -> 62.6 / 67.7 after the job's 80 frozen-latent steps, for +32 s
-    # of block stage (docs/RESULTS.md section 20; without act order, on 16 rows, it did not, section 13)
-    refine_rounds: int = 2
+    # of block stage (docs/RESULTS.md section 20; without act order, on 16 rows, it did not, section 13); a third
+    # 88.3 / 77.3 before training, 61.3 / 67.4 after (section 22), for about as much again
+    refine_rounds: int = 3
     # sequences whose activations form H for the refinement: 32 x 512 tokens took the default model from 246.7 to
     # 126.9 before any training where 16 x 512 overfitted them (a 1536-input layer fitted on 8,192 tokens; docs/
     # RESULTS.md section 13); 64 x 512 gave 102.8 for +70% block-stage time (section 14)

@@ -314,6 +314,33 @@ def test_time_budget_chooses_the_steps_from_the_timed_first_steps(tmp_path, monk
     assert saved["steps"] == 12 and saved["time_budget_s"] == 9.0
 
 
+class SlowStartClock(FakeClock):
+    """The first 3 steps take 1.5 s each, the later ones 0.75 s (a machine warming up)."""
+
+    def perf_counter(self):
+        self.calls = getattr(self, "calls", 0) + 1
+        self.now += 0.5 if self.calls <= 12 else 0.25
+        return self.now
+
+
+def test_time_budget_is_estimated_again_at_the_end_of_the_warmup(tmp_path, monkeypatch):
+    from rabit.train import loop
+
+    monkeypatch.setattr(loop, "time", SlowStartClock())
+    teacher, student = tiny_student()
+    cfg = budgeted_config()
+    cfg.time_budget_s = 30.0
+    tr = Trainer(teacher, student, rows(16, 12), cfg, tmp_path, progress=False)
+    result = tr.train()
+    # timed: 3 + (30 - 4.5) / 1.5 = 20 steps, warm-up 5; at step 5: 5 + (30 - 6) / 0.75 = 37
+    assert tr.cfg.budget_refined and tr.cfg.optim.warmup_steps == 5
+    assert result.steps == 37 == tr.cfg.steps
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[4]["lr_latent"] == pytest.approx(3e-3, rel=1e-6)  # the warm-up ended as first planned
+    saved = load_checkpoint(latest_checkpoint(tmp_path)).state["config"]
+    assert saved["steps"] == 37 and saved["budget_refined"] is True
+
+
 def test_time_budget_resume_keeps_the_steps_the_first_session_chose(tmp_path, monkeypatch):
     from rabit.train import loop
 

@@ -204,6 +204,7 @@ class DistillLoop:
         if (self.cfg.time_budget_s > 0 and saved and saved.get("time_budget_s") == self.cfg.time_budget_s
                 and saved.get("steps") not in (None, PROVISIONAL_STEPS)):
             self.set_total_steps(int(saved["steps"]), int(saved.get("optim", {}).get("warmup_steps", 0)))
+            self.cfg.budget_refined = bool(saved.get("budget_refined", False))
 
     def _choose_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
         """Steps that fit the time budget, from this session's step times (every rank agrees: means of all)."""
@@ -212,6 +213,27 @@ class DistillLoop:
         steps = self.step + max(0, int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
         self.set_total_steps(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
         return steps
+
+    def budget_to_refine(self) -> bool:
+        """At the end of the warm-up a time budget's step count is estimated once more: the timed first steps run
+        slower than the rest (a 48-minute budget was 13 % under-used), and until then no learning rate depended
+        on the total (the warm-up's rates depend on its length only), so changing it changes no rate used."""
+        return (self.cfg.time_budget_s > 0 and not self.cfg.budget_refined and not self.budget_pending()
+                and self.step >= self.cfg.optim.warmup_steps)
+
+    def _refine_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
+        """The step count from the steps after the timed ones (a resumed session: its own steps, and the earlier
+        sessions' steps counted at that pace)."""
+        times = step_times[BUDGET_PROBE_STEPS:] if self.resumed_from is None else step_times
+        # only where the warm-up outlasts the timed steps (else rates after it already used the total)
+        if self.cfg.optim.warmup_steps > BUDGET_PROBE_STEPS and times and self.step < self.cfg.steps:
+            per_step = statistics.median(times)
+            before = (self.resumed_from or 0) * per_step
+            per_step, spent = self.collective.mean([per_step, train_seconds + before])
+            steps = max(self.step, self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+            self.set_total_steps(steps, self.cfg.optim.warmup_steps)
+        self.cfg.budget_refined = True
+        return self.cfg.steps
 
     def _load_position(self, path: Path, state: dict) -> None:
         """The schedule and data position a checkpoint's state stores (both checkpoint kinds store them alike)."""
@@ -303,6 +325,11 @@ class DistillLoop:
                                 refresh=False)
                 if self.budget_pending() and len(step_times) >= BUDGET_PROBE_STEPS:
                     chosen = self._choose_budgeted_steps(step_times, train_seconds)
+                    total = chosen if stop_at is None else min(chosen, int(stop_at))
+                    bar.total = chosen
+                    bar.refresh()
+                elif self.budget_to_refine():
+                    chosen = self._refine_budgeted_steps(step_times, train_seconds)
                     total = chosen if stop_at is None else min(chosen, int(stop_at))
                     bar.total = chosen
                     bar.refresh()

@@ -56,6 +56,7 @@ class TrainConfig:
     # the loop then sets steps (and the warm-up, budget_warmup) so that the whole training fits the budget.
     time_budget_s: float = 0.0
     budget_warmup: float = 0.05     # with a time budget: warm-up as a fraction of the chosen steps (< 1) or steps
+    budget_refined: bool = False    # with a time budget: the step count was estimated again after the warm-up
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:

@@ -272,8 +272,8 @@ class DistillLoop:
         total = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
         self.student.train()
         desc = "distilling" + (f" ({col.world_size} proc)" if col.distributed else "")
-        bar = tqdm(total=None if self.budget_pending() else cfg.steps, initial=self.step, unit="step", desc=desc, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=None if self.budget_pending() else cfg.steps, initial=self.step, unit="step", desc=desc,
+                   disable=not self.progress, dynamic_ncols=True)
         train_seconds, session_tokens, last = 0.0, 0, None
         step_times: list[float] = []
         params = [p for _, p in self.split.latents + self.split.others]
@@ -323,13 +323,12 @@ class DistillLoop:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", kl=f"{kl:.4g}", mse=f"{mse:.4g}", tok_s=f"{tok_s:.0f}",
                                 refresh=False)
+                chosen = None
                 if self.budget_pending() and len(step_times) >= BUDGET_PROBE_STEPS:
                     chosen = self._choose_budgeted_steps(step_times, train_seconds)
-                    total = chosen if stop_at is None else min(chosen, int(stop_at))
-                    bar.total = chosen
-                    bar.refresh()
                 elif self.budget_to_refine():
                     chosen = self._refine_budgeted_steps(step_times, train_seconds)
+                if chosen is not None:
                     total = chosen if stop_at is None else min(chosen, int(stop_at))
                     bar.total = chosen
                     bar.refresh()

@@ -27,6 +27,12 @@ CASES = [
     ("k2_12rows", 2, 20, 40, 12, torch.float32, torch.float32, True, None),
     ("k1_blocks_forced", 1, 70, 200, 6, torch.float32, torch.float32, False,
      {"SPLIT_K": 3, "BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_W": 2}),
+    # the select-and-add variant (SIGN_XOR off; the default flips sign bits): odd sizes, dtypes, splits, rows
+    ("select_k1_tiny", 1, 5, 7, 1, torch.float32, torch.float32, True, {"SIGN_XOR": False}),
+    ("select_k2_fp16_split3", 2, 130, 300, 1, torch.float16, torch.float16, False, {"SIGN_XOR": False, "SPLIT_K": 3}),
+    ("select_k3_bf16_5rows", 3, 47, 161, 5, torch.bfloat16, torch.float32, True, {"SIGN_XOR": False}),
+    ("select_k2_12rows_blocks", 2, 70, 1000, 12, torch.float32, torch.float32, True,
+     {"SIGN_XOR": False, "BLOCK_N": 32, "BLOCK_W": 2, "SPLIT_K": 4}),
 ]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # one layer, SPLIT_K from 1 to more slices than its 22 words (normalized to 22 slices of one word)
@@ -127,12 +133,12 @@ def test_launch_params_heuristic(rows, out, inf):
         assert programs <= 2 * 4 * 132                             # about GEMV_PROGRAMS_PER_SM per SM
         assert wps * bn * 2 * 4 >= 4096                            # each slice reads a few KB
     if (out, inf, rows) == (4096, 4096, 1):
-        assert (split, wps, bn, programs) == (8, 16, 64, 512)
+        assert (split, wps, bn, programs) == (5, 28, 32, 640)
 
 
 def test_launch_params_forced_and_validated():
     c = gemv_launch_params(1, 4096, 128, 2, 132, (("SPLIT_K", 1000), ("num_warps", 8)))
-    assert (c["SPLIT_K"], c["WPS"], c["num_warps"]) == (64, 2, 8)     # one 2-word block per slice
+    assert (c["SPLIT_K"], c["WPS"], c["num_warps"]) == (32, 4, 8)     # one 4-word block per slice
     assert gemv_launch_params(1, 4096, 128, 2, 132, (("SPLIT_K", 1),))["WPS"] == 128
     for bad in [(("SPLIT_K", 0),), (("BLOCK_N", 8),), (("BLOCK_W", 3),), (("splitk", 2),)]:
         with pytest.raises(ValueError):

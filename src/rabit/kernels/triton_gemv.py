@@ -54,7 +54,8 @@ if HAVE_TRITON:
     def _rabit_gemv_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, out_ptr,
                            M, N, K, T, CW, WPS, stride_xm, stride_os, stride_om,
                            NPATHS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                           SIGN_XOR: tl.constexpr = False):
         # Split-K: program (pid_n, pid_k, pid_m) computes rows pid_n*BLOCK_N.. (whole 16-row tiles) for rows
         # pid_m*BLOCK_M.. of x over input words [pid_k*WPS, pid_k*WPS + WPS) and stores that partial sum at
         # out + pid_k*stride_os (a float32 partial buffer, or y itself when there is one split).
@@ -74,6 +75,7 @@ if HAVE_TRITON:
         w_lo = pid_k * WPS
         w_hi = tl.minimum(w_lo + WPS, CW)
         bitmask = 1 << tl.arange(0, 32)   # bit test with one and (no shift per element)
+        to_sign = 31 - tl.arange(0, 32)   # SIGN_XOR: shift that moves bit i to the float's sign bit
         BLOCK_K: tl.constexpr = BLOCK_W * 32
         y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for p in tl.static_range(NPATHS):
@@ -88,14 +90,25 @@ if HAVE_TRITON:
                 # flight (Triton's pipeliner leaves these register-consumed loads alone)
                 words_n, xv_n, hv_n = _gemv_block(w_path, x_rows, h_ptr + p * K, w0 + BLOCK_W, w_hi, K, tile_ok,
                                                   m_ok, BLOCK_W)
-                plus = (words[:, :, None] & bitmask[None, None, :]) != 0              # (BN, BW, 32)
-                plus = tl.reshape(plus, (BLOCK_N, BLOCK_K))
                 v = xv.to(tl.float32) * hv.to(tl.float32)[None, :]                    # (BM, BK)
-                tot += v
-                pos += tl.where(plus[None, :, :], v[:, None, :], 0.0)
+                if SIGN_XOR:
+                    # s_j v_j by flipping v_j's sign bit where bit j is 0: shift, and, xor, add per element
+                    # (one op fewer than the select below; the hardware can fuse and+xor into one LOP3)
+                    flip = ((~words)[:, :, None] << to_sign[None, None, :]) & -2147483648   # (BN, BW, 32)
+                    flip = tl.reshape(flip, (BLOCK_N, BLOCK_K))
+                    sv = v.to(tl.int32, bitcast=True)[:, None, :] ^ flip[None, :, :]
+                    pos += sv.to(tl.float32, bitcast=True)
+                else:
+                    plus = (words[:, :, None] & bitmask[None, None, :]) != 0          # (BN, BW, 32)
+                    plus = tl.reshape(plus, (BLOCK_N, BLOCK_K))
+                    tot += v
+                    pos += tl.where(plus[None, :, :], v[:, None, :], 0.0)
                 words, xv, hv = words_n, xv_n, hv_n
             gv = tl.load(g_ptr + p * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            y += (2.0 * tl.sum(pos, axis=2) - tl.sum(tot, axis=1)[:, None]) * gv[None, :]
+            if SIGN_XOR:   # pos already holds sum_j s_j v_j
+                y += tl.sum(pos, axis=2) * gv[None, :]
+            else:
+                y += (2.0 * tl.sum(pos, axis=2) - tl.sum(tot, axis=1)[:, None]) * gv[None, :]
         if HAS_BIAS:   # added once, by the first split
             y += tl.load(b_ptr + rows, mask=row_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + pid_k * stride_os + ms[:, None] * stride_om + rows[None, :],
@@ -168,13 +181,19 @@ GEMV_DEFAULT_SMS = 132   # H100 / H200 SXM; used on CPU (interpreter, compile_ch
 # (32 fp32 registers per thread), picked from ptxas' register counts for sm_90 with Triton 3.6 (the device's
 # version), 2-3 paths, fp16, bf16 and fp32 x: 72-115 registers, no spills, no shuffles inside the loop, so 4-5
 # programs fit an SM's 64K registers. Some neighbouring choices need 150-200 (e.g. (32, 2) at 2 rows: 166), and 64
-# accumulators per thread 128-166. Not timed: no GPU has run this kernel yet; force others with gemv_config.
-GEMV_BLOCKS = {1: (64, 2), 2: (16, 4), 4: (32, 1), 8: (16, 1)}
+# accumulators per thread 128-166. One row: (32, 4) with SIGN_XOR was within 3% of the best of 68-310 timed configs
+# at each of 4096^2, 11008x4096, 4096x11008 and 8192^2 on an H200 (benchmarks/gemv_tune.py, RESULTS section 23),
+# where (64, 2) without it was 3-15% slower; every config there ran at 6-10% of copy bandwidth, i.e. the kernel is
+# bound by its per-element work, not by the launch parameters. Other row counts are not timed yet.
+GEMV_BLOCKS = {1: (32, 4), 2: (16, 4), 4: (32, 1), 8: (16, 1)}
 GEMV_NUM_WARPS = 4
 # num_stages is passed for the record only: Triton's pipeliner leaves these register-consumed loads alone (the
 # PTX is the same for 1, 2 and 3), hence the explicit one-block prefetch in the kernel
 GEMV_NUM_STAGES = 2
-GEMV_CONFIG_KEYS = ("SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_W", "num_warps", "num_stages")
+# SIGN_XOR: the signed sum by flipping v's sign bit (shift, and, xor, add per element) instead of select-and-add
+# with a slice total (and, compare, select, add): 1.03-1.05x (median over pairs of otherwise equal configs, H200).
+GEMV_SIGN_XOR = True
+GEMV_CONFIG_KEYS = ("SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_W", "num_warps", "num_stages", "SIGN_XOR")
 
 
 def sm_count(device: torch.device) -> int:
@@ -202,8 +221,8 @@ def gemv_launch_params(m: int, n: int, words: int, paths: int, sms: int = GEMV_D
     Heuristic: BLOCK_M = next_pow2(m) (at most GEMV_MAX_ROWS; more rows get more programs along grid axis 2);
     BLOCK_N and BLOCK_W from GEMV_BLOCKS, capped by the layer's size; SPLIT_K = enough slices for
     GEMV_PROGRAMS_PER_SM * sms programs, but no more than leaves each program GEMV_MIN_PROGRAM_BYTES of words.
-    For 4096 x 4096, 2 paths, one row of x, 132 SMs: 64 row blocks x 8 slices of 16 words = 512 programs reading
-    8 KiB each.
+    For 4096 x 4096, 2 paths, one row of x, 132 SMs: 128 row blocks x 5 slices of 28 words = 640 programs reading
+    7 KiB each.
 
     `overrides`: (key, value) pairs from GEMV_CONFIG_KEYS that replace the heuristic's choice (for tuning).
     SPLIT_K is then normalized: every slice holds WPS words, a multiple of BLOCK_W, and no slice is empty (so a
@@ -234,7 +253,8 @@ def gemv_launch_params(m: int, n: int, words: int, paths: int, sms: int = GEMV_D
         split = max(1, min(_cdiv(GEMV_PROGRAMS_PER_SM * sms, others), words // min_words))
     wps = _cdiv(_cdiv(words, split), bw) * bw
     return {"SPLIT_K": _cdiv(words, wps), "WPS": wps, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_W": bw,
-            "num_warps": warps, "num_stages": forced.get("num_stages", GEMV_NUM_STAGES)}
+            "num_warps": warps, "num_stages": forced.get("num_stages", GEMV_NUM_STAGES),
+            "SIGN_XOR": bool(forced.get("SIGN_XOR", GEMV_SIGN_XOR))}
 
 
 def rabit_linear_triton(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
@@ -274,7 +294,8 @@ def rabit_linear_triton(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, 
         grid = (triton.cdiv(nout, BN), split, triton.cdiv(M, BM))
         _rabit_gemv_kernel[grid](x2, words, g, h, b, out, M, nout, inf, T, CW, cfg["WPS"], x2.stride(0),
                                  out.stride(0), out.stride(1), NPATHS=k, HAS_BIAS=bias is not None,
-                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
+                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_W=cfg["BLOCK_W"], SIGN_XOR=cfg["SIGN_XOR"],
+                                 num_warps=cfg["num_warps"],
                                  num_stages=cfg["num_stages"])
         y = out[0] if split == 1 else out.sum(0).to(x.dtype)
         return y.reshape(*x.shape[:-1], nout)
@@ -307,7 +328,7 @@ def compile_check(capability: int = 90, warp_size: int = 32) -> dict[str, int]:
     def gemv(rows: int, paths: int, bias: bool, over: dict, forced: tuple = ()):
         cfg = gemv_launch_params(rows, 4096, 128, paths, overrides=forced)
         consts = dict(NPATHS=paths, HAS_BIAS=bias, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      BLOCK_W=cfg["BLOCK_W"])
+                      BLOCK_W=cfg["BLOCK_W"], SIGN_XOR=cfg["SIGN_XOR"])
         return _rabit_gemv_kernel, dict(gemv_sig, **over), consts, dict(num_warps=cfg["num_warps"],
                                                                          num_stages=cfg["num_stages"])
 
@@ -316,6 +337,7 @@ def compile_check(capability: int = 90, warp_size: int = 32) -> dict[str, int]:
         "gemv_fp16_m1_direct": gemv(1, 2, False, {"x_ptr": "*fp16", "out_ptr": "*fp16"}, (("SPLIT_K", 1),)),
         "gemv_bf16_m4": gemv(4, 3, False, {"x_ptr": "*bf16"}),
         "gemv_fp16_m8": gemv(8, 2, True, {"x_ptr": "*fp16"}),
+        "gemv_fp16_m1_select": gemv(1, 2, False, {"x_ptr": "*fp16"}, (("SIGN_XOR", False),)),
         "gemm_bf16": (_rabit_gemm_kernel, dict(gemm_sig, x_ptr="*bf16", y_ptr="*bf16"),
                       dict(NPATHS=2, HAS_BIAS=True, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_W=2), {}),
         "gemm_fp32": (_rabit_gemm_kernel, gemm_sig,

@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extra arguments for the main job, e.g. make demo ARGS="--tokens 50000"
+# Extra arguments for the main job, e.g. make demo ARGS="--train-latents"
 ARGS ?=
+# The main job's budget: the whole `rabit quantize` in 13 minutes on any machine (with the install and the sample,
+# about 15); e.g. make demo BUDGET="--tokens 40960" for the same steps on every machine
+BUDGET ?= --job-minutes 13
 
 .PHONY: demo test install clean
 
@@ -23,7 +26,7 @@ install: $(VENV)/.installed
 # 135M model otherwise loops on a phrase).
 DEMO_OUT ?= runs/demo
 demo: install
-	$(VENV)/bin/rabit quantize --out $(DEMO_OUT) $$(test -f $(DEMO_OUT)/run.json && echo --resume) $(ARGS)
+	$(VENV)/bin/rabit quantize --out $(DEMO_OUT) $$(test -f $(DEMO_OUT)/run.json && echo --resume) $(BUDGET) $(ARGS)
 	OMP_WAIT_POLICY=passive $(VENV)/bin/rabit generate $(DEMO_OUT)/quantized --prompt "The meaning of life is" --max-new-tokens 48 --repetition-penalty 1.3
 
 # The tests also run the Triton kernels under Triton's CPU interpreter (a large package the demo does not need).

@@ -227,6 +227,15 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     assert summary["step_split"].startswith("4 sequences per step = 2 micro-batch(es) of 2 (1 per process x 2")
     assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["batch_size"] == 2
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "memory.json").is_file()
+    # a whole-job budget: rank 0 decides the training time after its block stage, and every rank trains to it
+    argv = cmd(tmp_path / "job", "--nproc", "2", "--job-minutes", "0.1")
+    del argv[argv.index("--tokens"):argv.index("--tokens") + 2]
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("training gets") == 1
+    evals = json.loads((tmp_path / "job" / "evals.json").read_text())
+    summary = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert evals["job_train_seconds"] >= 0.6 and summary["train"]["steps"] >= 3
     # a batch the user set that does not split: one line from the launching process, nothing started or written
     p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3", "--tokens", "768"), capture_output=True, text=True,
                        env=env, timeout=300)

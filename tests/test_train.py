@@ -470,8 +470,50 @@ def test_cli_time_budget_run(cli, tiny_run_files, tmp_path, capsys):
     assert saved["steps"] == summary["train"]["steps"]
 
 
+def test_job_budget_sets_aside_the_final_evaluation():
+    from rabit.cli.quantize import JOB_MIN_TRAIN_SECONDS, JOB_SAVE_SECONDS, job_training_seconds
+    from rabit.job import JobSpec
+
+    spec = JobSpec(job_minutes=10)
+    spec.eval.windows, spec.eval.ood_windows, spec.eval.seq_len = 16, 8, 2048
+    spec.data.val_sequences, spec.data.seq_len = 8, 512
+    evals = {}
+    # 600 s budget, 300 s used; 5 s per window x (16 final + 2 x 8 out of domain + 2 x 8 x 512 / 2048 held-out)
+    got = job_training_seconds(spec, evals, elapsed=300.0, window_seconds=5.0, final_windows=16)
+    reserve = 5.0 * (16 + 16 + 4) + JOB_SAVE_SECONDS
+    assert got == pytest.approx(600 - 300 - reserve) and evals["job_reserve_seconds"] == pytest.approx(reserve)
+    # decided once: a resumed session (later, faster or slower) keeps the first session's training time
+    assert job_training_seconds(spec, evals, elapsed=10.0, window_seconds=1.0, final_windows=16) == got
+    # a budget already spent still trains its minimum (a tenth of the budget, at most a minute); nothing timed: a
+    # tenth of the budget is kept back for the evaluation
+    assert job_training_seconds(spec, {}, elapsed=590.0, window_seconds=5.0, final_windows=16) == JOB_MIN_TRAIN_SECONDS
+    spec.job_minutes = 1
+    assert job_training_seconds(spec, {}, elapsed=59.0, window_seconds=5.0, final_windows=16) == pytest.approx(6.0)
+    spec.job_minutes = 10
+    assert job_training_seconds(spec, {}, elapsed=100.0, window_seconds=None, final_windows=16) == pytest.approx(440)
+
+
+def test_cli_job_budget_run(cli, tiny_run_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = cli_args(tiny_run_files, out)
+    del args[args.index("--tokens"):args.index("--tokens") + 2]
+    assert cli(args + ["--job-minutes", "0.05"]) == 0   # 3 s, about what the tiny job spends before training
+    said = capsys.readouterr()
+    assert "what the job's 0.05 minutes leave after the block stage" in said.err
+    assert "training gets" in said.err
+    evals = json.loads((out / "evals.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    saved = load_checkpoint(latest_checkpoint(out)).state["config"]
+    assert 0.3 <= evals["job_train_seconds"] < 3.0   # at least a tenth of the budget
+    assert saved["time_budget_s"] == pytest.approx(evals["job_train_seconds"])
+    assert run["job_minutes"] == 0.05 and run["train"]["time_budget_s"] == pytest.approx(3.0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["steps"] == saved["steps"] >= 3
+
+
 @pytest.mark.parametrize("case", ["eval-data", "too-small", "budget", "bad-model", "no-tokenizer", "bad-lr",
-                                  "two-budgets", "no-minutes"])
+                                  "two-budgets", "no-minutes", "job-and-tokens", "job-and-train-minutes",
+                                  "no-job-minutes"])
 def test_cli_bad_input_is_refused_and_writes_nothing(case, cli, tiny_run_files, tmp_path, capsys):
     out = tmp_path / "run"
     args = cli_args(tiny_run_files, out)
@@ -499,6 +541,17 @@ def test_cli_bad_input_is_refused_and_writes_nothing(case, cli, tiny_run_files, 
         del args[args.index("--tokens"):args.index("--tokens") + 2]
         args += ["--train-minutes", "0"]
         expect = "--train-minutes must be > 0"
+    elif case == "job-and-tokens":
+        args += ["--job-minutes", "5"]
+        expect = "--tokens or --job-minutes"
+    elif case == "job-and-train-minutes":
+        del args[args.index("--tokens"):args.index("--tokens") + 2]
+        args += ["--job-minutes", "5", "--train-minutes", "2"]
+        expect = "give one time budget"
+    elif case == "no-job-minutes":
+        del args[args.index("--tokens"):args.index("--tokens") + 2]
+        args += ["--job-minutes", "-1"]
+        expect = "--job-minutes must be > 0"
     else:
         args += ["--latent-lr", "-1"]
         expect = "latent_lr"

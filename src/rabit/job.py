@@ -134,6 +134,10 @@ class JobSpec:
     # or a time budget: end-to-end training takes about this many minutes of steps, whatever the machine (the steps
     # are chosen from the first steps' measured time; checkpoint writes and evaluations are not counted)
     train_minutes: float | None = None
+    # or a budget for the whole job: end-to-end training gets the minutes that loading, initialization, the block
+    # stage and an estimate of the final evaluation leave (decided once, after the block stage; see
+    # rabit.cli.quantize.job_training_seconds), so that the job ends about this long after it started
+    job_minutes: float | None = None
     warmup: float = 0.05              # a fraction of the steps if < 1, else a number of steps
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
     # rows of an optimizer step so that each process gets whole rows (same global batch and schedule).
@@ -186,6 +190,10 @@ class JobSpec:
         self.rabit.validate()
         if self.train_minutes is not None and not self.train_minutes > 0:
             raise ValueError(f"--train-minutes must be > 0, got {self.train_minutes}")
+        if self.job_minutes is not None and not self.job_minutes > 0:
+            raise ValueError(f"--job-minutes must be > 0, got {self.job_minutes}")
+        if self.job_minutes is not None and self.train_minutes is not None:
+            raise ValueError("give one time budget: --train-minutes (training) or --job-minutes (the whole job)")
         if self.steps < 1:
             raise ValueError(f"--tokens {self.tokens} is smaller than one optimizer step ({t.batch_size} x "
                              f"{t.grad_accum} x {d.seq_len} = {self.tokens_per_step} tokens)")
@@ -209,9 +217,14 @@ class JobSpec:
     @property
     def steps(self) -> int:
         """Optimizer steps of end-to-end training (provisional with a time budget: the loop chooses them)."""
-        if self.train_minutes:
+        if self.time_budgeted:
             return PROVISIONAL_STEPS
         return self.tokens // self.tokens_per_step
+
+    @property
+    def time_budgeted(self) -> bool:
+        """Training's length is a time budget (--train-minutes or --job-minutes), its steps chosen as it runs."""
+        return bool(self.train_minutes or self.job_minutes)
 
     @property
     def scale_steps(self) -> int:
@@ -224,15 +237,20 @@ class JobSpec:
         return dataclasses.replace(self.train, steps=max(steps, 1), optim=optim, train_latents=False,
                                    autocast=self.train.autocast if autocast is None else autocast)
 
-    def train_config(self, autocast: bool | None = None) -> TrainConfig:
-        """The TrainConfig the trainer runs: steps and warm-up steps from the token budget, autocast resolved."""
+    def train_config(self, autocast: bool | None = None, budget_s: float | None = None) -> TrainConfig:
+        """The TrainConfig the trainer runs: steps and warm-up steps from the token budget, autocast resolved.
+
+        With --job-minutes, `budget_s` is the training time the job decided after its block stage; without it the
+        config holds the whole job's minutes (what run.json records, the same in every session of a run)."""
         steps = self.steps
+        timed = self.time_budgeted
+        if budget_s is None:
+            budget_s = 60.0 * (self.train_minutes or self.job_minutes) if timed else 0.0
         # a time budget starts with a warm-up as long as its provisional steps: a near-zero rate while timing
-        warmup = steps if self.train_minutes else warmup_steps_for(self.warmup, steps)
+        warmup = steps if timed else warmup_steps_for(self.warmup, steps)
         optim = dataclasses.replace(self.train.optim, warmup_steps=warmup)
-        return dataclasses.replace(self.train, steps=steps, optim=optim,
-                                   time_budget_s=60.0 * self.train_minutes if self.train_minutes else 0.0,
-                                   budget_warmup=self.warmup if self.train_minutes else TrainConfig.budget_warmup,
+        return dataclasses.replace(self.train, steps=steps, optim=optim, time_budget_s=budget_s,
+                                   budget_warmup=self.warmup if timed else TrainConfig.budget_warmup,
                                    autocast=self.train.autocast if autocast is None else autocast)
 
     def for_processes(self, world_size: int) -> "JobSpec":
@@ -282,6 +300,8 @@ class JobSpec:
                      "ood_data": self.eval.ood_data, "ood_windows": self.eval.ood_windows},
             "stages": {"blocks": self.blocks.to_dict() if self.block_stage else None,
                        "scale_tokens": self.scale_steps * self.tokens_per_step},
+            # only when set, so that run.json of runs without it stays as it was (a resume compares them)
+            **({"job_minutes": self.job_minutes} if self.job_minutes else {}),
         })
 
 

@@ -131,6 +131,10 @@ _OPTIONS = [
            "training takes about this many minutes on any machine (the steps are chosen after timing the first "
            "3, which run at a near-zero learning rate; evaluations and checkpoint writes are not counted)",
            type=float),
+    Option("--job-minutes", "job_minutes", "distillation", "a time budget for the whole job instead of --tokens: "
+           "after the block stage, end-to-end training gets the minutes left once an estimate of the final "
+           "evaluation is set aside (at least a tenth of the budget, at most a minute), so that the job ends about this long after it started on any "
+           "machine (a --scale-tokens phase is not counted; `make demo` uses 13)", type=float),
     Option("--batch-size", "train.batch_size", "distillation", "sequences per micro-batch (the global micro-batch "
            "with --nproc; left at the default, a step is split across processes automatically)", type=int),
     Option("--grad-accum", "train.grad_accum", "distillation", "micro-batches per optimizer step (default: 1 "
@@ -252,6 +256,8 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
         _set_field(spec, o.path, value)
     if spec.train_minutes is not None and spec.tokens != JobSpec.tokens:
         raise ValueError("give one training budget: --tokens or --train-minutes, not both")
+    if spec.job_minutes is not None and spec.tokens != JobSpec.tokens:
+        raise ValueError("give one training budget: --tokens or --job-minutes, not both")
     spec.auto_split = all(values.get(OPTIONS[f].path) is None for f in _BATCH_FLAGS)
     spec.resolve_batch()   # latent training keeps Muon's larger step (one sequence per step is for frozen latents)
     return spec

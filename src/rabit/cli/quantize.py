@@ -91,6 +91,7 @@ class JobPerplexity:
         total = min(self.windows or available, available)
         # None: the stages are scored like the final model (stage_windows 0, or not fewer than the final windows)
         self.stage_windows = ev.stage_windows if 0 < ev.stage_windows < total else None
+        self.window_seconds: float | None = None   # seconds per window of the latest evaluation (job budget)
 
     def record_windows(self, evals: dict) -> None:
         """Note in evals the windows its stages are scored on; a run resumed from before stage windows existed
@@ -104,7 +105,17 @@ class JobPerplexity:
         where = (self.description if windows == self.windows
                  else f"{ev.data}, the first {windows} windows of {ev.seq_len} tokens")
         self.say(f"perplexity of the {what} model on {where} ...")
-        return window_nlls(model, self.stream, self.spec.eval.seq_len, self.bos, windows, progress=self.progress)
+        t0 = time.perf_counter()
+        nll, count = window_nlls(model, self.stream, self.spec.eval.seq_len, self.bos, windows,
+                                 progress=self.progress)
+        if count:   # one scored-token count per window
+            self.window_seconds = (time.perf_counter() - t0) / len(count)
+        return nll, count
+
+    def final_windows(self) -> int:
+        """Windows the final model is scored on."""
+        available = max(self.stream.numel() // self.spec.eval.seq_len, 1)
+        return min(self.windows or available, available)
 
     def full(self, model, what: str) -> tuple[float, float | None]:
         """(perplexity on the evaluation windows, perplexity on the first stage windows or None)."""
@@ -229,6 +240,50 @@ def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool,
                         on_init=on_init)
 
 
+# --job-minutes: training gets at least a tenth of the budget, at most a minute of it, even past the budget
+JOB_MIN_TRAIN_SHARE = 0.10
+JOB_MIN_TRAIN_SECONDS = 60.0
+JOB_SAVE_SECONDS = 15.0          # saving both formats and the plots (the default model, 2 cores)
+JOB_UNKNOWN_RESERVE = 0.10       # the share of the budget set aside when no evaluation has been timed
+
+
+def job_training_seconds(spec: JobSpec, evals: dict, elapsed: float, window_seconds: float | None,
+                         final_windows: int) -> float:
+    """--job-minutes: the training time that leaves room for what follows training, decided once per run (stored
+    in evals, so that a resumed run keeps its first session's schedule).
+
+    What follows is estimated from the latest perplexity evaluation's seconds per window: the final model's
+    windows, the out-of-domain windows twice (full precision and 2-bit; the former may come from the cache, which
+    makes the estimate cautious) and the held-out loss (teacher and student on --val-sequences rows), plus saving.
+    """
+    if "job_train_seconds" in evals:
+        return float(evals["job_train_seconds"])
+    budget = 60.0 * spec.job_minutes
+    ev, d = spec.eval, spec.data
+    if window_seconds:
+        val_windows = 2 * d.val_sequences * d.seq_len / max(ev.seq_len, 1)
+        reserve = window_seconds * (final_windows + 2 * ev.ood_windows + val_windows) + JOB_SAVE_SECONDS
+    else:
+        reserve = JOB_UNKNOWN_RESERVE * budget
+    seconds = max(budget - elapsed - reserve, job_min_train_seconds(budget))
+    evals["job_train_seconds"] = seconds
+    evals["job_reserve_seconds"] = reserve
+    return seconds
+
+
+def job_min_train_seconds(budget_s: float) -> float:
+    return min(JOB_MIN_TRAIN_SECONDS, JOB_MIN_TRAIN_SHARE * budget_s)
+
+
+def say_job_budget(spec: JobSpec, evals: dict, elapsed: float, say=_say) -> None:
+    seconds = evals["job_train_seconds"]
+    budget = 60.0 * spec.job_minutes
+    late = elapsed + evals.get("job_reserve_seconds", 0.0) + job_min_train_seconds(budget) > budget
+    say(f"job budget: {elapsed / 60:.1f} of {spec.job_minutes:g} minutes used before training; training gets "
+        f"{seconds / 60:.1f} minutes, ~{evals.get('job_reserve_seconds', 0.0) / 60:.1f} kept for the final "
+        "evaluation" + (" (the budget is spent: training its minimum, the job will end late)" if late else ""))
+
+
 def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_desc: str, final: float, result,
                val_after: dict | None, autocast: bool, wall0: float, world_size: int = 1,
                extra: dict | None = None) -> int:
@@ -334,10 +389,15 @@ def run_job(spec: JobSpec) -> int:
     # ---- all checks passed: prepare the folder
     run_folder.prepare(out, state, rs.overwrite, run_info)
     _say(f"run folder: {out}")
-    budget = (f"{spec.train_minutes:g} minutes of steps (chosen after timing the first {BUDGET_PROBE_STEPS})"
-              if spec.train_minutes else f"{steps} steps")
+    if spec.job_minutes:
+        budget = (f"what the job's {spec.job_minutes:g} minutes leave after the block stage, in steps chosen after "
+                  f"timing the first {BUDGET_PROBE_STEPS},")
+    elif spec.train_minutes:
+        budget = f"{spec.train_minutes:g} minutes of steps (chosen after timing the first {BUDGET_PROBE_STEPS})"
+    else:
+        budget = f"{steps} steps"
     _say(f"training: {budget} x {spec.tokens_per_step} tokens"
-         + ("" if spec.train_minutes else f" = {steps * spec.tokens_per_step:,} tokens") + " from "
+         + ("" if spec.time_budgeted else f" = {steps * spec.tokens_per_step:,} tokens") + " from "
          f"{', '.join(sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
          f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}, "
          f"{'latents and scales' if tcfg.train_latents else 'scales and norms (latents frozen)'} train, "
@@ -385,6 +445,12 @@ def run_job(spec: JobSpec) -> int:
     if spec.block_stage and ck_path is None:
         _block_stage(spec, teacher, student, tok, out, evals, scorer.stage, progress, train_bos.use)
 
+    if spec.job_minutes:
+        elapsed = time.time() - wall0
+        budget_s = job_training_seconds(spec, evals, elapsed, scorer.window_seconds, scorer.final_windows())
+        atomic_write_json(evals_path, evals)
+        say_job_budget(spec, evals, elapsed)
+        tcfg = spec.train_config(autocast, budget_s=budget_s)
     trainer = Trainer(teacher, student, train, tcfg, out, progress=progress)
     if ck_path is not None:
         trainer.resume(verify=False)  # verified above

@@ -150,7 +150,8 @@ def _run_quantize(spec: JobSpec, env) -> int:
         run_folder.prepare(out, state, rs.overwrite, run_info)
         local.update(teacher=teacher, tok=tok, train=train, val=val, eval_stream=eval_stream)
         _say0(env, f"run folder: {out}")
-        length = (f"{spec.train_minutes:g} minutes of steps" if spec.train_minutes else
+        length = (f"what the job's {spec.job_minutes:g} minutes leave after the block stage" if spec.job_minutes
+                  else f"{spec.train_minutes:g} minutes of steps" if spec.train_minutes else
                   f"{tcfg.steps} steps = {tcfg.steps * spec.tokens_per_step:,} tokens")
         _say0(env, f"training on {env.world_size} process(es) ({env.backend}): {length}, "
                    f"{spec.tokens_per_step} tokens each "
@@ -202,11 +203,18 @@ def _run_quantize(spec: JobSpec, env) -> int:
                 _say0(env, f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
             if spec.block_stage:  # on rank 0 only, before the student is sharded
                 single._block_stage(spec, teacher, student, tok, out, evals, score.stage, progress, info["bos"]["train"]["use"])
+        budget_s = None
+        if spec.job_minutes:   # decided here, where the evaluations were timed; every rank trains to it
+            elapsed = time.time() - wall0
+            budget_s = single.job_training_seconds(spec, evals, elapsed, score.window_seconds, score.final_windows())
+            single.say_job_budget(spec, evals, elapsed, say=lambda msg: _say0(env, msg))
         atomic_write_json(evals_path, evals)
         local.update(student=student, evals=evals)
-        return True
+        return {"budget_s": budget_s}
 
-    rank0_decides(stage2, env)
+    decided = rank0_decides(stage2, env)
+    if decided["budget_s"] is not None:
+        tcfg = spec.train_config(info["autocast"], budget_s=decided["budget_s"])
     if env.is_main:
         teacher, student, train = local["teacher"], local["student"], local["train"]
     else:

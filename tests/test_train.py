@@ -509,6 +509,16 @@ def test_cli_job_budget_run(cli, tiny_run_files, tmp_path, capsys):
     assert run["job_minutes"] == 0.05 and run["train"]["time_budget_s"] == pytest.approx(3.0)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["steps"] == saved["steps"] >= 3
+    # a resumed run keeps the training time its first session decided (not a new one from its own clock), so its
+    # checkpoint's settings match and it trains nothing again
+    from safetensors.torch import load_file
+
+    before = load_file(out / "model.safetensors")
+    assert cli(args + ["--job-minutes", "0.05", "--resume"]) == 0
+    assert json.loads((out / "evals.json").read_text())["job_train_seconds"] == evals["job_train_seconds"]
+    after = load_file(out / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((out / "summary.json").read_text())["train"]["steps"] == summary["train"]["steps"]
 
 
 @pytest.mark.parametrize("case", ["eval-data", "too-small", "budget", "bad-model", "no-tokenizer", "bad-lr",

@@ -507,6 +507,7 @@ def test_cli_job_budget_run(cli, tiny_run_files, tmp_path, capsys):
     assert 0.3 <= evals["job_train_seconds"] < 3.0   # at least a tenth of the budget
     assert saved["time_budget_s"] == pytest.approx(evals["job_train_seconds"])
     assert run["job_minutes"] == 0.05 and run["train"]["time_budget_s"] == pytest.approx(3.0)
+    assert run["tokens"] is None   # no token budget: the steps are chosen as it runs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["steps"] == saved["steps"] >= 3
     # a resumed run keeps the training time its first session decided (not a new one from its own clock), so its

@@ -290,7 +290,9 @@ class JobSpec:
         d = self.data
         return to_plain({
             "format": "rabit-quantize-run", "version": 1, "model": self.model, "model_path": model_path,
-            "rabit_config": self.rabit.to_dict(), "train": tcfg.to_dict(), "tokens": self.steps * self.tokens_per_step,
+            "rabit_config": self.rabit.to_dict(), "train": tcfg.to_dict(),
+            # the token budget; None with a time budget, whose steps are chosen as it runs (summary.json has them)
+            "tokens": None if self.time_budgeted else self.steps * self.tokens_per_step,
             "data": {"train": d.sources, "mix": d.mix, "seq_len": d.seq_len, "val_fraction": d.val_fraction,
                      "train_sequences": int(train_sequences), "calib": d.calib_sources,
                      "calib_samples": d.calib_samples, "calib_len": d.calib_len, "bos": bool(train_bos)},

@@ -12,7 +12,9 @@ def to_plain(d: dict) -> dict:
 # ------------------------------------------------------------------------------------------ run identity
 # run.json keys that may change between a run and its --resume (they do not affect the trained model).
 # "distributed" marked multi-process runs before one checkpoint reader served both (any process count resumes).
-NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version", "distributed")
+# "tokens" is train.steps x the step's rows x seq_len, all compared themselves (with a time budget it was a
+# provisional figure before it became None).
+NON_IDENTITY = ("eval", "save_every", "keep_checkpoints", "progress", "version", "distributed", "tokens")
 # Settings added after version 1 of run.json, with the value older runs implicitly used.
 ADDED_SETTINGS = {"train.hidden_loss": "mse", "train.train_latents": True, "train.optim.muon_ns_dtype": "auto",
                   "stages.blocks": None, "stages.scale_tokens": 0,

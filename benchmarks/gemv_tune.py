@@ -3,11 +3,12 @@
     python benchmarks/gemv_tune.py --out gemv_tune.json [--budget-s 200] [--rows 1]
 
 For each (out, in) shape of the gpu_check's gemv section, one row of fp16 x and 2 paths, it times the heuristic's
-choice and every config of a grid (BLOCK_N x BLOCK_W x num_warps x SPLIT_K around the heuristic's, with and
-without SIGN_XOR) the same way as the check: a CUDA graph of back-to-back calls over weight copies worth 4x the
-L2 cache. Configs whose accumulators per thread would spill (BLOCK_M*BLOCK_N*BLOCK_W*32 / (32*num_warps) > 64)
-are left out. Results are written after every shape, so a run cut by --budget-s (or a timeout) keeps what it
-measured. The best config per shape is what GEMV_BLOCKS / the split heuristic should be set to.
+choice and every config of a grid (BLOCK_N x BLOCK_W x num_warps x SPLIT_K around the heuristic's; select-and-add,
+SIGN_XOR or the lookup-table kernel) the same way as the check: a CUDA graph of back-to-back calls over weight
+copies worth 4x the L2 cache. Configs whose accumulators per thread would spill (BLOCK_M*BLOCK_N*BLOCK_W*32, or
+BLOCK_N*BLOCK_W*8 for the LUT kernel, over 32*num_warps threads > 64) are left out. Results are written after
+every shape, so a run cut by --budget-s (or a timeout) keeps what it measured. The best config per shape is what
+GEMV_BLOCKS / the split heuristic / the kernel choice should be set to.
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ def grid(heur: dict, rows: int) -> list[dict]:
     """The configs to try, in a fixed shuffled order (a run cut short still samples the whole space)."""
     splits = sorted({max(1, int(heur["SPLIT_K"] * f)) for f in (0.25, 0.5, 1, 2, 4)})
     configs = []
-    for bn, bw, warps, split, xor in itertools.product((16, 32, 64, 128), (1, 2, 4), (2, 4, 8), splits,
-                                                       (False, True)):
-        per_thread = heur["BLOCK_M"] * bn * bw * 32 / (32 * warps)
+    variants = ({"SIGN_XOR": False}, {"SIGN_XOR": True}, {"LUT": True})
+    for bn, bw, warps, split, variant in itertools.product((16, 32, 64, 128), (1, 2, 4), (2, 4, 8), splits,
+                                                           variants):
+        # accumulators per thread: BLOCK_M x BLOCK_N x 32 inputs per word, or one per 4-bit group with the LUT
+        per_word = 8 if variant.get("LUT") else 32 * heur["BLOCK_M"]
+        per_thread = bn * bw * per_word / (32 * warps)
         if 4 <= per_thread <= 64:
-            configs.append({"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": warps, "SPLIT_K": split, "SIGN_XOR": xor})
+            configs.append({"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": warps, "SPLIT_K": split, **variant})
     random.Random(0).shuffle(configs)
     return configs
 

@@ -5,12 +5,12 @@
 
 Writes gpu_check.json and gpu_check.md to --out. Sections (each records its own peak memory, and an error
 instead of aborting the others):
-  triton     the Triton GEMV/GEMM kernels against the plain PyTorch reference on the device (odd shapes, fp32,
-             fp16, bf16); --dry runs them under the Triton interpreter when triton is installed, else skips.
+  triton     the Triton GEMV (both kernels) and GEMM against the plain PyTorch reference on the device (odd
+             shapes, fp32, fp16, bf16); --dry runs them under the Triton interpreter when triton is installed.
   gemv       batch-1 GEMV time and bandwidth at 4096^2, 4096x11008 (out x in, and transposed) and 8192^2, against
              a device-to-device copy (the bandwidth ceiling) and fp16 F.linear: device time per call (a CUDA
              graph of back-to-back calls over weight copies worth 4x the L2 cache, so weights come from DRAM)
-             and the wall time of one synchronized call.
+             and the wall time of one synchronized call; the lookup-table GEMV kernel beside the default one.
   decode     tokens/s of a Llama-2-7B-shaped model (random weights) with a static cache, 2-bit packed vs fp16.
   train      a few coupled-RaBiT training steps of the default model (SmolLM2-135M-Instruct) with tokens/s.
 """
@@ -96,7 +96,7 @@ TRITON_CASES_FULL = TRITON_CASES + [(2, 4096, 4096, 1), (2, 11008, 4096, 4), (2,
 
 
 def check_triton(device: torch.device, dry: bool) -> dict:
-    """The Triton kernels (GEMV and GEMM modes) against rabit.kernels' reference on `device`."""
+    """The Triton kernels (GEMV, lookup-table GEMV and GEMM) against rabit.kernels' reference on `device`."""
     from rabit.kernels import triton_gemv
     from rabit.kernels.reference import rabit_linear_reference
 
@@ -109,14 +109,15 @@ def check_triton(device: torch.device, dry: bool) -> dict:
     for k, out_f, in_f, batch in (TRITON_CASES if dry else TRITON_CASES_FULL):
         layer = random_packed(k, out_f, in_f, device, dtype=torch.float32, seed=out_f + in_f)
         bias = torch.randn(out_f, device=device)
-        for mode in ("gemv", "gemm"):
+        for mode in ("gemv", "gemv-lut", "gemm"):   # gemv-lut: the lookup-table GEMV kernel
             for dt in dtypes:
                 x = torch.randn(batch, in_f, device=device).to(dt)
-                y = triton_gemv.rabit_linear_triton(x, layer.packed, layer.g, layer.h, bias, mode=mode)
+                y = triton_gemv.rabit_linear_triton(x, layer.packed, layer.g, layer.h, bias, mode=mode[:4],
+                                                    gemv_config={"LUT": True} if mode == "gemv-lut" else None)
                 ref = rabit_linear_reference(x.double(), layer.packed, layer.g, layer.h, bias,
                                              compute_dtype=torch.float64)
                 err = ((y.double() - ref).norm() / ref.norm()).item()
-                tol = 1e-5 if dt == torch.float32 and mode == "gemv" else 2e-2
+                tol = 1e-5 if dt == torch.float32 and mode.startswith("gemv") else 2e-2
                 case = {"k": k, "out": out_f, "in": in_f, "batch": batch, "mode": mode, "dtype": str(dt)[6:],
                         "rel_error": err, "ok": err < tol and y.dtype == dt}
                 cases.append(case)
@@ -227,6 +228,14 @@ def gemv_bandwidth(device: torch.device, dry: bool) -> dict:
         if select_backend(x, probe.backend) == "triton":   # the launch parameters it used (for tuning)
             row["gemv_config"] = triton_gemv.gemv_launch_params(1, out_f, probe.packed.shape[2], 2,
                                                                 triton_gemv.sm_count(device))
+            # the lookup-table kernel beside it (off by default until timed here)
+            lut_calls = [lambda m=m: triton_gemv.rabit_linear_triton(x, m.packed, m.g, m.h, mode="gemv",
+                                                                     gemv_config={"LUT": True}) for m in layers]
+            with torch.inference_mode():
+                t_lut = (kernel_seconds(lut_calls, device, runs)[0] if cuda else
+                         median_seconds(lambda: lut_calls[0](), device, runs))
+            row["lut_us"] = t_lut * 1e6
+            row["lut_fraction_of_copy_bandwidth"] = gbs * t_packed / t_lut / copy_gbs
         rows.append(row)
         del layers, weights, probe, packed_calls, dense_calls
     return {"copy_GBps": copy_gbs, "rows": rows, "activation_dtype": str(half)[6:], "timing": method}
@@ -385,12 +394,13 @@ def markdown(report: dict) -> str:
             lines += [f"device copy: {sec['copy_GBps']:.3g} GB/s; activations {sec['activation_dtype']}; timing: "
                       f"{sec['timing']}; per call: one synchronized call, launch included", "",
                       "| out x in | packed (us) | per call | fp16 F.linear (us) | per call | speed-up | packed GB/s "
-                      "| of copy |", "|---|---|---|---|---|---|---|---|"]
+                      "| of copy | LUT kernel (us) | of copy |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in sec["rows"]:
+                lut = (f"{r['lut_us']:.1f} | {r['lut_fraction_of_copy_bandwidth']:.0%}" if "lut_us" in r else "- | -")
                 lines.append(f"| {r['out']} x {r['in']} | {r['packed_us']:.1f} | {r['packed_us_per_call']:.1f} | "
                              f"{r['fp16_linear_us']:.1f} | {r['fp16_linear_us_per_call']:.1f} | "
                              f"{r['speedup_vs_fp16']:.2f}x | {r['packed_GBps']:.3g} | "
-                             f"{r['fraction_of_copy_bandwidth']:.0%} |")
+                             f"{r['fraction_of_copy_bandwidth']:.0%} | {lut} |")
         elif name == "decode":
             lines += [f"{sec['prompt_tokens']}-token prompt, {sec['new_tokens']} new tokens, static cache", "",
                       "| weights | step | tokens/s | ms/token | peak MiB |", "|---|---|---|---|---|"]

@@ -33,6 +33,13 @@ CASES = [
     ("select_k3_bf16_5rows", 3, 47, 161, 5, torch.bfloat16, torch.float32, True, {"SIGN_XOR": False}),
     ("select_k2_12rows_blocks", 2, 70, 1000, 12, torch.float32, torch.float32, True,
      {"SIGN_XOR": False, "BLOCK_N": 32, "BLOCK_W": 2, "SPLIT_K": 4}),
+    # the lookup-table kernel: inputs not a multiple of 4 or 32, several rows of x, splits, every dtype
+    ("lut_k1_tiny", 1, 5, 7, 1, torch.float32, torch.float32, True, {"LUT": True}),
+    ("lut_k2_fp16_split3", 2, 130, 300, 1, torch.float16, torch.float16, False, {"LUT": True, "SPLIT_K": 3}),
+    ("lut_k3_bf16_5rows", 3, 47, 161, 5, torch.bfloat16, torch.float32, True, {"LUT": True}),
+    ("lut_k2_8rows_blocks", 2, 70, 1000, 8, torch.float32, torch.float32, True,
+     {"LUT": True, "BLOCK_N": 64, "BLOCK_W": 2, "SPLIT_K": 4}),
+    ("lut_k2_one_split", 2, 64, 2048, 1, torch.float32, torch.float32, False, {"LUT": True, "SPLIT_K": 1}),
 ]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # one layer, SPLIT_K from 1 to more slices than its 22 words (normalized to 22 slices of one word)

@@ -115,6 +115,48 @@ if HAVE_TRITON:
                  y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
     @triton.jit
+    def _rabit_gemv_lut_kernel(lut_ptr, w_ptr, g_ptr, b_ptr, out_ptr,
+                               N, T, CW, WPS, stride_lm, stride_lp, stride_os, stride_om,
+                               NPATHS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # Lookup-table GEMV: lut[m, p, q, n] = sum_{i<4} (bit i of n ? +1 : -1) * x[m, 4q+i] * h[p, 4q+i] (built
+        # once per call by gemv_lut), so each 4-bit nibble of a sign word is one table load and one add instead of
+        # four selects and adds. Program (pid_n, pid_k, pid_m): rows pid_n*BLOCK_N.., words [pid_k*WPS, +WPS) of
+        # row pid_m of x. Tensors are (groups, rows) with the rows last, so that the lanes of a warp read the
+        # same group's 64-byte table for different rows (one cache line per warp-wide gather).
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m = tl.program_id(2)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        tile = rows // 16
+        tile_ok = tile < T
+        w_rows = w_ptr + tile * (CW * 16) + rows % 16
+        w_lo = pid_k * WPS
+        w_hi = tl.minimum(w_lo + WPS, CW)
+        shifts = 4 * tl.arange(0, 8)
+        BLOCK_G: tl.constexpr = BLOCK_W * 8
+        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for p in tl.static_range(NPATHS):
+            acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+            w_path = w_rows + p * T * CW * 16
+            lut = lut_ptr + m * stride_lm + p * stride_lp
+            for w0 in range(w_lo, w_hi, BLOCK_W):
+                ws = w0 + tl.arange(0, BLOCK_W)
+                w_ok = ws < w_hi
+                words = tl.load(w_path[None, :] + ws[:, None] * 16, mask=w_ok[:, None] & tile_ok[None, :], other=0)
+                nib = (words[:, None, :] >> shifts[None, :, None]) & 15                    # (BW, 8, BN)
+                nib = tl.reshape(nib, (BLOCK_G, BLOCK_N))
+                grp = tl.reshape(ws[:, None] * 8 + tl.arange(0, 8)[None, :], (BLOCK_G,))   # nibble groups
+                g_ok = tl.reshape(w_ok[:, None] & (tl.arange(0, 8)[None, :] < 8), (BLOCK_G,))
+                acc += tl.load(lut + grp[:, None] * 16 + nib, mask=g_ok[:, None], other=0.0)
+            gv = tl.load(g_ptr + p * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            y += tl.sum(acc, axis=0) * gv
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok & (pid_k == 0), other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid_k * stride_os + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
     def _rabit_gemm_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, y_ptr,
                            M, N, K, T, CW, stride_xm, stride_ym,
                            NPATHS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
@@ -193,7 +235,10 @@ GEMV_NUM_STAGES = 2
 # SIGN_XOR: the signed sum by flipping v's sign bit (shift, and, xor, add per element) instead of select-and-add
 # with a slice total (and, compare, select, add): 1.03-1.05x (median over pairs of otherwise equal configs, H200).
 GEMV_SIGN_XOR = True
-GEMV_CONFIG_KEYS = ("SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_W", "num_warps", "num_stages", "SIGN_XOR")
+# LUT: the lookup-table kernel (_rabit_gemv_lut_kernel; about 5 instructions per 4 weights instead of ~10 per
+# weight at the measured rate of the others). Off until a GPU has timed it: benchmarks/gemv_tune.py sweeps it.
+GEMV_LUT = False
+GEMV_CONFIG_KEYS = ("SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_W", "num_warps", "num_stages", "SIGN_XOR", "LUT")
 
 
 def sm_count(device: torch.device) -> int:
@@ -254,7 +299,23 @@ def gemv_launch_params(m: int, n: int, words: int, paths: int, sms: int = GEMV_D
     wps = _cdiv(_cdiv(words, split), bw) * bw
     return {"SPLIT_K": _cdiv(words, wps), "WPS": wps, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_W": bw,
             "num_warps": warps, "num_stages": forced.get("num_stages", GEMV_NUM_STAGES),
-            "SIGN_XOR": bool(forced.get("SIGN_XOR", GEMV_SIGN_XOR))}
+            "SIGN_XOR": bool(forced.get("SIGN_XOR", GEMV_SIGN_XOR)), "LUT": bool(forced.get("LUT", GEMV_LUT))}
+
+
+@functools.lru_cache(maxsize=None)
+def _nibble_signs(device: torch.device) -> torch.Tensor:
+    """(16, 4) float32: row n holds +1 where bit i of n is set, else -1."""
+    n = torch.arange(16)[:, None]
+    return torch.where((n >> torch.arange(4)[None, :]) & 1 == 1, 1.0, -1.0).to(device)
+
+
+def gemv_lut(x2: torch.Tensor, h: torch.Tensor, words: int) -> torch.Tensor:
+    """The LUT kernel's tables: (M, k, words*8, 16) float32, entry [m, p, q, n] = sum_i s_i(n) x[m, 4q+i] h[p, 4q+i]
+    with s_i(n) = +1 where bit i of n is set, else -1 (inputs past x's end count as 0)."""
+    M, K = x2.shape
+    v = x2.float()[:, None, :] * h.float()[None]                            # (M, k, K)
+    v = torch.nn.functional.pad(v, (0, words * 32 - K)).view(M, h.shape[0], words * 8, 4)
+    return v @ _nibble_signs(x2.device).t()
 
 
 def rabit_linear_triton(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
@@ -291,6 +352,14 @@ def rabit_linear_triton(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, 
         # one slice: store y directly; several: float32 partials (no atomics, so the result is deterministic),
         # summed by one reduction
         out = torch.empty(split, M, nout, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+        if cfg["LUT"]:   # one row of x per program along grid axis 2
+            lut = gemv_lut(x2, h, CW)
+            _rabit_gemv_lut_kernel[(triton.cdiv(nout, BN), split, M)](
+                lut, words, g, b, out, nout, T, CW, cfg["WPS"], lut.stride(0), lut.stride(1), out.stride(0),
+                out.stride(1), NPATHS=k, HAS_BIAS=bias is not None, BLOCK_N=BN, BLOCK_W=cfg["BLOCK_W"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            y = out[0] if split == 1 else out.sum(0).to(x.dtype)
+            return y.reshape(*x.shape[:-1], nout)
         grid = (triton.cdiv(nout, BN), split, triton.cdiv(M, BM))
         _rabit_gemv_kernel[grid](x2, words, g, h, b, out, M, nout, inf, T, CW, cfg["WPS"], x2.stride(0),
                                  out.stride(0), out.stride(1), NPATHS=k, HAS_BIAS=bias is not None,
@@ -338,6 +407,11 @@ def compile_check(capability: int = 90, warp_size: int = 32) -> dict[str, int]:
         "gemv_bf16_m4": gemv(4, 3, False, {"x_ptr": "*bf16"}),
         "gemv_fp16_m8": gemv(8, 2, True, {"x_ptr": "*fp16"}),
         "gemv_fp16_m1_select": gemv(1, 2, False, {"x_ptr": "*fp16"}, (("SIGN_XOR", False),)),
+        "gemv_lut_fp16_m1": (_rabit_gemv_lut_kernel,
+                             {"lut_ptr": "*fp32", "w_ptr": "*i32", "g_ptr": "*fp16", "b_ptr": "*fp16",
+                              "out_ptr": "*fp32", **{a: "i32" for a in ("N", "T", "CW", "WPS", "stride_lm",
+                                                                        "stride_lp", "stride_os", "stride_om")}},
+                             dict(NPATHS=2, HAS_BIAS=True, BLOCK_N=32, BLOCK_W=4), dict(num_warps=4)),
         "gemm_bf16": (_rabit_gemm_kernel, dict(gemm_sig, x_ptr="*bf16", y_ptr="*bf16"),
                       dict(NPATHS=2, HAS_BIAS=True, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_W=2), {}),
         "gemm_fp32": (_rabit_gemm_kernel, gemm_sig,

@@ -341,6 +341,34 @@ def test_time_budget_is_estimated_again_at_the_end_of_the_warmup(tmp_path, monke
     assert saved["steps"] == 37 and saved["budget_refined"] is True
 
 
+class FasterLaterClock(FakeClock):
+    """Steps take 1.5 s for the first 10, then 0.75 s (a machine whose load drops during the run)."""
+
+    def perf_counter(self):
+        self.calls = getattr(self, "calls", 0) + 1
+        self.now += 0.5 if self.calls <= 40 else 0.25
+        return self.now
+
+
+def test_time_budget_follows_a_machine_that_speeds_up(tmp_path, monkeypatch):
+    from rabit.train import loop
+
+    monkeypatch.setattr(loop, "time", FasterLaterClock())
+    teacher, student = tiny_student()
+    cfg = budgeted_config()
+    cfg.time_budget_s = 30.0
+    tr = Trainer(teacher, student, rows(16, 12), cfg, tmp_path, progress=False)
+    result = tr.train()
+    # timed: 3 + (30 - 4.5) / 1.5 = 20 steps (warm-up 5), unchanged at the end of the warm-up and at 25 % and
+    # 50 %; at 75 % (step 15) the later half of the step times says 0.75 s: 15 + (30 - 18.75) / 0.75 = 30
+    assert result.steps == 30 == tr.cfg.steps and tr.cfg.budget_checks == 3
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum(r["seconds"] for r in log) == pytest.approx(30.0)   # the whole budget (20 steps: 22.5 s)
+    assert log[-1]["lr_latent"] < 0.15 * 3e-3   # the cosine still ends near min_lr_ratio, at the new last step
+    saved = load_checkpoint(latest_checkpoint(tmp_path)).state["config"]
+    assert saved["steps"] == 30 and saved["budget_checks"] == 3
+
+
 def test_time_budget_resume_keeps_the_steps_the_first_session_chose(tmp_path, monkeypatch):
     from rabit.train import loop
 

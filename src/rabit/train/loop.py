@@ -25,6 +25,13 @@ from ..errors import InputError
 # builds) is left out of the estimate when there are others.
 PROVISIONAL_STEPS = 1_000_000
 BUDGET_PROBE_STEPS = 3
+# After the warm-up's estimate, the first session estimates the step count again at these fractions of it, from
+# its later half of step times, and adopts an estimate that differs by more than BUDGET_TOLERANCE: step times
+# drift within a run on a shared or throttled machine (a 13-minute job on 2 cores had steps of 2.4 s at first and
+# 1.8 s later, and used 77 % of its training budget; 8 runs sharing a GPU overran theirs by 1.7x). The learning
+# rate then follows the cosine of the new length from where it is, a small step in the rate.
+BUDGET_CHECKS = (0.25, 0.5, 0.75)
+BUDGET_TOLERANCE = 0.05
 
 
 def warmup_steps_for(rule: float, steps: int) -> int:
@@ -205,6 +212,7 @@ class DistillLoop:
                 and saved.get("steps") not in (None, PROVISIONAL_STEPS)):
             self.set_total_steps(int(saved["steps"]), int(saved.get("optim", {}).get("warmup_steps", 0)))
             self.cfg.budget_refined = bool(saved.get("budget_refined", False))
+            self.cfg.budget_checks = int(saved.get("budget_checks", 0))
 
     def _choose_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
         """Steps that fit the time budget, from this session's step times (every rank agrees: means of all)."""
@@ -233,6 +241,24 @@ class DistillLoop:
             steps = max(self.step, self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
             self.set_total_steps(steps, self.cfg.optim.warmup_steps)
         self.cfg.budget_refined = True
+        return self.cfg.steps
+
+    def budget_to_check(self) -> bool:
+        """A first session's time budget is re-estimated at BUDGET_CHECKS of its steps (a resumed session keeps the
+        steps it was given, whatever its own speed)."""
+        cfg, done = self.cfg, self.cfg.budget_checks
+        return (cfg.time_budget_s > 0 and cfg.budget_refined and self.resumed_from is None
+                and done < len(BUDGET_CHECKS) and self.step >= BUDGET_CHECKS[done] * cfg.steps)
+
+    def _check_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
+        """The step count from the later half of this session's step times; kept unless it moves by more than
+        BUDGET_TOLERANCE."""
+        per_step = statistics.median(step_times[len(step_times) // 2:])
+        per_step, spent = self.collective.mean([per_step, train_seconds])
+        steps = max(self.step + 1, self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+        if abs(steps - self.cfg.steps) > BUDGET_TOLERANCE * self.cfg.steps:
+            self.set_total_steps(steps, self.cfg.optim.warmup_steps)
+        self.cfg.budget_checks += 1
         return self.cfg.steps
 
     def _load_position(self, path: Path, state: dict) -> None:
@@ -328,6 +354,8 @@ class DistillLoop:
                     chosen = self._choose_budgeted_steps(step_times, train_seconds)
                 elif self.budget_to_refine():
                     chosen = self._refine_budgeted_steps(step_times, train_seconds)
+                elif self.budget_to_check():
+                    chosen = self._check_budgeted_steps(step_times, train_seconds)
                 if chosen is not None:
                     total = chosen if stop_at is None else min(chosen, int(stop_at))
                     bar.total = chosen

@@ -57,6 +57,7 @@ class TrainConfig:
     time_budget_s: float = 0.0
     budget_warmup: float = 0.05     # with a time budget: warm-up as a fraction of the chosen steps (< 1) or steps
     budget_refined: bool = False    # with a time budget: the step count was estimated again after the warm-up
+    budget_checks: int = 0          # ... and how many of loop.BUDGET_CHECKS re-estimates were made since
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:

@@ -227,6 +227,9 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     assert summary["step_split"].startswith("4 sequences per step = 2 micro-batch(es) of 2 (1 per process x 2")
     assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["batch_size"] == 2
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "memory.json").is_file()
+    # the out-of-domain score, as a one-process run gives it
+    ood = summary["eval"]["ood"]
+    assert "not trained on" in ood["description"] and ood["final"] > 1 < ood["fp"]
     # a whole-job budget: rank 0 decides the training time after its block stage, and every rank trains to it
     argv = cmd(tmp_path / "job", "--nproc", "2", "--job-minutes", "0.1")
     del argv[argv.index("--tokens"):argv.index("--tokens") + 2]

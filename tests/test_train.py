@@ -519,6 +519,29 @@ def test_job_budget_sets_aside_the_final_evaluation():
     assert job_training_seconds(spec, {}, elapsed=59.0, window_seconds=5.0, final_windows=16) == pytest.approx(6.0)
     spec.job_minutes = 10
     assert job_training_seconds(spec, {}, elapsed=100.0, window_seconds=None, final_windows=16) == pytest.approx(440)
+    # the full-precision out-of-domain figure already cached: its windows are not set aside a second time
+    cached = job_training_seconds(spec, {}, elapsed=300.0, window_seconds=5.0, final_windows=16, ood_fp_windows=0)
+    assert cached == pytest.approx(got + 5.0 * 8)
+
+
+def test_job_budget_knows_whether_the_fp_out_of_domain_figure_is_cached(tmp_path, monkeypatch):
+    from rabit.cli.quantize import _out_of_domain, ood_fp_windows_to_run
+    from rabit.job import JobSpec
+    from rabit.testing import tiny_tokenizer
+
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    teacher, tok = make_tiny_llama(vocab_size=512).eval(), tiny_tokenizer()
+    spec = JobSpec()
+    spec.eval.seq_len, spec.eval.ood_windows = 64, 3
+    assert ood_fp_windows_to_run(spec, teacher, tok) == 3
+    evals = {}
+    _out_of_domain(spec, teacher, copy.deepcopy(teacher), tok, evals, progress=False)
+    assert evals["ood"]["fp"] == pytest.approx(evals["ood"]["final"]) and "not trained on" in evals["ood"]["description"]
+    assert ood_fp_windows_to_run(spec, teacher, tok) == 0           # the end of the job will read it from the cache
+    teacher.model.norm.weight.data.mul_(1.5)                          # another model: not cached
+    assert ood_fp_windows_to_run(spec, teacher, tok) == 3
+    spec.eval.ood_windows = 0
+    assert ood_fp_windows_to_run(spec, teacher, tok) == 0
 
 
 def test_cli_job_budget_run(cli, tiny_run_files, tmp_path, capsys):

@@ -54,16 +54,28 @@ def _model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
-    """FP perplexity from ~/.cache/rabit/ppl (keyed by model, corpus, window, windows, BOS), else compute."""
+def _fp_ppl_path(key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    path = cache_root() / "ppl" / f"{digest}.json"
+    return cache_root() / "ppl" / f"{digest}.json"
+
+
+def _fp_ppl_lookup(key: dict) -> float | None:
+    """The cached FP perplexity under key, or None."""
     try:
-        cached = json.loads(path.read_text())
+        cached = json.loads(_fp_ppl_path(key).read_text())
         if cached.get("key") == key and isinstance(cached.get("ppl"), float):
-            return cached["ppl"], True
+            return cached["ppl"]
     except (OSError, json.JSONDecodeError, AttributeError):
         pass
+    return None
+
+
+def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
+    """FP perplexity from ~/.cache/rabit/ppl (keyed by model, corpus, window, windows, BOS), else compute."""
+    path = _fp_ppl_path(key)
+    cached = _fp_ppl_lookup(key)
+    if cached is not None:
+        return cached, True
     value = compute()
     try:
         from ..train.checkpoint import atomic_write_json
@@ -248,13 +260,14 @@ JOB_UNKNOWN_RESERVE = 0.10       # the share of the budget set aside when no eva
 
 
 def job_training_seconds(spec: JobSpec, evals: dict, elapsed: float, window_seconds: float | None,
-                         final_windows: int) -> float:
+                         final_windows: int, ood_fp_windows: int | None = None) -> float:
     """--job-minutes: the training time that leaves room for what follows training, decided once per run (stored
     in evals, so that a resumed run keeps its first session's schedule).
 
     What follows is estimated from the latest perplexity evaluation's seconds per window: the final model's
-    windows, the out-of-domain windows twice (full precision and 2-bit; the former may come from the cache, which
-    makes the estimate cautious) and the held-out loss (teacher and student on --val-sequences rows), plus saving.
+    windows, the out-of-domain windows of the 2-bit model and ood_fp_windows of the full-precision one (0 when its
+    figure is cached; None: as many as the 2-bit model's, the cautious guess) and the held-out loss (teacher and
+    student on --val-sequences rows), plus saving.
     """
     if "job_train_seconds" in evals:
         return float(evals["job_train_seconds"])
@@ -262,7 +275,8 @@ def job_training_seconds(spec: JobSpec, evals: dict, elapsed: float, window_seco
     ev, d = spec.eval, spec.data
     if window_seconds:
         val_windows = 2 * d.val_sequences * d.seq_len / max(ev.seq_len, 1)
-        reserve = window_seconds * (final_windows + 2 * ev.ood_windows + val_windows) + JOB_SAVE_SECONDS
+        fp_windows = ev.ood_windows if ood_fp_windows is None else ood_fp_windows
+        reserve = window_seconds * (final_windows + ev.ood_windows + fp_windows + val_windows) + JOB_SAVE_SECONDS
     else:
         reserve = JOB_UNKNOWN_RESERVE * budget
     seconds = max(budget - elapsed - reserve, job_min_train_seconds(budget))
@@ -447,7 +461,8 @@ def run_job(spec: JobSpec) -> int:
 
     if spec.job_minutes:
         elapsed = time.time() - wall0
-        budget_s = job_training_seconds(spec, evals, elapsed, scorer.window_seconds, scorer.final_windows())
+        budget_s = job_training_seconds(spec, evals, elapsed, scorer.window_seconds, scorer.final_windows(),
+                                        ood_fp_windows_to_run(spec, teacher, tok, bos))
         atomic_write_json(evals_path, evals)
         say_job_budget(spec, evals, elapsed)
         tcfg = spec.train_config(autocast, budget_s=budget_s)
@@ -512,14 +527,14 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
     atomic_write_json(out / "evals.json", evals)
 
 
-def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool, bos: int | None = None) -> None:
-    """FP and 2-bit perplexity on spec.eval.ood_data (a domain the run did not train on, by default)."""
+def _ood_plan(spec: JobSpec, teacher, tok, bos: int | None = None) -> dict | None:
+    """What the out-of-domain score measures (corpus stream, windows, description, FP cache key), or None when
+    --ood-windows 0 or no --ood-data."""
     from ..data import builtin_files, eval_tokens, tokenizer_fingerprint
-    from ..eval.perplexity import perplexity
 
     ev = spec.eval
     if not ev.ood_data or not ev.ood_windows:
-        return
+        return None
     stream = eval_tokens(tok, ev.ood_data)
     windows = min(ev.ood_windows, max(stream.numel() // ev.seq_len, 1))
     seq = min(ev.seq_len, stream.numel())
@@ -527,10 +542,29 @@ def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: 
     trained = ev.ood_data in spec.data.sources or bool(files & {f for s in spec.data.sources for f in builtin_files(s)})
     desc = f"{ev.ood_data}, the first {windows} windows of {seq} tokens" + (
         " (NOTE: part of the training data)" if trained else " (a domain not trained on)")
-    _say(f"perplexity on {desc} ...")
     key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok), "corpus": ev.ood_data,
            "seq_len": seq, "windows": windows, "bos": bos, "dtype": "float32"}
-    fp, _ = _fp_ppl_cached(teacher, key, lambda: perplexity(teacher, stream, seq, bos, windows, progress=progress))
+    return {"stream": stream, "windows": windows, "seq": seq, "trained": trained, "description": desc, "key": key}
+
+
+def ood_fp_windows_to_run(spec: JobSpec, teacher, tok, bos: int | None = None) -> int:
+    """Full-precision out-of-domain windows the end of the job will evaluate (0 when the figure is cached)."""
+    plan = _ood_plan(spec, teacher, tok, bos)
+    return 0 if plan is None or _fp_ppl_lookup(plan["key"]) is not None else plan["windows"]
+
+
+def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool, bos: int | None = None) -> None:
+    """FP and 2-bit perplexity on spec.eval.ood_data (a domain the run did not train on, by default)."""
+    from ..eval.perplexity import perplexity
+
+    ev = spec.eval
+    plan = _ood_plan(spec, teacher, tok, bos)
+    if plan is None:
+        return
+    stream, windows, seq = plan["stream"], plan["windows"], plan["seq"]
+    _say(f"perplexity on {plan['description']} ...")
+    fp, _ = _fp_ppl_cached(teacher, plan["key"],
+                           lambda: perplexity(teacher, stream, seq, bos, windows, progress=progress))
     q = perplexity(student, stream, seq, bos, windows, progress=progress)
-    evals["ood"] = {"description": desc, "fp": fp, "final": q, "trained_on": trained}
+    evals["ood"] = {"description": plan["description"], "fp": fp, "final": q, "trained_on": plan["trained"]}
     _say(f"{ev.ood_data}: full precision {fp:.3f}, {spec.rabit.num_paths}-bit {q:.3f}")

@@ -206,7 +206,9 @@ def _run_quantize(spec: JobSpec, env) -> int:
         budget_s = None
         if spec.job_minutes:   # decided here, where the evaluations were timed; every rank trains to it
             elapsed = time.time() - wall0
-            budget_s = single.job_training_seconds(spec, evals, elapsed, score.window_seconds, score.final_windows())
+            budget_s = single.job_training_seconds(
+                spec, evals, elapsed, score.window_seconds, score.final_windows(),
+                single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"]))
             single.say_job_budget(spec, evals, elapsed, say=lambda msg: _say0(env, msg))
         atomic_write_json(evals_path, evals)
         local.update(student=student, evals=evals)
@@ -255,7 +257,6 @@ def _run_quantize(spec: JobSpec, env) -> int:
     # ---- stage 4 (rank 0): the plain student, perplexity, files
     base, tok = load_model(spec.model, device="cpu")
     final_student = make_student(base, rc, initialize=False)
-    del base
     missing, unexpected = final_student.load_state_dict(full, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"gathered state dict does not fit the student: missing {missing[:5]}, "
@@ -264,6 +265,11 @@ def _run_quantize(spec: JobSpec, env) -> int:
     final_student.to(env.device).eval()
     final, evals["final_stage"] = scorer().full(final_student, f"{rc.num_paths}-bit distilled")
     _say0(env, f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
+    # the reloaded model is the teacher again: the out-of-domain score, as a one-process run gives it
+    single._out_of_domain(spec, base.to(env.device).eval(), final_student, tok, evals, progress,
+                          info["bos"]["eval"]["token_id"])
+    del base
+    atomic_write_json(out / "evals.json", evals)
     memory = {"peak_bytes_per_rank": [r["peak_bytes"] for r in mem["ranks"]],
               "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]}
     return single.finish_run(spec, out, final_student, tok, evals, eval_desc, final, result, val_after,

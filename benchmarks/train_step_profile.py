@@ -7,6 +7,7 @@ loaded machine distorts far less than wall-clock time. Prints one JSON line per 
 so that two code versions can be compared step by step (same seed, same data, same start).
 
     python benchmarks/train_step_profile.py --steps 3 --seq-len 256 [--profile] [--model PATH|small] [--frozen-latents]
+        [--autocast]
 
 --profile adds a torch.profiler table of the last step's operators by self CPU time.
 """
@@ -60,6 +61,8 @@ def main() -> None:
                     help="freeze the latents (only scales, norms and biases train, no Muon): the job's default "
                          "distillation (train_latents=False)")
     ap.add_argument("--muon-ns-dtype", default=None, help="OptimConfig.muon_ns_dtype, where the code has it")
+    ap.add_argument("--autocast", action="store_true",
+                    help="bf16 autocast in the forward passes, as the job does where the CPU has native bf16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +89,7 @@ def main() -> None:
         for j in range(args.grad_accum):
             batch = rows[(i * args.grad_accum + j) % rows.shape[0]][None]
             t0 = clock()
-            out = batch_distillation_loss(teacher, student, batch, args.gamma, 1.0, 256)
+            out = batch_distillation_loss(teacher, student, batch, args.gamma, 1.0, 256, autocast=args.autocast)
             t1 = clock()
             (out.total / args.grad_accum).backward()
             t["forward_loss"] += t1 - t0

@@ -314,24 +314,34 @@ def test_time_budget_chooses_the_steps_from_the_timed_first_steps(tmp_path, monk
     assert saved["steps"] == 12 and saved["time_budget_s"] == 9.0
 
 
-class SlowStartClock(FakeClock):
-    """The first 3 steps take 1.5 s each, the later ones 0.75 s (a machine warming up)."""
+class SpeedUpClock(FakeClock):
+    """Each of the first `slow_steps` steps takes 1.5 s, the later ones 0.75 s (a machine warming up, or whose load
+    drops during the run)."""
+
+    def __init__(self, slow_steps: int):
+        super().__init__()
+        self.slow_calls, self.calls = 4 * slow_steps, 0   # four calls per step
 
     def perf_counter(self):
-        self.calls = getattr(self, "calls", 0) + 1
-        self.now += 0.5 if self.calls <= 12 else 0.25
+        self.calls += 1
+        self.now += 0.5 if self.calls <= self.slow_calls else 0.25
         return self.now
 
 
-def test_time_budget_is_estimated_again_at_the_end_of_the_warmup(tmp_path, monkeypatch):
+def train_under(clock, tmp_path, monkeypatch, budget_s: float = 30.0):
+    """(trainer, result) of a time-budgeted run of the tiny student under a fake clock."""
     from rabit.train import loop
 
-    monkeypatch.setattr(loop, "time", SlowStartClock())
+    monkeypatch.setattr(loop, "time", clock)
     teacher, student = tiny_student()
     cfg = budgeted_config()
-    cfg.time_budget_s = 30.0
+    cfg.time_budget_s = budget_s
     tr = Trainer(teacher, student, rows(16, 12), cfg, tmp_path, progress=False)
-    result = tr.train()
+    return tr, tr.train()
+
+
+def test_time_budget_is_estimated_again_at_the_end_of_the_warmup(tmp_path, monkeypatch):
+    tr, result = train_under(SpeedUpClock(slow_steps=3), tmp_path, monkeypatch)
     # timed: 3 + (30 - 4.5) / 1.5 = 20 steps, warm-up 5; at step 5: 5 + (30 - 6) / 0.75 = 37
     assert tr.cfg.budget_refined and tr.cfg.optim.warmup_steps == 5
     assert result.steps == 37 == tr.cfg.steps
@@ -341,24 +351,8 @@ def test_time_budget_is_estimated_again_at_the_end_of_the_warmup(tmp_path, monke
     assert saved["steps"] == 37 and saved["budget_refined"] is True
 
 
-class FasterLaterClock(FakeClock):
-    """Steps take 1.5 s for the first 10, then 0.75 s (a machine whose load drops during the run)."""
-
-    def perf_counter(self):
-        self.calls = getattr(self, "calls", 0) + 1
-        self.now += 0.5 if self.calls <= 40 else 0.25
-        return self.now
-
-
 def test_time_budget_follows_a_machine_that_speeds_up(tmp_path, monkeypatch):
-    from rabit.train import loop
-
-    monkeypatch.setattr(loop, "time", FasterLaterClock())
-    teacher, student = tiny_student()
-    cfg = budgeted_config()
-    cfg.time_budget_s = 30.0
-    tr = Trainer(teacher, student, rows(16, 12), cfg, tmp_path, progress=False)
-    result = tr.train()
+    tr, result = train_under(SpeedUpClock(slow_steps=10), tmp_path, monkeypatch)
     # timed: 3 + (30 - 4.5) / 1.5 = 20 steps (warm-up 5), unchanged at the end of the warm-up and at 25 % and
     # 50 %; at 75 % (step 15) the later half of the step times says 0.75 s: 15 + (30 - 18.75) / 0.75 = 30
     assert result.steps == 30 == tr.cfg.steps and tr.cfg.budget_checks == 3

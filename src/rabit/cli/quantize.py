@@ -72,11 +72,11 @@ def _fp_ppl_lookup(key: dict) -> float | None:
 
 def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
     """FP perplexity from ~/.cache/rabit/ppl (keyed by model, corpus, window, windows, BOS), else compute."""
-    path = _fp_ppl_path(key)
     cached = _fp_ppl_lookup(key)
     if cached is not None:
         return cached, True
     value = compute()
+    path = _fp_ppl_path(key)
     try:
         from ..train.checkpoint import atomic_write_json
 
@@ -99,10 +99,8 @@ class JobPerplexity:
         self.spec, self.stream, self.bos, self.description, self.progress = spec, stream, bos, description, progress
         self.say = say or _say
         self.windows = ev.windows or None
-        available = stream.numel() // ev.seq_len
-        total = min(self.windows or available, available)
         # None: the stages are scored like the final model (stage_windows 0, or not fewer than the final windows)
-        self.stage_windows = ev.stage_windows if 0 < ev.stage_windows < total else None
+        self.stage_windows = ev.stage_windows if 0 < ev.stage_windows < self.final_windows() else None
         self.window_seconds: float | None = None   # seconds per window of the latest evaluation (job budget)
 
     def record_windows(self, evals: dict) -> None:

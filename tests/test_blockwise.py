@@ -341,7 +341,7 @@ def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tm
     monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     args = [str(a) for a in quantize_args(tiny_files, out, "--eval-windows", "3", "--stage-eval-windows", "1",
-                                          "--ood-windows", "0")]
+                                          "--ood-windows", "0", "--eval-dtype", "float32")]
     assert main(args) == 0
     ev = json.loads((out / "summary.json").read_text())["eval"]
     assert ev["stage_windows"] == 1

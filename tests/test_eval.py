@@ -266,3 +266,17 @@ def test_perplexity_of_the_first_windows_equals_a_shorter_evaluation():
         assert perplexity_of(nll, count, 1) != pytest.approx(perplexity_of(nll, count), rel=1e-3)
     with pytest.raises(ValueError, match="no windows"):
         perplexity_of([], [], 2)
+
+
+@pytest.mark.parametrize("positions,chunk", [(1, 128), (37, 8), (300, 128), (256, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summed_nll_in_chunks_matches_one_cross_entropy(positions, chunk, dtype):
+    from rabit.eval.perplexity import summed_nll
+
+    torch.manual_seed(positions)
+    logits = (torch.randn(positions, 97) * 4).to(dtype)
+    target = torch.randint(0, 97, (positions,))
+    whole = torch.nn.functional.cross_entropy(logits.double(), target, reduction="sum").item()
+    assert summed_nll(logits, target, chunk) == pytest.approx(whole, rel=1e-5)
+    # a wrong target changes it: the sum is over the targets' log-probabilities, not a constant
+    assert summed_nll(logits, (target + 1) % 97, chunk) != pytest.approx(whole, rel=1e-3)

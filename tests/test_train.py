@@ -538,6 +538,55 @@ def test_job_budget_knows_whether_the_fp_out_of_domain_figure_is_cached(tmp_path
     assert ood_fp_windows_to_run(spec, teacher, tok) == 0
 
 
+def test_bf16_evaluation_is_cached_apart_from_fp32_and_stays_close_to_it(tmp_path, monkeypatch):
+    from rabit.cli.quantize import _out_of_domain, ood_fp_windows_to_run, record_eval_autocast
+    from rabit.job import JobSpec
+    from rabit.testing import tiny_tokenizer
+
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    teacher, tok = make_tiny_llama(vocab_size=512).eval(), tiny_tokenizer()
+    student = copy.deepcopy(teacher)
+    student.model.norm.weight.data.mul_(1.3)
+    spec = JobSpec()
+    spec.eval.seq_len, spec.eval.ood_windows = 64, 3
+    fp32, bf16 = {}, {}
+    _out_of_domain(spec, teacher, student, tok, fp32, progress=False)
+    # the fp32 figure in the cache does not stand in for the bf16 one
+    assert ood_fp_windows_to_run(spec, teacher, tok) == 0 and ood_fp_windows_to_run(spec, teacher, tok, None, True) == 3
+    _out_of_domain(spec, teacher, student, tok, bf16, progress=False, autocast=True)
+    assert ood_fp_windows_to_run(spec, teacher, tok, None, True) == 0
+    for key in ("fp", "final"):   # bf16 rounding moves the figure, a little
+        assert bf16["ood"][key] != fp32["ood"][key]
+        assert bf16["ood"][key] == pytest.approx(fp32["ood"][key], rel=0.02)
+    assert bf16["ood"]["final"] != pytest.approx(bf16["ood"]["fp"], rel=1e-3)
+    # auto follows training's autocast; a resumed run keeps its first session's choice (before the choice: fp32)
+    assert [spec.eval.autocast(t) for t in (False, True)] == [False, True]
+    spec.eval.dtype = "float32"
+    assert spec.eval.autocast(True) is False
+    spec.eval.dtype = "bfloat16"
+    assert spec.eval.autocast(False) is True
+    spec.eval.dtype = "fp8"
+    with pytest.raises(ValueError, match="--eval-dtype"):
+        spec.validate()
+    assert record_eval_autocast({}, True) is True and record_eval_autocast({"eval_autocast": False}, True) is False
+    assert record_eval_autocast({"fp": 21.0}, True) is False
+
+
+def test_cli_eval_dtype_reaches_every_perplexity_and_the_summary(cli, tiny_run_files, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert cli(cli_args(tiny_run_files, out, "--eval-dtype", dtype, "--tokens", "32")) == 0
+        runs[dtype] = (json.loads((out / "summary.json").read_text())["eval"],
+                       json.loads((out / "evals.json").read_text()))
+    (e32, v32), (e16, v16) = runs["float32"], runs["bfloat16"]
+    assert v32["eval_autocast"] is False and v16["eval_autocast"] is True
+    assert "bf16 autocast" in e16["description"] and "autocast" not in e32["description"]
+    for key in ("fp", "final"):
+        assert e16[key] != e32[key] and e16[key] == pytest.approx(e32[key], rel=0.05)
+
+
 def test_cli_job_budget_run(cli, tiny_run_files, tmp_path, capsys):
     out = tmp_path / "run"
     args = cli_args(tiny_run_files, out)

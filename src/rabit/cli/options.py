@@ -179,6 +179,9 @@ _OPTIONS = [
            "models report that figure too (0 = as many as --eval-windows)", type=int),
     Option("--skip-init-eval", "eval.skip_init", "evaluation",
            "do not measure the perplexity of the initialized model before training", "true"),
+    Option("--eval-dtype", "eval.dtype", "evaluation", "precision of every perplexity the job measures (FP and "
+           "2-bit): auto = bf16 autocast where training uses it (native bf16 CPUs, GPUs; 1.5x faster per window, "
+           "figures within 0.1%%), else float32", choices=("auto", "float32", "bfloat16")),
     Option("--ood-data", "eval.ood_data", "evaluation", "a corpus of a domain not trained on, scored FP and 2-bit at "
            "the end (\"\": skip)"),
     Option("--ood-windows", "eval.ood_windows", "evaluation", "its windows of --eval-seq-len tokens (0: skip)",

@@ -86,6 +86,30 @@ def _fp_ppl_cached(model, key: dict, compute) -> tuple[float, bool]:
     return value, False
 
 
+def eval_autocast_dtype(autocast: bool) -> torch.dtype | None:
+    return torch.bfloat16 if autocast else None
+
+
+def eval_dtype_key(autocast: bool) -> str:
+    """The precision part of a cached FP perplexity's key."""
+    return "bf16-autocast" if autocast else "float32"
+
+
+def eval_description(spec: JobSpec, bos_prefixed: bool, autocast: bool) -> str:
+    """How the job's perplexities are measured, for the log and the summary."""
+    ev = spec.eval
+    return (ev.description() + (", BOS-prefixed" if bos_prefixed and not ev.bos else "")
+            + (", under bf16 autocast" if autocast else ""))
+
+
+def record_eval_autocast(evals: dict, autocast: bool) -> bool:
+    """Whether this run's perplexities are measured under bf16 autocast: a resumed run keeps what its first session
+    measured in (evals.json without the key: fp32, as every run did before the choice existed)."""
+    if "fp" in evals and "eval_autocast" not in evals:
+        evals["eval_autocast"] = False
+    return bool(evals.setdefault("eval_autocast", autocast))
+
+
 class JobPerplexity:
     """The job's perplexity measurements on one corpus. The full-precision and the final model are scored on
     spec.eval.windows; the intermediate stages (after initialization, after the block stage, before the scale-only
@@ -94,9 +118,10 @@ class JobPerplexity:
     free with their full evaluation, so every stage can be compared on equal windows."""
 
     def __init__(self, spec: JobSpec, stream: torch.Tensor, bos: int | None, description: str, progress: bool,
-                 say=None):
+                 say=None, autocast: bool = False):
         ev = spec.eval
         self.spec, self.stream, self.bos, self.description, self.progress = spec, stream, bos, description, progress
+        self.autocast = autocast  # bf16 autocast (EvalSpec.autocast), for every model this scorer measures
         self.say = say or _say
         self.windows = ev.windows or None
         # None: the stages are scored like the final model (stage_windows 0, or not fewer than the final windows)
@@ -117,7 +142,7 @@ class JobPerplexity:
         self.say(f"perplexity of the {what} model on {where} ...")
         t0 = time.perf_counter()
         nll, count = window_nlls(model, self.stream, self.spec.eval.seq_len, self.bos, windows,
-                                 progress=self.progress)
+                                 progress=self.progress, autocast_dtype=eval_autocast_dtype(self.autocast))
         if count:   # one scored-token count per window
             self.window_seconds = (time.perf_counter() - t0) / len(count)
         return nll, count
@@ -149,7 +174,7 @@ class JobPerplexity:
 
         ev = self.spec.eval
         base = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tokenizer),
-                "corpus": ev.data, "seq_len": ev.seq_len, "bos": self.bos, "dtype": "float32"}
+                "corpus": ev.data, "seq_len": ev.seq_len, "bos": self.bos, "dtype": eval_dtype_key(self.autocast)}
         measured = {}
 
         def full():
@@ -396,7 +421,6 @@ def run_job(spec: JobSpec) -> int:
     if eval_stream.numel() < ev.seq_len:
         raise ValueError(f"--eval-data {ev.data} has {eval_stream.numel()} tokens, fewer than one "
                          f"window of {ev.seq_len}")
-    eval_desc = ev.description() + (", BOS-prefixed" if eval_bos.use and not ev.bos else "")
 
     # ---- all checks passed: prepare the folder
     run_folder.prepare(out, state, rs.overwrite, run_info)
@@ -416,8 +440,6 @@ def run_job(spec: JobSpec) -> int:
          f"{train_bos.describe()}")
 
     bos = eval_bos.token_id
-    scorer = JobPerplexity(spec, eval_stream, bos, eval_desc, progress)
-
     evals_path = out / "evals.json"
     evals = {}
     if rs.resume and evals_path.exists():
@@ -426,7 +448,9 @@ def run_job(spec: JobSpec) -> int:
         except CheckpointError as e:
             _say(f"({e}; measuring again)")
             evals = {}
-
+    eval_autocast = record_eval_autocast(evals, ev.autocast(autocast))
+    eval_desc = eval_description(spec, eval_bos.use, eval_autocast)
+    scorer = JobPerplexity(spec, eval_stream, bos, eval_desc, progress, autocast=eval_autocast)
     scorer.record_windows(evals)
     if "fp" not in evals:
         t0 = time.time()
@@ -460,7 +484,7 @@ def run_job(spec: JobSpec) -> int:
     if spec.job_minutes:
         elapsed = time.time() - wall0
         budget_s = job_training_seconds(spec, evals, elapsed, scorer.window_seconds, scorer.final_windows(),
-                                        ood_fp_windows_to_run(spec, teacher, tok, bos))
+                                        ood_fp_windows_to_run(spec, teacher, tok, bos, eval_autocast))
         atomic_write_json(evals_path, evals)
         say_job_budget(spec, evals, elapsed)
         tcfg = spec.train_config(autocast, budget_s=budget_s)
@@ -492,7 +516,7 @@ def run_job(spec: JobSpec) -> int:
 
     final, evals["final_stage"] = scorer.full(student, f"{rc.num_paths}-bit distilled")
     _say(f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
-    _out_of_domain(spec, teacher, student, tok, evals, progress, bos)
+    _out_of_domain(spec, teacher, student, tok, evals, progress, bos, eval_autocast)
     atomic_write_json(evals_path, evals)
     return finish_run(spec, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0,
                       extra={"bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}})
@@ -525,7 +549,7 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
     atomic_write_json(out / "evals.json", evals)
 
 
-def _ood_plan(spec: JobSpec, teacher, tok, bos: int | None = None) -> dict | None:
+def _ood_plan(spec: JobSpec, teacher, tok, bos: int | None = None, autocast: bool = False) -> dict | None:
     """What the out-of-domain score measures (corpus stream, windows, description, FP cache key), or None when
     --ood-windows 0 or no --ood-data."""
     from ..data import builtin_files, eval_tokens, tokenizer_fingerprint
@@ -541,28 +565,32 @@ def _ood_plan(spec: JobSpec, teacher, tok, bos: int | None = None) -> dict | Non
     desc = f"{ev.ood_data}, the first {windows} windows of {seq} tokens" + (
         " (NOTE: part of the training data)" if trained else " (a domain not trained on)")
     key = {"model": _model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok), "corpus": ev.ood_data,
-           "seq_len": seq, "windows": windows, "bos": bos, "dtype": "float32"}
+           "seq_len": seq, "windows": windows, "bos": bos, "dtype": eval_dtype_key(autocast)}
     return {"stream": stream, "windows": windows, "seq": seq, "trained": trained, "description": desc, "key": key}
 
 
-def ood_fp_windows_to_run(spec: JobSpec, teacher, tok, bos: int | None = None) -> int:
+def ood_fp_windows_to_run(spec: JobSpec, teacher, tok, bos: int | None = None, autocast: bool = False) -> int:
     """Full-precision out-of-domain windows the end of the job will evaluate (0 when the figure is cached)."""
-    plan = _ood_plan(spec, teacher, tok, bos)
+    plan = _ood_plan(spec, teacher, tok, bos, autocast)
     return 0 if plan is None or _fp_ppl_lookup(plan["key"]) is not None else plan["windows"]
 
 
-def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool, bos: int | None = None) -> None:
-    """FP and 2-bit perplexity on spec.eval.ood_data (a domain the run did not train on, by default)."""
+def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: bool, bos: int | None = None,
+                   autocast: bool = False) -> None:
+    """FP and 2-bit perplexity on spec.eval.ood_data (a domain the run did not train on, by default), under bf16
+    autocast if `autocast`."""
     from ..eval.perplexity import perplexity
 
     ev = spec.eval
-    plan = _ood_plan(spec, teacher, tok, bos)
+    plan = _ood_plan(spec, teacher, tok, bos, autocast)
+    dtype = eval_autocast_dtype(autocast)
     if plan is None:
         return
     stream, windows, seq = plan["stream"], plan["windows"], plan["seq"]
     _say(f"perplexity on {plan['description']} ...")
     fp, _ = _fp_ppl_cached(teacher, plan["key"],
-                           lambda: perplexity(teacher, stream, seq, bos, windows, progress=progress))
-    q = perplexity(student, stream, seq, bos, windows, progress=progress)
+                           lambda: perplexity(teacher, stream, seq, bos, windows, progress=progress,
+                                              autocast_dtype=dtype))
+    q = perplexity(student, stream, seq, bos, windows, progress=progress, autocast_dtype=dtype)
     evals["ood"] = {"description": plan["description"], "fp": fp, "final": q, "trained_on": plan["trained"]}
     _say(f"{ev.ood_data}: full precision {fp:.3f}, {spec.rabit.num_paths}-bit {q:.3f}")

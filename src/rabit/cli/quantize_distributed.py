@@ -165,11 +165,13 @@ def _run_quantize(spec: JobSpec, env) -> int:
 
     info = rank0_decides(stage1, env)
     tcfg, ck = info["tcfg"], info["ck"]
-    eval_desc = ev.description() + (", BOS-prefixed" if info["bos"]["eval"]["use"] and not ev.bos else "")
+
+    def eval_desc():  # rank 0, once stage 2 has read evals.json
+        return single.eval_description(spec, info["bos"]["eval"]["use"], local["eval_autocast"])
 
     def scorer():  # rank 0 only: it holds the evaluation stream
-        return single.JobPerplexity(spec, local["eval_stream"], info["bos"]["eval"]["token_id"], eval_desc,
-                                    progress, say=lambda msg: _say0(env, msg))
+        return single.JobPerplexity(spec, local["eval_stream"], info["bos"]["eval"]["token_id"], eval_desc(),
+                                    progress, say=lambda msg: _say0(env, msg), autocast=local["eval_autocast"])
 
     # ---- stage 2 (rank 0): FP perplexity, calibration + initialization (others: the meta architecture)
     def stage2():
@@ -181,6 +183,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
                 evals = read_json(evals_path, "evaluation record")
             except CheckpointError:
                 evals = {}
+        local["eval_autocast"] = single.record_eval_autocast(evals, ev.autocast(info["autocast"]))
         score = scorer()
         score.record_windows(evals)
         if "fp" not in evals:
@@ -208,7 +211,8 @@ def _run_quantize(spec: JobSpec, env) -> int:
             elapsed = time.time() - wall0
             budget_s = single.job_training_seconds(
                 spec, evals, elapsed, score.window_seconds, score.final_windows(),
-                single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"]))
+                single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"],
+                                             local["eval_autocast"]))
             single.say_job_budget(spec, evals, elapsed, say=lambda msg: _say0(env, msg))
         atomic_write_json(evals_path, evals)
         local.update(student=student, evals=evals)
@@ -267,12 +271,12 @@ def _run_quantize(spec: JobSpec, env) -> int:
     _say0(env, f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
     # the reloaded model is the teacher again: the out-of-domain score, as a one-process run gives it
     single._out_of_domain(spec, base.to(env.device).eval(), final_student, tok, evals, progress,
-                          info["bos"]["eval"]["token_id"])
+                          info["bos"]["eval"]["token_id"], local["eval_autocast"])
     del base
     atomic_write_json(out / "evals.json", evals)
     memory = {"peak_bytes_per_rank": [r["peak_bytes"] for r in mem["ranks"]],
               "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]}
-    return single.finish_run(spec, out, final_student, tok, evals, eval_desc, final, result, val_after,
+    return single.finish_run(spec, out, final_student, tok, evals, eval_desc(), final, result, val_after,
                              info["autocast"], wall0, world_size=env.world_size,
                              extra={"memory": memory, "step_split": spec.split_description(env.world_size),
                                     "bos": info["bos"]})

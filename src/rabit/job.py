@@ -73,7 +73,7 @@ class EvalSpec:
     ood_windows: int = 8
     # The precision every perplexity of the job (FP and 2-bit alike) is computed in. auto: bf16 autocast where
     # training uses it (a CPU with native bf16, a GPU), else fp32. On the Zen 4 machine bf16 scored a window 1.5x
-    # faster and moved the figures by 0.06 % (FP) and 0.03 % (2-bit) of 16 windows (docs/RESULTS.md section 26).
+    # faster and moved the figures by 0.03 % (FP) and 0.05 % (2-bit) on 16 windows (docs/RESULTS.md section 26).
     dtype: str = "auto"
 
     def autocast(self, train_autocast: bool) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import INITS, LATENT_INITS, MODES, STES
 from ..data import MIXES
 from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
-from ..job import JobSpec, default_grad_accum
+from ..job import EVAL_DTYPES, JobSpec, default_grad_accum
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
 MUON_MODES = ("owner", "dtensor")
@@ -181,7 +181,7 @@ _OPTIONS = [
            "do not measure the perplexity of the initialized model before training", "true"),
     Option("--eval-dtype", "eval.dtype", "evaluation", "precision of every perplexity the job measures (FP and "
            "2-bit): auto = bf16 autocast where training uses it (native bf16 CPUs, GPUs; 1.5x faster per window, "
-           "figures within 0.1%%), else float32", choices=("auto", "float32", "bfloat16")),
+           "figures within 0.1%%), else float32", choices=EVAL_DTYPES),
     Option("--ood-data", "eval.ood_data", "evaluation", "a corpus of a domain not trained on, scored FP and 2-bit at "
            "the end (\"\": skip)"),
     Option("--ood-windows", "eval.ood_windows", "evaluation", "its windows of --eval-seq-len tokens (0: skip)",

@@ -583,9 +583,9 @@ def _out_of_domain(spec: JobSpec, teacher, student, tok, evals: dict, progress: 
 
     ev = spec.eval
     plan = _ood_plan(spec, teacher, tok, bos, autocast)
-    dtype = eval_autocast_dtype(autocast)
     if plan is None:
         return
+    dtype = eval_autocast_dtype(autocast)
     stream, windows, seq = plan["stream"], plan["windows"], plan["seq"]
     _say(f"perplexity on {plan['description']} ...")
     fp, _ = _fp_ppl_cached(teacher, plan["key"],

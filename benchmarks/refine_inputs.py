@@ -34,6 +34,8 @@ ap.add_argument("--target-damp", type=float, default=None, help="ridge of the re
 ap.add_argument("--metric-damp", type=float, default=None, help="damping of the refinement's metric H (default: the job's)")
 ap.add_argument("--no-act-order", dest="act_order", action="store_false",
                 help="round the refinement's signs in natural column order (default: GPTQ's act order)")
+ap.add_argument("--block-bf16", action=argparse.BooleanOptionalAction, default=None,
+                help="the stage's forward passes under bf16 autocast (default: the job's, native bf16 CPUs)")
 ap.add_argument("--out", required=True, help="writes OUT.json and OUT.safetensors")
 args = ap.parse_args()
 
@@ -51,6 +53,7 @@ cfg = dataclasses.replace(spec.blocks, refine_inputs=args.inputs, refine_rounds=
                           target_damp=spec.blocks.target_damp if args.target_damp is None else args.target_damp,
                           metric_damp=spec.blocks.metric_damp if args.metric_damp is None else args.metric_damp,
                           samples=max(args.samples, args.block_samples or spec.blocks.samples),
+                          autocast=args.block_bf16,
                           latent_lr=spec.blocks.latent_lr if args.latent_lr is None else args.latent_lr,
                           scale_lr=spec.blocks.scale_lr if args.scale_lr is None else args.scale_lr)
 rows = calibration_batch(tok, args.data.split(",") if args.data else d.sources, cfg.samples, cfg.seq_len,

@@ -99,3 +99,31 @@ def test_stale_or_damaged_cache_is_ignored(tmp_path, capsys):
     _recorded(make_tiny_llama(layers=1), cfg, path, key)
     assert not init_cache.load_paths(path, rabit_layers(empty), linears, key)
     assert "(it holds other layers)" in notice()
+
+
+def test_model_fingerprint_is_hashed_once_per_job_and_anew_outside_it(monkeypatch):
+    """A job asks for the teacher's fingerprint several times: inside `remembered_fingerprints` (the job) a model is
+    hashed once; outside, every call hashes, so a model changed between jobs (even through .data) gets a new key."""
+    import hashlib
+
+    from rabit.cli import quantize as q
+
+    calls = {"n": 0}
+    real = hashlib.sha256
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(q.hashlib, "sha256", counting)
+    model, twin = make_tiny_llama(seed=3), make_tiny_llama(seed=3)
+    with q.remembered_fingerprints():
+        first = q._model_fingerprint(model)
+        assert q._model_fingerprint(model) == first and calls["n"] == 1
+        assert q._model_fingerprint(twin) == first and calls["n"] == 2      # another object: hashed, same bytes
+        with q.remembered_fingerprints():                                   # nested: the same memo
+            assert q._model_fingerprint(model) == first and calls["n"] == 2
+    model.model.norm.weight.data.mul_(1.5)
+    changed = q._model_fingerprint(model)
+    assert changed != first and calls["n"] == 3
+    assert q._model_fingerprint(model) == changed and calls["n"] == 4       # outside a job: no memo

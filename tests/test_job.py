@@ -38,7 +38,10 @@ def test_a_job_spec_survives_the_round_trip_through_flags():
     spec.auto_split = False
     spec.data.calib, spec.eval.bos, spec.run.resume, spec.dist.teacher = "austen", True, True, "bf16"
     spec.train.train_latents, spec.eval.stage_windows = True, 0
+    spec.blocks.autocast = False
     assert _parse(*job_to_argv(spec)) == spec
+    spec.blocks.autocast = True
+    assert "--block-bf16" in job_to_argv(spec) and _parse(*job_to_argv(spec)) == spec
 
 
 def test_default_batch_is_split_across_processes_and_an_explicit_one_is_checked():

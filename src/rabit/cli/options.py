@@ -244,13 +244,18 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     bf16.add_argument("--bf16", dest="train.autocast", action="store_true", default=None,
                       help="bf16 autocast (default: on where the device has native bf16)")
     bf16.add_argument("--no-bf16", dest="train.autocast", action="store_false", help="train in fp32")
+    groups["block-wise stage"].add_argument(
+        "--block-bf16", dest="blocks.autocast", action=_argparse.BooleanOptionalAction, default=None,
+        help="the block stage's forward passes (and block training) under bf16 autocast; its refinement's solves "
+             "stay fp32 (default: on where the device has native bf16)")
 
 
 def job_from_args(args: argparse.Namespace) -> JobSpec:
     """The JobSpec of parsed `rabit quantize` arguments (nothing is checked here: JobSpec.validate does that)."""
     spec = JobSpec()
     values = vars(args)
-    for o in _OPTIONS + [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", "")]:
+    for o in _OPTIONS + [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", ""),
+                         Option("--block-bf16", "blocks.autocast", "", "")]:
         value = values.get(o.path)
         if o.append and value is not None:
             value = tuple(value)
@@ -290,6 +295,8 @@ def job_to_argv(spec: JobSpec) -> list[str]:
         argv.append("--bf16" if spec.train.autocast else "--no-bf16")
     if spec.data.bos is not None:
         argv.append("--bos" if spec.data.bos else "--no-bos")
+    if spec.blocks.autocast is not None:
+        argv.append("--block-bf16" if spec.blocks.autocast else "--no-block-bf16")
     return argv
 
 

@@ -13,6 +13,7 @@ Everything lands in one run folder (default runs/<model>-<mode>):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -44,14 +45,38 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# Within one job (`run`) the teacher is frozen and asked for its fingerprint up to four times (FP perplexity,
+# initialization cache, the out-of-domain plan and score), ~1 s of hashing each on the default model: remembered
+# per model object for the job's duration only (a model changed between jobs, even through `.data`, is hashed anew).
+_JOB_FINGERPRINTS: dict[int, tuple[object, str]] | None = None
+
+
+@contextlib.contextmanager
+def remembered_fingerprints():
+    """Hash each model once while the block runs (its models must not change meanwhile, as in a job)."""
+    global _JOB_FINGERPRINTS
+    outer = _JOB_FINGERPRINTS
+    _JOB_FINGERPRINTS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _JOB_FINGERPRINTS = outer
+
+
 def _model_fingerprint(model) -> str:
     """SHA-256 over the model's parameter names, shapes and bytes (stable across loads)."""
+    memo = _JOB_FINGERPRINTS
+    if memo is not None and id(model) in memo and memo[id(model)][0] is model:
+        return memo[id(model)][1]
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\0".encode())
         h.update(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if memo is not None:
+        memo[id(model)] = (model, digest)   # the model itself is kept, so that its id cannot be reused meanwhile
+    return digest
 
 
 def _fp_ppl_path(key: dict) -> Path:
@@ -373,10 +398,11 @@ def run(args) -> int:
     spec.validate()
     from .quantize_distributed import maybe_distributed
 
-    status = maybe_distributed(spec)  # --nproc N, or started by torchrun: the multi-process path
-    if status is not None:
-        return status
-    return run_job(spec)
+    with remembered_fingerprints():
+        status = maybe_distributed(spec)  # --nproc N, or started by torchrun: the multi-process path
+        if status is not None:
+            return status
+        return run_job(spec)
 
 
 def run_job(spec: JobSpec) -> int:

@@ -106,7 +106,8 @@ class LayerCovariance:
             hit = self._batch.get(id(x))
             if hit is None:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                hit = self._batch[id(x)] = (x, x2.T @ x2)
+                with no_autocast(x2):
+                    hit = self._batch[id(x)] = (x, x2.T @ x2)
             if name in self.h:
                 self.h[name] += hit[1]
             else:
@@ -119,6 +120,12 @@ class LayerCovariance:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def no_autocast(x: torch.Tensor):
+    """A context in which products are fp32 even inside an autocast region (the stage's forward passes run under
+    bf16 autocast; the metrics H = sum x x^T its hooks accumulate must not)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def flat_input(cache: dict[int, tuple], x: torch.Tensor) -> torch.Tensor:

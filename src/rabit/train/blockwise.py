@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..layer import RaBiTLinear
 from ..ops.refine import corrected_target, coupled_latent, output_target, refine_paths
 from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, flat_input, layer_groups,
-                          layer_output, run_capturing, to_device)
+                          layer_output, no_autocast, run_capturing, to_device)
 from .losses import autocast_context, decoder_layers
 from .optim import OptimConfig, Optimizers, prepare_student, split_parameters
 
@@ -91,7 +91,10 @@ class BlockConfig:
     # after the job's 80 frozen-latent steps (docs/RESULTS.md section 20)
     act_order: bool = True
     train_norms: bool = True      # the block's norm weights train too (AdamW)
-    autocast: bool | None = None  # bf16 autocast; None = where the device has native bf16
+    # bf16 autocast for the stage's forward passes (teacher and student blocks, the refinement's input captures)
+    # and its training; None = where the device has native bf16. The refinement's H, targets and solves stay fp32
+    # (its inputs are captured as fp32 copies of what the bf16 passes give).
+    autocast: bool | None = None
     max_memory_gb: float = 4.0    # above this the activations are memory-mapped files instead of tensors
     seed: int = 0
 
@@ -174,6 +177,9 @@ class BlockReconstruction:
             raise ValueError("teacher and student have different numbers of decoder blocks")
         self.records: list[BlockRecord] = []
         self._adds_cache: dict[tuple[str, str], bool] = {}
+
+    def _autocast(self):
+        return autocast_context(self.device, self.autocast)
 
     # ------------------------------------------------------------------------------------ resume state
     def _progress_path(self) -> Path | None:
@@ -264,7 +270,8 @@ class BlockReconstruction:
                     cov.next_batch()
                 batch_inputs.clear()
                 capturing["on"] = j + bs <= input_rows
-                out = layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
+                with self._autocast():
+                    out = layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
                 if target is not None:
                     total += float(block_loss(out, target.data[j:j + bs].to(self.device), self.cfg.loss))
                 if dst is not None:
@@ -323,16 +330,18 @@ class BlockReconstruction:
             for b, (j0, j1) in enumerate(batches):
                 def accumulate(name, xq, b=b, j0=j0, j1=j1):
                     nonlocal H, C, E
-                    h = xq.T @ xq
-                    H = h if H is None else H + h
-                    if corrected:
-                        c = fp_inputs[name][b].T @ xq
-                        C = c if C is None else C + c
-                    if stream:
-                        d = (x_fp.data[j0:j1] - x_q.data[j0:j1]).to(self.device).float()
-                        e = d.reshape(-1, d.shape[-1]).T @ xq
-                        E = e if E is None else E + e
-                run_capturing(s_block, kw, x_q.data[j0:j1].to(self.device), group[:1], accumulate)
+                    with no_autocast(xq):   # called inside the (bf16) pass: the sums stay fp32
+                        h = xq.T @ xq
+                        H = h if H is None else H + h
+                        if corrected:
+                            c = fp_inputs[name][b].T @ xq
+                            C = c if C is None else C + c
+                        if stream:
+                            d = (x_fp.data[j0:j1] - x_q.data[j0:j1]).to(self.device).float()
+                            e = d.reshape(-1, d.shape[-1]).T @ xq
+                            E = e if E is None else E + e
+                with self._autocast():
+                    run_capturing(s_block, kw, x_q.data[j0:j1].to(self.device), group[:1], accumulate)
             for name in group:
                 w = t_block.get_submodule(name).weight.detach().float()
                 if E is not None:
@@ -378,7 +387,8 @@ class BlockReconstruction:
 
             handles = [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
             try:
-                y_s = layer_output(s_block(x_q.data[j0:j1].to(self.device), **kw)).float()
+                with self._autocast():
+                    y_s = layer_output(s_block(x_q.data[j0:j1].to(self.device), **kw)).float()
             finally:
                 for h in handles:
                     h.remove()

@@ -75,7 +75,7 @@ def summary_markdown(s: dict) -> str:
         cells = [what] + ([_fmt(full), _fmt(stage)] if sw else [_fmt(stage if full is None else full)])
         return "| " + " | ".join(cells + [secs(time_key) if time_key else ""]) + " |"
 
-    lines.append(row("full precision (fp32)", ev.get("fp"), ev.get("fp_stage"), None))
+    lines.append(row("full precision", ev.get("fp"), ev.get("fp_stage"), None))
     if ev.get("init") is not None:
         lines.append(row(f"{k}-bit after initialization (no training)", None, ev.get("init"), "init_seconds"))
     if ev.get("blocks") is not None:
@@ -89,7 +89,7 @@ def summary_markdown(s: dict) -> str:
     ood = ev.get("ood")
     if ood:
         lines += ["", f"Out of domain: {ood.get('description')}", "", "| model | perplexity |", "|---|---|",
-                  f"| full precision (fp32) | {_fmt(ood.get('fp'))} |", f"| {k}-bit | {_fmt(ood.get('final'))} |"]
+                  f"| full precision | {_fmt(ood.get('fp'))} |", f"| {k}-bit | {_fmt(ood.get('final'))} |"]
     t = s.get("train", {})
     lines += ["", "| training | |", "|---|---|",
               f"| steps | {t.get('steps')} |",

@@ -36,6 +36,7 @@ ap.add_argument("--no-act-order", dest="act_order", action="store_false",
                 help="round the refinement's signs in natural column order (default: GPTQ's act order)")
 ap.add_argument("--block-bf16", action=argparse.BooleanOptionalAction, default=None,
                 help="the stage's forward passes under bf16 autocast (default: the job's, native bf16 CPUs)")
+ap.add_argument("--alpha-out", type=float, default=None, help="the initialization's output-importance exponent")
 ap.add_argument("--out", required=True, help="writes OUT.json and OUT.safetensors")
 args = ap.parse_args()
 
@@ -44,6 +45,8 @@ teacher, tok = load_model(spec.model)
 teacher.eval()
 d = spec.data
 calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed)
+if args.alpha_out is not None:
+    spec.rabit.alpha_out = args.alpha_out
 t0 = time.time()
 student, cached = _initialized_student(teacher, spec.rabit, calib, False, False, True)
 res = {"args": vars(args), "init_seconds": time.time() - t0, "init_cached": cached}

@@ -113,3 +113,29 @@ def test_bad_inputs(tiny_llama):
         m.model.layers[1].mlp.up_proj.weight[3, 3] = float("nan")
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj"):
         quantize_(m, RaBiTConfig(precondition=False))
+
+
+def test_no_output_importance_needs_no_backward_and_changes_nothing(monkeypatch):
+    """alpha_out = 0 weighs every output channel alike: make_student then calibrates with forward passes only, and
+    the student is the one the gradient statistics would have given."""
+    import copy
+
+    from rabit.quantize import collect_channel_stats as real_collect
+    from rabit.train import make_student, trainer
+
+    teacher, ids = make_tiny_llama(), calib()
+    cfg = RaBiTConfig(alpha_out=0.0)
+    with_grads = copy.deepcopy(teacher)
+    stats = real_collect(with_grads, find_linear_layers(with_grads, cfg), ids, gradients=True)
+    assert all(s.out_stat is not None for s in stats.values())
+    quantize_(with_grads, cfg, calibration=ids, stats=stats)
+
+    asked = []
+    monkeypatch.setattr(trainer, "collect_channel_stats",
+                        lambda *a, **k: asked.append(k.get("gradients", True)) or real_collect(*a, **k))
+    student = make_student(teacher, cfg, calibration=ids)
+    assert asked == [False]
+    for (n, a), (_, b) in zip(student.state_dict().items(), with_grads.state_dict().items()):
+        assert torch.equal(a, b), n
+    make_student(teacher, RaBiTConfig(), calibration=ids)   # the default alpha_out (0.5) still takes gradients
+    assert asked == [False, True]

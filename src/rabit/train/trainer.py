@@ -120,8 +120,10 @@ def make_student(teacher: nn.Module, config: RaBiTConfig, calibration: torch.Ten
         if config.precondition and stats is None and calibration is not None:
             device = next(student.parameters()).device
             with autocast_context(device, calib_autocast):
+                # output-gradient magnitudes only weigh anything with alpha_out != 0; without them the
+                # calibration is forward passes only (no loss over the vocabulary, no backward)
                 stats = collect_channel_stats(student, find_linear_layers(student, config), calibration,
-                                              progress=progress)
+                                              gradients=config.alpha_out != 0, progress=progress)
         quantize_(student, config, calibration=calibration, stats=stats, progress=progress, on_init=on_init)
     else:
         config.validate()

@@ -244,3 +244,37 @@ def test_bench_finds_the_checkouts_llama_cpp_folder():
     root = repo_root()
     assert (root / "benchmarks" / "build_llama_cpp.sh").is_file()
     assert root == Path(__file__).resolve().parents[1]
+
+
+def test_small_packed_layers_decode_on_one_thread(monkeypatch):
+    """The decode loop gives a packed GEMV one thread below generate.SERIAL_GEMV_WEIGHTS weights (waking a sleeping
+    second thread costs more than such a layer's work), `threads` above it; the tokens' logits do not change."""
+    from rabit import generate as gen
+    from rabit.kernels import cpu
+
+    if not cpu.is_available():
+        pytest.skip("native CPU kernel not built (tests/test_kernels.py says whether that is allowed)")
+    model = _packed_tiny()
+    calls = []
+    real = cpu.CpuLinearPlan.__call__
+    monkeypatch.setattr(cpu.CpuLinearPlan, "__call__", lambda self, x, num_threads=None:
+                        calls.append(num_threads) or real(self, x, num_threads))
+
+    def decode():
+        calls.clear()
+        dec = StaticDecoder(model, max_len=16, threads=2)
+        return _incremental(dec, IDS, 5)
+
+    def step_threads():   # the decode loop's calls (prefill attention goes through the modules: None, torch's count)
+        return [c for c in calls if c is not None]
+
+    small = decode()
+    assert len(step_threads()) >= 7 * 2 * 7 and set(step_threads()) == {1}   # 7 layers x 2 blocks x 7 steps
+    monkeypatch.setattr(gen, "SERIAL_GEMV_WEIGHTS", 0)
+    threaded = decode()
+    assert len(step_threads()) >= 7 * 2 * 7 and set(step_threads()) == {2}
+    torch.testing.assert_close(small, threaded, rtol=0, atol=1e-6)
+    lin = next(m for m in model.modules() if hasattr(m, "packed"))
+    assert gen.gemv_threads(lin, 4) == 4 and lin.in_features * lin.out_features > 0
+    monkeypatch.setattr(gen, "SERIAL_GEMV_WEIGHTS", lin.in_features * lin.out_features + 1)
+    assert gen.gemv_threads(lin, 4) == 1

@@ -78,11 +78,26 @@ def _with_threads(fn, threads: int):
     return call
 
 
+# Packed layers smaller than this many weights decode on one thread: their GEMV is a few microseconds of work, less
+# than waking a second OpenMP thread costs when threads sleep between calls (OMP_WAIT_POLICY=passive, which keeps a
+# busy machine usable): SmolLM2-135M's layers (576 x 576 to 1536 x 576) decoded at 60-64 tokens/s on one thread each
+# against 37-41 on two, and tied with spinning threads (docs/RESULTS.md section 27). 2048 x 2048 gains from threads
+# (cache-resident: 22.8 against 38.4 us, section 16); every layer of the decode benchmark's Llama (512 x 2048 and up)
+# keeps them.
+SERIAL_GEMV_WEIGHTS = 1 << 20
+
+
+def gemv_threads(mod: nn.Module, threads: int) -> int:
+    """Threads for a packed layer's one-token GEMV in the decode loop: 1 below SERIAL_GEMV_WEIGHTS weights."""
+    return 1 if mod.in_features * mod.out_features < SERIAL_GEMV_WEIGHTS else threads
+
+
 def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False):
     """A callable x -> mod(x) for the decode loop, using `threads` threads for the matrix-vector product.
 
     PackedRaBiTLinear layers whose backend resolves to the native CPU kernel call ``kernels.rabit_linear`` with
-    that backend and `threads` (under torch.compile it becomes the registered op, so the graph does not break);
+    that backend and `threads`, one for small layers (gemv_threads) (under torch.compile it becomes the registered
+    op, so the graph does not break);
     nn.Linear and anything else run under torch.set_num_threads(threads) when the rest of the step runs
     single-threaded (serial=True).
     """
@@ -97,6 +112,7 @@ def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False
             backend = None
         if backend in ("cpu", "cpu_int8"):
             packed, g, h, bias = mod.packed, mod.g, mod.h, mod.bias
+            threads = gemv_threads(mod, threads)
             if compile:   # the registered operator keeps the compiled graph whole
                 return lambda x: kernels.rabit_linear(x, packed, g, h, bias, backend=backend, threads=threads)
             # the prepared native call itself: no backend selection or plan lookup per token (~2 us a call)

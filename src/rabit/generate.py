@@ -96,8 +96,8 @@ def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False
     """A callable x -> mod(x) for the decode loop, using `threads` threads for the matrix-vector product.
 
     PackedRaBiTLinear layers whose backend resolves to the native CPU kernel call ``kernels.rabit_linear`` with
-    that backend and `threads`, one for small layers (gemv_threads) (under torch.compile it becomes the registered
-    op, so the graph does not break);
+    that backend and `threads` (one thread for small layers: gemv_threads); under torch.compile it becomes the
+    registered op, so the graph does not break;
     nn.Linear and anything else run under torch.set_num_threads(threads) when the rest of the step runs
     single-threaded (serial=True).
     """

@@ -179,6 +179,7 @@ class BlockReconstruction:
         self._adds_cache: dict[tuple[str, str], bool] = {}
 
     def _autocast(self):
+        """The stage's precision for a forward pass (its passes and block training alike)."""
         return autocast_context(self.device, self.autocast)
 
     # ------------------------------------------------------------------------------------ resume state
@@ -440,7 +441,7 @@ class BlockReconstruction:
                 for b in torch.randperm(per_epoch, generator=gen).tolist():
                     j = b * cfg.batch_size
                     x = x_q.data[j:j + cfg.batch_size].to(self.device)
-                    with autocast_context(self.device, self.autocast):
+                    with self._autocast():
                         out = layer_output(block(x, **kw))
                     loss = block_loss(out, y_fp.data[j:j + cfg.batch_size].to(self.device), cfg.loss)
                     if not torch.isfinite(loss):

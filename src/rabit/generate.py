@@ -50,13 +50,22 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def _fast_norm(norm: nn.Module):
-    """F.rms_norm for the usual RMSNorm modules (weight * x / rms(x), computed in fp32), else the module itself."""
+def _rms_norm_params(norm: nn.Module):
+    """(weight, eps) of the usual RMSNorm modules (weight * x / rms(x)), else None."""
     w = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if type(norm).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm") \
             or w is None or eps is None or w.dim() != 1:
+        return None
+    return w, float(eps)
+
+
+def _fast_norm(norm: nn.Module):
+    """F.rms_norm for the usual RMSNorm modules (weight * x / rms(x), computed in fp32), else the module itself."""
+    params = _rms_norm_params(norm)
+    if params is None:
         return norm
+    w, eps = params
     shape = (w.shape[0],)
 
     def rms(x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +139,10 @@ def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False
 def _bf16_head_fn(head: nn.Module, threads: int, serial: bool):
     """The output head as a bf16 GEMV when its fp32 weight holds bf16 values exactly (a packed folder stores the
     embedding, and so a tied head, in bf16; loading widens it to fp32): the same weights at half the bytes per
-    token. Only the input is rounded, to bf16 (relative 2**-9 per element), accumulation stays fp32 (oneDNN).
-    None when the head is anything else. A 49152 x 576 head: 7.0 -> 2.6 ms per token (docs/RESULTS.md section 16)."""
+    token. On a CPU the native kernel (rabit.kernels.bf16_cpu) widens the weights exactly and keeps x in fp32:
+    the fp32 head's logits up to the order of the fp32 sums. Without it, oneDNN's bf16 GEMM, which rounds x to bf16
+    (relative 2**-9 per element) and accumulates in fp32. None when the head is anything else. A 49152 x 576 head:
+    fp32 10.7 ms, oneDNN bf16 3.6-4.2 ms, native 2.0 ms per token (docs/RESULTS.md section 28)."""
     w = getattr(head, "weight", None)
     if type(head) is not nn.Linear or w is None or w.dtype != torch.float32 or w.device.type != "cpu":
         return None
@@ -140,10 +151,19 @@ def _bf16_head_fn(head: nn.Module, threads: int, serial: bool):
         if not torch.equal(wb.float(), w):
             return None
     b = head.bias
+    from .kernels import bf16_cpu
+
+    native = bf16_cpu.is_available()
+    bias = b.detach() if b is not None else None
 
     def fn(x):
+        if native and x.dtype == torch.float32:
+            return bf16_cpu.bf16_linear_cpu(x, wb, bias, num_threads=threads)
         y = F.linear(x.to(torch.bfloat16), wb).to(x.dtype)
         return y + b if b is not None else y
+
+    if native:
+        return fn
 
     return _with_threads(fn, threads) if serial else fn
 
@@ -177,7 +197,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, max_len: int, compile: bool = False, dtype: torch.dtype | None = None,
                  threads: int | None = None, serial_small_ops: bool = True, bf16_head: bool = True,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, native_ops: bool | None = None):
         self.plan, why = decoder_plan(model)
         if self.plan is None:
             raise ValueError(f"StaticDecoder does not support this model: {why}")
@@ -247,6 +267,40 @@ class StaticDecoder:
             self._arange = torch.arange(self.max_len, device=self.device)
         if compile:
             self._step_fn = torch.compile(self._step_masked, dynamic=False)
+        self._native = self._native_ops_plan(native_ops)
+
+    def _native_ops_plan(self, wanted: bool | None):
+        """The one-token step's norms and attention as native calls (rabit.kernels.decode_ops_cpu), when the model
+        allows: fp32 on the CPU, a Llama-like layout with plain RMSNorms, no score soft-capping, not compiled. They
+        replace ~20 small PyTorch ops per layer, whose dispatch cost more than the GEMVs of a small model
+        (docs/RESULTS.md section 28). wanted: None = when possible, False = never, True = required (ValueError
+        when not possible). Returns the per-layer norm parameters, or None."""
+        if wanted is False:
+            return None
+        from .kernels import decode_ops_cpu
+
+        why = None
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            why = f"needs fp32 on the CPU, not {self.dtype} on {self.device}"
+        elif self.compiled or self.cuda_graph:
+            why = "not with torch.compile or CUDA graphs"
+        elif self.plan.sandwich_norms or self.softcap is not None:
+            why = f"the {self.plan.family} layout (sandwich norms or soft-capped scores)"
+        params = []
+        if why is None:
+            for l in self.layers:
+                params += [_rms_norm_params(l.input_layernorm), _rms_norm_params(l.post_attention_layernorm)]
+            params.append(_rms_norm_params(self.inner.norm))
+            if any(p is None or p[0].dtype != torch.float32 for p in params):
+                why = "norms other than fp32 RMSNorm"
+        if why is None and not decode_ops_cpu.is_available():
+            why = "the native library does not build here"
+        if why is not None:
+            if wanted:
+                raise ValueError(f"native decoding ops unavailable: {why}")
+            return None
+        # layer 0's input norm, its pre-MLP norm, layer 1's..., the final norm
+        return [(w.detach().contiguous(), eps) for w, eps in params]
 
     def reset(self) -> None:
         self.pos = 0
@@ -254,13 +308,37 @@ class StaticDecoder:
     # --------------------------------------------------------------------------------------------- internals
     def _decode_one(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """One token at position `pos`: the hot loop, with as few tensor ops as possible."""
+        impl = self._decode_one_impl if self._native is None else self._decode_one_native
         if not self.serial:
-            return self._decode_one_impl(ids, pos)
+            return impl(ids, pos)
         torch.set_num_threads(1)
         try:
-            return self._decode_one_impl(ids, pos)
+            return impl(ids, pos)
         finally:
             torch.set_num_threads(self.threads)
+
+    def _decode_one_native(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """_decode_one_impl with each layer's residual adds, norms and attention as native calls (Llama layout)."""
+        from .kernels.decode_ops_cpu import add_rms_norm, attend_one
+
+        norms = self._native
+        x = self.inner.embed_tokens(ids).to(self.dtype, copy=True)     # (1, 1, hidden): our own copy, the
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim               # residual stream, updated in place
+        end = pos + 1
+        m = None
+        for i in range(len(self.layers)):
+            lin = self.lin[i]
+            h = add_rms_norm(x, m, *norms[2 * i])                        # x += previous MLP output; norm
+            q, k, v = lin["q"](h), lin["k"](h), lin["v"](h)
+            if self.q_norms[i] is not None:
+                q = self.q_norms[i](q.view(H, D)).contiguous()
+                k = self.k_norms[i](k.view(KV, D)).contiguous()
+            lo = max(0, end - self.windows[i]) if self.windows[i] else 0
+            o = attend_one(q, k, v, self.k_cache[i][0], self.v_cache[i][0], pos, lo, self.cos[i][pos],
+                           self.sin_signed[i][pos], self.scaling[i])
+            h = add_rms_norm(x, lin["o"](o.view(1, 1, H * D)), *norms[2 * i + 1])   # x += attention; norm
+            m = self.mlp[i](h)
+        return _softcap(self.head(add_rms_norm(x, m, *norms[-1])), self.final_softcap)
 
     def _decode_one_impl(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         end = pos + 1

@@ -1,0 +1,139 @@
+/*
+ * The small fp32 operations of a batch-1 decoding step, each one native call: a layer's RMSNorm (with the residual
+ * add before it) and its attention for the new token (rotary embedding of q and k, the KV-cache write, scores,
+ * softmax and the weighted sum of values).  In PyTorch these are ~20 dispatched ops per layer at 1-14 us each
+ * (F.rms_norm alone is five ops on the CPU, ~10 us for 576 values), more than the layer's packed GEMVs cost on a
+ * small model (docs/RESULTS.md section 28).  The reference is the PyTorch code in rabit.generate.StaticDecoder; the
+ * tests compare the two on odd shapes (tests/test_decode_ops.py).
+ * Single-threaded (the decoder runs its small ops on one thread); loops vectorized with `omp simd` (active only
+ * with -fopenmp or -fopenmp-simd) and compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEC_API __attribute__((visibility("default")))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DEC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DEC_CLONES
+#endif
+
+/* exp(x) for x <= 0 (softmax after subtracting the maximum): Cephes' expf polynomial on x - n ln2 with n rounded
+ * to nearest by the 1.5 * 2^23 trick (vectorizable: no floorf, no branches); relative error ~2e-7.  Below -87.3 it
+ * returns 0, as expf underflows to 0 there (denormals aside). */
+static inline float exp_nonpos(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    float t = x * 1.44269504088896341f;
+    float n = (t + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return x <= -87.3f ? 0.0f : p * s;
+}
+
+/*
+ * If a is not NULL: x += a (n values, in place: x is the residual stream).  Then y = x / sqrt(mean(x^2) + eps) * w,
+ * as transformers' LlamaRMSNorm in fp32 (x * rsqrt(variance + eps), then times the weight; the mean of squares is
+ * summed in double here).  Returns 0, or 1 for bad sizes.
+ */
+DEC_API DEC_CLONES int dec_add_rms_norm(float *x, const float *a, const float *w, int64_t n, float eps, float *y) {
+    if (n < 1) return 1;
+    double ss = 0.0;
+    if (a) {
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < n; i++) {
+            float v = x[i] + a[i];
+            x[i] = v;
+            ss += (double)v * v;
+        }
+    } else {
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    }
+    float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+    return 0;
+}
+
+static __thread float *tl_scores = NULL;
+static __thread int64_t tl_cap = 0;
+
+/*
+ * Attention of one new token at position pos (batch 1, no mask: it attends to keys lo..pos).
+ *   q: (H, D), k, v: (KV, D), this token's projections (q and k before the rotary embedding);
+ *   kc, vc: the layer's caches, (KV, max_len, D) contiguous; this call writes the rotated k and v at pos;
+ *   cos, sin_signed: the rotary tables' rows for pos (D values; sin_signed = [-sin[:D/2], sin[D/2:]], so that
+ *   rope(u) = u * cos + roll(u, D/2) * sin_signed, transformers' rotate_half form);
+ *   heads h = kv * (H / KV) + j share KV head kv (grouped-query attention);
+ *   o: (H, D) = softmax(scale * q_h . K[kv, lo..pos]) V[kv, lo..pos].
+ * Returns 0, 1 for bad arguments, 2 when out of memory.
+ */
+DEC_API DEC_CLONES int dec_attend_one(const float *q, const float *k, const float *v, float *kc, float *vc,
+                                      int64_t max_len, int64_t pos, int64_t lo, const float *cos,
+                                      const float *sin_signed, int64_t H, int64_t KV, int64_t D, float scale,
+                                      float *o) {
+    if (H < 1 || KV < 1 || H % KV || D < 2 || D % 2 || pos < 0 || pos >= max_len || lo < 0 || lo > pos) return 1;
+    const int64_t half = D / 2, T = pos - lo + 1, G = H / KV;
+    if (T + D > tl_cap) {
+        int64_t cap = (T + D) * 2;
+        float *p = (float *)realloc(tl_scores, (size_t)cap * sizeof(float));
+        if (!p) return 2;
+        tl_scores = p;
+        tl_cap = cap;
+    }
+    float *s = tl_scores, *qr = tl_scores + T;   /* scores, then one rotated query head */
+    for (int64_t kv = 0; kv < KV; kv++) {
+        const float *ku = k + kv * D;
+        float *kd = kc + (kv * max_len + pos) * D, *vd = vc + (kv * max_len + pos) * D;
+        for (int64_t d = 0; d < D; d++) {
+            float rolled = ku[d < half ? d + half : d - half];
+            kd[d] = ku[d] * cos[d] + rolled * sin_signed[d];
+            vd[d] = v[kv * D + d];
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t kv = h / G;
+        const float *qu = q + h * D;
+        for (int64_t d = 0; d < D; d++) qr[d] = qu[d] * cos[d] + qu[d < half ? d + half : d - half] * sin_signed[d];
+        const float *K = kc + (kv * max_len + lo) * D, *V = vc + (kv * max_len + lo) * D;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+            const float *kt = K + t * D;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < D; d++) acc += qr[d] * kt[d];
+            acc *= scale;
+            s[t] = acc;
+            mx = acc > mx ? acc : mx;
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < T; t++) {
+            float e = exp_nonpos(s[t] - mx);
+            s[t] = e;
+            sum += e;
+        }
+        const float inv = 1.0f / sum;
+        float *oh = o + h * D;
+        for (int64_t d = 0; d < D; d++) oh[d] = 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            const float p = s[t] * inv;
+            const float *vt = V + t * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) oh[d] += p * vt[d];
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,76 @@
+"""Native fp32 ops of a batch-1 decoding step (``rabit/csrc/decode_ops_cpu.c``): the residual add + RMSNorm, and
+one token's attention (rotary embedding, KV-cache write, softmax attention over the cache). Each replaces a chain
+of small PyTorch ops whose dispatch costs more than their arithmetic at batch 1. No argument checks beyond what
+keeps the C side in bounds: the decoder (rabit.generate.StaticDecoder) builds the calls once per layer, and the
+tests compare them with the PyTorch code they replace (tests/test_decode_ops.py).
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from . import native_build
+
+_SRC = Path(__file__).resolve().parent.parent / "csrc" / "decode_ops_cpu.c"
+
+
+def _build():
+    lib = native_build.build_library(_SRC, "libdecode_ops_cpu.so", native_build.BASE_FLAGS,
+                                     "the rabit decoding-step CPU ops")
+    i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    lib.dec_add_rms_norm.restype = i32
+    lib.dec_add_rms_norm.argtypes = [vp, vp, vp, i64, f32, vp]
+    lib.dec_attend_one.restype = i32
+    lib.dec_attend_one.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, vp, vp, i64, i64, i64, f32, vp]
+    return lib
+
+
+_library = native_build.LazyLibrary(_build, "rabit decoding-step CPU ops")
+
+
+def is_available() -> bool:
+    return _library.is_available()
+
+
+def _fp32_contiguous(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"expected contiguous fp32 CPU tensors, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x += residual (in place, when given), then RMSNorm(x) * weight over the last dimension of a 1-row x."""
+    n = weight.numel()
+    _fp32_contiguous(x, weight, *((residual,) if residual is not None else ()))
+    if x.numel() != n or (residual is not None and residual.numel() != n):
+        raise ValueError(f"one row of {n} values expected, got x {tuple(x.shape)}")
+    y = torch.empty_like(x) if out is None else out
+    rc = _library.load().dec_add_rms_norm(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                                          weight.data_ptr(), n, eps, y.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"dec_add_rms_norm failed (code {rc})")
+    return y
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               pos: int, lo: int, cos: torch.Tensor, sin_signed: torch.Tensor, scale: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token's attention: q (H, D), k and v (KV, D) before the rotary embedding; caches (KV, max_len, D),
+    written at pos; cos / sin_signed: the rotary rows of pos (D,); attends to positions lo..pos. Returns (H, D)."""
+    KV, max_len, D = k_cache.shape
+    H = q.numel() // D
+    _fp32_contiguous(q, k, v, k_cache, v_cache, cos, sin_signed)
+    if (q.numel() != H * D or k.numel() != KV * D or v.numel() != KV * D or tuple(v_cache.shape) != (KV, max_len, D)
+            or cos.numel() != D or sin_signed.numel() != D or H % KV or not 0 <= lo <= pos < max_len):
+        raise ValueError(f"bad attention arguments: q {tuple(q.shape)}, k {tuple(k.shape)}, cache "
+                         f"{tuple(k_cache.shape)}, pos {pos}, lo {lo}")
+    o = torch.empty(H, D) if out is None else out
+    rc = _library.load().dec_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(),
+                                        v_cache.data_ptr(), max_len, pos, lo, cos.data_ptr(), sin_signed.data_ptr(),
+                                        H, KV, D, scale, o.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"dec_attend_one failed (code {rc})")
+    return o

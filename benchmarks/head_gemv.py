@@ -1,7 +1,8 @@
 """One decoding step of an output head (one input row), by storage: fp32 and bf16 ``F.linear``, and the
 group-quantized 8- and 4-bit heads of ``--embed-bits`` through the native kernel (``rabit.kernels.groupwise_linear``)
 and through the dequantize-in-chunks path they used before it. Medians of --repeats calls, interleaved rounds;
-ratios against fp32 ``F.linear`` of the same run. Shapes: Gemma 3 270M's head (262,144 x 640) and SmolLM2-135M's
+ratios against fp32 ``F.linear`` of the same run. "bf16 kernel" is the native bf16-weight GEMV that decodes a packed
+folder's bf16 head (``rabit.kernels.bf16_cpu``). Shapes: Gemma 3 270M's head (262,144 x 640) and SmolLM2-135M's
 (49,152 x 576) by default.
 
     python benchmarks/head_gemv.py --threads 2 --json /tmp/head.json
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rabit.embedquant import _DECODE_CHUNK_ROWS, dequantize_groupwise, quantize_groupwise
-from rabit.kernels import groupwise_linear
+from rabit.kernels import bf16_cpu, groupwise_linear
 
 
 def _chunked_dequant(x, codes, scales, bits, group):
@@ -47,6 +48,8 @@ def main() -> None:
         q = {bits: quantize_groupwise(w, bits, a.group) for bits in (8, 4)}
         wb, xb = w.bfloat16(), x.bfloat16()
         engines = {"fp32 F.linear": lambda: F.linear(x, w), "bf16 F.linear": lambda: F.linear(xb, wb)}
+        if bf16_cpu.is_available():   # the decoder's bf16 head: weights widened exactly, x kept in fp32
+            engines["bf16 kernel"] = lambda: bf16_cpu.bf16_linear_cpu(x, wb, num_threads=a.threads)
         for bits, (c, s) in q.items():
             engines[f"int{bits} kernel"] = lambda c=c, s=s, bits=bits: groupwise_linear(x, c, s, bits, a.group)
             if not a.no_old:

@@ -92,8 +92,9 @@ typedef struct {
     const float *h;      /* [k][in_pad], fp32, zero-padded */
     const float *bias;   /* [out_pad] or NULL */
     void *y; int y_dt; int64_t y_stride;
-    float *tables;       /* [bchunk][k][in_pad/4][16] */
+    float *tables;       /* [bchunk][k][in_pad/4][16], or [..][8] when half_tables */
     int64_t b0, nbatch;  /* current batch chunk */
+    int half_tables;     /* AVX2 exact path: only entries 0..7 of each group (the rest follow by symmetry) */
 } job_t;
 
 static inline uint32_t ld32(const uint8_t *p) {
@@ -207,6 +208,10 @@ AVX2_ATTR static void build_tables_avx2(const job_t *J, int64_t lo, int64_t hi) 
          * rounds the int8 tables (lut8) from identical fp32 values */
         __m256 u = _mm256_add_ps(_mm256_mul_ps(s0, _mm256_set1_ps(a[0])), _mm256_mul_ps(s1, _mm256_set1_ps(a[1])));
         __m256 v = _mm256_mul_ps(s2, _mm256_set1_ps(a[2])), a3 = _mm256_set1_ps(a[3]);
+        if (J->half_tables) {   /* 32 bytes a group: both paths' tables of a 2048-wide layer fit in L1 */
+            _mm256_store_ps(J->tables + it * 8, _mm256_add_ps(u, _mm256_sub_ps(v, a3)));
+            continue;
+        }
         float *T = J->tables + it * 16;
         _mm256_store_ps(T, _mm256_add_ps(u, _mm256_sub_ps(v, a3)));
         _mm256_store_ps(T + 8, _mm256_add_ps(u, _mm256_add_ps(v, a3)));
@@ -240,7 +245,7 @@ AVX2_ATTR static inline __attribute__((always_inline)) void tile_rows_avx2(const
     for (int p = 0; p < J->k; p++) {
         const uint8_t *P = J->packed + ((int64_t)p * J->ntiles + t) * ncw * 64;
         const int64_t tstride = ncw * 64;
-        const float *T = J->tables + ((b * J->k) + p) * ng * 16;
+        const float *T = J->tables + ((b * J->k) + p) * ng * 8;   /* half tables */
         __m256 a[8];   /* [parity of n][tile][half] */
         for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
         for (int64_t c = 0; c < ncw; c++) {
@@ -253,10 +258,10 @@ AVX2_ATTR static inline __attribute__((always_inline)) void tile_rows_avx2(const
                 wx[2 * i] = flip_nibbles_avx2(w[2 * i]);
                 wx[2 * i + 1] = flip_nibbles_avx2(w[2 * i + 1]);
             }
-            const float *tc = T + 128 * c;
+            const float *tc = T + 64 * c;
 #pragma GCC unroll 8   /* constant shift counts, accumulators in registers */
             for (int n = 0; n < 8; n++) {
-                __m256 t8 = _mm256_load_ps(tc + 16 * n);
+                __m256 t8 = _mm256_load_ps(tc + 8 * n);
 #pragma GCC unroll 4
                 for (int i = 0; i < 2 * NT; i++)
                     a[(n & 1) * 4 + i] = _mm256_add_ps(a[(n & 1) * 4 + i], lut_sym_avx2(t8, wx[i], w[i], n, signbit));
@@ -914,7 +919,8 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
     if (bias) load_scales(bias, bias_dt, 1, out, out_pad, bf, isa);
 
     job_t J = {x, x_dt, x_stride, packed, k, out, in, in_pad, in_pad / 32, ntiles, gf, hf, bf,
-               y, y_dt, y_stride, buf + off_t, 0, 0};
+               y, y_dt, y_stride, buf + off_t, 0, 0, 0};
+    J.half_tables = isa == ISA_AVX2 && !q8;   /* lut8 quantizes all 16 entries */
 
     /* small problems: no threads (fork/join costs more than the work) */
     int nt = nthreads < 1 ? 1 : nthreads;

@@ -14,6 +14,8 @@
  *   vpermps for ports, measured ~1.4x faster overall than vpsrld) or vpsrld without VBMI.
  *   No multiplications in the big product; x is read once (when building the tables) for all paths; g is applied
  *   once per row and path.  Measured ceiling on Zen 4: ~150 G sign-ops/s per core (~19 GB/s of sign bits).
+ *   AVX2 (8 lanes, 8-entry vpermps) uses the tables' odd symmetry instead of two lookups and a blend: see
+ *   flip_nibbles_avx2 (on Zen 3 ~43 G sign-ops/s per core, 5.4 GB/s, compute-bound).
  *
  * "lut8" (one input row, opt-in): the same tables rounded to int8 with a scale per 64 inputs, looked up 64 (AVX-512
  * VBMI vpshufb) or 32 (AVX2) rows x 1 group per instruction and summed in int16: fewer instructions per sign bit

@@ -20,6 +20,7 @@
 #endif
 #include "rabit_simd.h"
 #include "rabit_half.h"
+#include "rabit_rows.h"
 
 #define BG_API __attribute__((visibility("default")))
 #define ROW_BLOCK 64   /* rows per work item (64 x 576 bf16 = 72 KB) */
@@ -181,16 +182,10 @@ BG_API int bg_linear(const float *x, int64_t nb, int64_t x_stride, const uint16_
         for (int64_t b = 0; b < nb; b++)
             for (int64_t c = 0; c < cols; c++) xd[2 * half * b + (c & 1) * half + c / 2] = x[b * x_stride + c];
     }
-    int64_t nblocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if ((double)rows * cols * nb < 256.0 * 1024.0) nt = 1;   /* fork/join would cost more than the work */
-    if (nt > nblocks) nt = (int)nblocks;
-    int64_t next = 0;   /* row blocks handed out dynamically (robust to a preempted thread) */
+    int nt = row_block_threads(rows, cols, nb, nthreads, ROW_BLOCK);
+    int64_t next = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
-    for (;;) {
-        int64_t bi = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-        if (bi >= nblocks) break;
-        int64_t r0 = bi * ROW_BLOCK, r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+    for (int64_t r0, r1; next_row_block(&next, rows, ROW_BLOCK, &r0, &r1);) {
         for (int64_t b = 0; b < nb; b++) {   /* the block's rows stay in L2 for the next input row */
             float *yb = y + b * y_stride;
 #ifdef BG_X86

@@ -22,6 +22,7 @@
 #include "rabit_simd.h"
 
 #include "rabit_half.h"
+#include "rabit_rows.h"
 
 #define GQ_API __attribute__((visibility("default")))
 #define ROW_BLOCK 64   /* rows per work item */
@@ -200,16 +201,10 @@ GQ_API int gq_linear(const float *x, int64_t nb, int64_t x_stride, const uint8_t
     if (isa == ISA_AVX2 && group % (bits == 8 ? 8 : 16)) isa = ISA_SCALAR;
     job_t J = {x, x_stride, nb, codes, bits, cols, group, cols / group, bits == 8 ? cols : cols / 2, scales,
                bias, y, y_stride};
-    int64_t nblocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if ((double)rows * cols * nb < 256.0 * 1024.0) nt = 1;   /* fork/join would cost more than the work */
-    if (nt > nblocks) nt = (int)nblocks;
-    int64_t next = 0;   /* row blocks handed out dynamically (robust to a preempted thread) */
+    int nt = row_block_threads(rows, cols, nb, nthreads, ROW_BLOCK);
+    int64_t next = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
-    for (;;) {
-        int64_t bi = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-        if (bi >= nblocks) break;
-        int64_t r0 = bi * ROW_BLOCK, r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+    for (int64_t r0, r1; next_row_block(&next, rows, ROW_BLOCK, &r0, &r1);) {
 #ifdef GQ_X86
         if (isa == ISA_AVX2 && nb == 1) rows_avx2_one(&J, r0, r1);
         else if (isa == ISA_AVX2) rows_avx2(&J, r0, r1);

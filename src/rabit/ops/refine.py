@@ -23,6 +23,7 @@ import itertools
 
 import torch
 
+from ..kernels import gptq_cpu
 from .svid import coupled_signs, path_matrix, reconstruct
 
 # Above this many unknowns the column scales are refit one path at a time (an in x in solve each) instead of
@@ -52,56 +53,89 @@ def _sign_combinations(k: int, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False):
+    """What gptq_signs needs of the metric alone, (perm, U): the column order (None = natural; with act_order,
+    decreasing H diagonal) and the upper Cholesky factor of the damped H^-1 in that order, rows contiguous.
+    The same for every call with the same H: refine_paths computes it once per layer, not once per round (the
+    factorizations are most of a native gptq_signs call)."""
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    Hp = H if perm is None else H[perm][:, perm]
+    L = torch.linalg.cholesky(damped(Hp, damp))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).contiguous()  # rows contiguous (native loop)
+    return perm, U
+
+
+@torch.no_grad()
 def gptq_signs(w: torch.Tensor, g: list[torch.Tensor], h: list[torch.Tensor], H: torch.Tensor,
-               block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> list[torch.Tensor]:
+               block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+               factor: tuple | None = None) -> list[torch.Tensor]:
     """Sign planes for fixed scales, chosen column by column with GPTQ error feedback in the metric H.
 
     act_order: round the columns in order of decreasing H diagonal (GPTQ's "act order"): the inputs that carry
-    the most energy are rounded first, while the most columns remain to absorb their error."""
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        signs = gptq_signs(w[:, perm], g, [hi[perm] for hi in h], H[perm][:, perm], block_size, damp)
+    the most energy are rounded first, while the most columns remain to absorb their error.
+    factor: gptq_factor(H, damp, act_order), when the caller already has it (H, damp and act_order are then
+    not used)."""
+    perm, U = gptq_factor(H, damp, act_order) if factor is None else factor
+    if perm is not None:
+        signs = gptq_signs(w[:, perm], g, [hi[perm] for hi in h], H, block_size, damp, factor=(None, U))
         inv = torch.argsort(perm)
         return [s[:, inv].contiguous() for s in signs]
     W = w.to(torch.float32).clone()
     n = W.shape[1]
     k = len(g)
-    L = torch.linalg.cholesky(damped(H, damp))
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     combos = _sign_combinations(k, W)                       # (2^k, k)
     G = torch.stack([gi.to(torch.float32) for gi in g], 1)  # (out, k)
     Hs = torch.stack([hi.to(torch.float32) for hi in h], 0)  # (k, in)
     choice = torch.empty(W.shape[0], n, dtype=torch.long, device=W.device)
-    # The column loop runs thousands of tiny ops: on a CPU one thread is several times faster than a pool.
-    threads = torch.get_num_threads()
-    if W.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        _gptq_columns(W, U, G, Hs, combos, choice, block_size)
-    finally:
-        torch.set_num_threads(threads)
+    if _native_columns(W, U, G, Hs):
+        _gptq_columns(W, U, G, Hs, combos, choice, block_size, gptq_cpu.block_columns)
+    else:
+        # The column loop runs thousands of tiny ops: on a CPU one thread is several times faster than a pool.
+        threads = torch.get_num_threads()
+        if W.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            _gptq_columns(W, U, G, Hs, combos, choice, block_size, _block_columns_reference)
+        finally:
+            torch.set_num_threads(threads)
     signs = combos[choice]                                     # (out, in, k)
     return [signs[..., i].contiguous() for i in range(k)]
 
 
-def _gptq_columns(W, U, G, Hs, combos, choice, block_size: int) -> None:
+def _native_columns(W, U, G, Hs) -> bool:
+    """Whether the native column loop applies: fp32 CPU tensors with finite values (the kernel matches the
+    reference bitwise there; torch.argmin's handling of NaN is left to the reference)."""
+    if W.device.type != "cpu" or W.dtype != torch.float32 or not gptq_cpu.is_available():
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in (W, U, G, Hs))
+
+
+def _gptq_columns(W, U, G, Hs, combos, choice, block_size: int, block_columns) -> None:
+    """GPTQ over blocks of columns: block_columns rounds one block (native or reference), and the block's
+    errors are pushed onto the later columns by one matrix product."""
     n = W.shape[1]
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
-        err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
         # every value the paths can express at each weight of the block: (bs, out, 2^k)
         levels = (G[None] * Hs[:, i1:i2].T[:, None, :]) @ combos.T
-        for j in range(i2 - i1):
-            col = W1[:, j]
-            idx = (col[:, None] - levels[j]).abs().argmin(1)
-            choice[:, i1 + j] = idx
-            err = (col - levels[j].gather(1, idx[:, None]).squeeze(1)) / U1[j, j]
-            W1[:, j:].sub_(err[:, None] * U1[j, j:][None, :])
-            err1[:, j] = err
+        err1 = block_columns(W[:, i1:i2], levels.contiguous(), U[i1:i2, i1:i2], choice[:, i1:i2])
         if i2 < n:
             W[:, i2:] -= err1 @ U[i1:i2, i2:]
+
+
+def _block_columns_reference(W1, levels, U1, choice) -> torch.Tensor:
+    """One block of GPTQ's column loop in PyTorch ops: the reference of rabit.kernels.gptq_cpu.block_columns
+    (writes choice, returns the errors divided by U's diagonal; W1 is not modified)."""
+    W1 = W1.clone()
+    err1 = torch.zeros_like(W1)
+    for j in range(W1.shape[1]):
+        col = W1[:, j]
+        idx = (col[:, None] - levels[j]).abs().argmin(1)
+        choice[:, j] = idx
+        err = (col - levels[j].gather(1, idx[:, None]).squeeze(1)) / U1[j, j]
+        W1[:, j:].sub_(err[:, None] * U1[j, j:][None, :])
+        err1[:, j] = err
+    return err1
 
 
 def _solve_psd(A: torch.Tensor, b: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
@@ -178,9 +212,10 @@ def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp:
     Hd = damped(H, damp)
     best = [(g.float(), B.float(), h.float()) for g, B, h in paths]
     errors = [output_error(w, best, Hd)]
+    factor = gptq_factor(H, damp, act_order) if rounds > 0 else None
     for _ in range(rounds):
         cand = refit_scales(w, best, Hd)
-        signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, damp, act_order)
+        signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, factor=factor)
         cand = refit_scales(w, [(g, B, h) for (g, _, h), B in zip(cand, signs)], Hd)
         err = output_error(w, cand, Hd)
         if err < errors[-1]:

@@ -157,8 +157,11 @@ def _positive(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refit_row_scales(w: torch.Tensor, paths, H: torch.Tensor) -> list[torch.Tensor]:
-    """Least-squares g_i (per row, k x k systems) in the metric H, signs and column scales fixed."""
+def refit_row_scales(w: torch.Tensor, paths, H: torch.Tensor, products: list | None = None) -> list[torch.Tensor]:
+    """Least-squares g_i (per row, k x k systems) in the metric H, signs and column scales fixed.
+
+    products: an empty list to receive P_i = (B_i * h_i) @ H, which refit_column_scales can reuse (the paths'
+    outputs in the metric, row scales aside)."""
     w = w.to(torch.float32)
     A = [B * h[None, :] for _, B, h in paths]     # row r of path i is g_i[r] * A_i[r]
     P = [a @ H for a in A]
@@ -166,39 +169,60 @@ def refit_row_scales(w: torch.Tensor, paths, H: torch.Tensor) -> list[torch.Tens
     M = torch.stack([torch.stack([(P[i] * A[j]).sum(1) for j in range(k)], -1) for i in range(k)], -2)
     v = torch.stack([(P[i] * w).sum(1) for i in range(k)], -1)
     g = _solve_psd(M, v)
+    if products is not None:
+        products.extend(P)
     return [_positive(g[:, i], paths[i][0]) for i in range(k)]
 
 
 @torch.no_grad()
-def refit_column_scales(w: torch.Tensor, paths, H: torch.Tensor) -> list[torch.Tensor]:
+def refit_column_scales(w: torch.Tensor, paths, H: torch.Tensor, WH: torch.Tensor | None = None,
+                        products: list | None = None) -> list[torch.Tensor]:
     """Least-squares h_i in the metric H, signs and row scales fixed.
 
     The objective is quadratic in the stacked h with blocks Q_ij = H * (G_i^T G_j) (elementwise), where
-    G_i = g_i[:, None] * B_i, and linear term b_i = column sums of G_i * (W H)."""
+    G_i = g_i[:, None] * B_i, and linear term b_i = column sums of G_i * (W H).
+    WH: w @ H when the caller has it (refine_paths computes it once per layer). products: refit_row_scales's
+    P_i for these paths' signs and column scales, from which the Gauss-Seidel refit (large layers) takes the
+    other paths' outputs in the metric instead of multiplying them by H again."""
     w = w.to(torch.float32)
     k, n = len(paths), w.shape[1]
     G = [g[:, None] * B for g, B, _ in paths]
-    if k * n <= JOINT_SOLVE_LIMIT:
+    if WH is None:
         WH = w @ H
-        Q = torch.cat([torch.cat([H * (G[i].T @ G[j]) for j in range(k)], 1) for i in range(k)], 0)
+    if k * n <= JOINT_SOLVE_LIMIT:
+        # Q is symmetric: the blocks below the diagonal are the transposes of those above
+        GG = {(i, j): G[i].T @ G[j] for i in range(k) for j in range(i, k)}
+        Q = torch.cat([torch.cat([H * (GG[(i, j)] if i <= j else GG[(j, i)].T) for j in range(k)], 1)
+                       for i in range(k)], 0)
         b = torch.cat([(G[i] * WH).sum(0) for i in range(k)])
         h = _solve_psd(Q, b)
         return [_positive(h[i * n:(i + 1) * n], paths[i][2]) for i in range(k)]
     hs = [p[2].clone() for p in paths]
+    # (path_j @ H) = g_j * P_j while h_j is the one P_j was made with
+    PH = [None] * k if products is None else list(products)
     for i in range(k):  # Gauss-Seidel over the paths
-        others = sum(path_matrix(paths[j][0], paths[j][1], hs[j]) for j in range(k) if j != i)
-        target = w - others if k > 1 else w
-        b = (G[i] * (target @ H)).sum(0)
+        othersH = None
+        for j in range(k):
+            if j == i:
+                continue
+            if PH[j] is None:
+                PH[j] = (paths[j][1] * hs[j][None, :]) @ H
+            term = paths[j][0][:, None] * PH[j]
+            othersH = term if othersH is None else othersH + term
+        targetH = WH - othersH if othersH is not None else WH
+        b = (G[i] * targetH).sum(0)
         hs[i] = _positive(_solve_psd(H * (G[i].T @ G[i]), b), paths[i][2])
+        PH[i] = None          # h_i changed
     return hs
 
 
 @torch.no_grad()
-def refit_scales(w: torch.Tensor, paths, H: torch.Tensor):
-    """Row scales, then column scales, by least squares in the metric H (signs fixed)."""
-    g = refit_row_scales(w, paths, H)
+def refit_scales(w: torch.Tensor, paths, H: torch.Tensor, WH: torch.Tensor | None = None):
+    """Row scales, then column scales, by least squares in the metric H (signs fixed). WH: w @ H, if known."""
+    products = []
+    g = refit_row_scales(w, paths, H, products)
     paths = [(gi, B, h) for gi, (_, B, h) in zip(g, paths)]
-    h = refit_column_scales(w, paths, H)
+    h = refit_column_scales(w, paths, H, WH, products)
     return [(g, B, hi) for hi, (g, B, _) in zip(h, paths)]
 
 
@@ -213,10 +237,11 @@ def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp:
     best = [(g.float(), B.float(), h.float()) for g, B, h in paths]
     errors = [output_error(w, best, Hd)]
     factor = gptq_factor(H, damp, act_order) if rounds > 0 else None
+    WH = w @ Hd if rounds > 0 else None
     for _ in range(rounds):
-        cand = refit_scales(w, best, Hd)
+        cand = refit_scales(w, best, Hd, WH)
         signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, factor=factor)
-        cand = refit_scales(w, [(g, B, h) for (g, _, h), B in zip(cand, signs)], Hd)
+        cand = refit_scales(w, [(g, B, h) for (g, _, h), B in zip(cand, signs)], Hd, WH)
         err = output_error(w, cand, Hd)
         if err < errors[-1]:
             best = cand

@@ -97,6 +97,22 @@ def test_row_and_column_refits_are_least_squares_optima():
         assert output_error(w, moved, Hd) >= output_error(w, with_g, Hd) * (1 - 1e-5)
 
 
+@pytest.mark.parametrize("n,k", [(12, 2), (1030, 2), (700, 3)])   # joint solve; Gauss-Seidel (k * n > 2048)
+def test_column_refit_with_the_callers_products_equals_the_plain_refit(n, k):
+    # refine_paths hands the column refit w @ H and the row refit's (B_i * h_i) @ H: the same solution
+    w, H = problem(9, n, tokens=2 * n)
+    paths = iterative_residual_svid(w, k, 1)
+    Hd = damped(H)
+    products = []
+    g = refit_row_scales(w, paths, Hd, products)
+    assert len(products) == k
+    with_g = [(gi, B, hh) for gi, (_, B, hh) in zip(g, paths)]
+    plain = refit_column_scales(w, with_g, Hd)
+    reused = refit_column_scales(w, with_g, Hd, WH=w @ Hd, products=products)
+    for a, b in zip(plain, reused):
+        assert torch.allclose(a, b, rtol=2e-3, atol=1e-6 * float(b.abs().max()))
+
+
 def test_joint_and_per_path_column_refits_agree_at_their_fixed_point(monkeypatch):
     import rabit.ops.refine as refine
 

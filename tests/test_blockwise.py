@@ -187,6 +187,48 @@ def test_sequential_refinement_beats_the_fp_metric_on_the_block_loss(inputs):
     assert sum(r.loss_after for r in seq) < sum(r.loss_after for r in base)
 
 
+@pytest.mark.parametrize("refine_samples", [4, 8])     # some rows past the refinement's, or none
+def test_outputs_kept_from_the_refinement_equal_a_pass_through_the_refined_block(monkeypatch, refine_samples):
+    # after the last layer's refinement the block's output on the refinement rows is rest + L_new(m): run() takes
+    # it instead of a second pass; it must be that pass's output up to rounding, and the rows past the
+    # refinement's still take the pass
+    teacher, student, calib = setup(layers=2)
+    checked, passes = [], []
+    real = BlockReconstruction._forward_all
+
+    def spy(self, layer, kw, src, dst, target=None, cov=None, inputs=None, input_rows=0, known=None):
+        if known:
+            for j, out in known.items():
+                with torch.no_grad():
+                    ref = layer(src.data[j:j + self.cfg.batch_size], **kw)
+                ref = (ref[0] if isinstance(ref, tuple) else ref).float()
+                assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+                checked.append(j)
+            passes.append(self.cfg.samples // self.cfg.batch_size - len(known))
+        return real(self, layer, kw, src, dst, target, cov, inputs, input_rows, known)
+
+    monkeypatch.setattr(BlockReconstruction, "_forward_all", spy)
+    BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=1, refine_samples=refine_samples),
+                        progress=False).run()
+    assert sorted(set(checked)) == list(range(0, refine_samples, 2))      # every refinement batch, every block
+    assert len(checked) == 2 * refine_samples // 2
+    assert passes == [(8 - refine_samples) // 2] * 2
+
+
+def test_no_outputs_are_kept_when_the_block_trains_after_the_refinement(monkeypatch):
+    teacher, student, calib = setup(layers=2)
+    seen = []
+    real = BlockReconstruction._forward_all
+
+    def spy(self, *a, known=None, **k):
+        seen.append(bool(known))
+        return real(self, *a, known=known, **k)
+
+    monkeypatch.setattr(BlockReconstruction, "_forward_all", spy)
+    BlockReconstruction(teacher, student, calib, cfg(epochs=1, refine_rounds=1), progress=False).run()
+    assert seen and not any(seen)
+
+
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     teacher, student, calib = setup()
     init = copy.deepcopy(student)

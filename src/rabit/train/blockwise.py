@@ -177,6 +177,9 @@ class BlockReconstruction:
             raise ValueError("teacher and student have different numbers of decoder blocks")
         self.records: list[BlockRecord] = []
         self._adds_cache: dict[tuple[str, str], bool] = {}
+        # student block outputs the refinement already computed for the current block (first row of a batch ->
+        # output), used by run()'s pass that writes the next block's inputs
+        self._known_outputs: dict[int, torch.Tensor] = {}
 
     def _autocast(self):
         """The stage's precision for a forward pass (its passes and block training alike)."""
@@ -247,11 +250,13 @@ class BlockReconstruction:
 
     def _forward_all(self, layer, kw, src: ActivationStore, dst: ActivationStore | None,
                      target: ActivationStore | None = None, cov: LayerCovariance | None = None,
-                     inputs: dict[str, list[torch.Tensor]] | None = None, input_rows: int = 0) -> float:
+                     inputs: dict[str, list[torch.Tensor]] | None = None, input_rows: int = 0,
+                     known: dict[int, torch.Tensor] | None = None) -> float:
         """dst[j] = layer(src[j]) for every batch; returns the mean block loss against target (if given).
         With `inputs` ({layer name: []}), the named layers' inputs of the batches within the first input_rows
         rows are appended to it as (tokens, in) fp32 (one copy for layers fed the same tensor), so that the
-        refinement needs no second pass for them."""
+        refinement needs no second pass for them. known: {first row of a batch: layer's output on it}, already
+        computed (the refinement's last step), used instead of a pass."""
         bs = self.cfg.batch_size
         total = 0.0
         batch_inputs: dict[int, tuple] = {}
@@ -271,8 +276,11 @@ class BlockReconstruction:
                     cov.next_batch()
                 batch_inputs.clear()
                 capturing["on"] = j + bs <= input_rows
-                with self._autocast():
-                    out = layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
+                if known is not None and j in known:
+                    out = known.pop(j)
+                else:
+                    with self._autocast():
+                        out = layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
                 if target is not None:
                     total += float(block_loss(out, target.data[j:j + bs].to(self.device), self.cfg.loss))
                 if dst is not None:
@@ -377,11 +385,16 @@ class BlockReconstruction:
         output for the block to land on the teacher's output (the rest carries the residual stream's error)."""
         layer = s_block.get_submodule(name)
         H = T = None
+        # The block's output after L is refined is rest + L_new(m) on the same rows: keep rest and m (L's input as
+        # the block gave it) when they fit, so that run() need not pass these rows through the block again.
+        keep = self.cfg.epochs == 0 and self._keep_fits(x_q, layer)
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Size]] = {}
         for j0, j1 in batches:
             cap = {}
 
             def pre(module, args):
-                cap["m"] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                cap["x"] = args[0].detach()
+                cap["m"] = cap["x"].reshape(-1, args[0].shape[-1]).float()
 
             def post(module, args, out):
                 cap["d"] = out.detach().reshape(-1, out.shape[-1]).float()
@@ -393,15 +406,33 @@ class BlockReconstruction:
             finally:
                 for h in handles:
                     h.remove()
+            shape = y_s.shape
             y_s = y_s.reshape(-1, y_s.shape[-1])
             y_t = y_fp.data[j0:j1].to(self.device).reshape(-1, y_s.shape[-1])
-            t = y_t - (y_s - cap["d"])
+            rest = y_s - cap["d"]
+            t = y_t - rest
             m = cap["m"]
             H = m.T @ m if H is None else H + m.T @ m
             T = t.T @ m if T is None else T + t.T @ m
+            if keep:
+                kept[j0] = (rest, cap["x"], shape)
         w = t_block.get_submodule(name).weight.detach().float()
         target = output_target(w, H, T, self.cfg.target_damp)
-        return self._refine_layer(layer, target, H, preferred=target)
+        ratio = self._refine_layer(layer, target, H, preferred=target)
+        with torch.no_grad():
+            for j0, (rest, x, shape) in kept.items():
+                with self._autocast():
+                    d = layer(x)
+                self._known_outputs[j0] = (rest + d.reshape(-1, d.shape[-1]).float()).reshape(shape)
+        return ratio
+
+    def _keep_fits(self, x_q: ActivationStore, layer) -> bool:
+        """Whether the refinement rows' last-layer inputs and the rest of the block's output (what run() reuses
+        instead of a second pass) fit in a quarter of max_memory_gb."""
+        rows = self._refine_rows()
+        tokens = rows * x_q.data.shape[1]
+        per_token = 4 * (x_q.data.shape[2] * 2 + getattr(layer, "in_features", x_q.data.shape[2]))
+        return tokens * per_token <= 0.25 * self.cfg.max_memory_gb * 2**30
 
     def _refine(self, i: int, cov: LayerCovariance) -> list[float]:
         """Refinement in the metric of the full-precision inputs (refine_inputs == "fp")."""
@@ -498,6 +529,7 @@ class BlockReconstruction:
                     finally:
                         if cov is not None:
                             cov.remove()
+                self._known_outputs.clear()
                 if fp_metric:
                     ratios = self._refine(i, cov)
                 else:
@@ -509,7 +541,9 @@ class BlockReconstruction:
                         before = self._forward_all(self.s_layers[i], kw, x_q, None, target=y_fp)
                     steps = self._train_block(i, kw, x_q, y_fp)
                 with torch.no_grad():
-                    after = self._forward_all(self.s_layers[i], kw, x_q, x_q, target=y_fp)
+                    after = self._forward_all(self.s_layers[i], kw, x_q, x_q, target=y_fp,
+                                              known=self._known_outputs if cfg.epochs == 0 else None)
+                self._known_outputs.clear()
                 if cfg.epochs == 0:   # nothing changes the block between the two measurements
                     before = after
                 x_fp, y_fp = y_fp, x_fp   # the teacher's outputs are the next block's inputs

@@ -9,7 +9,7 @@
  *     w[r, c]  -= e * U[j, c]   for c > j                                 (error feedback within the block)
  *     err[r, j] = e
  *
- * The PyTorch loop (`_gptq_columns`) runs ~6 tensor ops per column over all rows, so on a CPU its time is
+ * The PyTorch loop (`_block_columns_reference`) runs ~6 tensor ops per column over all rows, so on a CPU its time is
  * per-op overhead and an out x (bs - j) temporary per column; rows never interact inside a block, so here each
  * row walks its own columns in a small buffer. The fp32 operations are the loop's, in the same order (a product,
  * then a subtraction: no FMA, -ffp-contract=off), and ties pick the first level as torch.argmin does, so the

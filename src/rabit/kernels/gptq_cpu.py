@@ -1,6 +1,6 @@
 """Native CPU kernel of GPTQ-style sign rounding's column loop (``rabit/csrc/gptq_cpu.c``): one block of columns,
 each row walking its columns in a private buffer, bitwise the PyTorch loop in ``rabit.ops.refine``
-(``_gptq_columns_reference``), which it is tested against and which refine falls back to (other devices, non-finite
+(``_block_columns_reference``), which it is tested against and which refine falls back to (other devices, non-finite
 values, a missing compiler). OpenMP threads over rows.
 """
 from __future__ import annotations

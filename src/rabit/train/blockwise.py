@@ -529,7 +529,6 @@ class BlockReconstruction:
                     finally:
                         if cov is not None:
                             cov.remove()
-                self._known_outputs.clear()
                 if fp_metric:
                     ratios = self._refine(i, cov)
                 else:
@@ -541,8 +540,8 @@ class BlockReconstruction:
                         before = self._forward_all(self.s_layers[i], kw, x_q, None, target=y_fp)
                     steps = self._train_block(i, kw, x_q, y_fp)
                 with torch.no_grad():
-                    after = self._forward_all(self.s_layers[i], kw, x_q, x_q, target=y_fp,
-                                              known=self._known_outputs if cfg.epochs == 0 else None)
+                    # the refinement keeps outputs only when no block training follows it
+                    after = self._forward_all(self.s_layers[i], kw, x_q, x_q, target=y_fp, known=self._known_outputs)
                 self._known_outputs.clear()
                 if cfg.epochs == 0:   # nothing changes the block between the two measurements
                     before = after

@@ -106,6 +106,26 @@ def test_cpu_every_isa(isa, batch):
 
 
 @needs_cpu
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vbmi"])
+def test_cpu_every_input_position(isa):
+    """One-hot inputs at each of 70 positions (two full words and a partial third): y = sum_i g_i * B_i[:, j] * h_i[j]
+    exactly, so each input lands in its own lookup group and table entry (the AVX2 path groups 3 inputs, 10 per
+    word plus a group of 2 at bits 30-31; the others 4). 1 and 2 threads, batch 1 and 3."""
+    k, out, inf = 2, 37, 70
+    _, B, g, h, b = make(k, out, inf, 1, seed=5)
+    P = sign_bits.pack_signs(B)
+    for j in range(inf):
+        x = torch.zeros(3, inf)
+        x[0, j], x[1, j], x[2, (j + 1) % inf] = 1.5, -0.25, 2.0
+        ref = exact(x, B, g, h, b)
+        for nt in (1, 2):
+            y = cpu_backend.rabit_linear_cpu(x, P, g, h, b, isa=isa, num_threads=nt)
+            assert rel_err(y, ref) < 1e-6, (isa, j, nt)
+            y1 = cpu_backend.rabit_linear_cpu(x[:1], P, g, h, b, isa=isa, num_threads=nt)
+            assert rel_err(y1, ref[:1]) < 1e-6, (isa, j, nt)
+
+
+@needs_cpu
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 4])

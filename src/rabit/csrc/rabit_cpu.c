@@ -14,8 +14,9 @@
  *   vpermps for ports, measured ~1.4x faster overall than vpsrld) or vpsrld without VBMI.
  *   No multiplications in the big product; x is read once (when building the tables) for all paths; g is applied
  *   once per row and path.  Measured ceiling on Zen 4: ~150 G sign-ops/s per core (~19 GB/s of sign bits).
- *   AVX2 (8 lanes, 8-entry vpermps) uses the tables' odd symmetry instead of two lookups and a blend: see
- *   flip_nibbles_avx2 (on Zen 3 ~43 G sign-ops/s per core, 5.4 GB/s, compute-bound).
+ *   AVX2 (8 lanes, 8-entry vpermps) looks up groups of 3 inputs instead ("tri tables", see tile_rows_avx2): each
+ *   32-bit word is 10 groups of 3 inputs and one of 2, 11 lookups of a shift, a vpermps and an add; compute-bound
+ *   on Zen 3 (~6.6 GB/s a core, 1.18x the odd-symmetric 4-input tables it replaced, docs/RESULTS.md section 31).
  *
  * "lut8" (one input row, opt-in): the same tables rounded to int8 with a scale per 64 inputs, looked up 64 (AVX-512
  * VBMI vpshufb) or 32 (AVX2) rows x 1 group per instruction and summed in int16: fewer instructions per sign bit
@@ -94,9 +95,9 @@ typedef struct {
     const float *h;      /* [k][in_pad], fp32, zero-padded */
     const float *bias;   /* [out_pad] or NULL */
     void *y; int y_dt; int64_t y_stride;
-    float *tables;       /* [bchunk][k][in_pad/4][16], or [..][8] when half_tables */
+    float *tables;       /* [bchunk][k][in_pad/4][16], or [bchunk][k][in_pad/32][TRI_FLOATS] when tri_tables */
     int64_t b0, nbatch;  /* current batch chunk */
-    int half_tables;     /* AVX2 exact path: only entries 0..7 of each group (the rest follow by symmetry) */
+    int tri_tables;      /* AVX2 exact path: 8-entry tables of 3-input groups, 11 per 32 inputs (tile_rows_avx2) */
 } job_t;
 
 static inline uint32_t ld32(const uint8_t *p) {
@@ -210,63 +211,74 @@ AVX2_ATTR static void build_tables_avx2(const job_t *J, int64_t lo, int64_t hi) 
          * rounds the int8 tables (lut8) from identical fp32 values */
         __m256 u = _mm256_add_ps(_mm256_mul_ps(s0, _mm256_set1_ps(a[0])), _mm256_mul_ps(s1, _mm256_set1_ps(a[1])));
         __m256 v = _mm256_mul_ps(s2, _mm256_set1_ps(a[2])), a3 = _mm256_set1_ps(a[3]);
-        if (J->half_tables) {   /* 32 bytes a group: both paths' tables of a 2048-wide layer fit in L1 */
-            _mm256_store_ps(J->tables + it * 8, _mm256_add_ps(u, _mm256_sub_ps(v, a3)));
-            continue;
-        }
         float *T = J->tables + it * 16;
         _mm256_store_ps(T, _mm256_add_ps(u, _mm256_sub_ps(v, a3)));
         _mm256_store_ps(T + 8, _mm256_add_ps(u, _mm256_add_ps(v, a3)));
     }
 }
 
-/* The 16-entry table of a group is odd-symmetric: T[e ^ 15] = -T[e] exactly (every builder forms
- * T[e] = (+-a0 +-a1) + (+-a2 -+ a3) and IEEE rounding is sign-symmetric), so a lookup needs only entries 0..7:
- * T[e] = b3 ? -T8[~e & 7] : T8[e & 7].  flip_nibbles_avx2 turns each nibble with bit 3 set into its complement
- * once per word (then the low 3 bits index T8), and the sign comes from bit 3 of the original word.  One vpermps
- * per 8 lookups instead of two and a blend: on Zen 3 (AVX2, no AVX-512) 1.75x the old loop on cache-resident
- * weights, bit-identical results (docs/RESULTS.md section 29). */
-AVX2_ATTR static inline __m256i flip_nibbles_avx2(__m256i w) {
-    __m256i t = _mm256_and_si256(_mm256_srli_epi32(w, 3), _mm256_set1_epi32(0x11111111));
-    return _mm256_xor_si256(w, _mm256_sub_epi32(_mm256_slli_epi32(t, 4), t));   /* t * 15: 0xF where bit 3 */
+/* Tri tables (AVX2 exact path): the 32 inputs of word column c are 10 groups of 3 (bits 3n..3n+2, n < 10) and one
+ * of 2 (bits 30-31); group n's table has 8 entries T[m] = sum_j (bit j of m ? +a_j : -a_j) (for the 2-input group
+ * entries 4-7 repeat 0-3).  vpermps reads only the low 3 bits of each index, so a lookup is one shift of the row
+ * word, the vpermps and the add: 3 operations per 8 rows x 3 inputs, against 6 per 8 rows x 4 inputs (and a
+ * nibble flip per word) with the odd-symmetric 4-input half tables this replaced.  Items: one per (b, p, c). */
+#define TRI_GROUPS 11
+#define TRI_FLOATS (TRI_GROUPS * 8)
+AVX2_ATTR static void build_tri_tables_avx2(const job_t *J, int64_t lo, int64_t hi) {
+    int64_t ncw = J->ncw;
+    const __m256 s0 = _mm256_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1);
+    const __m256 s1 = _mm256_setr_ps(-1, -1, 1, 1, -1, -1, 1, 1);
+    const __m256 s2 = _mm256_setr_ps(-1, -1, -1, -1, 1, 1, 1, 1);
+    for (int64_t it = lo; it < hi; it++) {
+        int64_t c = it % ncw, b = it / ncw / J->k;   /* item `it` = ((b * k) + p) * ncw + c */
+        int p = (int)(it / ncw % J->k);
+        float a[33];
+        if (J->x_dt == DT_F32 && 32 * c + 32 <= J->in) {   /* a = h_p * x_b, 8 at a time */
+            const float *xr = (const float *)J->x + b * J->x_stride + 32 * c;
+            const float *hp = J->h + (int64_t)p * J->in_pad + 32 * c;
+            for (int j = 0; j < 32; j += 8)
+                _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_loadu_ps(hp + j), _mm256_loadu_ps(xr + j)));
+        } else {
+            for (int q = 0; q < 8; q++) group_inputs(J, b, p, 8 * c + q, a + 4 * q);
+        }
+        a[32] = 0.0f;
+        float *T = J->tables + it * TRI_FLOATS;
+        for (int n = 0; n < TRI_GROUPS; n++) {
+            const float *an = a + 3 * n;
+            __m256 u = _mm256_add_ps(_mm256_mul_ps(s0, _mm256_set1_ps(an[0])), _mm256_mul_ps(s1, _mm256_set1_ps(an[1])));
+            if (n < TRI_GROUPS - 1) u = _mm256_add_ps(u, _mm256_mul_ps(s2, _mm256_set1_ps(an[2])));
+            _mm256_store_ps(T + 8 * n, u);
+        }
+    }
 }
 
-/* T8 looked up with nibble n of wx (flipped), negated where bit 3 of nibble n of w is set */
-AVX2_ATTR static inline __m256 lut_sym_avx2(__m256 t8, __m256i wx, __m256i w, int n, __m256 signbit) {
-    __m256 v = _mm256_permutevar8x32_ps(t8, n ? _mm256_srli_epi32(wx, 4 * n) : wx);
-    __m256 s = _mm256_castsi256_ps(n == 7 ? w : _mm256_slli_epi32(w, 28 - 4 * n));
-    return _mm256_xor_ps(v, _mm256_and_ps(s, signbit));
-}
-
-/* NT (1 or 2) tiles of 16 rows for batch row b: y[2*i], y[2*i+1] = rows 0-7, 8-15 of tile t + i */
+/* NT (1 or 2) tiles of 16 rows for batch row b: y[2*i], y[2*i+1] = rows 0-7, 8-15 of tile t + i (tri tables) */
 AVX2_ATTR static inline __attribute__((always_inline)) void tile_rows_avx2(const job_t *J, int64_t t, int64_t b,
                                                                            const int NT, __m256 y[4]) {
-    int64_t ng = J->in_pad / 4, ncw = J->ncw, out_pad = J->ntiles * TILE;
-    const __m256 signbit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    int64_t ncw = J->ncw, out_pad = J->ntiles * TILE;
     for (int i = 0; i < 2 * NT; i++) y[i] = _mm256_setzero_ps();
     for (int p = 0; p < J->k; p++) {
         const uint8_t *P = J->packed + ((int64_t)p * J->ntiles + t) * ncw * 64;
         const int64_t tstride = ncw * 64;
-        const float *T = J->tables + ((b * J->k) + p) * ng * 8;   /* half tables */
-        __m256 a[8];   /* [parity of n][tile][half] */
+        const float *T = J->tables + ((b * J->k) + p) * ncw * TRI_FLOATS;
+        __m256 a[8];   /* [parity of n][tile][half]: two chains per accumulator hide the add latency */
         for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
         for (int64_t c = 0; c < ncw; c++) {
-            __m256i w[4], wx[4];
+            __m256i w[4];
 #pragma GCC unroll 2
             for (int i = 0; i < NT; i++) {
                 if (PF_DIST) _mm_prefetch((const char *)(P + i * tstride + (c + PF_DIST) * 64), PF_HINT);
                 w[2 * i] = _mm256_loadu_si256((const __m256i *)(P + i * tstride + c * 64));
                 w[2 * i + 1] = _mm256_loadu_si256((const __m256i *)(P + i * tstride + c * 64 + 32));
-                wx[2 * i] = flip_nibbles_avx2(w[2 * i]);
-                wx[2 * i + 1] = flip_nibbles_avx2(w[2 * i + 1]);
             }
-            const float *tc = T + 64 * c;
-#pragma GCC unroll 8   /* constant shift counts, accumulators in registers */
-            for (int n = 0; n < 8; n++) {
+            const float *tc = T + TRI_FLOATS * c;
+#pragma GCC unroll 11   /* constant shift counts, accumulators in registers */
+            for (int n = 0; n < TRI_GROUPS; n++) {
                 __m256 t8 = _mm256_load_ps(tc + 8 * n);
 #pragma GCC unroll 4
                 for (int i = 0; i < 2 * NT; i++)
-                    a[(n & 1) * 4 + i] = _mm256_add_ps(a[(n & 1) * 4 + i], lut_sym_avx2(t8, wx[i], w[i], n, signbit));
+                    a[(n & 1) * 4 + i] = _mm256_add_ps(a[(n & 1) * 4 + i], _mm256_permutevar8x32_ps(
+                        t8, n ? _mm256_srli_epi32(w[i], 3 * n) : w[i]));
             }
         }
         const float *g = J->g + p * out_pad + t * TILE;
@@ -857,6 +869,29 @@ AVX512_ATTR static void cvt_f32_avx512(const void *src, int dt, int64_t n, float
     }
     for (; i < n; i++) dst[i] = ld(src, dt, i);
 }
+
+/* AVX2 machines convert with F16C (every AVX2 CPU we know has it; checked anyway): the scalar h2f of a 1536 x 576
+ * layer's two paths of fp16 scales cost ~5 us a call, a tenth of its GEMV (docs/RESULTS.md section 31) */
+__attribute__((target("avx2,f16c"))) static void cvt_f32_f16c(const void *src, int dt, int64_t n, float *dst) {
+    const uint16_t *s = (const uint16_t *)src;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(s + i));
+        __m256 f = dt == DT_F16 ? _mm256_cvtph_ps(v)
+                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+        _mm256_storeu_ps(dst + i, f);
+    }
+    for (; i < n; i++) dst[i] = ld(src, dt, i);
+}
+
+static int has_f16c(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("f16c") ? 1 : 0;
+    }
+    return known;
+}
 #endif
 
 /* convert n values of dtype dt to fp32 */
@@ -864,6 +899,7 @@ static void cvt_f32(const void *src, int dt, int64_t n, float *dst, int isa) {
     if (dt == DT_F32) { memcpy(dst, src, n * sizeof(float)); return; }
 #ifdef RABIT_X86
     if (isa >= ISA_AVX512) { cvt_f32_avx512(src, dt, n, dst); return; }
+    if (isa == ISA_AVX2 && has_f16c()) { cvt_f32_f16c(src, dt, n, dst); return; }
 #endif
     (void)isa;
     for (int64_t i = 0; i < n; i++) dst[i] = ld(src, dt, i);
@@ -881,7 +917,11 @@ static void load_scales(const void *src, int dt, int k, int64_t n, int64_t npad,
 static void build_tables(const job_t *J, int isa, int64_t lo, int64_t hi) {
 #ifdef RABIT_X86
     if (isa >= ISA_AVX512) { build_tables_avx512(J, lo, hi); return; }
-    if (isa == ISA_AVX2) { build_tables_avx2(J, lo, hi); return; }
+    if (isa == ISA_AVX2) {
+        if (J->tri_tables) build_tri_tables_avx2(J, lo, hi);
+        else build_tables_avx2(J, lo, hi);
+        return;
+    }
 #endif
     (void)isa;
     build_tables_scalar(J, lo, hi);
@@ -922,7 +962,7 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
 
     job_t J = {x, x_dt, x_stride, packed, k, out, in, in_pad, in_pad / 32, ntiles, gf, hf, bf,
                y, y_dt, y_stride, buf + off_t, 0, 0, 0};
-    J.half_tables = isa == ISA_AVX2 && !q8;   /* lut8 quantizes all 16 entries */
+    J.tri_tables = isa == ISA_AVX2 && !q8;   /* lut8 quantizes the 16-entry tables of 4-input groups */
 
     /* small problems: no threads (fork/join costs more than the work) */
     int nt = nthreads < 1 ? 1 : nthreads;
@@ -942,10 +982,10 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
                 cvt_f32((const uint16_t *)x + (b0 + b) * x_stride, x_dt, in, xf + b * in_pad, isa);
             J.x = xf; J.x_dt = DT_F32; J.x_stride = in_pad;
         }
-        int64_t nitems = J.nbatch * k * ng;
+        int64_t nitems = J.nbatch * k * (J.tri_tables ? ncw : ng);
         /* Small table builds (batch 1: k*in/4 groups, ~1 ns each) run on the calling thread: a barrier costs
          * more than the build, and a preempted worker at a barrier stalls everyone on a busy machine. */
-        int par_build = nt > 1 && nitems > 8192 && !q8;   /* lut8 quantizes the tables before the region */
+        int par_build = nt > 1 && J.nbatch * k * ng > 8192 && !q8;   /* lut8 quantizes the tables before the region */
         if (!par_build) build_tables(&J, isa, 0, nitems);
         int8_t *tq = (int8_t *)(buf + off_q);
         float *ts = buf + off_s;

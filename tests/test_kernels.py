@@ -184,6 +184,18 @@ def test_cpu_plan():
 
 
 @needs_cpu
+def test_cpu_tables_built_by_both_threads():
+    """A batch whose tables are large enough to be built by every thread inside the parallel region (more than 8192
+    groups of 4 inputs over the batch chunk's rows and paths), odd input width: each thread's share of the tables,
+    split at arbitrary (row, path, group) boundaries, lands where the tile loops read it."""
+    x, B, g, h, b = make(2, 70, 4101, 4, seed=13)
+    P = sign_bits.pack_signs(B)
+    ref = exact(x, B, g, h, b)
+    for nt in (1, 2):
+        assert rel_err(cpu_backend.rabit_linear_cpu(x, P, g, h, b, num_threads=nt), ref) < 1e-5
+
+
+@needs_cpu
 def test_cpu_large_threaded():
     x, B, g, h, b = make(2, 1000, 2048, 1, seed=11)
     P = sign_bits.pack_signs(B)

@@ -265,6 +265,34 @@ def test_lut8_several_rows_and_half_inputs():
     assert kernels.select_backend(x, "auto") == "cpu"    # auto never picks the approximate backend
 
 
+@needs_cpu
+def test_lut8_planar_layout():
+    """The int8 path's copy of the signs: byte j of row r's 32-bit word of every 16-row x 32-input block moves to
+    16 j + r of that block, so that byte j of 16 rows is one shuffle's index vector."""
+    P = sign_bits.pack_signs(torch.where(torch.rand(2, 37, 70) > 0.5, 1.0, -1.0))
+    Q = cpu_backend.q8_planar(P)
+    assert Q.shape == P.shape and Q.dtype == torch.uint8
+    blocks = P.reshape(-1, 16, 4)                       # (block, row, byte)
+    assert torch.equal(Q.reshape(-1, 4, 16), blocks.transpose(1, 2))
+    assert not torch.equal(Q, P)
+    with pytest.raises(ValueError, match="64-byte blocks"):
+        cpu_backend.q8_planar(torch.zeros(100, dtype=torch.uint8))
+
+
+@needs_cpu
+def test_lut8_plan_follows_signs_written_in_place():
+    """The cached cpu_int8 call reads its own copy of the signs: writing the module's signs in place (as
+    load_state_dict does) must not leave it computing with the old ones."""
+    x, B, g, h, b = make(2, 64, 96, 1, seed=5)
+    P = sign_bits.pack_signs(B)
+    y0 = kernels.rabit_linear(x, P, g, h, b, backend="cpu_int8")
+    B2 = -B
+    P.copy_(sign_bits.pack_signs(B2))
+    y1 = kernels.rabit_linear(x, P, g, h, b, backend="cpu_int8")
+    assert rel_err(y1, rabit_linear_lut8_reference(x, P, g, h, b)) < 1e-6
+    assert rel_err(y1, y0) > 0.1
+
+
 # ---------------------------------------------------------------- dispatch
 def test_dispatch_reference_always():
     assert "reference" in kernels.available_backends()

@@ -19,7 +19,8 @@
  *   on Zen 3 (~6.6 GB/s a core, 1.18x the odd-symmetric 4-input tables it replaced, docs/RESULTS.md section 31).
  *
  * "lut8" (one input row, opt-in): the same tables rounded to int8 with a scale per 64 inputs, looked up 64 (AVX-512
- * VBMI vpshufb) or 32 (AVX2) rows x 1 group per instruction and summed in int16: fewer instructions per sign bit
+ * VBMI vpshufb) or 32 (AVX2) rows x 1 group per instruction and summed in int16, from a copy of the signs in a
+ * byte-planar layout: fewer instructions per sign bit
  * than the exact fp32 path, at a relative error of ~5e-3 (see the section "int8 lookup tables" below).
  *
  * ISA: AVX-512 (F+BW+VL, +VBMI) and AVX2+FMA code paths compiled with target attributes, selected at run time;
@@ -576,9 +577,12 @@ AVX512_ATTR static void dense_rows_avx512(const uint8_t *packed, int k, int64_t 
  * same order, so all code paths give the same bits.  The rounding error is at most s_b / 2 per group lookup.
  *
  * Table layout: per (path, chunk of 32 inputs = 8 groups) 128 bytes, 8 slots of 16 int8 entries; group n of the
- * chunk goes to the slot that the ISA's shuffle wants in its 128-bit lane (q8_slot).  The sign bits keep the
- * "tiled16x32" layout: byte j of a row's 32-bit word holds the nibbles of groups 2j (low) and 2j+1 (high), and
- * the SIMD paths transpose 4 x 16 bytes in registers so that one 16-byte lane holds byte j of 16 rows.
+ * chunk goes to the slot that the ISA's shuffle wants in its 128-bit lane (q8_slot).
+ * Sign layout "planar": the same bytes as "tiled16x32", each 64-byte block (16 rows x 32 inputs) reordered so
+ * that byte j of the 16 rows' words is contiguous: block[16 j + r] = byte j of row r's word (rabit_q8_planar).
+ * Byte j holds the nibbles of groups 2j (low) and 2j+1 (high), so a 16-byte lane is one shuffle's indices for 16
+ * rows.  Transposing in registers instead cost ~18 % of the AVX2 int8 GEMV (docs/RESULTS.md section 30); the
+ * price is a second copy of the sign planes, held by the backend's prepared call (kernels/cpu.py).
  */
 #ifndef Q8_BLOCK
 #define Q8_BLOCK 64                    /* inputs per table scale (a multiple of 32, <= 1024) */
@@ -590,8 +594,16 @@ _Static_assert(Q8_BLOCK % 32 == 0 && Q8_BLOCK <= 1024, "Q8_BLOCK: a multiple of 
 
 static inline int q8_slot(int isa, int n) {
     if (isa == ISA_AVX512VBMI) return (n & 1) * 4 + n / 2; /* lanes j of slots 0-3: even groups 2j; 4-7: odd */
-    if (isa >= ISA_AVX2) return 2 * (n % 4) + n / 4;       /* ymm pairs [g0|g4] [g1|g5] [g2|g6] [g3|g7] */
+    if (isa >= ISA_AVX2) return (n / 4) * 4 + (n & 1) * 2 + ((n >> 1) & 1);   /* ymm pairs [g0|g2] [g1|g3]
+                                                                                  [g4|g6] [g5|g7] */
     return n;
+}
+
+/* "tiled16x32" -> "planar" (see above): nblocks blocks of 64 bytes */
+RABIT_API void rabit_q8_planar(const uint8_t *src, int64_t nblocks, uint8_t *dst) {
+    for (int64_t b = 0; b < nblocks; b++, src += 64, dst += 64)
+        for (int j = 0; j < 4; j++)
+            for (int r = 0; r < 16; r++) dst[16 * j + r] = src[4 * r + j];
 }
 
 /* fp32 tables of path p (J->tables, batch row 0) -> int8 tables tq [ncw][128] and scales ts [nblk] */
@@ -621,15 +633,14 @@ static void tiles_q8_scalar(const job_t *J, const int8_t *tq, const float *ts, i
         float yv[TILE] = {0};
         for (int r = 0; r < TILE; r++) {
             for (int p = 0; p < J->k; p++) {
-                const uint8_t *P = J->packed + ((int64_t)p * J->ntiles + t) * ncw * 64 + r * 4;
+                const uint8_t *P = J->packed + ((int64_t)p * J->ntiles + t) * ncw * 64 + r;   /* planar */
                 const int8_t *tp = tq + (int64_t)p * ncw * 128;
                 float f = 0.0f;
                 for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
                     int32_t acc = 0;
-                    for (int64_t c = c0; c < c0 + Q8_CHUNKS && c < ncw; c++) {
-                        uint32_t w = ld32(P + c * 64);
-                        for (int n = 0; n < 8; n++) acc += tp[c * 128 + n * 16 + ((w >> (4 * n)) & 15u)];
-                    }
+                    for (int64_t c = c0; c < c0 + Q8_CHUNKS && c < ncw; c++)
+                        for (int n = 0; n < 8; n++)
+                            acc += tp[c * 128 + n * 16 + ((P[c * 64 + 16 * (n / 2)] >> (4 * (n & 1))) & 15u)];
                     f = fmaf((float)acc, ts[(int64_t)p * nblk + blk], f);
                 }
                 yv[r] = fmaf(J->g[(int64_t)p * out_pad + t * TILE + r], f, yv[r]);
@@ -677,10 +688,7 @@ AVX512_ATTR static inline __m512 q8_block_sum_avx512(__m512i a0, __m512i a1) {
 AVX512VBMI_ATTR static void tiles_q8_avx512vbmi(const job_t *J, const int8_t *tq, const float *ts, int64_t nblk,
                                                 int64_t t0, int64_t t1) {
     int64_t ncw = J->ncw, out_pad = J->ntiles * TILE;
-    /* lane j, byte r <- byte j of row r's word (byte 4r + j) */
-    uint8_t perm_b[64];
-    for (int j = 0; j < 4; j++) for (int r = 0; r < 16; r++) perm_b[16 * j + r] = (uint8_t)(4 * r + j);
-    const __m512i perm = _mm512_loadu_si512(perm_b), m0f = _mm512_set1_epi8(0x0f);
+    const __m512i m0f = _mm512_set1_epi8(0x0f);   /* planar signs: lane j, byte r = byte j of row r's word */
     for (int64_t t = t0; t < t1; t++) {
         __m512 y = _mm512_setzero_ps();
         for (int p = 0; p < J->k; p++) {
@@ -692,7 +700,7 @@ AVX512VBMI_ATTR static void tiles_q8_avx512vbmi(const job_t *J, const int8_t *tq
                 __m512i a0 = _mm512_setzero_si512(), a1 = a0;
                 for (int64_t c = c0; c < c1; c++) {
                     if (PF_DIST) _mm_prefetch((const char *)(P + (c + PF_DIST) * 64), PF_HINT);
-                    __m512i w = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512((const void *)(P + c * 64)));
+                    __m512i w = _mm512_loadu_si512((const void *)(P + c * 64));
                     __m512i lo = _mm512_and_si512(w, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
                     __m512i s = _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128), lo);
                     __m512i u = _mm512_shuffle_epi8(_mm512_load_si512(tp + c * 128 + 64), hi);
@@ -758,10 +766,7 @@ AVX2_ATTR static inline void q8_pair_add_avx2(__m256i *lo, __m256i *hi, __m256i 
 AVX2_ATTR static void tiles_q8_avx2(const job_t *J, const int8_t *tq, const float *ts, int64_t nblk,
                                     int64_t t0, int64_t t1) {
     int64_t ncw = J->ncw, out_pad = J->ntiles * TILE;
-    /* in each lane: byte 4j + r <- byte j of row r's word (4 rows per lane) */
-    const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const __m256i dw = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), m0f = _mm256_set1_epi8(0x0f);
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
     const __m256i ones = _mm256_set1_epi8(1);
     for (int64_t t = t0; t < t1; t++) {
         __m256 y0 = _mm256_setzero_ps(), y1 = y0;
@@ -774,12 +779,9 @@ AVX2_ATTR static void tiles_q8_avx2(const job_t *J, const int8_t *tq, const floa
                 __m256i lo = _mm256_setzero_si256(), hi = lo;   /* [rows 0-7 | rows 0-7], [rows 8-15 | 8-15] */
                 for (int64_t c = c0; c < c1; c++) {
                     if (PF_DIST) _mm_prefetch((const char *)(P + (c + PF_DIST) * 64), PF_HINT);
-                    /* rows 0-7 and 8-15 -> X: [byte 0 of rows 0-15 | byte 2], Y: [byte 1 | byte 3] */
-                    __m256i w0 = _mm256_permutevar8x32_epi32(
-                        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + c * 64)), tr), dw);
-                    __m256i w1 = _mm256_permutevar8x32_epi32(
-                        _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(P + c * 64 + 32)), tr), dw);
-                    __m256i X = _mm256_unpacklo_epi64(w0, w1), Y = _mm256_unpackhi_epi64(w0, w1);
+                    /* planar signs: X = [byte 0 of rows 0-15 | byte 1], Y = [byte 2 | byte 3] */
+                    __m256i X = _mm256_loadu_si256((const __m256i *)(P + c * 64));
+                    __m256i Y = _mm256_loadu_si256((const __m256i *)(P + c * 64 + 32));
                     const int8_t *tc = tp + c * 128;
                     __m256i sx = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)tc), _mm256_and_si256(X, m0f));
                     __m256i ux = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(tc + 32)),
@@ -931,12 +933,16 @@ static void build_tables(const job_t *J, int isa, int64_t lo, int64_t hi) {
  * y[b, :out] = sum_p g[p] * (B_p (h[p] * x[b])) + bias   for b < batch.
  * x: batch rows of `in` elements, row stride x_stride (elements), dtype x_dt.  y: row stride y_stride, dtype y_dt.
  * g: (k, out) contiguous, h: (k, in) contiguous, bias: (out,) or NULL.  Returns 0 on success.
+ * lut8 (int8 tables for one input row) reads packed_q8, the same signs in the "planar" layout (rabit_q8_planar):
+ * required when lut8 and batch == 1, unused otherwise.
  */
 RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_stride,
                          const uint8_t *packed, int k, int64_t out, int64_t in,
                          const void *g, int g_dt, const void *h, int h_dt, const void *bias, int bias_dt,
-                         void *y, int y_dt, int64_t y_stride, int nthreads, int isa_req, int lut8) {
+                         void *y, int y_dt, int64_t y_stride, int nthreads, int isa_req, int lut8,
+                         const uint8_t *packed_q8) {
     if (k < 1 || out < 1 || in < 1 || batch < 0) return 1;
+    if (lut8 && batch == 1 && !packed_q8) return 1;
     if (batch == 0) return 0;
     int isa = pick_isa(isa_req);
     int64_t in_pad = pad_in(in), ntiles = (out + TILE - 1) / TILE, out_pad = ntiles * TILE;
@@ -960,7 +966,7 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
     load_scales(h, h_dt, k, in, in_pad, hf, isa);
     if (bias) load_scales(bias, bias_dt, 1, out, out_pad, bf, isa);
 
-    job_t J = {x, x_dt, x_stride, packed, k, out, in, in_pad, in_pad / 32, ntiles, gf, hf, bf,
+    job_t J = {x, x_dt, x_stride, q8 ? packed_q8 : packed, k, out, in, in_pad, in_pad / 32, ntiles, gf, hf, bf,
                y, y_dt, y_stride, buf + off_t, 0, 0, 0};
     J.tri_tables = isa == ISA_AVX2 && !q8;   /* lut8 quantizes the 16-entry tables of 4-input groups */
 
@@ -1026,12 +1032,14 @@ typedef struct {
     const uint8_t *packed; int64_t k, out, in;
     const void *g; int64_t g_dt; const void *h; int64_t h_dt; const void *bias; int64_t bias_dt;
     void *y; int64_t y_dt, y_stride, nthreads, isa, lut8;
+    const uint8_t *packed_q8;
 } gemm_args_t;
 
 RABIT_API int rabit_gemm_args(const gemm_args_t *a) {
     return rabit_gemm(a->x, (int)a->x_dt, a->batch, a->x_stride, a->packed, (int)a->k, a->out, a->in,
                       a->g, (int)a->g_dt, a->h, (int)a->h_dt, a->bias, (int)a->bias_dt,
-                      a->y, (int)a->y_dt, a->y_stride, (int)a->nthreads, (int)a->isa, (int)a->lut8);
+                      a->y, (int)a->y_dt, a->y_stride, (int)a->nthreads, (int)a->isa, (int)a->lut8,
+                      a->packed_q8);
 }
 
 /* rows [r0, r1) of W = sum_p g_p[:,None] * B_p * h_p[None,:] into W (row-major, (r1 - r0) x in, fp32) */

@@ -27,9 +27,9 @@ _lib = None
 
 
 class _GemmArgs(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p if n in ("x", "packed", "g", "h", "bias", "y") else ctypes.c_int64)
+    _fields_ = [(n, ctypes.c_void_p if n in ("x", "packed", "g", "h", "bias", "y", "packed_q8") else ctypes.c_int64)
                 for n in ("x", "x_dt", "batch", "x_stride", "packed", "k", "out", "in_", "g", "g_dt", "h", "h_dt",
-                          "bias", "bias_dt", "y", "y_dt", "y_stride", "nthreads", "isa", "lut8")]
+                          "bias", "bias_dt", "y", "y_dt", "y_stride", "nthreads", "isa", "lut8", "packed_q8")]
 
 
 def _compiler() -> str | None:
@@ -43,7 +43,9 @@ def _build_and_load():
     lib.rabit_gemm_args.argtypes = [ctypes.POINTER(_GemmArgs)]
     lib.rabit_gemm.restype = i32
     lib.rabit_gemm.argtypes = [vp, i32, i64, i64, vp, i32, i64, i64, vp, i32, vp, i32, vp, i32,
-                               vp, i32, i64, i32, i32, i32]
+                               vp, i32, i64, i32, i32, i32, vp]
+    lib.rabit_q8_planar.restype = None
+    lib.rabit_q8_planar.argtypes = [vp, i64, vp]
     lib.rabit_dense_rows.restype = i32
     lib.rabit_dense_rows.argtypes = [vp, i32, i64, i64, vp, i32, vp, i32, vp, i64, i64, i32, i32]
     lib.rabit_dense_weight.restype = i32
@@ -83,6 +85,18 @@ def isa() -> str:
 
 def has_openmp() -> bool:
     return bool(load().rabit_has_openmp())
+
+
+def q8_planar(packed: torch.Tensor) -> torch.Tensor:
+    """The sign planes in the "planar" layout the int8 lookup path reads (csrc/rabit_cpu.c): every 64-byte block
+    of "tiled16x32" (16 rows x 32 inputs) reordered so that byte j of the 16 rows' words is contiguous. The same
+    bytes, a second copy: "cpu_int8" holds it beside the module's packed signs (2x their memory)."""
+    src = packed.contiguous()
+    if src.dtype != torch.uint8 or src.numel() % 64:
+        raise ValueError(f"packed signs must be uint8 in 64-byte blocks, got {src.dtype} with {src.numel()} bytes")
+    dst = torch.empty_like(src)
+    load().rabit_q8_planar(src.data_ptr(), src.numel() // 64, dst.data_ptr())
+    return dst
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias):
@@ -179,12 +193,15 @@ def rabit_linear_cpu(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: 
         out = torch.empty(batch, nout, dtype=x.dtype)
     elif tuple(out.shape) != (batch, nout) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError("bad `out` tensor")
+    # one row through int8 tables reads the planar copy; made per call here (a pass over the signs), kept by a plan
+    planar = q8_planar(packed) if lut8 and batch == 1 else None
     rc = lib.rabit_gemm(x2.data_ptr(), _DT[x.dtype], batch, x2.stride(0) if batch > 1 else inf,
                         packed.data_ptr(), k, nout, inf,
                         g.data_ptr(), _DT[g.dtype], h.data_ptr(), _DT[h.dtype],
                         bias.data_ptr() if bias is not None else None,
                         _DT[bias.dtype] if bias is not None else 0,
-                        out.data_ptr(), _DT[x.dtype], nout, nt, ISA_CODES[isa], int(lut8))
+                        out.data_ptr(), _DT[x.dtype], nout, nt, ISA_CODES[isa], int(lut8),
+                        planar.data_ptr() if planar is not None else None)
     if rc != 0:
         raise RuntimeError(f"rabit_gemm failed (code {rc})")
     return out.reshape(*x.shape[:-1], nout)
@@ -193,10 +210,11 @@ def rabit_linear_cpu(x: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: 
 class CpuLinearPlan:
     """A prepared call of the native kernel for fixed (packed, g, h, bias): validates once, then each call only
     reshapes x, allocates y and calls C (saves ~5 us of Python per call versus ``rabit_linear_cpu``).
-    Holds references to the tensors; rebuild it if they are replaced (not needed when modified in place)."""
+    Holds references to the tensors; rebuild it if they are replaced (not needed when modified in place, except
+    for the signs of a lut8 plan: it reads a copy of them taken here)."""
 
-    __slots__ = ("packed", "g", "h", "bias", "k", "out_features", "in_features", "isa", "lut8", "_fn", "_args",
-                 "_pargs", "_lock")
+    __slots__ = ("packed", "packed_q8", "g", "h", "bias", "k", "out_features", "in_features", "isa", "lut8", "_fn",
+                 "_args", "_pargs", "_lock")
 
     def __init__(self, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None,
                  isa: str = "auto", lut8: bool = False):
@@ -213,6 +231,9 @@ class CpuLinearPlan:
         a.bias, a.bias_dt = (b.data_ptr(), _DT[b.dtype]) if b is not None else (None, 0)
         a.y_stride, a.isa = nout, self.isa
         self.lut8 = a.lut8 = int(bool(lut8))
+        # lut8: the signs' planar copy for one-row calls (more rows read self.packed)
+        self.packed_q8 = q8_planar(self.packed) if lut8 else None
+        a.packed_q8 = self.packed_q8.data_ptr() if lut8 else None
         self._pargs = ctypes.byref(a)
         self._lock = threading.Lock()   # the argument struct is shared: one call at a time per plan
 
@@ -245,11 +266,12 @@ class _CachedPlan:
     storage. The plan holds aliases (``detach()``) of their storage, never the objects themselves, so that the
     objects can die (a module's buffers replaced by ``.to()``, a model deleted) and take their entry with them."""
 
-    __slots__ = ("refs", "ptrs", "plan", "__weakref__")
+    __slots__ = ("refs", "ptrs", "signs_version", "plan", "__weakref__")
 
     def __init__(self, tensors: tuple, plan: CpuLinearPlan, on_death):
         self.refs = tuple(weakref.ref(t, on_death) if t is not None else None for t in tensors)
         self.ptrs = tuple(t.data_ptr() if t is not None else 0 for t in tensors)
+        self.signs_version = tensors[0]._version   # a lut8 plan copies the signs: in-place writes make it stale
         self.plan = plan
 
     def matches(self, packed, g, h, bias) -> bool:
@@ -257,7 +279,8 @@ class _CachedPlan:
         return (r[0]() is packed and r[1]() is g and r[2]() is h
                 and (bias is None if r[3] is None else r[3]() is bias)
                 and self.ptrs == (packed.data_ptr(), g.data_ptr(), h.data_ptr(),
-                                  bias.data_ptr() if bias is not None else 0))
+                                  bias.data_ptr() if bias is not None else 0)
+                and (self.plan.packed_q8 is None or packed._version == self.signs_version))
 
 
 _plans: dict[tuple, _CachedPlan] = {}   # (id(packed), lut8) -> its plan

@@ -755,6 +755,83 @@ AVX2_ATTR static void quantize_tables_avx2(const job_t *J, int isa, int p, int8_
     }
 }
 
+/* The int8 tables of path p straight from h_p * x (batch row 0), without the fp32 tables: the same values as
+ * build_tables + quantize_tables (every entry (+-a0 +-a1) + (+-a2 +-a3) with the same roundings; the block's
+ * largest |entry| is (|a0| + |a1|) + (|a2| + |a3|) of one of its groups, as rounding is monotonic; products
+ * rounded to nearest even by vcvtps2dq, never beyond 127 in magnitude), ~3x fewer instructions.  Lanes are the 8
+ * groups of a chunk, in the order [0 2 4 6 | 1 3 5 7] that a 4 x 8 transpose of the 32 inputs gives. */
+AVX2_ATTR static void q8_tables_avx2(const job_t *J, int p, int8_t *tq, float *ts) {
+    int64_t ncw = J->ncw;
+    const float *hp = J->h + (int64_t)p * J->in_pad;
+    const float *xr = (const float *)J->x;   /* fp32 by now (rabit_gemm converts 16-bit rows first) */
+    const __m256 sgn = _mm256_set1_ps(-0.0f);
+    /* 4 x 4 byte transpose in each lane: byte 4 gi + m <- byte 4 m + gi */
+    const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
+        int64_t nc = c0 + Q8_CHUNKS < ncw ? Q8_CHUNKS : ncw - c0;
+        __m256 A[Q8_CHUNKS][4];
+        __m256 mv = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nc; i++) {
+            int64_t c = c0 + i;
+            float a[32];
+            if (32 * c + 32 <= J->in)
+                for (int j = 0; j < 32; j += 8)
+                    _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_loadu_ps(hp + 32 * c + j),
+                                                          _mm256_loadu_ps(xr + 32 * c + j)));
+            else
+                for (int q = 0; q < 8; q++) group_inputs(J, 0, p, 8 * c + q, a + 4 * q);
+            __m256 r0 = _mm256_loadu_ps(a), r1 = _mm256_loadu_ps(a + 8);
+            __m256 r2 = _mm256_loadu_ps(a + 16), r3 = _mm256_loadu_ps(a + 24);
+            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+            A[i][0] = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+            A[i][1] = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+            A[i][2] = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+            A[i][3] = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+            __m256 top = _mm256_add_ps(_mm256_add_ps(_mm256_andnot_ps(sgn, A[i][0]), _mm256_andnot_ps(sgn, A[i][1])),
+                                       _mm256_add_ps(_mm256_andnot_ps(sgn, A[i][2]), _mm256_andnot_ps(sgn, A[i][3])));
+            mv = _mm256_max_ps(mv, top);
+        }
+        float mm[8];
+        _mm256_storeu_ps(mm, mv);
+        float m = 0.0f;
+        for (int i = 0; i < 8; i++) m = fmaxf(m, mm[i]);
+        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
+        ts[blk] = m / (float)Q8_MAX;
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t i = 0; i < nc; i++) {
+            int64_t c = c0 + i;
+            __m256 n0 = _mm256_xor_ps(A[i][0], sgn), n1 = _mm256_xor_ps(A[i][1], sgn);
+            __m256 n2 = _mm256_xor_ps(A[i][2], sgn), n3 = _mm256_xor_ps(A[i][3], sgn);
+            __m256 u[4] = {_mm256_add_ps(n0, n1), _mm256_add_ps(A[i][0], n1),     /* entry bits 0-1: signs of a0, a1 */
+                           _mm256_add_ps(n0, A[i][1]), _mm256_add_ps(A[i][0], A[i][1])};
+            __m256 v[4] = {_mm256_add_ps(n2, n3), _mm256_add_ps(A[i][2], n3),     /* bits 2-3: a2, a3 */
+                           _mm256_add_ps(n2, A[i][3]), _mm256_add_ps(A[i][2], A[i][3])};
+            __m256i B[4];   /* B[e]: entries 4e..4e+3 of the lane's 4 groups, byte 4 gi + m after the shuffle */
+            for (int e = 0; e < 4; e++) {
+                __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_add_ps(u[0], v[e]), iv));
+                __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_add_ps(u[1], v[e]), iv));
+                __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_add_ps(u[2], v[e]), iv));
+                __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_add_ps(u[3], v[e]), iv));
+                B[e] = _mm256_shuffle_epi8(_mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3)),
+                                           tr);
+            }
+            /* dword gi of B[e] = entries 4e..4e+3 of group gi: transpose 4 x 4 dwords -> G[gi] = its 16 entries */
+            __m256i s01l = _mm256_unpacklo_epi32(B[0], B[1]), s01h = _mm256_unpackhi_epi32(B[0], B[1]);
+            __m256i s23l = _mm256_unpacklo_epi32(B[2], B[3]), s23h = _mm256_unpackhi_epi32(B[2], B[3]);
+            __m256i G[4] = {_mm256_unpacklo_epi64(s01l, s23l), _mm256_unpackhi_epi64(s01l, s23l),
+                            _mm256_unpacklo_epi64(s01h, s23h), _mm256_unpackhi_epi64(s01h, s23h)};
+            int8_t *dst = tq + c * 128;
+            for (int gi = 0; gi < 4; gi++) {   /* lane 0: group 2 gi, lane 1: group 2 gi + 1 */
+                _mm_storeu_si128((__m128i *)(dst + 16 * q8_slot(ISA_AVX2, 2 * gi)), _mm256_castsi256_si128(G[gi]));
+                _mm_storeu_si128((__m128i *)(dst + 16 * q8_slot(ISA_AVX2, 2 * gi + 1)),
+                                 _mm256_extracti128_si256(G[gi], 1));
+            }
+        }
+    }
+}
+
 /* two lookups of the same rows (byte r of each lane = row r), summed per row into int16: bytes interleaved
  * (a_r, b_r) and multiplied-added with ones (vpmaddubsw: 1*a_r + 1*b_r, at most 254); lo gets rows 0-7 of each
  * lane, hi rows 8-15.  One shuffle a lookup instead of three (sign-extending both halves and an extract). */
@@ -992,11 +1069,18 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
         /* Small table builds (batch 1: k*in/4 groups, ~1 ns each) run on the calling thread: a barrier costs
          * more than the build, and a preempted worker at a barrier stalls everyone on a busy machine. */
         int par_build = nt > 1 && J.nbatch * k * ng > 8192 && !q8;   /* lut8 quantizes the tables before the region */
-        if (!par_build) build_tables(&J, isa, 0, nitems);
         int8_t *tq = (int8_t *)(buf + off_q);
         float *ts = buf + off_s;
-        if (q8)
-            for (int p = 0; p < k; p++) quantize_tables(&J, isa, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
+#ifdef RABIT_X86
+        if (q8 && isa == ISA_AVX2) {   /* int8 tables without the fp32 ones */
+            for (int p = 0; p < k; p++) q8_tables_avx2(&J, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
+        } else
+#endif
+        {
+            if (!par_build) build_tables(&J, isa, 0, nitems);
+            if (q8)
+                for (int p = 0; p < k; p++) quantize_tables(&J, isa, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
+        }
         int64_t next = 0;   /* tile groups are handed out dynamically (robust to a preempted thread) */
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {

@@ -271,7 +271,8 @@ class _CachedPlan:
     def __init__(self, tensors: tuple, plan: CpuLinearPlan, on_death):
         self.refs = tuple(weakref.ref(t, on_death) if t is not None else None for t in tensors)
         self.ptrs = tuple(t.data_ptr() if t is not None else 0 for t in tensors)
-        self.signs_version = tensors[0]._version   # a lut8 plan copies the signs: in-place writes make it stale
+        # a lut8 plan reads its own copy of the signs: in-place writes to them make it stale
+        self.signs_version = tensors[0]._version if getattr(plan, "packed_q8", None) is not None else None
         self.plan = plan
 
     def matches(self, packed, g, h, bias) -> bool:
@@ -280,7 +281,7 @@ class _CachedPlan:
                 and (bias is None if r[3] is None else r[3]() is bias)
                 and self.ptrs == (packed.data_ptr(), g.data_ptr(), h.data_ptr(),
                                   bias.data_ptr() if bias is not None else 0)
-                and (self.plan.packed_q8 is None or packed._version == self.signs_version))
+                and (self.signs_version is None or packed._version == self.signs_version))
 
 
 _plans: dict[tuple, _CachedPlan] = {}   # (id(packed), lut8) -> its plan

@@ -307,7 +307,9 @@ def test_time_budget_chooses_the_steps_from_the_timed_first_steps(tmp_path, monk
     assert tr.cfg.optim.warmup_steps == 3  # 25 % of the 12 chosen steps
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
-    assert max(r["lr_latent"] for r in log[:3]) < 1e-7  # the timed steps barely move the weights
+    assert log[0]["lr_latent"] < 1e-7  # the first timed step barely moves the weights
+    # the next two follow a schedule sized at the first step's pace: 1 + (9 - 0.75) / 0.75 = 12 steps, warm-up 3
+    assert [r["lr_latent"] for r in log[1:3]] == pytest.approx([2e-3, 3e-3], rel=1e-6)
     assert log[3]["lr_latent"] == pytest.approx(3e-3, rel=1e-6)  # warm-up over from step 4 (index 3)
     assert log[-1]["lr_latent"] < 0.15 * 3e-3  # the cosine ends near min_lr_ratio at the chosen last step
     saved = load_checkpoint(latest_checkpoint(tmp_path)).state["config"]
@@ -346,6 +348,8 @@ def test_time_budget_is_estimated_again_at_the_end_of_the_warmup(tmp_path, monke
     assert tr.cfg.budget_refined and tr.cfg.optim.warmup_steps == 5
     assert result.steps == 37 == tr.cfg.steps
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    # timed steps 2-3 at the first step's pace: 1 + (30 - 1.5) / 1.5 = 20 steps, warm-up 5 (as chosen after 3)
+    assert [r["lr_latent"] for r in log[:3]] == pytest.approx([3e-9, 2 / 5 * 3e-3, 3 / 5 * 3e-3], rel=1e-6)
     assert log[4]["lr_latent"] == pytest.approx(3e-3, rel=1e-6)  # the warm-up ended as first planned
     saved = load_checkpoint(latest_checkpoint(tmp_path)).state["config"]
     assert saved["steps"] == 37 and saved["budget_refined"] is True

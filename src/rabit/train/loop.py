@@ -22,7 +22,10 @@ from ..errors import InputError
 
 # A time-budgeted run (TrainConfig.time_budget_s) trains with these provisional steps, whose warm-up keeps the
 # learning rate near zero, until BUDGET_PROBE_STEPS steps are timed; the first step (allocations, kernel
-# builds) is left out of the estimate when there are others.
+# builds) is left out of the estimate when there are others. From the second step on, the rates are those of a
+# provisional schedule sized at the first step's pace (slower than the rest: fewer steps, so a warm-up no longer
+# than the one chosen later), so that only the first step trains at a near-zero rate (a 13-minute job's timed
+# steps were 3 of its ~27).
 PROVISIONAL_STEPS = 1_000_000
 BUDGET_PROBE_STEPS = 3
 # After the warm-up's estimate, the first session estimates the step count again at these fractions of it, from
@@ -204,6 +207,7 @@ class DistillLoop:
         self.cfg.optim.warmup_steps = int(warmup_steps)
         self.optim.config.warmup_steps = int(warmup_steps)
         self.optim.total_steps = int(steps)
+        self.optim.set_provisional_schedule(None)
         self.optim.apply_schedule()
 
     def adopt_budgeted_steps(self, saved: dict | None) -> None:
@@ -221,6 +225,14 @@ class DistillLoop:
         steps = self.step + max(0, int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
         self.set_total_steps(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
         return steps
+
+    def _provisional_schedule(self, step_times: list[float], train_seconds: float) -> None:
+        """After the first timed step: the learning-rate schedule of the steps that fit the budget at that step's
+        pace, for the rest of the timed steps. The run's length stays pending, and checkpoints store the pending
+        schedule (a session resumed before the length is chosen times its steps again, at near-zero rates)."""
+        per_step, spent = self.collective.mean([step_times[0], train_seconds])
+        steps = max(BUDGET_PROBE_STEPS, self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+        self.optim.set_provisional_schedule(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
 
     def budget_to_refine(self) -> bool:
         """At the end of the warm-up a time budget's step count is estimated once more: the timed first steps run
@@ -352,6 +364,8 @@ class DistillLoop:
                 chosen = None
                 if self.budget_pending() and len(step_times) >= BUDGET_PROBE_STEPS:
                     chosen = self._choose_budgeted_steps(step_times, train_seconds)
+                elif self.budget_pending() and len(step_times) == 1 and self.resumed_from is None:
+                    self._provisional_schedule(step_times, train_seconds)
                 elif self.budget_to_refine():
                     chosen = self._refine_budgeted_steps(step_times, train_seconds)
                 elif self.budget_to_check():

@@ -256,6 +256,13 @@ class Optimizers:
         if self.muon is None and self.adamw is None:
             raise ValueError("the model has no trainable parameters")
         self._base = {"muon": config.latent_lr, "adamw": config.scale_lr}
+        self._provisional: tuple[int, int] | None = None
+        self.apply_schedule()
+
+    def set_provisional_schedule(self, total_steps: int | None, warmup_steps: int = 0) -> None:
+        """Rates from a (total_steps, warmup_steps) schedule for now, without changing the stored one (the schedule
+        state of checkpoints); None: back to the stored one. For a time budget's timed steps (train.loop)."""
+        self._provisional = None if total_steps is None else (int(total_steps), int(warmup_steps))
         self.apply_schedule()
 
     def named(self) -> dict[str, torch.optim.Optimizer]:
@@ -263,8 +270,8 @@ class Optimizers:
 
     def factor(self, step: int | None = None) -> float:
         c = self.config
-        return lr_factor(self.step_count if step is None else step, self.total_steps, c.warmup_steps,
-                         c.min_lr_ratio)
+        total, warmup = self._provisional or (self.total_steps, c.warmup_steps)
+        return lr_factor(self.step_count if step is None else step, total, warmup, c.min_lr_ratio)
 
     def apply_schedule(self) -> None:
         f = self.factor()

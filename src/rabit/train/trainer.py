@@ -52,8 +52,9 @@ class TrainConfig:
     # scale-only phase after the latents were fitted
     train_latents: bool = True
     # > 0: a budget in seconds of training steps (checkpoint writes excluded). `steps` is then provisional
-    # (loop.PROVISIONAL_STEPS, near-zero learning rate) until the first loop.BUDGET_PROBE_STEPS steps are timed;
-    # the loop then sets steps (and the warm-up, budget_warmup) so that the whole training fits the budget.
+    # (loop.PROVISIONAL_STEPS) until the first loop.BUDGET_PROBE_STEPS steps are timed (the first at a near-zero
+    # learning rate, the others at the rates of a schedule sized from the first one's time); the loop then sets
+    # steps (and the warm-up, budget_warmup) so that the whole training fits the budget.
     time_budget_s: float = 0.0
     budget_warmup: float = 0.05     # with a time budget: warm-up as a fraction of the chosen steps (< 1) or steps
     budget_refined: bool = False    # with a time budget: the step count was estimated again after the warm-up

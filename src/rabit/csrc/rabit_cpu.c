@@ -197,27 +197,6 @@ static void dense_rows_scalar(const uint8_t *packed, int k, int64_t ntiles, int6
 /* ------------------------------------------------------------------ AVX2 path */
 #define AVX2_ATTR __attribute__((target("avx2,fma")))
 
-AVX2_ATTR static void build_tables_avx2(const job_t *J, int64_t lo, int64_t hi) {
-    int64_t ng = J->in_pad / 4;
-    const __m256 s0 = _mm256_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1);
-    const __m256 s1 = _mm256_setr_ps(-1, -1, 1, 1, -1, -1, 1, 1);
-    const __m256 s2 = _mm256_setr_ps(-1, -1, -1, -1, 1, 1, 1, 1);
-    int64_t q = lo % ng, b = lo / ng / J->k;      /* item `it` = ((b * k) + p) * ng + q */
-    int p = (int)(lo / ng % J->k);
-    for (int64_t it = lo; it < hi; it++, q = (q + 1 == ng ? 0 : q + 1)) {
-        if (q == 0 && it != lo && ++p == J->k) { p = 0; b++; }
-        float a[4];
-        group_inputs(J, b, p, q, a);
-        /* (+-a0 +-a1) + (+-a2 +-a3): the same additions as the scalar and AVX-512 builders, so that every ISA
-         * rounds the int8 tables (lut8) from identical fp32 values */
-        __m256 u = _mm256_add_ps(_mm256_mul_ps(s0, _mm256_set1_ps(a[0])), _mm256_mul_ps(s1, _mm256_set1_ps(a[1])));
-        __m256 v = _mm256_mul_ps(s2, _mm256_set1_ps(a[2])), a3 = _mm256_set1_ps(a[3]);
-        float *T = J->tables + it * 16;
-        _mm256_store_ps(T, _mm256_add_ps(u, _mm256_sub_ps(v, a3)));
-        _mm256_store_ps(T + 8, _mm256_add_ps(u, _mm256_add_ps(v, a3)));
-    }
-}
-
 /* Tri tables (AVX2 exact path): the 32 inputs of word column c are 10 groups of 3 (bits 3n..3n+2, n < 10) and one
  * of 2 (bits 30-31); group n's table has 8 entries T[m] = sum_j (bit j of m ? +a_j : -a_j) (for the 2-input group
  * entries 4-7 repeat 0-3).  vpermps reads only the low 3 bits of each index, so a lookup is one shift of the row
@@ -719,42 +698,6 @@ AVX512VBMI_ATTR static void tiles_q8_avx512vbmi(const job_t *J, const int8_t *tq
     }
 }
 
-AVX2_ATTR static void quantize_tables_avx2(const job_t *J, int isa, int p, int8_t *tq, float *ts) {
-    int64_t ng = J->in_pad / 4, ncw = J->ncw;
-    const float *T = J->tables + (int64_t)p * ng * 16;
-    const __m256 lim = _mm256_set1_ps((float)Q8_MAX), nlim = _mm256_set1_ps(-(float)Q8_MAX);
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256i pk = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    for (int64_t c0 = 0, blk = 0; c0 < ncw; c0 += Q8_CHUNKS, blk++) {
-        int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
-        __m256 mv = _mm256_setzero_ps();
-        for (int64_t i = c0 * 128; i < c1 * 128; i += 8)
-            mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_load_ps(T + i), absmask));
-        float mm[8];
-        _mm256_storeu_ps(mm, mv);
-        float m = 0.0f;
-        for (int i = 0; i < 8; i++) m = fmaxf(m, mm[i]);
-        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
-        ts[blk] = m / (float)Q8_MAX;
-        __m256 iv = _mm256_set1_ps(inv);
-        for (int64_t c = c0; c < c1; c++)
-            for (int n = 0; n < 8; n++) {
-                int8_t *dst = tq + c * 128 + q8_slot(isa, n) * 16;
-                for (int h8 = 0; h8 < 16; h8 += 8) {
-                    __m256 v = _mm256_mul_ps(_mm256_load_ps(T + (c * 8 + n) * 16 + h8), iv);
-                    v = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                                                    nlim), lim);
-                    /* 8 int32 in [-Q8_MAX, Q8_MAX] -> 8 bytes */
-                    __m256i b = _mm256_shuffle_epi8(_mm256_cvtps_epi32(v), pk);
-                    uint32_t lo4 = (uint32_t)_mm256_extract_epi32(b, 0), hi4 = (uint32_t)_mm256_extract_epi32(b, 4);
-                    memcpy(dst + h8, &lo4, 4);
-                    memcpy(dst + h8 + 4, &hi4, 4);
-                }
-            }
-    }
-}
-
 /* The int8 tables of path p straight from h_p * x (batch row 0), without the fp32 tables: the same values as
  * build_tables + quantize_tables (every entry (+-a0 +-a1) + (+-a2 +-a3) with the same roundings; the block's
  * largest |entry| is (|a0| + |a1|) + (|a2| + |a3|) of one of its groups, as rounding is monotonic; products
@@ -890,8 +833,7 @@ AVX2_ATTR static void tiles_q8_avx2(const job_t *J, const int8_t *tq, const floa
 
 static void quantize_tables(const job_t *J, int isa, int p, int8_t *tq, float *ts) {
 #ifdef RABIT_X86
-    if (isa >= ISA_AVX512) { quantize_tables_avx512(J, isa, p, tq, ts); return; }
-    if (isa == ISA_AVX2) { quantize_tables_avx2(J, isa, p, tq, ts); return; }
+    if (isa >= ISA_AVX512) { quantize_tables_avx512(J, isa, p, tq, ts); return; }   /* AVX2: q8_tables_avx2 */
 #endif
     quantize_tables_scalar(J, isa, p, tq, ts);
 }
@@ -996,11 +938,7 @@ static void load_scales(const void *src, int dt, int k, int64_t n, int64_t npad,
 static void build_tables(const job_t *J, int isa, int64_t lo, int64_t hi) {
 #ifdef RABIT_X86
     if (isa >= ISA_AVX512) { build_tables_avx512(J, lo, hi); return; }
-    if (isa == ISA_AVX2) {
-        if (J->tri_tables) build_tri_tables_avx2(J, lo, hi);
-        else build_tables_avx2(J, lo, hi);
-        return;
-    }
+    if (isa == ISA_AVX2) { build_tri_tables_avx2(J, lo, hi); return; }   /* lut8 builds its own (q8_tables_avx2) */
 #endif
     (void)isa;
     build_tables_scalar(J, lo, hi);
@@ -1045,7 +983,7 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
 
     job_t J = {x, x_dt, x_stride, q8 ? packed_q8 : packed, k, out, in, in_pad, in_pad / 32, ntiles, gf, hf, bf,
                y, y_dt, y_stride, buf + off_t, 0, 0, 0};
-    J.tri_tables = isa == ISA_AVX2 && !q8;   /* lut8 quantizes the 16-entry tables of 4-input groups */
+    J.tri_tables = isa == ISA_AVX2 && !q8;   /* lut8 on AVX2: int8 tables straight from h * x (q8_tables_avx2) */
 
     /* small problems: no threads (fork/join costs more than the work) */
     int nt = nthreads < 1 ? 1 : nthreads;

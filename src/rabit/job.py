@@ -259,7 +259,8 @@ class JobSpec:
         timed = self.time_budgeted
         if budget_s is None:
             budget_s = 60.0 * (self.train_minutes or self.job_minutes) if timed else 0.0
-        # a time budget starts with a warm-up as long as its provisional steps: a near-zero rate while timing
+        # a time budget starts with a warm-up as long as its provisional steps: a near-zero rate for its first
+        # timed step (the loop sizes a provisional schedule for the next ones)
         warmup = steps if timed else warmup_steps_for(self.warmup, steps)
         optim = dataclasses.replace(self.train.optim, warmup_steps=warmup)
         return dataclasses.replace(self.train, steps=steps, optim=optim, time_budget_s=budget_s,

@@ -129,7 +129,8 @@ _OPTIONS = [
            "CPU cores with the default model)", type=int),
     Option("--train-minutes", "train_minutes", "distillation", "a time budget instead of --tokens: end-to-end "
            "training takes about this many minutes on any machine (the steps are chosen after timing the first "
-           "3, which run at a near-zero learning rate; evaluations and checkpoint writes are not counted)",
+           "3, the first of which runs at a near-zero learning rate; evaluations and checkpoint writes are not "
+           "counted)",
            type=float),
     Option("--job-minutes", "job_minutes", "distillation", "a time budget for the whole job instead of --tokens: "
            "after the block stage, end-to-end training gets the minutes left once an estimate of the final "

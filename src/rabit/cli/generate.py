@@ -25,7 +25,8 @@ def add_parser(sub):
 
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="kernel backend of the packed layers; cpu_int8: int8 lookup tables for the one-token "
-                        "steps (faster, relative error ~5e-3 per layer; docs/INFERENCE.md)")
+                        "steps (faster, relative error ~5e-3 per layer, a second copy of the sign planes in "
+                        "memory; docs/INFERENCE.md)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")

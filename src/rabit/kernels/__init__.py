@@ -11,7 +11,9 @@ Backends
                threads); CPU tensors.  Built with the system C compiler on first use.
   "cpu_int8"   the same native kernel with int8 lookup tables for one-row inputs (batch-1 decoding): h * x
                rounded with one scale per 64 inputs (as llama.cpp's Q8_K activations, per 4-input sum); relative
-               error ~5e-3, fewer instructions per sign bit. Several rows run the exact path. Never chosen by "auto".
+               error ~5e-3, fewer instructions per sign bit, read from a byte-planar copy of the sign planes
+               that its prepared call keeps (2x their memory). Several rows run the exact path. Never chosen by
+               "auto".
   "triton"     Triton GEMV (decode) / GEMM (prefill) kernels; CUDA tensors, needs ``triton``.
 
 ``backend="auto"`` (default) takes ``$RABIT_KERNEL_BACKEND`` if set, else "triton" for CUDA tensors when

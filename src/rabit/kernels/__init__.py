@@ -7,7 +7,7 @@ goes through it: ``PackedRaBiTLinear``, the decoders of ``rabit.generate`` and t
 Backends
   "reference"  plain PyTorch (unpack the sign planes to +-1, dense matmuls); any device, differentiable. The
                ground truth every fast kernel is tested against.
-  "cpu"        native C kernel (lookup tables over 4 inputs, AVX-512/AVX2/scalar picked at run time, OpenMP
+  "cpu"        native C kernel (lookup tables over 4 inputs, 3 on AVX2; AVX-512/AVX2/scalar picked at run time, OpenMP
                threads); CPU tensors.  Built with the system C compiler on first use.
   "cpu_int8"   the same native kernel with int8 lookup tables for one-row inputs (batch-1 decoding): h * x
                rounded with one scale per 64 inputs (as llama.cpp's Q8_K activations, per 4-input sum); relative

@@ -291,6 +291,10 @@ def test_lut8_plan_follows_signs_written_in_place():
     y1 = kernels.rabit_linear(x, P, g, h, b, backend="cpu_int8")
     assert rel_err(y1, rabit_linear_lut8_reference(x, P, g, h, b)) < 1e-6
     assert rel_err(y1, y0) > 0.1
+    with torch.inference_mode():   # signs made under inference_mode have no version counter: still served
+        Pi, xi = P.clone(), x.clone()
+        assert torch.equal(kernels.rabit_linear(xi, Pi, g, h, b, backend="cpu_int8"), y1)
+    assert torch.equal(kernels.rabit_linear(xi, Pi, g, h, b, backend="cpu_int8"), y1)
 
 
 # ---------------------------------------------------------------- dispatch

@@ -271,8 +271,10 @@ class _CachedPlan:
     def __init__(self, tensors: tuple, plan: CpuLinearPlan, on_death):
         self.refs = tuple(weakref.ref(t, on_death) if t is not None else None for t in tensors)
         self.ptrs = tuple(t.data_ptr() if t is not None else 0 for t in tensors)
-        # a lut8 plan reads its own copy of the signs: in-place writes to them make it stale
-        self.signs_version = tensors[0]._version if getattr(plan, "packed_q8", None) is not None else None
+        # a lut8 plan reads its own copy of the signs: in-place writes to them make it stale (inference tensors
+        # have no version counter; writing them in place, possible only under inference_mode, goes unnoticed)
+        copies = getattr(plan, "packed_q8", None) is not None and not tensors[0].is_inference()
+        self.signs_version = tensors[0]._version if copies else None
         self.plan = plan
 
     def matches(self, packed, g, h, bias) -> bool:

@@ -280,6 +280,21 @@ def test_lut8_planar_layout():
 
 
 @needs_cpu
+def test_lut8_without_the_planar_copy_is_refused():
+    """The C entry point refuses a one-row int8 call without the planar signs (code 1) instead of reading NULL,
+    and needs none for several rows or the exact path."""
+    x, B, g, h, b = make(2, 64, 96, 1, seed=6)
+    P = sign_bits.pack_signs(B)
+    lib = cpu_backend.load()
+    for batch, lut8, want in ((1, 1, 1), (1, 0, 0), (2, 1, 0)):
+        xs = x.expand(batch, -1).contiguous()
+        y = torch.empty(batch, 64)
+        rc = lib.rabit_gemm(xs.data_ptr(), 0, batch, 96, P.data_ptr(), 2, 64, 96, g.data_ptr(), 0, h.data_ptr(), 0,
+                            b.data_ptr(), 0, y.data_ptr(), 0, 64, 1, 0, lut8, None)
+        assert rc == want, (batch, lut8)
+
+
+@needs_cpu
 def test_lut8_plan_follows_signs_written_in_place():
     """The cached cpu_int8 call reads its own copy of the signs: writing the module's signs in place (as
     load_state_dict does) must not leave it computing with the old ones."""

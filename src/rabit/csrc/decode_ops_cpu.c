@@ -86,14 +86,14 @@ DEC_API DEC_CLONES int dec_attend_one(const float *q, const float *k, const floa
                                       float *o) {
     if (H < 1 || KV < 1 || H % KV || D < 2 || D % 2 || pos < 0 || pos >= max_len || lo < 0 || lo > pos) return 1;
     const int64_t half = D / 2, T = pos - lo + 1, G = H / KV;
-    if (T + D > tl_cap) {
-        int64_t cap = (T + D) * 2;
+    if (G * (T + D) > tl_cap) {
+        int64_t cap = G * (T + D) * 2;
         float *p = (float *)realloc(tl_scores, (size_t)cap * sizeof(float));
         if (!p) return 2;
         tl_scores = p;
         tl_cap = cap;
     }
-    float *s = tl_scores, *qr = tl_scores + T;   /* scores, then one rotated query head */
+    float *s = tl_scores, *qr = tl_scores + G * T;   /* the G heads' scores (G x T), then their rotated queries */
     for (int64_t kv = 0; kv < KV; kv++) {
         const float *ku = k + kv * D;
         float *kd = kc + (kv * max_len + pos) * D, *vd = vc + (kv * max_len + pos) * D;
@@ -103,36 +103,74 @@ DEC_API DEC_CLONES int dec_attend_one(const float *q, const float *k, const floa
             vd[d] = v[kv * D + d];
         }
     }
-    for (int64_t h = 0; h < H; h++) {
-        const int64_t kv = h / G;
-        const float *qu = q + h * D;
-        for (int64_t d = 0; d < D; d++) qr[d] = qu[d] * cos[d] + qu[d < half ? d + half : d - half] * sin_signed[d];
+    /* Per KV head, its G query heads together: each block of 4 cached keys (then values) is read from L2 once
+     * and used by the G heads from L1, and each head's 4 dot products are independent sums. */
+    for (int64_t kv = 0; kv < KV; kv++) {
         const float *K = kc + (kv * max_len + lo) * D, *V = vc + (kv * max_len + lo) * D;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < T; t++) {
+        for (int64_t g = 0; g < G; g++) {
+            const float *qu = q + (kv * G + g) * D;
+            float *qg = qr + g * D;
+            for (int64_t d = 0; d < D; d++) qg[d] = qu[d] * cos[d] + qu[d < half ? d + half : d - half] * sin_signed[d];
+        }
+        int64_t t = 0;
+        for (; t + 4 <= T; t += 4) {
+            const float *k0 = K + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+            for (int64_t g = 0; g < G; g++) {
+                const float *qg = qr + g * D;
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                for (int64_t d = 0; d < D; d++) {
+                    a0 += qg[d] * k0[d];
+                    a1 += qg[d] * k1[d];
+                    a2 += qg[d] * k2[d];
+                    a3 += qg[d] * k3[d];
+                }
+                float *sg = s + g * T + t;
+                sg[0] = a0 * scale; sg[1] = a1 * scale; sg[2] = a2 * scale; sg[3] = a3 * scale;
+            }
+        }
+        for (; t < T; t++) {
             const float *kt = K + t * D;
-            float acc = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                const float *qg = qr + g * D;
+                float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < D; d++) acc += qr[d] * kt[d];
-            acc *= scale;
-            s[t] = acc;
-            mx = acc > mx ? acc : mx;
+                for (int64_t d = 0; d < D; d++) acc += qg[d] * kt[d];
+                s[g * T + t] = acc * scale;
+            }
         }
-        float sum = 0.0f;
+        for (int64_t g = 0; g < G; g++) {   /* softmax of each head's scores, normalized in place */
+            float *sg = s + g * T, mx = -INFINITY, sum = 0.0f;
+            for (t = 0; t < T; t++) mx = sg[t] > mx ? sg[t] : mx;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < T; t++) {
-            float e = exp_nonpos(s[t] - mx);
-            s[t] = e;
-            sum += e;
+            for (t = 0; t < T; t++) {
+                float e = exp_nonpos(sg[t] - mx);
+                sg[t] = e;
+                sum += e;
+            }
+            const float inv = 1.0f / sum;
+            for (t = 0; t < T; t++) sg[t] *= inv;
+            float *oh = o + (kv * G + g) * D;
+            for (int64_t d = 0; d < D; d++) oh[d] = 0.0f;
         }
-        const float inv = 1.0f / sum;
-        float *oh = o + h * D;
-        for (int64_t d = 0; d < D; d++) oh[d] = 0.0f;
-        for (int64_t t = 0; t < T; t++) {
-            const float p = s[t] * inv;
-            const float *vt = V + t * D;
+        for (t = 0; t + 4 <= T; t += 4) {
+            const float *v0 = V + t * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
+            for (int64_t g = 0; g < G; g++) {
+                const float *sg = s + g * T + t;
+                const float p0 = sg[0], p1 = sg[1], p2 = sg[2], p3 = sg[3];
+                float *oh = o + (kv * G + g) * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; d++) oh[d] += p * vt[d];
+                for (int64_t d = 0; d < D; d++) oh[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+            }
+        }
+        for (; t < T; t++) {
+            const float *vt = V + t * D;
+            for (int64_t g = 0; g < G; g++) {
+                const float p = s[g * T + t];
+                float *oh = o + (kv * G + g) * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) oh[d] += p * vt[d];
+            }
         }
     }
     return 0;

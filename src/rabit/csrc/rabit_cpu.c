@@ -578,6 +578,13 @@ static inline int q8_slot(int isa, int n) {
     return n;
 }
 
+/* A block's scale from its largest |entry| m: stores s_b = m / Q8_MAX, returns the factor that rounds entries to
+ * int8.  One function for every ISA's table quantizer: they must give the same bits. */
+static inline float q8_block_scale(float m, float *s_b) {
+    *s_b = m / (float)Q8_MAX;
+    return m > 0.0f ? (float)Q8_MAX / m : 0.0f;
+}
+
 /* "tiled16x32" -> "planar" (see above): nblocks blocks of 64 bytes */
 RABIT_API void rabit_q8_planar(const uint8_t *src, int64_t nblocks, uint8_t *dst) {
     for (int64_t b = 0; b < nblocks; b++, src += 64, dst += 64)
@@ -593,8 +600,7 @@ static void quantize_tables_scalar(const job_t *J, int isa, int p, int8_t *tq, f
         int64_t c1 = c0 + Q8_CHUNKS < ncw ? c0 + Q8_CHUNKS : ncw;
         float m = 0.0f;
         for (int64_t i = c0 * 128; i < c1 * 128; i++) m = fmaxf(m, fabsf(T[i]));
-        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
-        ts[blk] = m / (float)Q8_MAX;
+        float inv = q8_block_scale(m, ts + blk);
         for (int64_t c = c0; c < c1; c++)
             for (int n = 0; n < 8; n++)
                 for (int e = 0; e < 16; e++) {
@@ -642,8 +648,7 @@ AVX512_ATTR static void quantize_tables_avx512(const job_t *J, int isa, int p, i
             mv = _mm512_max_ps(mv, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_load_ps(T + i)),
                                                                          absmask)));
         float m = _mm512_reduce_max_ps(mv);
-        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
-        ts[blk] = m / (float)Q8_MAX;
+        float inv = q8_block_scale(m, ts + blk);
         __m512 iv = _mm512_set1_ps(inv);
         for (int64_t c = c0; c < c1; c++)
             for (int n = 0; n < 8; n++) {
@@ -740,8 +745,7 @@ AVX2_ATTR static void q8_tables_avx2(const job_t *J, int p, int8_t *tq, float *t
         _mm256_storeu_ps(mm, mv);
         float m = 0.0f;
         for (int i = 0; i < 8; i++) m = fmaxf(m, mm[i]);
-        float inv = m > 0.0f ? (float)Q8_MAX / m : 0.0f;
-        ts[blk] = m / (float)Q8_MAX;
+        float inv = q8_block_scale(m, ts + blk);
         const __m256 iv = _mm256_set1_ps(inv);
         for (int64_t i = 0; i < nc; i++) {
             int64_t c = c0 + i;

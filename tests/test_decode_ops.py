@@ -62,6 +62,41 @@ def test_attend_one_matches_torch(H, KV, D, pos, lo):
 
 
 @needs_ops
+@pytest.mark.parametrize("H,KV,D,pos", [(16, 4, 128, 200), (9, 3, 64, 300), (6, 3, 34, 511)])
+def test_attend_one_threads_split_kv_heads_with_the_same_result(H, KV, D, pos):
+    """A long cache (above the one-thread limit): KV heads on 2 and 3 threads give the one-thread result bit for bit,
+    and the PyTorch attention's to rounding."""
+    gen = torch.Generator().manual_seed(pos)
+    max_len = 512
+    q, k, v = torch.randn(H, D, generator=gen), torch.randn(KV, D, generator=gen), torch.randn(KV, D, generator=gen)
+    kc, vc = torch.randn(KV, max_len, D, generator=gen), torch.randn(KV, max_len, D, generator=gen)
+    ang = torch.rand(D // 2, generator=gen) * 6
+    cos, sin_signed = torch.cat([ang.cos(), ang.cos()]), torch.cat([-ang.sin(), ang.sin()])
+    assert 2 * KV * (pos + 1) * D >= 1 << 15                        # the C side's ATTEND_PARALLEL_FLOATS
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ref = _attention_reference(q, k, v, kc_ref, vc_ref, pos, 3, cos, sin_signed, D ** -0.5)
+    outs = [decode_ops_cpu.attend_one(q, k, v, kc, vc, pos, 3, cos, sin_signed, D ** -0.5, threads=t)
+            for t in (1, 2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc, kc_ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_ops
+@pytest.mark.parametrize("n", [1, 7, 64, 1537, 5632])
+def test_silu_mul_matches_torch(n):
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(1, 1, n, generator=gen) * 6
+    a.view(-1)[: min(n, 4)] = torch.tensor([-1000.0, 90.0, 0.0, -89.0])[: min(n, 4)]   # far tails, 0
+    b = torch.randn(1, 1, n, generator=gen)
+    y = decode_ops_cpu.silu_mul(a, b)
+    torch.testing.assert_close(y, F.silu(a) * b, rtol=2e-6, atol=1e-7)
+    assert y.shape == a.shape
+    with pytest.raises(ValueError, match="same-sized"):
+        decode_ops_cpu.silu_mul(a, b[..., :-1] if n > 1 else torch.zeros(2))
+
+
+@needs_ops
 def test_attend_one_softmax_underflow_and_bad_arguments():
     """Scores 100 apart: the far ones get weight 0 (as torch's softmax), not NaN; out-of-range positions raise."""
     D, max_len = 4, 8

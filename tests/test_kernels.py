@@ -184,6 +184,34 @@ def test_cpu_plan():
 
 
 @needs_cpu
+@pytest.mark.parametrize("lut8", [False, True])
+def test_cpu_plan_row_fn(lut8):
+    """The decode loop's one-row calls: the same bits as the plan's __call__, one output tensor when reused, and
+    anything but a contiguous fp32 row (a strided row, bf16, two rows) served by __call__ with a fresh tensor."""
+    x, B, g, h, b = make(2, 129, 577, 3, seed=21, scale_dtype=torch.float16)
+    P = sign_bits.pack_signs(B)
+    plan = cpu_backend.CpuLinearPlan(P, g, h, b, lut8=lut8)
+    for nt in (1, 2):
+        fresh, reused = plan.row_fn(nt), plan.row_fn(nt, reuse_output=True)
+        y0, y1 = reused(x[0].view(1, 1, -1)), None
+        assert y0.shape == (1, 129) and torch.equal(y0, plan(x[:1], nt))
+        y0 = y0.clone()
+        y1 = reused(x[1:2])
+        assert y1.data_ptr() == reused(x[2:3]).data_ptr()               # overwritten in place by the next call
+        assert torch.equal(y1, plan(x[2:3], nt)) and not torch.equal(y1, y0)
+        a, c = fresh(x[:1]), fresh(x[:1])
+        assert a.data_ptr() != c.data_ptr() and torch.equal(a, c) and torch.equal(a, y0)
+        strided = torch.stack([x[1], x[1]], dim=1)[:, 0].view(1, -1)    # one row, stride 2
+        assert not strided.is_contiguous() and torch.equal(reused(strided), plan(x[1:2], nt))
+        xb = x[:1].to(torch.bfloat16)
+        yb = reused(xb)
+        assert yb.dtype == torch.bfloat16 and torch.equal(yb, plan(xb, nt))
+        assert reused(x[:2]).shape == (2, 129)
+    with pytest.raises(ValueError):
+        plan.row_fn(1)(torch.randn(1, 576))
+
+
+@needs_cpu
 def test_cpu_tables_built_by_both_threads():
     """A batch whose tables are large enough to be built by every thread inside the parallel region (more than 8192
     groups of 4 inputs over the batch chunk's rows and paths), odd input width: each thread's share of the tables,
@@ -224,6 +252,21 @@ def test_lut8_matches_its_reference_on_every_isa(k, out, inf):
             if first is None:
                 first = y
             assert torch.equal(y, first), (isa, nt)   # bit-identical across ISAs and threads
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vbmi"])
+@pytest.mark.parametrize("lut8", [False, True])
+@pytest.mark.parametrize("k,out,inf", [(2, 300, 1000), (3, 129, 1501), (2, 1000, 2048)])
+def test_one_row_tables_built_by_free_threads(isa, lut8, k, out, inf):
+    """One row large enough for threads (k * out * in >= 512K): each path's tables are a task of the parallel region,
+    taken by whichever thread is free. 2 and 3 threads give the one-thread bits, and the method's references."""
+    x, B, g, h, b = make(k, out, inf, 1, seed=out + k)
+    P = sign_bits.pack_signs(B)
+    ys = [cpu_backend.rabit_linear_cpu(x, P, g, h, b, isa=isa, num_threads=nt, lut8=lut8) for nt in (1, 2, 3)]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    ref = rabit_linear_lut8_reference(x, P, g, h, b) if lut8 else exact(x, B, g, h, b)
+    assert rel_err(ys[1], ref) < 1e-5
 
 
 @needs_cpu

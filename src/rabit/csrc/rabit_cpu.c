@@ -948,6 +948,23 @@ static void build_tables(const job_t *J, int isa, int64_t lo, int64_t hi) {
     build_tables_scalar(J, lo, hi);
 }
 
+/* The tables of path p for a one-row call (items p * per .. (p + 1) * per of build_tables), int8 ones too when
+ * q8: one task of a call whose paths' tables are built by whichever threads are free (rabit_gemm). */
+static void build_path_tables(const job_t *J, int isa, int q8, int p, int64_t per, int8_t *tq, float *ts,
+                              int64_t nblk) {
+#ifdef RABIT_X86
+    if (q8 && isa == ISA_AVX2) { q8_tables_avx2(J, p, tq + (int64_t)p * J->ncw * 128, ts + p * nblk); return; }
+#endif
+    build_tables(J, isa, p * per, (p + 1) * per);
+    if (q8) quantize_tables(J, isa, p, tq + (int64_t)p * J->ncw * 128, ts + p * nblk);
+}
+
+static inline void spin_pause(void) {
+#ifdef RABIT_X86
+    _mm_pause();
+#endif
+}
+
 /*
  * y[b, :out] = sum_p g[p] * (B_p (h[p] * x[b])) + bias   for b < batch.
  * x: batch rows of `in` elements, row stride x_stride (elements), dtype x_dt.  y: row stride y_stride, dtype y_dt.
@@ -1011,8 +1028,17 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
         /* Small table builds (batch 1: k*in/4 groups, ~1 ns each) run on the calling thread: a barrier costs
          * more than the build, and a preempted worker at a barrier stalls everyone on a busy machine. */
         int par_build = nt > 1 && J.nbatch * k * ng > 8192 && !q8;   /* lut8 quantizes the tables before the region */
+        /* One row, several paths, threads: each path's tables are a task taken inside the region by whichever
+         * thread is free (a late thread finds them built; the wait is at most the other thread's one build),
+         * instead of all of them on the calling thread while the others wait for the fork.  The tables are the
+         * same whoever builds them. */
+        int path_tasks = !par_build && nt > 1 && J.nbatch == 1 && k > 1 ? k : 0;
+        int64_t per_path = nitems / k;   /* batch 1: path p's items are p * per_path .. (p + 1) * per_path */
         int8_t *tq = (int8_t *)(buf + off_q);
         float *ts = buf + off_s;
+        if (path_tasks) {
+            /* built in the region */
+        } else
 #ifdef RABIT_X86
         if (q8 && isa == ISA_AVX2) {   /* int8 tables without the fp32 ones */
             for (int p = 0; p < k; p++) q8_tables_avx2(&J, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
@@ -1024,6 +1050,7 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
                 for (int p = 0; p < k; p++) quantize_tables(&J, isa, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
         }
         int64_t next = 0;   /* tile groups are handed out dynamically (robust to a preempted thread) */
+        int task_next = 0, tasks_done = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
             if (par_build) {
@@ -1033,6 +1060,15 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
 #endif
                 build_tables(&J, isa, nitems * tid / nth, nitems * (tid + 1) / nth);
 #pragma omp barrier
+            }
+            if (path_tasks) {
+                for (;;) {
+                    int p = __atomic_fetch_add(&task_next, 1, __ATOMIC_RELAXED);
+                    if (p >= path_tasks) break;
+                    build_path_tables(&J, isa, q8, p, per_path, tq, ts, nblk);
+                    __atomic_fetch_add(&tasks_done, 1, __ATOMIC_RELEASE);
+                }
+                while (__atomic_load_n(&tasks_done, __ATOMIC_ACQUIRE) < path_tasks) spin_pause();
             }
             for (;;) {
                 int64_t gi = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);

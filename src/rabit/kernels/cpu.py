@@ -261,6 +261,32 @@ class CpuLinearPlan:
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
+    def row_fn(self, num_threads: int, reuse_output: bool = False):
+        """``x -> self(x, num_threads)`` for the one-row calls of a decoding loop with less Python per call (~3 of
+        ~6 us): its own argument struct (no lock), the row's fields set once, no reshape. The result is (1, out).
+        reuse_output: every call returns the same output tensor, overwritten by the next call, for a loop that
+        consumes each result before it calls again (saves the allocation). Inputs other than one contiguous fp32
+        CPU row go through __call__ (and get a new tensor)."""
+        a = _GemmArgs.from_buffer_copy(self._args)
+        inf, nout, nt = self.in_features, self.out_features, int(num_threads)
+        a.x_dt, a.batch, a.x_stride, a.y_dt, a.y_stride, a.nthreads = _DT[torch.float32], 1, inf, _DT[torch.float32], \
+            nout, nt
+        fn, pargs, f32, out = self._fn, ctypes.byref(a), torch.float32, torch.empty(1, nout) if reuse_output else None
+        keep = (self, a)   # the struct points into this plan's tensors: keep both alive with the closure
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype is not f32 or x.numel() != inf or not x.is_contiguous() or not x.is_cpu:
+                return keep[0](x, nt)
+            y = torch.empty(1, nout) if out is None else out
+            a.x, a.y = x.data_ptr(), y.data_ptr()
+            rc = fn(pargs)
+            if rc != 0:
+                raise RuntimeError(f"rabit_gemm failed (code {rc})")
+            return y
+
+        return call
+
+
 class _CachedPlan:
     """A CpuLinearPlan for the tensors (packed, g, h, bias), valid while those very objects live and keep their
     storage. The plan holds aliases (``detach()``) of their storage, never the objects themselves, so that the

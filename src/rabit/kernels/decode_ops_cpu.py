@@ -1,5 +1,6 @@
-"""Native fp32 ops of a batch-1 decoding step (``rabit/csrc/decode_ops_cpu.c``): the residual add + RMSNorm, and
-one token's attention (rotary embedding, KV-cache write, softmax attention over the cache). Each replaces a chain
+"""Native fp32 ops of a batch-1 decoding step (``rabit/csrc/decode_ops_cpu.c``): the residual add + RMSNorm, one
+token's attention (rotary embedding, KV-cache write, softmax attention over the cache) and the gated MLP's
+silu(gate) * up. Each replaces a chain
 of small PyTorch ops whose dispatch costs more than their arithmetic at batch 1. No argument checks beyond what
 keeps the C side in bounds: the decoder (rabit.generate.StaticDecoder) builds the calls once per layer, and the
 tests compare them with the PyTorch code they replace (tests/test_decode_ops.py).
@@ -23,7 +24,9 @@ def _build():
     lib.dec_add_rms_norm.restype = i32
     lib.dec_add_rms_norm.argtypes = [vp, vp, vp, i64, f32, vp]
     lib.dec_attend_one.restype = i32
-    lib.dec_attend_one.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, vp, vp, i64, i64, i64, f32, vp]
+    lib.dec_attend_one.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, vp, vp, i64, i64, i64, f32, vp, i32]
+    lib.dec_silu_mul.restype = i32
+    lib.dec_silu_mul.argtypes = [vp, vp, vp, i64]
     return lib
 
 
@@ -57,9 +60,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                pos: int, lo: int, cos: torch.Tensor, sin_signed: torch.Tensor, scale: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
     """One new token's attention: q (H, D), k and v (KV, D) before the rotary embedding; caches (KV, max_len, D),
-    written at pos; cos / sin_signed: the rotary rows of pos (D,); attends to positions lo..pos. Returns (H, D)."""
+    written at pos; cos / sin_signed: the rotary rows of pos (D,); attends to positions lo..pos. Returns (H, D).
+    threads: OpenMP threads over the KV heads once the cache is long (~32K floats read); the result does not depend
+    on it."""
     KV, max_len, D = k_cache.shape
     H = q.numel() // D
     _fp32_contiguous(q, k, v, k_cache, v_cache, cos, sin_signed)
@@ -70,7 +75,19 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch
     o = torch.empty(H, D) if out is None else out
     rc = _library.load().dec_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(),
                                         v_cache.data_ptr(), max_len, pos, lo, cos.data_ptr(), sin_signed.data_ptr(),
-                                        H, KV, D, scale, o.data_ptr())
+                                        H, KV, D, scale, o.data_ptr(), max(1, int(threads)))
     if rc != 0:
         raise RuntimeError(f"dec_attend_one failed (code {rc})")
     return o
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(a) * b (the gated MLP's activation times its up projection) in one pass, for same-sized a and b."""
+    _fp32_contiguous(a, b)
+    if a.numel() != b.numel():
+        raise ValueError(f"silu_mul needs same-sized inputs, got {tuple(a.shape)} and {tuple(b.shape)}")
+    y = torch.empty_like(a) if out is None else out
+    rc = _library.load().dec_silu_mul(a.data_ptr(), b.data_ptr(), y.data_ptr(), a.numel())
+    if rc != 0:
+        raise RuntimeError(f"dec_silu_mul failed (code {rc})")
+    return y

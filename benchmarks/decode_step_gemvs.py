@@ -59,6 +59,9 @@ class StubPlan:
     def __call__(self, x, threads=None):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
+    def row_fn(self, threads, reuse_output=False):   # the decoder's one-row calls (CpuLinearPlan.row_fn)
+        return lambda x: x.new_zeros(1, self.out_features)
+
 
 # the rest of a step: the decoder with every packed GEMV replaced by a stub returning zeros (both ways the decoder
 # reaches the kernel: the prepared plan it calls per token, and rabit_linear under torch.compile)

@@ -92,6 +92,9 @@ def test_silu_mul_matches_torch(n):
     y = decode_ops_cpu.silu_mul(a, b)
     torch.testing.assert_close(y, F.silu(a) * b, rtol=2e-6, atol=1e-7)
     assert y.shape == a.shape
+    a2 = a.clone()
+    assert decode_ops_cpu.silu_mul(a2, b, out=a2).data_ptr() == a2.data_ptr()   # in place, as the decoder calls it
+    assert torch.equal(a2, y)
     with pytest.raises(ValueError, match="same-sized"):
         decode_ops_cpu.silu_mul(a, b[..., :-1] if n > 1 else torch.zeros(2))
 

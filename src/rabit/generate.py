@@ -184,7 +184,11 @@ def _mlp_fn(mlp: nn.Module, threads: int, serial: bool, compile: bool = False, n
     if native and type(act).__name__ in ("SiLU", "SiLUActivation"):
         from .kernels.decode_ops_cpu import silu_mul
 
-        return lambda x: down(silu_mul(gate(x), up(x)))
+        def native_mlp(x):
+            a = gate(x)
+            return down(silu_mul(a, up(x), out=a))   # in place: a is this step's own (or a reused) buffer
+
+        return native_mlp
     return lambda x: down(act(gate(x)) * up(x))
 
 

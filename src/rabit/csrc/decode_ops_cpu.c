@@ -7,7 +7,10 @@
  * tests compare the two on odd shapes (tests/test_decode_ops.py).
  * Single-threaded (the decoder runs its small ops on one thread) except the attention over a long cache, which takes
  * its KV heads on the threads it is given; loops vectorized with `omp simd` (active only with -fopenmp or
- * -fopenmp-simd) and compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.
+ * -fopenmp-simd) and compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.  Built with
+ * -fno-trapping-math (rabit.kernels.decode_ops_cpu): with trapping math gcc keeps exp_nonpos's clamp a branch,
+ * and every loop calling it (the softmax, silu) stayed scalar on AVX2.  The flag changes no value computed, only
+ * whether floating-point exceptions may be raised speculatively.
  */
 #include <math.h>
 #include <stdint.h>
@@ -84,8 +87,9 @@ static float *scores_scratch(int64_t n) {
 
 /* The G query heads of KV head kv (queries q, rotated here) over its cached keys K and values V (T rows of D
  * each, from position lo): each block of 4 cached keys (then values) is read from L2 once and used by the G heads
- * from L1, and each head's 4 dot products are independent sums.  s: G x T scores, qr: G x D rotated queries. */
-static inline void attend_group(const float *q, const float *K, const float *V, int64_t T, int64_t G, int64_t D,
+ * from L1, and each head's 4 dot products are independent sums.  s: G x T scores, qr: G x D rotated queries.
+ * Cloned per ISA itself: it runs inside dec_attend_one's OpenMP region, whose outlined body is not a clone. */
+static DEC_CLONES void attend_group(const float *q, const float *K, const float *V, int64_t T, int64_t G, int64_t D,
                                 const float *cos, const float *sin_signed, float scale, float *s, float *qr,
                                 float *o) {
     const int64_t half = D / 2;

@@ -100,6 +100,41 @@ def test_silu_mul_matches_torch(n):
 
 
 @needs_ops
+def test_prepared_calls_match_the_checked_ones():
+    """add_rms_norm_fn / attend_one_fn (the decoder's per-site calls): the checked functions' bits, one output tensor
+    returned by every call; other inputs (strided, float64, a position past the cache) go through the checked
+    functions, which refuse them."""
+    gen = torch.Generator().manual_seed(7)
+    n, H, KV, D, max_len = 96, 6, 2, 16, 40
+    w = torch.randn(n, generator=gen)
+    norm = decode_ops_cpu.add_rms_norm_fn(w, 1e-6)
+    x, r = torch.randn(1, 1, n, generator=gen), torch.randn(1, n, generator=gen)
+    x2 = x.clone()
+    y = norm(x, r)
+    assert torch.equal(y, decode_ops_cpu.add_rms_norm(x2, r, w, 1e-6)) and torch.equal(x, x2)
+    assert norm(x, None).data_ptr() == y.data_ptr()                    # the same output, overwritten
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        norm(x, torch.randn(1, 2 * n, generator=gen)[:, ::2])           # through the checked call
+    kc, vc = torch.randn(KV, max_len, D, generator=gen), torch.randn(KV, max_len, D, generator=gen)
+    ang = torch.rand(max_len, D // 2, generator=gen) * 6
+    cos, sin_signed = torch.cat([ang.cos(), ang.cos()], 1), torch.cat([-ang.sin(), ang.sin()], 1)
+    attend = decode_ops_cpu.attend_one_fn(kc, vc, cos, sin_signed, D ** -0.5, H, threads=2)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q, k, v = torch.randn(H, D, generator=gen), torch.randn(KV, D, generator=gen), torch.randn(KV, D, generator=gen)
+    for pos, lo in [(0, 0), (17, 3), (39, 0)]:
+        o = attend(q, k, v, pos, lo)
+        ref = decode_ops_cpu.attend_one(q, k, v, kc2, vc2, pos, lo, cos[pos], sin_signed[pos], D ** -0.5)
+        assert torch.equal(o, ref) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert attend(q, k, v, 5, 0).data_ptr() == o.data_ptr()
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        attend(q.double(), k, v, 5, 0)                                  # through the checked call
+    with pytest.raises(ValueError, match="bad attention arguments"):
+        attend(q, k, v, max_len, 0)
+    with pytest.raises(ValueError, match="bad attention tables"):
+        decode_ops_cpu.attend_one_fn(kc, vc, cos[:10], sin_signed[:10], 1.0, H)
+
+
+@needs_ops
 def test_attend_one_softmax_underflow_and_bad_arguments():
     """Scores 100 apart: the far ones get weight 0 (as torch's softmax), not NaN; out-of-range positions raise."""
     D, max_len = 4, 8

@@ -173,8 +173,8 @@ def _bf16_head_fn(head: nn.Module, threads: int, serial: bool):
 def _mlp_fn(mlp: nn.Module, threads: int, serial: bool, compile: bool = False, native: bool = False,
             reuse_output: bool = False):
     """down(act(gate(x)) * up(x)) with fast linears, for the usual gated MLP; else the module itself.
-    native: silu(gate) * up as one native pass (decode_ops_cpu.silu_mul) when the activation is SiLU: torch's silu
-    and the product are ~12 us on one thread for 5632 values, one pass ~2 us."""
+    native: silu(gate) * up as one native pass (decode_ops_cpu.silu_mul) when the activation is SiLU, written over
+    the gate's output: one dispatch and no allocation instead of three ops (docs/RESULTS.md section 33)."""
     parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")]
     if any(p is None for p in parts) or type(mlp).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP",
                                                                      "Qwen3MLP"):
@@ -268,6 +268,15 @@ class StaticDecoder:
             raise ValueError(f"cuda_graph needs the model on a CUDA device, not {self.device}")
         self.cuda_graph = bool(cuda_graph)
         self._native = self._native_ops_plan(native_ops)
+        self._native_calls = None
+        if self._native is not None:
+            # the native step's calls prepared per call site (decode_ops_cpu.add_rms_norm_fn / attend_one_fn)
+            from .kernels import decode_ops_cpu as ops
+
+            self._native_calls = (
+                [ops.add_rms_norm_fn(w, eps) for w, eps in self._native],
+                [ops.attend_one_fn(self.k_cache[i][0], self.v_cache[i][0], self.cos[i], self.sin_signed[i],
+                                   self.scaling[i], self.n_heads, self.threads) for i in range(len(self.layers))])
         self.serial = bool(serial_small_ops) and self.threads > 1 and self.device.type == "cpu" and not compile
         # the native step consumes each layer output before that layer runs again: outputs can be reused
         reuse = self._native is not None
@@ -335,26 +344,23 @@ class StaticDecoder:
 
     def _decode_one_native(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """_decode_one_impl with each layer's residual adds, norms and attention as native calls (Llama layout)."""
-        from .kernels.decode_ops_cpu import add_rms_norm, attend_one
-
-        norms = self._native
+        norms, attend = self._native_calls
         x = self.inner.embed_tokens(ids).to(self.dtype, copy=True)     # (1, 1, hidden): our own copy, the
         H, KV, D = self.n_heads, self.n_kv, self.head_dim               # residual stream, updated in place
         end = pos + 1
         m = None
         for i in range(len(self.layers)):
             lin = self.lin[i]
-            h = add_rms_norm(x, m, *norms[2 * i])                        # x += previous MLP output; norm
+            h = norms[2 * i](x, m)                                       # x += previous MLP output; norm
             q, k, v = lin["q"](h), lin["k"](h), lin["v"](h)
             if self.q_norms[i] is not None:
                 q = self.q_norms[i](q.view(H, D)).contiguous()
                 k = self.k_norms[i](k.view(KV, D)).contiguous()
             lo = max(0, end - self.windows[i]) if self.windows[i] else 0
-            o = attend_one(q, k, v, self.k_cache[i][0], self.v_cache[i][0], pos, lo, self.cos[i][pos],
-                           self.sin_signed[i][pos], self.scaling[i], threads=self.threads)
-            h = add_rms_norm(x, lin["o"](o.view(1, 1, H * D)), *norms[2 * i + 1])   # x += attention; norm
+            o = attend[i](q, k, v, pos, lo)
+            h = norms[2 * i + 1](x, lin["o"](o.view(1, 1, H * D)))      # x += attention; norm
             m = self.mlp[i](h)
-        return _softcap(self.head(add_rms_norm(x, m, *norms[-1])), self.final_softcap)
+        return _softcap(self.head(norms[-1](x, m)), self.final_softcap)
 
     def _decode_one_impl(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         end = pos + 1

@@ -260,7 +260,6 @@ class CpuLinearPlan:
             raise RuntimeError(f"rabit_gemm failed (code {rc})")
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
-
     def row_fn(self, num_threads: int, reuse_output: bool = False):
         """``x -> self(x, num_threads)`` for the one-row calls of a decoding loop with less Python per call (~3 of
         ~6 us): its own argument struct (no lock), the row's fields set once, no reshape. The result is (1, out).
@@ -271,12 +270,12 @@ class CpuLinearPlan:
         inf, nout, nt = self.in_features, self.out_features, int(num_threads)
         a.x_dt, a.batch, a.x_stride, a.y_dt, a.y_stride, a.nthreads = _DT[torch.float32], 1, inf, _DT[torch.float32], \
             nout, nt
+        # the closure holds the plan (whose tensors the struct points into) and the struct itself
         fn, pargs, f32, out = self._fn, ctypes.byref(a), torch.float32, torch.empty(1, nout) if reuse_output else None
-        keep = (self, a)   # the struct points into this plan's tensors: keep both alive with the closure
 
         def call(x: torch.Tensor) -> torch.Tensor:
             if x.dtype is not f32 or x.numel() != inf or not x.is_contiguous() or not x.is_cpu:
-                return keep[0](x, nt)
+                return self(x, nt)
             y = torch.empty(1, nout) if out is None else out
             a.x, a.y = x.data_ptr(), y.data_ptr()
             rc = fn(pargs)

@@ -92,3 +92,62 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) 
     if rc != 0:
         raise RuntimeError(f"dec_silu_mul failed (code {rc})")
     return y
+
+
+# --------------------------------------------------------------------------- prepared calls of a decoding loop
+# The same native calls with the arguments that do not change between steps bound once, and one output tensor per
+# call site that every call returns (the next call overwrites it): a decoding step consumes each output before the
+# same site runs again. Per call this saves the checks, the allocation and the tensor indexing (~2-4 us each; a
+# 30-layer model makes 90 such calls a token, docs/RESULTS.md section 33). Inputs that are not what the decoder
+# passes (fp32, contiguous, the right sizes) go through the checked functions above.
+
+def add_rms_norm_fn(weight: torch.Tensor, eps: float):
+    """(x, residual) -> add_rms_norm(x, residual, weight, eps), into one reused (1, 1, n) output."""
+    _fp32_contiguous(weight)
+    n, f32 = weight.numel(), torch.float32
+    fn, wp = _library.load().dec_add_rms_norm, weight.data_ptr()
+    out = torch.empty(1, 1, n)
+    yp = out.data_ptr()
+
+    def call(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if (x.dtype is not f32 or x.numel() != n or not x.is_contiguous()
+                or residual is not None and (residual.dtype is not f32 or residual.numel() != n
+                                             or not residual.is_contiguous())):
+            return add_rms_norm(x, residual, weight, eps)
+        if fn(x.data_ptr(), residual.data_ptr() if residual is not None else None, wp, n, eps, yp) != 0:
+            raise RuntimeError("dec_add_rms_norm failed")
+        return out
+
+    return call
+
+
+def attend_one_fn(k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                  scale: float, n_heads: int, threads: int = 1):
+    """(q, k, v, pos, lo) -> attend_one(q, k, v, k_cache, v_cache, pos, lo, cos[pos], sin_signed[pos], scale,
+    threads=threads), into one reused (H, D) output; cos and sin_signed are the layer's whole rotary tables
+    (rows 0..max_len - 1, D values each)."""
+    KV, max_len, D = k_cache.shape
+    H, f32 = int(n_heads), torch.float32
+    _fp32_contiguous(k_cache, v_cache, cos, sin_signed)
+    if (tuple(v_cache.shape) != (KV, max_len, D) or H % KV or cos.dim() != 2 or cos.shape[0] < max_len
+            or cos.shape[1] != D or sin_signed.shape != cos.shape):
+        raise ValueError(f"bad attention tables: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, rotary "
+                         f"{tuple(cos.shape)} / {tuple(sin_signed.shape)}, {H} heads")
+    fn = _library.load().dec_attend_one
+    kp, vp, cp, sp, row = k_cache.data_ptr(), v_cache.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), D * 4
+    out = torch.empty(H, D)
+    op, nt = out.data_ptr(), max(1, int(threads))
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, lo: int) -> torch.Tensor:
+        if not 0 <= lo <= pos < max_len:
+            raise ValueError(f"bad attention arguments: pos {pos}, lo {lo} for a cache of {max_len} positions")
+        if (q.numel() != H * D or k.numel() != KV * D or v.numel() != KV * D
+                or q.dtype is not f32 or k.dtype is not f32 or v.dtype is not f32
+                or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())):
+            return attend_one(q, k, v, k_cache, v_cache, pos, lo, cos[pos], sin_signed[pos], scale, threads=nt)
+        if fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), kp, vp, max_len, pos, lo, cp + pos * row, sp + pos * row,
+              H, KV, D, scale, op, nt) != 0:
+            raise RuntimeError("dec_attend_one failed")
+        return out
+
+    return call

@@ -269,7 +269,8 @@ def test_bench_finds_the_checkouts_llama_cpp_folder():
 
 def test_small_packed_layers_decode_on_one_thread(monkeypatch):
     """The decode loop gives a packed GEMV one thread below generate.SERIAL_GEMV_WEIGHTS weights (waking a sleeping
-    second thread costs more than such a layer's work), `threads` above it; the tokens' logits do not change."""
+    second thread costs more than such a layer's work), `threads` above it, and `threads` to every layer whose exact
+    tables are compute-bound (AVX2); the tokens' logits do not change."""
     from rabit import generate as gen
     from rabit.kernels import cpu
 
@@ -286,8 +287,13 @@ def test_small_packed_layers_decode_on_one_thread(monkeypatch):
         dec = StaticDecoder(model, max_len=16, threads=2)
         return _incremental(dec, IDS, 5)
 
+    monkeypatch.setattr(gen, "exact_kernel_compute_bound", lambda: False)   # as with AVX-512
     small = decode()
     assert len(calls) == 7 * 2 and set(calls) == {1}   # 7 layers x 2 blocks
+    monkeypatch.setattr(gen, "exact_kernel_compute_bound", lambda: True)    # as with AVX2: every layer threaded
+    torch.testing.assert_close(decode(), small, rtol=0, atol=1e-6)
+    assert len(calls) == 7 * 2 and set(calls) == {2}
+    monkeypatch.setattr(gen, "exact_kernel_compute_bound", lambda: False)
     monkeypatch.setattr(gen, "SERIAL_GEMV_WEIGHTS", 0)
     threaded = decode()
     assert len(calls) == 7 * 2 and set(calls) == {2}
@@ -296,3 +302,5 @@ def test_small_packed_layers_decode_on_one_thread(monkeypatch):
     assert gen.gemv_threads(lin, 4) == 4 and lin.in_features * lin.out_features > 0
     monkeypatch.setattr(gen, "SERIAL_GEMV_WEIGHTS", lin.in_features * lin.out_features + 1)
     assert gen.gemv_threads(lin, 4) == 1
+    monkeypatch.setattr(gen, "exact_kernel_compute_bound", lambda: True)
+    assert gen.gemv_threads(lin, 4) == 4 and gen.gemv_threads(lin, 4, "cpu_int8") == 1   # int8 tables: not bound

@@ -96,8 +96,21 @@ def _with_threads(fn, threads: int):
 SERIAL_GEMV_WEIGHTS = 1 << 20
 
 
-def gemv_threads(mod: nn.Module, threads: int) -> int:
-    """Threads for a packed layer's one-token GEMV in the decode loop: 1 below SERIAL_GEMV_WEIGHTS weights."""
+def exact_kernel_compute_bound() -> bool:
+    """Whether the native kernel's exact tables are compute-bound on this CPU (AVX2 and scalar paths: one vpermps per
+    8 rows x 3 inputs, against a 16-row 4-input lookup with AVX-512)."""
+    from .kernels import cpu
+
+    return cpu.is_available() and cpu.isa() in ("avx2", "scalar")
+
+
+def gemv_threads(mod: nn.Module, threads: int, backend: str = "cpu") -> int:
+    """Threads for a packed layer's one-token GEMV in the decode loop: 1 below SERIAL_GEMV_WEIGHTS weights, except
+    for the exact tables (backend "cpu") where they are compute-bound: there a 576 x 1536 layer's ~40 us on one
+    thread outweighs waking a second, and the demo model decoded 5-15 % faster with threads for every layer, with
+    sleeping (passive) and with spinning threads (Zen 3, docs/RESULTS.md section 33)."""
+    if backend == "cpu" and exact_kernel_compute_bound():
+        return threads
     return 1 if mod.in_features * mod.out_features < SERIAL_GEMV_WEIGHTS else threads
 
 
@@ -123,7 +136,7 @@ def _linear_fn(mod: nn.Module, threads: int, serial: bool, compile: bool = False
             backend = None
         if backend in ("cpu", "cpu_int8"):
             packed, g, h, bias = mod.packed, mod.g, mod.h, mod.bias
-            threads = gemv_threads(mod, threads)
+            threads = gemv_threads(mod, threads, backend)
             if compile:   # the registered operator keeps the compiled graph whole
                 return lambda x: kernels.rabit_linear(x, packed, g, h, bias, backend=backend, threads=threads)
             # the prepared native call itself: no backend selection or plan lookup per token (~2 us a call)

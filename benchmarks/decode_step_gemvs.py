@@ -17,6 +17,7 @@ from rabit.cli.bench import BENCH_SHAPE, _torch_run, make_random_llama, packed_c
 from rabit.generate import StaticDecoder
 from rabit.kernels import cpu
 from rabit.packed_layer import PackedRaBiTLinear
+from stub_plan import StubPlan
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--isas", default="auto", help="comma list of auto, avx512vbmi, avx512, avx2, scalar")
@@ -47,20 +48,6 @@ print("| code path | tables | GEMVs per step | GB/s |\n|---|---|---:|---:|")
 for (isa, lut8), v in times.items():
     m = statistics.median(v)
     print(f"| {isa} | {'int8' if lut8 else 'fp32 (exact)'} | {m * 1e3:.2f} ms | {nbytes / m / 1e9:.1f} |")
-
-
-
-class StubPlan:
-    """Stands in for the prepared native call the decoder builds per layer (kernels.cpu.CpuLinearPlan): zeros."""
-
-    def __init__(self, packed, g, h, bias=None, **kw):
-        self.out_features = g.shape[-1]
-
-    def __call__(self, x, threads=None):
-        return x.new_zeros(*x.shape[:-1], self.out_features)
-
-    def row_fn(self, threads, reuse_output=False):   # the decoder's one-row calls (CpuLinearPlan.row_fn)
-        return lambda x: x.new_zeros(1, self.out_features)
 
 
 # the rest of a step: the decoder with every packed GEMV replaced by a stub returning zeros (both ways the decoder

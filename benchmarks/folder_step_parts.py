@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from rabit.generate import StaticDecoder  # noqa: E402
 from rabit.kernels import cpu  # noqa: E402
 from rabit.models import load_model  # noqa: E402
+from stub_plan import StubPlan  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("folder")
@@ -27,16 +28,6 @@ args = ap.parse_args()
 torch.set_num_threads(args.threads)
 model, _ = load_model(args.folder, device="cpu", verify=False)
 prompt = torch.randint(3, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
-
-
-class StubPlan:
-    """Stands in for the prepared native call the decoder builds per packed layer: zeros."""
-
-    def __init__(self, packed, g, h, bias=None, **kw):
-        self.out_features = g.shape[-1]
-
-    def __call__(self, x, threads=None):
-        return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
 def decoder(native: bool, stub: bool) -> StaticDecoder:

@@ -208,3 +208,22 @@ def test_native_ops_only_where_they_apply():
         StaticDecoder(model, max_len=16, native_ops=True)
     assert StaticDecoder(make_tiny_llama(), max_len=16)._native is not None
     assert StaticDecoder(make_tiny_llama().to(torch.bfloat16), max_len=16)._native is None
+
+
+@needs_ops
+def test_step_logits_shape_with_a_packed_head():
+    """A packed output head goes through the prepared one-row call too: step() still returns (1, 1, vocab), the
+    same logits with and without the native ops."""
+    from rabit.cli.bench import make_random_llama, packed_copy
+
+    model = packed_copy(make_random_llama(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=128, seed=0,
+                                          max_positions=64), quantize_head=True)
+    outs = []
+    with torch.inference_mode():
+        for native in (True, False):
+            dec = StaticDecoder(model, 16, native_ops=native)
+            dec.prefill(torch.tensor([[3, 4, 5]]))
+            outs.append(torch.stack([dec.step(t) for t in (7, 9, 11)]))
+    assert outs[0].shape == (3, 1, 1, 128)
+    assert not torch.equal(outs[0][0], outs[0][2])   # each step's own logits, not one reused buffer
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5 * float(outs[1].abs().max()))

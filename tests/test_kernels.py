@@ -194,6 +194,9 @@ def test_cpu_plan_row_fn(lut8):
     for nt in (1, 2):
         fresh, reused = plan.row_fn(nt), plan.row_fn(nt, reuse_output=True)
         y0, y1 = reused(x[0].view(1, 1, -1)), None
+        assert y0.shape == (1, 1, 129) and torch.equal(y0[0], plan(x[:1], nt))
+        assert fresh(x[0].view(1, 1, -1)).shape == (1, 1, 129) and fresh(x[:1]).shape == (1, 129)
+        y0 = reused(x[:1])
         assert y0.shape == (1, 129) and torch.equal(y0, plan(x[:1], nt))
         y0 = y0.clone()
         y1 = reused(x[1:2])
@@ -206,7 +209,7 @@ def test_cpu_plan_row_fn(lut8):
         xb = x[:1].to(torch.bfloat16)
         yb = reused(xb)
         assert yb.dtype == torch.bfloat16 and torch.equal(yb, plan(xb, nt))
-        assert reused(x[:2]).shape == (2, 129)
+        assert reused(x[:2]).shape == (2, 129) and reused(x[0]).shape == (129,)   # __call__'s shapes
     with pytest.raises(ValueError):
         plan.row_fn(1)(torch.randn(1, 576))
 

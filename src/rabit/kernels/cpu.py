@@ -262,21 +262,24 @@ class CpuLinearPlan:
 
     def row_fn(self, num_threads: int, reuse_output: bool = False):
         """``x -> self(x, num_threads)`` for the one-row calls of a decoding loop with less Python per call (~3 of
-        ~6 us): its own argument struct (no lock), the row's fields set once, no reshape. The result is (1, out).
-        reuse_output: every call returns the same output tensor, overwritten by the next call, for a loop that
-        consumes each result before it calls again (saves the allocation). Inputs other than one contiguous fp32
-        CPU row go through __call__ (and get a new tensor)."""
+        ~6 us): its own argument struct (no lock), the row's fields set once. The result has x's leading dimensions,
+        as __call__'s. reuse_output: every call returns the same output storage, overwritten by the next call, for a
+        loop that consumes each result before it calls again (saves the allocation). Inputs other than one
+        contiguous fp32 CPU row of shape (1, in) or (1, 1, in) go through __call__ (and get a new tensor)."""
         a = _GemmArgs.from_buffer_copy(self._args)
         inf, nout, nt = self.in_features, self.out_features, int(num_threads)
         a.x_dt, a.batch, a.x_stride, a.y_dt, a.y_stride, a.nthreads = _DT[torch.float32], 1, inf, _DT[torch.float32], \
             nout, nt
         # the closure holds the plan (whose tensors the struct points into) and the struct itself
-        fn, pargs, f32, out = self._fn, ctypes.byref(a), torch.float32, torch.empty(1, nout) if reuse_output else None
+        fn, pargs, f32 = self._fn, ctypes.byref(a), torch.float32
+        out3 = torch.empty(1, 1, nout) if reuse_output else None
+        outs = {3: out3, 2: out3.view(1, nout)} if reuse_output else None
 
         def call(x: torch.Tensor) -> torch.Tensor:
-            if x.dtype is not f32 or x.numel() != inf or not x.is_contiguous() or not x.is_cpu:
+            nd = x.dim()
+            if x.dtype is not f32 or x.numel() != inf or not 2 <= nd <= 3 or not x.is_contiguous() or not x.is_cpu:
                 return self(x, nt)
-            y = torch.empty(1, nout) if out is None else out
+            y = outs[nd] if outs is not None else torch.empty((1, 1, nout) if nd == 3 else (1, nout))
             a.x, a.y = x.data_ptr(), y.data_ptr()
             rc = fn(pargs)
             if rc != 0:

@@ -1036,18 +1036,11 @@ RABIT_API int rabit_gemm(const void *x, int x_dt, int64_t batch, int64_t x_strid
         int64_t per_path = nitems / k;   /* batch 1: path p's items are p * per_path .. (p + 1) * per_path */
         int8_t *tq = (int8_t *)(buf + off_q);
         float *ts = buf + off_s;
-        if (!path_tasks) {   /* else the tables are built in the region */
-#ifdef RABIT_X86
-            if (q8 && isa == ISA_AVX2) {   /* int8 tables without the fp32 ones */
-                for (int p = 0; p < k; p++) q8_tables_avx2(&J, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
-            } else
-#endif
-            {
-                if (!par_build) build_tables(&J, isa, 0, nitems);
-                if (q8)
-                    for (int p = 0; p < k; p++)
-                        quantize_tables(&J, isa, p, tq + (int64_t)p * ncw * 128, ts + p * nblk);
-            }
+        if (!par_build && !path_tasks) {   /* else the tables are built in the region */
+            if (J.nbatch == 1)
+                for (int p = 0; p < k; p++) build_path_tables(&J, isa, q8, p, per_path, tq, ts, nblk);
+            else
+                build_tables(&J, isa, 0, nitems);   /* several rows: never int8 tables */
         }
         int64_t next = 0;   /* tile groups are handed out dynamically (robust to a preempted thread) */
         int task_next = 0, tasks_done = 0;

@@ -218,11 +218,16 @@ class DistillLoop:
             self.cfg.budget_refined = bool(saved.get("budget_refined", False))
             self.cfg.budget_checks = int(saved.get("budget_checks", 0))
 
+    def _steps_that_fit(self, per_step: float, spent: float) -> int:
+        """The steps done plus those the rest of the time budget holds at per_step seconds each (fewer than done
+        when the budget is already spent)."""
+        return self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9))
+
     def _choose_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
         """Steps that fit the time budget, from this session's step times (every rank agrees: means of all)."""
         times = step_times[1:] or step_times
         per_step, spent = self.collective.mean([statistics.median(times), train_seconds])
-        steps = self.step + max(0, int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+        steps = max(self.step, self._steps_that_fit(per_step, spent))
         self.set_total_steps(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
         return steps
 
@@ -231,7 +236,7 @@ class DistillLoop:
         pace, for the rest of the timed steps. The run's length stays pending, and checkpoints store the pending
         schedule (a session resumed before the length is chosen times its steps again, at near-zero rates)."""
         per_step, spent = self.collective.mean([step_times[0], train_seconds])
-        steps = max(BUDGET_PROBE_STEPS, self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+        steps = max(BUDGET_PROBE_STEPS, self._steps_that_fit(per_step, spent))
         self.optim.set_provisional_schedule(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
 
     def budget_to_refine(self) -> bool:
@@ -250,7 +255,7 @@ class DistillLoop:
             per_step = statistics.median(times)
             before = (self.resumed_from or 0) * per_step
             per_step, spent = self.collective.mean([per_step, train_seconds + before])
-            steps = max(self.step, self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+            steps = max(self.step, self._steps_that_fit(per_step, spent))
             self.set_total_steps(steps, self.cfg.optim.warmup_steps)
         self.cfg.budget_refined = True
         return self.cfg.steps
@@ -267,7 +272,7 @@ class DistillLoop:
         BUDGET_TOLERANCE."""
         per_step = statistics.median(step_times[len(step_times) // 2:])
         per_step, spent = self.collective.mean([per_step, train_seconds])
-        steps = max(self.step + 1, self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9)))
+        steps = max(self.step + 1, self._steps_that_fit(per_step, spent))
         if abs(steps - self.cfg.steps) > BUDGET_TOLERANCE * self.cfg.steps:
             self.set_total_steps(steps, self.cfg.optim.warmup_steps)
         self.cfg.budget_checks += 1

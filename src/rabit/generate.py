@@ -281,15 +281,6 @@ class StaticDecoder:
             raise ValueError(f"cuda_graph needs the model on a CUDA device, not {self.device}")
         self.cuda_graph = bool(cuda_graph)
         self._native = self._native_ops_plan(native_ops)
-        self._native_calls = None
-        if self._native is not None:
-            # the native step's calls prepared per call site (decode_ops_cpu.add_rms_norm_fn / attend_one_fn)
-            from .kernels import decode_ops_cpu as ops
-
-            self._native_calls = (
-                [ops.add_rms_norm_fn(w, eps) for w, eps in self._native],
-                [ops.attend_one_fn(self.k_cache[i][0], self.v_cache[i][0], self.cos[i], self.sin_signed[i],
-                                   self.scaling[i], self.n_heads, self.threads) for i in range(len(self.layers))])
         self.serial = bool(serial_small_ops) and self.threads > 1 and self.device.type == "cpu" and not compile
         # the native step consumes each layer output before that layer runs again: outputs can be reused
         reuse = self._native is not None
@@ -312,7 +303,9 @@ class StaticDecoder:
         allows: fp32 on the CPU, a Llama-like layout with plain RMSNorms, no score soft-capping, not compiled. They
         replace ~20 small PyTorch ops per layer, whose dispatch cost more than the GEMVs of a small model
         (docs/RESULTS.md section 28). wanted: None = when possible, False = never, True = required (ValueError
-        when not possible). Returns the per-layer norm parameters, or None."""
+        when not possible). Returns the step's calls prepared per call site (decode_ops_cpu.add_rms_norm_fn /
+        attend_one_fn): (the norms: layer 0's input norm, its pre-MLP norm, layer 1's..., the final norm; the
+        layers' attentions), or None."""
         if wanted is False:
             return None
         from .kernels import decode_ops_cpu
@@ -337,8 +330,10 @@ class StaticDecoder:
             if wanted:
                 raise ValueError(f"native decoding ops unavailable: {why}")
             return None
-        # layer 0's input norm, its pre-MLP norm, layer 1's..., the final norm
-        return [(w.detach().contiguous(), eps) for w, eps in params]
+        return ([decode_ops_cpu.add_rms_norm_fn(w.detach().contiguous(), eps) for w, eps in params],
+                [decode_ops_cpu.attend_one_fn(self.k_cache[i][0], self.v_cache[i][0], self.cos[i], self.sin_signed[i],
+                                              self.scaling[i], self.n_heads, self.threads)
+                 for i in range(len(self.layers))])
 
     def reset(self) -> None:
         self.pos = 0
@@ -357,7 +352,7 @@ class StaticDecoder:
 
     def _decode_one_native(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """_decode_one_impl with each layer's residual adds, norms and attention as native calls (Llama layout)."""
-        norms, attend = self._native_calls
+        norms, attend = self._native
         x = self.inner.embed_tokens(ids).to(self.dtype, copy=True)     # (1, 1, hidden): our own copy, the
         H, KV, D = self.n_heads, self.n_kv, self.head_dim               # residual stream, updated in place
         end = pos + 1

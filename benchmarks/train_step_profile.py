@@ -3,8 +3,9 @@
 One step = grad_accum micro-batches of (teacher forward, student forward + distillation loss, backward), then
 the gradient norm, Muon on the latents and AdamW on the rest: what Trainer.train does, without its
 checkpointing and logging. Times are CPU seconds of this process (time.process_time, all threads), which a
-loaded machine distorts far less than wall-clock time. Prints one JSON line per step (losses and phase times)
-so that two code versions can be compared step by step (same seed, same data, same start).
+loaded machine distorts far less than wall-clock time; wall_s and tokens_per_s are the step's wall-clock figures.
+Prints one JSON line per step (losses and phase times) so that two code versions can be compared step by step
+(same seed, same data, same start).
 
     python benchmarks/train_step_profile.py --steps 3 --seq-len 256 [--profile] [--model PATH|small] [--frozen-latents]
         [--autocast]
@@ -85,7 +86,7 @@ def main() -> None:
     def step(i: int) -> dict:
         t = {"forward_loss": 0.0, "backward": 0.0}
         loss = 0.0
-        t_start = clock()
+        t_start, wall_start = clock(), time.perf_counter()
         for j in range(args.grad_accum):
             batch = rows[(i * args.grad_accum + j) % rows.shape[0]][None]
             t0 = clock()
@@ -112,7 +113,9 @@ def main() -> None:
         t["muon"] = t1 - t0
         t["adamw"] = clock() - t1
         total = clock() - t_start
-        return {"step": i + 1, "loss": loss, "cpu_s": total, "cpu_tokens_per_s": tokens / total,
+        wall = time.perf_counter() - wall_start
+        return {"step": i + 1, "loss": loss, "cpu_s": total, "cpu_tokens_per_s": tokens / total, "wall_s": round(wall, 3),
+                "tokens_per_s": round(tokens / wall, 1),
                 **{k: round(v, 3) for k, v in t.items()}}
 
     for i in range(args.steps):

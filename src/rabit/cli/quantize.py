@@ -394,6 +394,13 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
 
 # --------------------------------------------------------------------------------------------- run
 def run(args) -> int:
+    import os
+
+    # before the first tensor: PyTorch's CPU allocator then puts large tensors (the (tokens, vocab) logits of the
+    # distillation loss, activations) on transparent huge pages; a training step of the default model was 2-5 %
+    # faster on a Zen 3 machine (docs/RESULTS.md section 34). Read once, at the first allocation; spawned ranks
+    # inherit it.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     spec = job_from_args(args)
     spec.validate()
     from .quantize_distributed import maybe_distributed

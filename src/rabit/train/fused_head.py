@@ -58,11 +58,14 @@ class _FusedHeadKL(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if want_h else None
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        # one gradient buffer for every chunk: a fresh (chunk, vocab) tensor per chunk costs its page faults each time
+        gbuf = torch.empty(min(chunk, n), ws.shape[0], device=h_s.device) if want_h or want_w else None
         for a in range(0, n, chunk):
             hs = h_s[a:a + chunk].detach().to(dtype)
             s = _softcap(F.linear(hs, ws).float(), cap_s)
             t = _softcap(F.linear(h_t[a:a + chunk].detach().to(dtype), wt).float(), cap_t)
-            kl, g = _kl_chunk(s, t, temperature, want_h or want_w)   # g = d kl / d s, fp32 (chunk, vocab)
+            kl, g = _kl_chunk(s, t, temperature, want_h or want_w,    # g = d kl / d s, fp32 (chunk, vocab)
+                              out=None if gbuf is None else gbuf[:s.shape[0]])
             total += kl
             if g is None:
                 continue

@@ -17,8 +17,24 @@ import torch
 from torch import nn
 
 
-def _kl_chunk(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
-    """Sum over rows of KL(softmax(t/T) || softmax(s/T)), and d(sum)/d s (unscaled), for one chunk."""
+def _kl_chunk(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool,
+              out: torch.Tensor | None = None):
+    """Sum over rows of KL(softmax(t/T) || softmax(s/T)), and d(sum)/d s (unscaled, fp32), for one chunk: the native
+    kernel (rabit.kernels.kl_cpu) for 2-D CPU logits, else the PyTorch reference. out: an fp32 tensor of the chunk's
+    shape to hold the gradient (the native kernel writes it there; the reference's result is copied in)."""
+    s = s.detach().float()
+    t = t.detach().float()
+    if s.dim() == 2 and s.device.type == "cpu":
+        from ..kernels import kl_cpu
+
+        if kl_cpu.supports(s, t) and (out is None or kl_cpu.supports(s, out)) and kl_cpu.is_available():
+            return kl_cpu.kl_rows(s, t, temperature, want_grad, out=out)
+    kl, grad = _kl_chunk_reference(s, t, temperature, want_grad)
+    return kl, (out.copy_(grad) if out is not None and grad is not None else grad)
+
+
+def _kl_chunk_reference(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
+    """_kl_chunk in plain PyTorch: the ground truth of the native kernel, and its fallback."""
     s = s.float()
     t = t.float()
     if temperature != 1.0:
@@ -46,11 +62,15 @@ class _ChunkedKL(torch.autograd.Function):
         n = s2.shape[0]
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(s2) if want_grad else None
+        # fp32 gradients are written in place; others (bf16 under autocast) through one fp32 chunk buffer
+        direct = grad is not None and grad.dtype == torch.float32
+        buf = None if grad is None or direct else torch.empty(min(chunk, n), v, device=student.device)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for a in range(0, n, chunk):
-            kl, g = _kl_chunk(s2[a:a + chunk], t2[a:a + chunk], temperature, want_grad)
+            dst = None if grad is None else grad[a:a + chunk] if direct else buf[:min(chunk, n - a)]
+            kl, g = _kl_chunk(s2[a:a + chunk], t2[a:a + chunk], temperature, want_grad, out=dst)
             total += kl
-            if want_grad:
+            if want_grad and not direct:
                 grad[a:a + chunk].copy_(g)
         # Mean over tokens, times T^2 (Hinton et al.) so that gradient magnitudes do not depend on T.
         scale = temperature * temperature / max(n, 1)

@@ -28,6 +28,12 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     assert _parse("--train-latents").train.grad_accum == 4
     assert _parse("--train-latents", "--grad-accum", "2").train.grad_accum == 2
     assert _parse("--grad-accum", "3").train.grad_accum == 3
+    # ... and 256-token sequences; latent training keeps 512, and a given --seq-len is kept either way
+    assert JobSpec().data.seq_len == _parse().data.seq_len == 256
+    assert _parse("--train-latents").data.seq_len == 512
+    assert _parse("--seq-len", "384").data.seq_len == _parse("--train-latents", "--seq-len", "384").data.seq_len == 384
+    assert _parse("--train-latents", "--seq-len", "256").data.seq_len == 256
+    assert _parse().tokens_per_step == 256 and _parse("--train-latents").tokens_per_step == 4 * 512
 
 
 def test_a_job_spec_survives_the_round_trip_through_flags():
@@ -38,10 +44,16 @@ def test_a_job_spec_survives_the_round_trip_through_flags():
     spec.auto_split = False
     spec.data.calib, spec.eval.bos, spec.run.resume, spec.dist.teacher = "austen", True, True, "bf16"
     spec.train.train_latents, spec.eval.stage_windows = True, 0
+    spec.resolve_batch()   # what the command line does after reading --train-latents: 512-token rows
     spec.blocks.autocast = False
+    assert spec.data.seq_len == 512 and "--seq-len" not in job_to_argv(spec)
     assert _parse(*job_to_argv(spec)) == spec
     spec.blocks.autocast = True
     assert "--block-bf16" in job_to_argv(spec) and _parse(*job_to_argv(spec)) == spec
+    # a sequence length given on the command line stays given, even when it equals its mode's default
+    given = _parse("--seq-len", "256")
+    assert not given.auto_seq_len and job_to_argv(given) == ["--seq-len", "256"] and _parse(*job_to_argv(given)) == given
+    assert job_to_argv(_parse()) == []
 
 
 def test_default_batch_is_split_across_processes_and_an_explicit_one_is_checked():

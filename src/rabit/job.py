@@ -33,7 +33,9 @@ class DataSpec:
     # comma-separated corpora: built-in names, .txt/.jsonl files or folders, hf:... The default mixes two domains
     # (encyclopedic text and drama) and leaves Austen out, so that EvalSpec.ood_data is a domain never trained on.
     train: str = "wikitext2-valid,shakespeare"
-    seq_len: int = 512               # training sequence length
+    # training sequence length; left unset (JobSpec.auto_seq_len) it follows whether the latents train
+    # (default_seq_len): 256 with frozen latents, 512 when they train
+    seq_len: int = 256
     val_fraction: float = 0.05       # held-out share of the training text
     val_sequences: int = 4           # held-out sequences for the before/after distillation loss (0: skip)
     calib: str | None = None         # calibration corpus (None: the first training corpus)
@@ -123,11 +125,22 @@ class DistSpec:
 # LATENT_GRAD_ACCUM: the micro-batches per step when the latents train (TrainConfig's default, sized for Muon).
 LATENT_GRAD_ACCUM = TrainConfig.grad_accum
 FROZEN_GRAD_ACCUM = 1
+# Shorter sequences continue that trend: from the same refined start, at the Zen 3 demo's 12,800 tokens, 50 steps
+# of 256 tokens reached 68.6 / 68.7 where 25 steps of 512 reached 74.3 / 70.6 (seed 0; seed 1 in section 34), and
+# 100 steps of 128 74.7 / 70.0, slower per token (per-step overhead): docs/RESULTS.md section 34. Latent training
+# keeps 512-token rows (its Muon steps average 4 of them; not measured at 256).
+LATENT_SEQ_LEN = 512
+FROZEN_SEQ_LEN = 256
 
 
 def default_grad_accum(train_latents: bool) -> int:
     """Micro-batches per optimizer step when --batch-size and --grad-accum are left unset."""
     return LATENT_GRAD_ACCUM if train_latents else FROZEN_GRAD_ACCUM
+
+
+def default_seq_len(train_latents: bool) -> int:
+    """Training sequence length when --seq-len is left unset."""
+    return LATENT_SEQ_LEN if train_latents else FROZEN_SEQ_LEN
 
 
 def _default_train() -> TrainConfig:
@@ -137,7 +150,8 @@ def _default_train() -> TrainConfig:
 @dataclass
 class JobSpec:
     model: str = DEFAULT_MODEL
-    # end-to-end token budget (steps = tokens // tokens per step; 80 steps of one sequence with frozen latents).
+    # end-to-end token budget (steps = tokens // tokens per step; 160 steps of one 256-token sequence with frozen
+    # latents).
     # After the block stage's refinement it reached perplexity 76.4 where 16,384 tokens reached 164 (docs/
     # RESULTS.md section 10). The whole job: 27 minutes on 2 idle AVX2 cores without native bf16 (section 14);
     # less with bf16 AMX.
@@ -153,6 +167,8 @@ class JobSpec:
     # True when batch_size / grad_accum were left at their defaults: a multi-process run may then regroup the
     # rows of an optimizer step so that each process gets whole rows (same global batch and schedule).
     auto_split: bool = True
+    # True when --seq-len was left unset: the training sequence length follows whether the latents train
+    auto_seq_len: bool = True
     rabit: RaBiTConfig = field(default_factory=RaBiTConfig)
     train: TrainConfig = field(default_factory=_default_train)  # steps/warmup_steps/autocast are resolved here
     data: DataSpec = field(default_factory=DataSpec)
@@ -214,9 +230,12 @@ class JobSpec:
 
     def resolve_batch(self) -> None:
         """With --batch-size and --grad-accum left unset (auto_split), the step size follows whether the latents
-        train: call after changing train.train_latents."""
+        train, and so does the sequence length with --seq-len unset (auto_seq_len): call after changing
+        train.train_latents."""
         if self.auto_split:
             self.train.grad_accum = default_grad_accum(self.train.train_latents)
+        if self.auto_seq_len:
+            self.data.seq_len = default_seq_len(self.train.train_latents)
 
     # --------------------------------------------------------------------------------------- derived
     @property

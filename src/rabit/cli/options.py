@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import INITS, LATENT_INITS, MODES, STES
 from ..data import MIXES
 from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
-from ..job import EVAL_DTYPES, JobSpec, default_grad_accum
+from ..job import EVAL_DTYPES, JobSpec, default_grad_accum, default_seq_len
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
 MUON_MODES = ("owner", "dtensor")
@@ -77,7 +77,8 @@ _OPTIONS = [
            "austen), .txt/.jsonl files or folders, hf:NAME[:CONFIG][:SPLIT]"),
     Option("--data-mix", "data.mix", "data", "how several training corpora mix: size (in proportion to their "
            "sizes) or equal (the same number of sequences from each)", choices=MIXES),
-    Option("--seq-len", "data.seq_len", "data", "training sequence length", type=int),
+    Option("--seq-len", "data.seq_len", "data", "training sequence length (default: 256 with frozen latents, 512 "
+           "with --train-latents)", type=int),
     Option("--val-fraction", "data.val_fraction", "data", "held-out share of the training text", type=float),
     Option("--val-sequences", "data.val_sequences", "data",
            "held-out sequences for the before/after distillation loss (0: skip)", type=int),
@@ -205,6 +206,9 @@ _OPTIONS = [
 OPTIONS = {o.flag: o for o in _OPTIONS}
 # Left unset, these let a multi-process run regroup the rows of a step (JobSpec.auto_split).
 _BATCH_FLAGS = ("--batch-size", "--grad-accum")
+# Left unset, the training sequence length follows whether the latents train (JobSpec.auto_seq_len).
+_SEQ_FLAG = "--seq-len"
+_RESOLVED_FLAGS = (*_BATCH_FLAGS, _SEQ_FLAG)   # argparse default None: "unset" must be told from the default
 
 
 def get_field(obj, path: str):
@@ -235,7 +239,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
             g.add_argument(o.flag, dest=o.path, type=o.type, choices=o.choices,
                            metavar=None if o.choices else o.flag[2:].upper().replace("-", "_"),
                            action="append" if o.append else "store",
-                           default=None if o.flag in _BATCH_FLAGS or o.append else default, help=o.help + shown)
+                           default=None if o.flag in _RESOLVED_FLAGS or o.append else default, help=o.help + shown)
     import argparse as _argparse
 
     groups["data"].add_argument("--bos", dest="data.bos", action=_argparse.BooleanOptionalAction, default=None,
@@ -260,7 +264,7 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
         value = values.get(o.path)
         if o.append and value is not None:
             value = tuple(value)
-        if value is None and (o.flag in _BATCH_FLAGS or o.append):
+        if value is None and (o.flag in _RESOLVED_FLAGS or o.append):
             continue
         _set_field(spec, o.path, value)
     if spec.train_minutes is not None and spec.tokens != JobSpec.tokens:
@@ -268,6 +272,7 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
     if spec.job_minutes is not None and spec.tokens != JobSpec.tokens:
         raise ValueError("give one training budget: --tokens or --job-minutes, not both")
     spec.auto_split = all(values.get(OPTIONS[f].path) is None for f in _BATCH_FLAGS)
+    spec.auto_seq_len = values.get(OPTIONS[_SEQ_FLAG].path) is None
     spec.resolve_batch()   # latent training keeps Muon's larger step (one sequence per step is for frozen latents)
     return spec
 
@@ -280,7 +285,9 @@ def job_to_argv(spec: JobSpec) -> list[str]:
         value, default = get_field(spec, o.path), get_field(defaults, o.path)
         if o.path == "train.grad_accum":
             default = default_grad_accum(spec.train.train_latents)   # what job_from_args gives without the flag
-        forced = o.flag in _BATCH_FLAGS and not spec.auto_split
+        if o.path == "data.seq_len":
+            default = default_seq_len(spec.train.train_latents)
+        forced = (o.flag in _BATCH_FLAGS and not spec.auto_split) or (o.flag == _SEQ_FLAG and not spec.auto_seq_len)
         if value == default and not forced:
             continue
         if o.kind in ("true", "false"):

@@ -58,8 +58,10 @@ class _FusedHeadKL(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if want_h else None
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        # one gradient buffer for every chunk: a fresh (chunk, vocab) tensor per chunk costs its page faults each time
-        gbuf = torch.empty(min(chunk, n), ws.shape[0], device=h_s.device) if want_h or want_w else None
+        # on a CPU, one gradient buffer for every chunk (the native KL writes into it): a fresh (chunk, vocab) tensor
+        # per chunk costs its page faults each time; elsewhere the reference's own result is used as it is
+        gbuf = (torch.empty(min(chunk, n), ws.shape[0]) if (want_h or want_w) and h_s.device.type == "cpu"
+                else None)
         for a in range(0, n, chunk):
             hs = h_s[a:a + chunk].detach().to(dtype)
             s = _softcap(F.linear(hs, ws).float(), cap_s)

@@ -28,6 +28,11 @@ from .train.loop import PROVISIONAL_STEPS, warmup_steps_for
 from .train.trainer import TrainConfig
 
 
+# training sequence lengths when --seq-len is left unset (default_seq_len, measured below)
+LATENT_SEQ_LEN = 512
+FROZEN_SEQ_LEN = 256
+
+
 @dataclass
 class DataSpec:
     # comma-separated corpora: built-in names, .txt/.jsonl files or folders, hf:... The default mixes two domains
@@ -35,7 +40,7 @@ class DataSpec:
     train: str = "wikitext2-valid,shakespeare"
     # training sequence length; left unset (JobSpec.auto_seq_len) it follows whether the latents train
     # (default_seq_len): 256 with frozen latents, 512 when they train
-    seq_len: int = 256
+    seq_len: int = FROZEN_SEQ_LEN
     val_fraction: float = 0.05       # held-out share of the training text
     val_sequences: int = 4           # held-out sequences for the before/after distillation loss (0: skip)
     calib: str | None = None         # calibration corpus (None: the first training corpus)
@@ -128,9 +133,8 @@ FROZEN_GRAD_ACCUM = 1
 # Shorter sequences continue that trend: from the same refined start, at the Zen 3 demo's 12,800 tokens, 50 steps
 # of 256 tokens reached 68.6 / 68.7 where 25 steps of 512 reached 74.3 / 70.6 (seed 0; seed 1 in section 34), and
 # 100 steps of 128 74.7 / 70.0, slower per token (per-step overhead): docs/RESULTS.md section 34. Latent training
-# keeps 512-token rows (its Muon steps average 4 of them; not measured at 256).
-LATENT_SEQ_LEN = 512
-FROZEN_SEQ_LEN = 256
+# keeps 512-token rows (its Muon steps average 4 of them; not measured at 256). LATENT_SEQ_LEN and FROZEN_SEQ_LEN
+# are defined above DataSpec, whose default is the frozen one.
 
 
 def default_grad_accum(train_latents: bool) -> int:

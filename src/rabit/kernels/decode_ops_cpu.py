@@ -18,9 +18,7 @@ _SRC = Path(__file__).resolve().parent.parent / "csrc" / "decode_ops_cpu.c"
 
 
 def _build():
-    # -fno-trapping-math: lets gcc vectorize the exp's clamp as a select (see the C file's header)
-    lib = native_build.build_library(_SRC, "libdecode_ops_cpu.so", native_build.BASE_FLAGS + ["-fno-trapping-math"],
-                                     "the rabit decoding-step CPU ops")
+    lib = native_build.build_library(_SRC, "libdecode_ops_cpu.so", native_build.EXP_FLAGS, "the rabit decoding-step CPU ops")
     i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     lib.dec_add_rms_norm.restype = i32
     lib.dec_add_rms_norm.argtypes = [vp, vp, vp, i64, f32, vp]

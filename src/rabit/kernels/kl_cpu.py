@@ -18,9 +18,7 @@ _SRC = Path(__file__).resolve().parent.parent / "csrc" / "kl_cpu.c"
 
 
 def _build():
-    # -fno-trapping-math: lets gcc vectorize the exp's clamp (rabit_exp.h)
-    lib = native_build.build_library(_SRC, "libkl_cpu.so", native_build.BASE_FLAGS + ["-fno-trapping-math"],
-                                     "the rabit distillation-KL CPU kernel")
+    lib = native_build.build_library(_SRC, "libkl_cpu.so", native_build.EXP_FLAGS, "the rabit distillation-KL CPU kernel")
     i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     lib.kl_rows.restype = i32
     lib.kl_rows.argtypes = [vp, i64, vp, i64, i64, i64, f32, vp, i64, vp, i32]

@@ -25,6 +25,9 @@ from typing import Callable
 from ..paths import cache_root
 
 BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off"]
+# For the sources whose loops call rabit_exp.h's exp_nonpos: with gcc's default trapping math its clamp stays a
+# branch and those loops scalar (docs/RESULTS.md section 33). The flag changes no value computed.
+EXP_FLAGS = BASE_FLAGS + ["-fno-trapping-math"]
 
 
 def compiler() -> str | None:

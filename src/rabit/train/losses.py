@@ -62,15 +62,16 @@ class _ChunkedKL(torch.autograd.Function):
         n = s2.shape[0]
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(s2) if want_grad else None
-        # fp32 gradients are written in place; others (bf16 under autocast) through one fp32 chunk buffer
-        direct = grad is not None and grad.dtype == torch.float32
-        buf = None if grad is None or direct else torch.empty(min(chunk, n), v, device=student.device)
+        # the gradient rows are _kl_chunk's output, except where the native kernel (CPU) would need an fp32 copy
+        # of non-fp32 rows (bf16 under autocast): there one fp32 chunk buffer, copied into the rows
+        via_buf = grad is not None and grad.dtype != torch.float32 and student.device.type == "cpu"
+        buf = torch.empty(min(chunk, n), v) if via_buf else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for a in range(0, n, chunk):
-            dst = None if grad is None else grad[a:a + chunk] if direct else buf[:min(chunk, n - a)]
+            dst = None if grad is None else buf[:min(chunk, n - a)] if via_buf else grad[a:a + chunk]
             kl, g = _kl_chunk(s2[a:a + chunk], t2[a:a + chunk], temperature, want_grad, out=dst)
             total += kl
-            if want_grad and not direct:
+            if via_buf:
                 grad[a:a + chunk].copy_(g)
         # Mean over tokens, times T^2 (Hinton et al.) so that gradient magnitudes do not depend on T.
         scale = temperature * temperature / max(n, 1)

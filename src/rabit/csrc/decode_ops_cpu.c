@@ -8,8 +8,8 @@
  * Single-threaded (the decoder runs its small ops on one thread) except the attention over a long cache, which takes
  * its KV heads on the threads it is given; loops vectorized with `omp simd` (active only with -fopenmp or
  * -fopenmp-simd) and compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.  Built with
- * -fno-trapping-math (rabit.kernels.decode_ops_cpu): with trapping math gcc keeps exp_nonpos's clamp a branch,
- * and every loop calling it (the softmax, silu) stayed scalar on AVX2.  The flag changes no value computed, only
+ * -fno-trapping-math (rabit.kernels.native_build.EXP_FLAGS): with trapping math gcc keeps exp_nonpos's clamp a
+ * branch, and every loop calling it (the softmax, silu) stayed scalar on AVX2.  The flag changes no value computed, only
  * whether floating-point exceptions may be raised speculatively.
  */
 #include <math.h>

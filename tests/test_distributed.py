@@ -231,7 +231,8 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     ood = summary["eval"]["ood"]
     assert "not trained on" in ood["description"] and ood["final"] > 1 < ood["fp"]
     # a whole-job budget: rank 0 decides the training time after its block stage, and every rank trains to it
-    argv = cmd(tmp_path / "job", "--nproc", "2", "--job-minutes", "0.1")
+    # (with the residual stream rotated: every rank and the final rebuild of the student see the same weights)
+    argv = cmd(tmp_path / "job", "--nproc", "2", "--job-minutes", "0.1", "--rotate")
     del argv[argv.index("--tokens"):argv.index("--tokens") + 2]
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -239,6 +240,10 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     evals = json.loads((tmp_path / "job" / "evals.json").read_text())
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert evals["job_train_seconds"] >= 0.6 and summary["train"]["steps"] >= 3
+    assert summary["rotation"] == {"seed": 0, "values": True}
+    assert summary["eval"]["fp"] == pytest.approx(json.loads((tmp_path / "run" / "summary.json").read_text())
+                                                  ["eval"]["fp"], rel=1e-4)   # the rotated teacher: same function
+    assert 1 < summary["eval"]["final"] < float("inf")
     # a batch the user set that does not split: one line from the launching process, nothing started or written
     p = subprocess.run(cmd(tmp_path / "run2", "--nproc", "2", "--batch-size", "3", "--tokens", "768"), capture_output=True, text=True,
                        env=env, timeout=300)

@@ -34,6 +34,13 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     assert _parse("--seq-len", "384").data.seq_len == _parse("--train-latents", "--seq-len", "384").data.seq_len == 384
     assert _parse("--train-latents", "--seq-len", "256").data.seq_len == 256
     assert _parse().tokens_per_step == 256 and _parse("--train-latents").tokens_per_step == 4 * 512
+    # ... and, rotated, a smaller scale learning rate for those one-sequence steps; latent training keeps 1e-3
+    assert JobSpec().train.optim.scale_lr == _parse().train.optim.scale_lr == _parse("--rotate").train.optim.scale_lr == 3e-4
+    assert _parse("--train-latents").train.optim.scale_lr == _parse("--no-rotate").train.optim.scale_lr == 1e-3
+    assert job_to_argv(_parse("--no-rotate")) == ["--no-rotate"]
+    assert _parse("--train-latents", "--scale-lr", "3e-4").train.optim.scale_lr == 3e-4
+    given = _parse("--scale-lr", "3e-4")
+    assert not given.auto_scale_lr and job_to_argv(given) == ["--scale-lr", "0.0003"] and _parse(*job_to_argv(given)) == given
 
 
 def test_a_job_spec_survives_the_round_trip_through_flags():
@@ -44,6 +51,7 @@ def test_a_job_spec_survives_the_round_trip_through_flags():
     spec.auto_split = False
     spec.data.calib, spec.eval.bos, spec.run.resume, spec.dist.teacher = "austen", True, True, "bf16"
     spec.train.train_latents, spec.eval.stage_windows = True, 0
+    spec.rotate, spec.rotate_values = True, False
     spec.resolve_batch()   # what the command line does after reading --train-latents: 512-token rows
     spec.blocks.autocast = False
     assert spec.data.seq_len == 512 and "--seq-len" not in job_to_argv(spec)
@@ -77,16 +85,16 @@ def test_default_batch_is_split_across_processes_and_an_explicit_one_is_checked(
 
 
 def test_run_identity_ignores_grouping_and_fills_settings_added_later():
-    spec = JobSpec()
+    spec = JobSpec(rotate=False)   # what loading an architecture without rotation support resolves
     record = spec.run_record("/m", 100, autocast=False)
-    latents = _parse("--train-latents").run_record("/m", 100, autocast=False)
+    latents = _parse("--train-latents", "--no-rotate").run_record("/m", 100, autocast=False)
     old = {**latents, "train": {k: v for k, v in latents["train"].items() if k not in ("hidden_loss", "train_latents")},
            "distributed": {"checkpoints": "dcp"}}
     # runs from before train_latents existed trained their latents: --train-latents is the same run, today's
     # default (frozen latents, one sequence per step) another one
     assert identity_changes(old, latents) == []
     assert ("train.train_latents", True, False) in identity_changes(old, record)
-    latents = _parse("--train-latents")
+    latents = _parse("--train-latents", "--rotate")
     regrouped = latents.for_processes(2).run_record("/m", 100, autocast=False)
     assert identity_changes(latents.run_record("/m", 100, autocast=False), regrouped) == []
     # the frozen default's one-sequence step becomes one per process: another run, refused on resume
@@ -94,6 +102,36 @@ def test_run_identity_ignores_grouping_and_fills_settings_added_later():
         record, spec.for_processes(2).run_record("/m", 100, autocast=False))]
     spec.train.gamma = 5.0
     assert [k for k, *_ in identity_changes(record, spec.run_record("/m", 100, autocast=False))] == ["train.gamma"]
+    # runs from before the rotation existed were not rotated: a rotated run is another one, and so are the values
+    rotated = JobSpec(rotate=True)
+    assert identity_changes({k: v for k, v in record.items() if k != "rotation"}, record) == []
+    assert identity_changes(record, rotated.run_record("/m", 100, autocast=False)) == [
+        ("rotation", "none", "residual+values")]
+    rotated.rotate_values = False
+    assert rotated.run_record("/m", 100, autocast=False)["rotation"] == "residual"
+    with pytest.raises(RuntimeError, match="resolved when the model is loaded"):
+        JobSpec().run_record("/m", 100, autocast=False)
+
+
+def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_path):
+    from rabit.cli.quantize import load_teacher
+    from rabit.run_folder import different_run_error
+
+    assert _parse().rotate is None and _parse("--rotate").rotate is True and _parse("--no-rotate").rotate is False
+    assert job_to_argv(_parse("--no-rotate")) == ["--no-rotate"] and job_to_argv(_parse()) == []
+    old = JobSpec(rotate=False).run_record("/m", 100, autocast=False)
+    new = JobSpec(rotate=True).run_record("/m", 100, autocast=False)
+    assert "--resume --no-rotate" in str(different_run_error(tmp_path, old, new))
+    from conftest import make_tiny_llama
+    from rabit.testing import tiny_tokenizer
+
+    make_tiny_llama().save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    said = []
+    spec = _parse("--model", str(tmp_path / "llama"))
+    load_teacher(spec, "cpu", said.append)
+    assert spec.rotate is True and said == ["rotating the residual stream and the attention values (seed 0) ..."]
+    assert spec.train.optim.scale_lr == 3e-4
 
 
 def test_validate_names_the_flag():

@@ -135,6 +135,19 @@ FROZEN_GRAD_ACCUM = 1
 # 100 steps of 128 74.7 / 70.0, slower per token (per-step overhead): docs/RESULTS.md section 34. Latent training
 # keeps 512-token rows (its Muon steps average 4 of them; not measured at 256). LATENT_SEQ_LEN and FROZEN_SEQ_LEN
 # are defined above DataSpec, whose default is the frozen one.
+# A rotated model (rabit.rotation) trains its scales at a smaller learning rate (AdamW) with frozen latents: from
+# the same rotated starts, 50 steps of 256 tokens at 3e-4 reached 59.8 / 66.0 and 60.5 / 64.4, where 1e-3 reached
+# 63.1 / 70.4 and 64.8 / 69.3 and 1e-4 62.5 / 67.4 and 61.7 / 66.6 (seeds 0 / 1, WikiText-2 / Persuasion); the
+# unrotated model lost at 3e-4 (77.0 / 73.0 and 70.2 / 71.9 against 70.6 / 71.2 and 68.6 / 70.6 at 1e-3):
+# docs/RESULTS.md section 35. Latent training keeps 1e-3 (section 2 measured it against 1e-4 and 3e-3; not
+# measured rotated).
+SCALE_LR = 1e-3
+ROTATED_FROZEN_SCALE_LR = 3e-4
+
+
+def default_scale_lr(train_latents: bool, rotated: bool) -> float:
+    """AdamW learning rate of scales and norms when --scale-lr is left unset."""
+    return ROTATED_FROZEN_SCALE_LR if rotated and not train_latents else SCALE_LR
 
 
 def default_grad_accum(train_latents: bool) -> int:
@@ -148,7 +161,9 @@ def default_seq_len(train_latents: bool) -> int:
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(train_latents=False, grad_accum=FROZEN_GRAD_ACCUM)
+    # the defaults rotate where the model allows it (JobSpec.rotate None), as the default model does
+    return TrainConfig(train_latents=False, grad_accum=FROZEN_GRAD_ACCUM,
+                       optim=dataclasses.replace(TrainConfig().optim, scale_lr=ROTATED_FROZEN_SCALE_LR))
 
 
 @dataclass
@@ -173,6 +188,8 @@ class JobSpec:
     auto_split: bool = True
     # True when --seq-len was left unset: the training sequence length follows whether the latents train
     auto_seq_len: bool = True
+    # True when --scale-lr was left unset: so does the scales' learning rate
+    auto_scale_lr: bool = True
     rabit: RaBiTConfig = field(default_factory=RaBiTConfig)
     train: TrainConfig = field(default_factory=_default_train)  # steps/warmup_steps/autocast are resolved here
     data: DataSpec = field(default_factory=DataSpec)
@@ -183,6 +200,19 @@ class JobSpec:
     block_stage: bool = True          # block-wise stage (closed-form refinement; + block training if blocks.epochs)
     blocks: BlockConfig = field(default_factory=BlockConfig)
     scale_tokens: int = 0             # token budget of a final end-to-end phase training only scales and norms
+    # Before calibration: fold the norms and rotate the residual stream by a random orthogonal matrix (seeded by
+    # train.seed), and with rotate_values each attention head's values too (rabit.rotation; same function, weights
+    # without outlier channels; the saved model stores an untied head). None: wherever the architecture allows it
+    # (resolved when the model is loaded, rabit.cli.quantize.load_teacher)
+    rotate: bool | None = None
+    rotate_values: bool = True
+
+    @property
+    def rotation(self) -> str:
+        """none | residual | residual+values: the rewrite rotate / rotate_values ask for (rotate resolved)."""
+        if self.rotate is None:
+            raise RuntimeError("JobSpec.rotate is resolved when the model is loaded (load_teacher)")
+        return "none" if not self.rotate else "residual+values" if self.rotate_values else "residual"
 
     # ---------------------------------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -234,12 +264,17 @@ class JobSpec:
 
     def resolve_batch(self) -> None:
         """With --batch-size and --grad-accum left unset (auto_split), the step size follows whether the latents
-        train, and so does the sequence length with --seq-len unset (auto_seq_len): call after changing
-        train.train_latents."""
+        train, and so do the sequence length with --seq-len unset (auto_seq_len) and the scales' learning rate with
+        --scale-lr unset (auto_scale_lr), which also follows the rotation (rotate None counts as rotated until the
+        model is loaded): call after changing train.train_latents or rotate."""
         if self.auto_split:
             self.train.grad_accum = default_grad_accum(self.train.train_latents)
         if self.auto_seq_len:
             self.data.seq_len = default_seq_len(self.train.train_latents)
+        if self.auto_scale_lr:
+            self.train.optim = dataclasses.replace(self.train.optim,
+                                                   scale_lr=default_scale_lr(self.train.train_latents,
+                                                                             self.rotate is not False))
 
     # --------------------------------------------------------------------------------------- derived
     @property
@@ -341,6 +376,9 @@ class JobSpec:
                        "scale_tokens": self.scale_steps * self.tokens_per_step},
             # only when set, so that run.json of runs without it stays as it was (a resume compares them)
             **({"job_minutes": self.job_minutes} if self.job_minutes else {}),
+            # how the source model was rewritten before quantization (its seed is train.seed); call after
+            # load_teacher resolved rotate
+            "rotation": self.rotation,
         })
 
 

@@ -66,7 +66,9 @@ def different_run_error(out: Path, old: dict, new: dict) -> ValueError | None:
     hint = []
     for key, was, _ in changes:
         flag = flag_for(key)
-        if flag and isinstance(was, (int, float, str)) and not isinstance(was, bool):
+        if key == "rotation":   # not a value flag: the rotation is on or off (and the values too)
+            hint.append("--no-rotate" if was == "none" else "--rotate" + ("" if "values" in was else " --no-rotate-values"))
+        elif flag and isinstance(was, (int, float, str)) and not isinstance(was, bool):
             hint.append(f"{flag} {was}")
     msg = f"{out} holds a different run ({'; '.join(f'{k}: {x!r} -> {y!r}' for k, x, y in changes[:6])})"
     if hint:

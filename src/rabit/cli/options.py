@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import INITS, LATENT_INITS, MODES, STES
 from ..data import MIXES
 from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
-from ..job import EVAL_DTYPES, JobSpec, default_grad_accum, default_seq_len
+from ..job import EVAL_DTYPES, JobSpec, default_grad_accum, default_scale_lr, default_seq_len
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
 MUON_MODES = ("owner", "dtensor")
@@ -69,6 +69,8 @@ _OPTIONS = [
            "coupled mode: start the latent from the original weight or the reconstruction", choices=LATENT_INITS),
     Option("--exclude", "rabit.exclude", "RaBiT layers",
            "module-name regex kept in full precision (repeatable; default: embed, lm_head)", append=True),
+    Option("--no-rotate-values", "rotate_values", "RaBiT layers", "rotate the residual stream only, not also each "
+           "attention head's values (v_proj rows, o_proj columns)", "false"),
     Option("--no-init-cache", "run.init_cache", "RaBiT layers",
            "always calibrate and initialize from scratch (default: reuse initialized paths from ~/.cache/rabit/init "
            "when the model, init settings and calibration data are the same)", "false"),
@@ -145,8 +147,8 @@ _OPTIONS = [
            "so fewer, larger steps are faster)", type=int),
     Option("--latent-lr", "train.optim.latent_lr", "distillation",
            "Muon learning rate of the latent weights, AdamW-matched RMS", type=float),
-    Option("--scale-lr", "train.optim.scale_lr", "distillation", "AdamW learning rate of scales and norms",
-           type=float),
+    Option("--scale-lr", "train.optim.scale_lr", "distillation", "AdamW learning rate of scales and norms (default: "
+           "3e-4 with frozen latents on a rotated model, else 1e-3)", type=float),
     Option("--weight-decay", "train.optim.weight_decay", "distillation", "AdamW weight decay", type=float),
     Option("--latent-weight-decay", "train.optim.latent_weight_decay", "distillation", "Muon weight decay",
            type=float),
@@ -208,7 +210,8 @@ OPTIONS = {o.flag: o for o in _OPTIONS}
 _BATCH_FLAGS = ("--batch-size", "--grad-accum")
 # Left unset, the training sequence length follows whether the latents train (JobSpec.auto_seq_len).
 _SEQ_FLAG = "--seq-len"
-_RESOLVED_FLAGS = (*_BATCH_FLAGS, _SEQ_FLAG)   # argparse default None: "unset" must be told from the default
+_SCALE_LR_FLAG = "--scale-lr"   # likewise the scales' learning rate (JobSpec.auto_scale_lr)
+_RESOLVED_FLAGS = (*_BATCH_FLAGS, _SEQ_FLAG, _SCALE_LR_FLAG)   # argparse default None: "unset" must be told from the default
 
 
 def get_field(obj, path: str):
@@ -242,6 +245,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                            default=None if o.flag in _RESOLVED_FLAGS or o.append else default, help=o.help + shown)
     import argparse as _argparse
 
+    groups["RaBiT layers"].add_argument(
+        "--rotate", dest="rotate", action=_argparse.BooleanOptionalAction, default=None,
+        help="before calibration, fold the norms into the layers and rotate the residual stream by a random "
+             "orthogonal matrix (seeded by --seed): the same function, weights without outlier channels, a better "
+             "2-bit model (docs/TRAINING.md); the saved model then stores its own output head (default: on for "
+             "Llama, Mistral and Qwen, which it supports)")
     groups["data"].add_argument("--bos", dest="data.bos", action=_argparse.BooleanOptionalAction, default=None,
                                 help="start training, calibration and perplexity sequences with BOS (default: as "
                                      "the tokenizer does when encoding text)")
@@ -260,7 +269,7 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
     spec = JobSpec()
     values = vars(args)
     for o in _OPTIONS + [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", ""),
-                         Option("--block-bf16", "blocks.autocast", "", "")]:
+                         Option("--block-bf16", "blocks.autocast", "", ""), Option("--rotate", "rotate", "", "")]:
         value = values.get(o.path)
         if o.append and value is not None:
             value = tuple(value)
@@ -273,6 +282,7 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
         raise ValueError("give one training budget: --tokens or --job-minutes, not both")
     spec.auto_split = all(values.get(OPTIONS[f].path) is None for f in _BATCH_FLAGS)
     spec.auto_seq_len = values.get(OPTIONS[_SEQ_FLAG].path) is None
+    spec.auto_scale_lr = values.get(OPTIONS[_SCALE_LR_FLAG].path) is None
     spec.resolve_batch()   # latent training keeps Muon's larger step (one sequence per step is for frozen latents)
     return spec
 
@@ -287,7 +297,10 @@ def job_to_argv(spec: JobSpec) -> list[str]:
             default = default_grad_accum(spec.train.train_latents)   # what job_from_args gives without the flag
         if o.path == "data.seq_len":
             default = default_seq_len(spec.train.train_latents)
-        forced = (o.flag in _BATCH_FLAGS and not spec.auto_split) or (o.flag == _SEQ_FLAG and not spec.auto_seq_len)
+        if o.path == "train.optim.scale_lr":
+            default = default_scale_lr(spec.train.train_latents, spec.rotate is not False)
+        forced = ((o.flag in _BATCH_FLAGS and not spec.auto_split) or (o.flag == _SEQ_FLAG and not spec.auto_seq_len)
+                  or (o.flag == _SCALE_LR_FLAG and not spec.auto_scale_lr))
         if value == default and not forced:
             continue
         if o.kind in ("true", "false"):
@@ -305,6 +318,8 @@ def job_to_argv(spec: JobSpec) -> list[str]:
         argv.append("--bos" if spec.data.bos else "--no-bos")
     if spec.blocks.autocast is not None:
         argv.append("--block-bf16" if spec.blocks.autocast else "--no-block-bf16")
+    if spec.rotate is not None:
+        argv.append("--rotate" if spec.rotate else "--no-rotate")
     return argv
 
 

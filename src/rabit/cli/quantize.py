@@ -243,6 +243,29 @@ def save_student(student, out: Path, tokenizer, base_model: str, keep_fp32: bool
     return [out / "model.safetensors", out / "quantized"]
 
 
+def load_teacher(spec: JobSpec, device: str, say=None):
+    """(teacher, tokenizer): the full-precision model, rotated (rabit.rotation) when the job asks for it. Every
+    process and stage that rebuilds the student from the source model must come through here, so that it gets the
+    same weights."""
+    from ..models import load_model
+
+    teacher, tok = load_model(spec.model, device=device)
+    from ..rotation import rotate_, unsupported_reason
+
+    reason = unsupported_reason(teacher)
+    if spec.rotate is None:     # the default: wherever the architecture allows it
+        spec.rotate = reason is None
+        spec.resolve_batch()    # the scales' default learning rate follows the rotation
+        if reason is not None and say is not None:
+            say(f"no rotation of the residual stream: {reason}")
+    if spec.rotate:
+        if say is not None:
+            say(f"rotating the residual stream{' and the attention values' if spec.rotate_values else ''} "
+                f"(seed {spec.train.seed}) ...")
+        rotate_(teacher, seed=spec.train.seed, values=spec.rotate_values)
+    return teacher, tok
+
+
 def check_save_options(spec: JobSpec, teacher) -> None:
     """Refuse a save option that cannot apply to this model before training, not after."""
     if spec.run.embed_bits:
@@ -366,6 +389,7 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
     summary = {
         "model": spec.model, "mode": rc.mode, "num_paths": rc.num_paths, "out": str(out),
         **({"world_size": world_size} if world_size > 1 else {}),
+        **({"rotation": {"seed": spec.train.seed, "values": spec.rotate_values}} if spec.rotate else {}),
         "eval": {"description": eval_desc, "fp": evals.get("fp"), "init": evals.get("init"),
                  "blocks": evals.get("blocks"), "e2e": evals.get("e2e"), "final": final, "ood": evals.get("ood"),
                  # the intermediate stages' windows, with the FP and final models on them (None: all windows)
@@ -416,7 +440,7 @@ def run_job(spec: JobSpec) -> int:
     """The whole quantize job in this process (spec validated)."""
     from .. import run_folder
     from ..data import calibration_batch, eval_tokens, training_sequences
-    from ..models import load_model, resolve_model_path
+    from ..models import resolve_model_path
     from ..train.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, read_json, verify_checkpoint
     from ..train.loop import BUDGET_PROBE_STEPS
     from ..train.trainer import Trainer, make_student, native_bf16
@@ -434,7 +458,7 @@ def run_job(spec: JobSpec) -> int:
 
     # ---- model, data, budget: every failure here leaves the run folder untouched
     _say(f"loading {spec.model} ...")
-    teacher, tok = load_model(spec.model, device=str(device))
+    teacher, tok = load_teacher(spec, str(device), _say)
     check_save_options(spec, teacher)
     train_bos, eval_bos = bos_choices(spec, tok)
     sources = d.sources

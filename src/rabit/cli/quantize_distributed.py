@@ -107,7 +107,7 @@ def run_quantize(spec: JobSpec) -> int:
 def _run_quantize(spec: JobSpec, env) -> int:
     from .. import run_folder
     from ..data import calibration_batch, eval_tokens, training_sequences
-    from ..models import load_model, resolve_model_path
+    from ..models import resolve_model_path
     from ..train.checkpoint import atomic_write_json, read_json
     from ..train.distributed import DistConfig, DistributedTrainer
     from ..train.fsdp import meta_model
@@ -132,7 +132,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
         dcfg.validate()
         state, old_run = run_folder.check_folder(out, rs.resume, rs.overwrite)
         _say0(env, f"loading {spec.model} ...")
-        teacher, tok = load_model(spec.model, device=str(env.device))
+        teacher, tok = single.load_teacher(spec, str(env.device), lambda m: _say0(env, m))
         single.check_save_options(spec, teacher)
         train_bos, eval_bos = single.bos_choices(spec, tok)
         train, val = training_sequences(tok, d.sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
@@ -259,7 +259,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
         return 0
 
     # ---- stage 4 (rank 0): the plain student, perplexity, files
-    base, tok = load_model(spec.model, device="cpu")
+    base, tok = single.load_teacher(spec, "cpu")   # the same (rotated) weights the student was made from
     final_student = make_student(base, rc, initialize=False)
     missing, unexpected = final_student.load_state_dict(full, strict=False)
     if missing or unexpected:

@@ -60,7 +60,10 @@ def summary_markdown(s: dict) -> str:
     k = s.get("num_paths", 2)
     st = s.get("stages") or {}
     sw = ev.get("stage_windows")  # intermediate stages scored on the first sw windows only (None: on all)
-    lines = [f"RaBiT {k}-bit ({s.get('mode')}) of {s.get('model')}", "",
+    rot = s.get("rotation")
+    rot = (f", residual stream rotated{' with the attention values' if rot.get('values') else ''} (seed "
+           f"{rot.get('seed')})") if rot else ""
+    lines = [f"RaBiT {k}-bit ({s.get('mode')}) of {s.get('model')}{rot}", "",
              f"Perplexity: {ev.get('description', '')}"
              + (f"; the intermediate stages on the first {sw} of them" if sw else ""), ""]
     if sw:

@@ -191,3 +191,29 @@ def test_cli_diagnose_saved_rabit_folder(tiny_folder, tmp_path, monkeypatch):
                "--calib-samples", "2", "--calib-len", "32", "--json", str(out)])
     assert rc == 0
     assert len(json.loads(out.read_text())["layers"]) == 14
+
+
+def test_cli_diagnose_rotates_the_teacher_as_the_student_was(tiny_folder, tmp_path, monkeypatch, capsys):
+    """A student made from a rotated model is compared with the teacher rotated the same way (its folder records
+    how), not with the plain teacher, whose layers see other inputs: with the wrong teacher every layer's error
+    would be about that of unrelated weights."""
+    from rabit import serialization
+    from rabit.cli import main
+    from rabit.models import load_model
+    from rabit.rotation import ROTATION_ATTR, rotate_
+
+    folder, text = tiny_folder
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model(str(folder))
+    rotate_(model, seed=3)
+    q = quantize_(model, RaBiTConfig(precondition=False))
+    saved = tmp_path / "q"
+    serialization.save_quantized(q, saved, tokenizer=tok)
+    assert getattr(load_model(str(saved))[0], ROTATION_ATTR) == {"seed": 3, "values": True}
+    out = tmp_path / "d.json"
+    rc = main(["diagnose", str(saved), "--teacher", str(folder), "--calib-source", str(text),
+               "--calib-samples", "2", "--calib-len", "32", "--json", str(out)])
+    assert rc == 0 and "rotated the teacher as the student's source was (seed 3, values too)" in capsys.readouterr().out
+    layers = json.loads(out.read_text())["layers"]
+    errs = [r["rel_err_all"] for r in (layers.values() if isinstance(layers, dict) else layers)]
+    assert len(errs) == 14 and max(errs) < 0.9, errs

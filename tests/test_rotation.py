@@ -193,3 +193,21 @@ def test_the_default_leaves_an_unsupported_model_as_it_is_and_rotate_is_refused_
         "(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"]
     with pytest.raises(ValueError, match="Gemma3ForCausalLM is not a supported architecture"):
         load_teacher(parse("--model", str(tmp_path / "gemma"), "--rotate"), "cpu")
+
+
+def test_a_rotation_is_recorded_once_and_a_bad_record_is_refused_at_load():
+    from rabit.rotation import ROTATION_ATTR, check_rotation_record
+    from rabit.serialization import validate_quantization_config
+
+    model = make_tiny_llama()
+    rotate_(model, seed=4, values=False)
+    assert getattr(model, ROTATION_ATTR) == {"seed": 4, "values": False}
+    with pytest.raises(ValueError, match="rotated before"):
+        rotate_(model, seed=5)
+    assert check_rotation_record({"seed": 1, "values": True}) == {"seed": 1, "values": True}
+    qc = {"quant_method": "rabit", "format_version": 1, "num_paths": 2, "packing": {"layout": "tiled16x32"},
+          "scale_dtype": "float16", "modules": ["a"]}
+    validate_quantization_config(qc)
+    for bad in ({"seed": "0", "values": True}, {"seed": 0}, {"seed": True, "values": True}, [0, True]):
+        with pytest.raises(ValueError, match="rotation: expected"):
+            validate_quantization_config({**qc, "rotation": bad})

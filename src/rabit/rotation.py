@@ -23,6 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# the attribute rotate_ leaves on a model (copied with it, saved in its quantization_config, read back at load):
+# {"seed": int, "values": bool}, what rabit diagnose needs to rotate the full-precision teacher the same way
+ROTATION_ATTR = "rabit_rotation"
+
 # architectures whose decoder layers are exactly: x += o(attn(norm1(x))); x += down(act(gate(n)) * up(n)), n = norm2(x)
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _LAYER_NORMS = {"input_layernorm", "post_attention_layernorm"}
@@ -139,10 +143,15 @@ def rotate_(model: nn.Module, seed: int = 0, values: bool = True, check: bool = 
 
     check: compare the logits of a short random sequence before and after, and raise RuntimeError if they moved
     by more than fp32 rounding (an architecture whose layers differ from what the rewrite assumes).
+    Records {"seed", "values"} on the model (ROTATION_ATTR): a saved quantized model keeps it, so that the
+    full-precision teacher can be rotated the same way later (rabit diagnose).
     """
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(reason)
+    if getattr(model, ROTATION_ATTR, None) is not None:
+        raise ValueError(f"this model was rotated before ({getattr(model, ROTATION_ATTR)}): rotating it again would "
+                         "leave a record that no longer says how to rebuild its teacher")
     d = model.model.embed_tokens.weight.shape[1]
     attn = model.model.layers[0].self_attn
     head_q = random_orthogonal(attn.head_dim, seed + 1) if values else None
@@ -164,4 +173,13 @@ def rotate_(model: nn.Module, seed: int = 0, values: bool = True, check: bool = 
         if not rel < 1e-3:
             raise RuntimeError(f"rotating {type(model).__name__} changed its logits by {rel:.2e} (relative): its "
                                "layers are not the pre-norm form the rotation assumes")
+    setattr(model, ROTATION_ATTR, {"seed": int(seed), "values": bool(values)})
     return model
+
+
+def check_rotation_record(rot, source: str = "rotation") -> dict:
+    """A saved rotation record ({"seed": int, "values": bool}); raises ValueError naming `source`."""
+    if not (isinstance(rot, dict) and set(rot) == {"seed", "values"} and isinstance(rot["seed"], int)
+            and not isinstance(rot["seed"], bool) and isinstance(rot["values"], bool)):
+        raise ValueError(f"{source}: expected {{\"seed\": int, \"values\": bool}}, got {rot!r}")
+    return rot

@@ -185,6 +185,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     comps = storage.component_modules(model)
     if comps:
         qc["component_modules"] = comps
+    from .rotation import ROTATION_ATTR
+
+    if getattr(model, ROTATION_ATTR, None) is not None:   # how the source model was rotated before quantization
+        qc["rotation"] = dict(getattr(model, ROTATION_ATTR))
     rc = getattr(model, "rabit_config", None)
     if rc is not None:
         if hasattr(rc, "to_dict"):
@@ -266,6 +270,10 @@ def validate_quantization_config(qc, source: str = "quantization_config") -> dic
     if tied is not None and (not isinstance(tied, dict) or
                              not all(isinstance(a, str) and isinstance(b, str) for a, b in tied.items())):
         raise ValueError(f"{source}: tied_weights must map tensor names to tensor names")
+    if qc.get("rotation") is not None:
+        from .rotation import check_rotation_record
+
+        check_rotation_record(qc["rotation"], f"{source}: rotation")
     return qc
 
 
@@ -355,6 +363,10 @@ def check_checkpoint(model: nn.Module, files: list[str], qc: dict) -> None:
 
 
 def _attach_rabit_config(model: nn.Module, qc: dict) -> None:
+    if qc.get("rotation") is not None:   # checked by validate_quantization_config
+        from .rotation import ROTATION_ATTR
+
+        setattr(model, ROTATION_ATTR, dict(qc["rotation"]))
     rc = qc.get("rabit_config")
     if rc is None:
         return

@@ -121,6 +121,13 @@ def run(args) -> int:
         student = quantize_(copy.deepcopy(teacher), cfg, stats=stats, progress=True)
     else:
         student, _ = load_model(args.path, device=device)
+        from ..rotation import ROTATION_ATTR, rotate_
+
+        rot = getattr(student, ROTATION_ATTR, None)
+        if rot is not None:   # compare layer by layer with the teacher the student was made from
+            rotate_(teacher, seed=rot["seed"], values=rot["values"])
+            print(f"rotated the teacher as the student's source was (seed {rot['seed']}, values "
+                  f"{'too' if rot['values'] else 'not'})", flush=True)
     print(f"loaded student {args.path} and teacher {teacher_name} in {time.time() - t0:.1f} s", flush=True)
 
     t0 = time.time()

@@ -34,7 +34,7 @@ _HEAD_NORMS = {"q_norm", "k_norm"}   # Qwen 3: per-head norms after q/k, untouch
 
 
 def random_orthogonal(d: int, seed: int) -> torch.Tensor:
-    """A Haar-random orthogonal d x d matrix (float64), the same for the same (d, seed) on every machine."""
+    """A Haar-random orthogonal d x d matrix (float64), reproducible from (d, seed) (a seeded CPU generator)."""
     if d < 1:
         raise ValueError(f"random_orthogonal: d must be positive, got {d}")
     g = torch.Generator().manual_seed(seed)

@@ -163,7 +163,8 @@ def default_seq_len(train_latents: bool) -> int:
 def _default_train() -> TrainConfig:
     # the defaults rotate where the model allows it (JobSpec.rotate None), as the default model does
     return TrainConfig(train_latents=False, grad_accum=FROZEN_GRAD_ACCUM,
-                       optim=dataclasses.replace(TrainConfig().optim, scale_lr=ROTATED_FROZEN_SCALE_LR))
+                       optim=dataclasses.replace(TrainConfig().optim,
+                                                 scale_lr=default_scale_lr(train_latents=False, rotated=True)))
 
 
 @dataclass

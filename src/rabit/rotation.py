@@ -114,7 +114,7 @@ def rotate_residual_(model: nn.Module, q: torch.Tensor, head_q: torch.Tensor | N
         writes(a.o_proj)
         writes(m.down_proj)
         if head_q is not None:
-            _rotate_values(a, head_q.to(torch.float64), d)
+            _rotate_values(a, head_q.to(torch.float64))
     return model
 
 
@@ -125,7 +125,7 @@ def _rows_times(w: torch.Tensor, m: torch.Tensor, out: torch.Tensor, rows: int =
         out[r:r + rows] = (w[r:r + rows].to(torch.float64) @ m).to(out.dtype)
 
 
-def _rotate_values(attn: nn.Module, r: torch.Tensor, d: int) -> None:
+def _rotate_values(attn: nn.Module, r: torch.Tensor) -> None:
     """v' = v R per head: v_proj's rows (and bias) R^T per head, o_proj's input columns R per head."""
     hd = r.shape[0]
     v, o = attn.v_proj, attn.o_proj

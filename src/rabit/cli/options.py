@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import INITS, LATENT_INITS, MODES, STES
 from ..data import MIXES
 from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
-from ..job import EVAL_DTYPES, JobSpec, default_grad_accum, default_scale_lr, default_seq_len
+from ..job import EVAL_DTYPES, JobSpec
 
 TEACHER_MODES = ("shard", "bf16", "replicate")
 MUON_MODES = ("owner", "dtensor")
@@ -206,12 +206,12 @@ _OPTIONS = [
            "write memory.json (peak memory, optimizer-state bytes per rank)", "true"),
 ]
 OPTIONS = {o.flag: o for o in _OPTIONS}
-# Left unset, these let a multi-process run regroup the rows of a step (JobSpec.auto_split).
-_BATCH_FLAGS = ("--batch-size", "--grad-accum")
-# Left unset, the training sequence length follows whether the latents train (JobSpec.auto_seq_len).
-_SEQ_FLAG = "--seq-len"
-_SCALE_LR_FLAG = "--scale-lr"   # likewise the scales' learning rate (JobSpec.auto_scale_lr)
-_RESOLVED_FLAGS = (*_BATCH_FLAGS, _SEQ_FLAG, _SCALE_LR_FLAG)   # argparse default None: "unset" must be told from the default
+# Flags whose default JobSpec.resolve_batch fills in when they are left unset, and the JobSpec field that says so:
+# the batch flags let a multi-process run regroup the rows of a step (auto_split); the training sequence length and
+# the scales' learning rate follow whether the latents train (and the rotation). argparse gives them None, so that
+# "unset" can be told from the default.
+_AUTO = {"--batch-size": "auto_split", "--grad-accum": "auto_split", "--seq-len": "auto_seq_len",
+         "--scale-lr": "auto_scale_lr"}
 
 
 def get_field(obj, path: str):
@@ -242,7 +242,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
             g.add_argument(o.flag, dest=o.path, type=o.type, choices=o.choices,
                            metavar=None if o.choices else o.flag[2:].upper().replace("-", "_"),
                            action="append" if o.append else "store",
-                           default=None if o.flag in _RESOLVED_FLAGS or o.append else default, help=o.help + shown)
+                           default=None if o.flag in _AUTO or o.append else default, help=o.help + shown)
     import argparse as _argparse
 
     groups["RaBiT layers"].add_argument(
@@ -273,16 +273,15 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
         value = values.get(o.path)
         if o.append and value is not None:
             value = tuple(value)
-        if value is None and (o.flag in _RESOLVED_FLAGS or o.append):
+        if value is None and (o.flag in _AUTO or o.append):
             continue
         _set_field(spec, o.path, value)
     if spec.train_minutes is not None and spec.tokens != JobSpec.tokens:
         raise ValueError("give one training budget: --tokens or --train-minutes, not both")
     if spec.job_minutes is not None and spec.tokens != JobSpec.tokens:
         raise ValueError("give one training budget: --tokens or --job-minutes, not both")
-    spec.auto_split = all(values.get(OPTIONS[f].path) is None for f in _BATCH_FLAGS)
-    spec.auto_seq_len = values.get(OPTIONS[_SEQ_FLAG].path) is None
-    spec.auto_scale_lr = values.get(OPTIONS[_SCALE_LR_FLAG].path) is None
+    for field in set(_AUTO.values()):
+        setattr(spec, field, all(values.get(OPTIONS[f].path) is None for f, a in _AUTO.items() if a == field))
     spec.resolve_batch()   # latent training keeps Muon's larger step (one sequence per step is for frozen latents)
     return spec
 
@@ -290,17 +289,15 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
 def job_to_argv(spec: JobSpec) -> list[str]:
     """The `rabit quantize` flags that rebuild `spec` (only those that differ from the defaults)."""
     defaults = JobSpec()
+    # what job_from_args gives a resolved flag left unset, for this spec's latents and rotation
+    resolved = JobSpec(rotate=spec.rotate)
+    resolved.train.train_latents = spec.train.train_latents
+    resolved.resolve_batch()
     argv: list[str] = []
     for o in _OPTIONS:
-        value, default = get_field(spec, o.path), get_field(defaults, o.path)
-        if o.path == "train.grad_accum":
-            default = default_grad_accum(spec.train.train_latents)   # what job_from_args gives without the flag
-        if o.path == "data.seq_len":
-            default = default_seq_len(spec.train.train_latents)
-        if o.path == "train.optim.scale_lr":
-            default = default_scale_lr(spec.train.train_latents, spec.rotate is not False)
-        forced = ((o.flag in _BATCH_FLAGS and not spec.auto_split) or (o.flag == _SEQ_FLAG and not spec.auto_seq_len)
-                  or (o.flag == _SCALE_LR_FLAG and not spec.auto_scale_lr))
+        auto = _AUTO.get(o.flag)
+        value, default = get_field(spec, o.path), get_field(resolved if auto else defaults, o.path)
+        forced = auto is not None and not getattr(spec, auto)
         if value == default and not forced:
             continue
         if o.kind in ("true", "false"):

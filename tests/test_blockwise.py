@@ -432,3 +432,27 @@ def test_block_stage_forward_passes_follow_its_autocast_setting(bf16):
         assert r.loss_after == pytest.approx(ref.loss_after, rel=0.1 if bf16 else 1e-6)
     for p in student.parameters():
         assert p.dtype == torch.float32
+
+
+def test_layers_with_a_bias_fit_the_deviations_and_the_bias_takes_the_mean_error():
+    teacher = make_tiny_llama(layers=2, seed=3)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(3))
+    student = make_student(teacher, RaBiTConfig(add_bias=True), calibration=calib[:4])
+    layers = rabit_layers(student)
+    assert all(layer.bias is not None and not layer.bias.any() for layer in layers.values())
+    plain = make_student(teacher, RaBiTConfig(), calibration=calib[:4])
+    assert all(layer.bias is None for layer in rabit_layers(plain).values())
+    records = BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=2), progress=False).run()
+    assert len(records) == 2 and all(layer.bias.abs().max() > 0 for layer in layers.values())
+    # block 0's q_proj sees the same inputs in both models (embeddings, then the same norm): on the refinement rows
+    # its output error has mean zero (the bias took it), though the error itself does not vanish
+    outs = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        q = model.model.layers[0].self_attn.q_proj
+        handle = q.register_forward_hook(lambda m, a, out, name=name: outs.__setitem__(name, out.detach()))
+        with torch.no_grad():
+            model(calib[:4])
+        handle.remove()
+    err = (outs["student"] - outs["teacher"]).reshape(-1, outs["teacher"].shape[-1])
+    assert err.mean(0).abs().max() < 1e-4 * err.pow(2).mean().sqrt()
+    assert err.pow(2).mean().sqrt() > 1e-3 * outs["teacher"].pow(2).mean().sqrt()

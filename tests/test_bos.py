@@ -87,9 +87,9 @@ def test_quantize_uses_one_bos_rule_for_training_calibration_and_eval(bos_run_fi
             "--train-data", str(bos_run_files / "train.txt"), "--eval-data", str(bos_run_files / "eval.txt"),
             "--eval-seq-len", "32", "--eval-windows", "1", "--seq-len", "32", "--tokens", "64", "--grad-accum", "1",
             "--calib-samples", "2", "--calib-len", "32", "--val-sequences", "0", "--no-progress", "--threads", "1",
-            "--skip-init-eval", "--isvid-rounds", "0"] + ([flag] if flag else [])
+            "--skip-init-eval", "--isvid-rounds", "0", "--precondition"] + ([flag] if flag else [])
     assert main(argv) == 0
-    # calibration rows are drawn twice: for the initialization and for the block-wise stage
+    # calibration rows are drawn twice: for the initialization's preconditioning and for the block-wise stage
     assert seen["train"] == [expect_bos] and seen["calib"] == [expect_bos, expect_bos]
     assert seen["eval"] and set(seen["eval"]) == {1 if expect_bos else None}
     summary = json.loads((out / "summary.json").read_text())

@@ -5,6 +5,7 @@ import pytest
 
 from rabit.cli import build_parser
 from rabit.cli.options import job_from_args, job_to_argv
+from rabit import RaBiTConfig
 from rabit.job import JobSpec
 from rabit.run_identity import identity_changes
 from rabit.train import TrainConfig
@@ -41,11 +42,22 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     assert _parse("--train-latents", "--scale-lr", "3e-4").train.optim.scale_lr == 3e-4
     given = _parse("--scale-lr", "3e-4")
     assert not given.auto_scale_lr and job_to_argv(given) == ["--scale-lr", "0.0003"] and _parse(*job_to_argv(given)) == given
+    # ... and a bias on every quantized layer (RaBiTConfig's own default has none)
+    assert JobSpec().rabit.add_bias and not _parse("--no-add-bias").rabit.add_bias and not RaBiTConfig().add_bias
+    assert job_to_argv(_parse("--no-add-bias")) == ["--no-add-bias"]
+    # ... and no preconditioning (no calibration pass) unless the model stays unrotated or a flag says otherwise
+    assert JobSpec().rabit.precondition is _parse().rabit.precondition is _parse("--rotate").rabit.precondition is False
+    assert _parse("--no-rotate").rabit.precondition is True and job_to_argv(_parse("--no-rotate")) == ["--no-rotate"]
+    for argv, value in ((["--precondition"], True), (["--no-rotate", "--no-precondition"], False)):
+        given = _parse(*argv)
+        assert given.rabit.precondition is value and not given.auto_precondition
+        assert job_to_argv(given) == argv and _parse(*job_to_argv(given)) == given
 
 
 def test_a_job_spec_survives_the_round_trip_through_flags():
     spec = JobSpec(model="some/model", tokens=1234, warmup=3.0)
     spec.rabit.mode, spec.rabit.precondition, spec.rabit.exclude = "frozen", False, ("q_proj", "lm_head")
+    spec.rabit.add_bias = False
     spec.train = dataclasses.replace(spec.train, gamma=5.0, batch_size=2, grad_accum=2, autocast=False,
                                      optim=dataclasses.replace(spec.train.optim, latent_lr=1e-2))
     spec.auto_split = False
@@ -122,6 +134,12 @@ def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_pat
     old = JobSpec(rotate=False).run_record("/m", 100, autocast=False)
     new = JobSpec(rotate=True).run_record("/m", 100, autocast=False)
     assert "--resume --no-rotate" in str(different_run_error(tmp_path, old, new))
+    # settings a --x / --no-x pair sets are named by the flag that gives the stored value
+    unrotated = _parse("--no-rotate")
+    before = unrotated.run_record("/m", 100, autocast=False)
+    unrotated.rabit.precondition = False
+    message = str(different_run_error(tmp_path, before, unrotated.run_record("/m", 100, autocast=False)))
+    assert "rabit_config.precondition: True -> False" in message and "--resume --precondition;" in message
     from conftest import make_tiny_llama
     from rabit.testing import tiny_tokenizer
 
@@ -131,7 +149,7 @@ def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_pat
     spec = _parse("--model", str(tmp_path / "llama"))
     load_teacher(spec, "cpu", said.append)
     assert spec.rotate is True and said == ["rotating the residual stream and the attention values (seed 0) ..."]
-    assert spec.train.optim.scale_lr == 3e-4
+    assert spec.train.optim.scale_lr == 3e-4 and spec.rabit.precondition is False
 
 
 def test_validate_names_the_flag():

@@ -168,3 +168,31 @@ def test_coupled_latent_derives_the_paths_signs_exactly(seed):
     keep = torch.stack([d == p[1] for d, p in zip(coupled_signs(w, [p[0] for p in paths], [p[2] for p in paths]),
                                                     paths)]).all(0)
     assert torch.equal(latent[keep], w[keep])
+
+
+def test_centered_sums_and_fitted_bias_solve_the_fit_with_a_bias():
+    from rabit.ops.refine import centered_sums, fitted_bias, output_target
+
+    gen = torch.Generator().manual_seed(7)
+    n, d, out = 400, 6, 5
+    x = torch.randn(n, d, generator=gen) + 3.0 * torch.randn(d, generator=gen)   # inputs with a large mean
+    w, b0 = torch.randn(out, d, generator=gen), torch.randn(out, generator=gen)
+    t = x @ w.T + b0                                                             # affine targets
+    H, T = x.T @ x, t.T @ x
+    Hc, Tc = centered_sums(H, x.sum(0), n, T, t.sum(0))
+    xc, tc = x - x.mean(0), t - t.mean(0)
+    torch.testing.assert_close(Hc, xc.T @ xc, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(Tc, tc.T @ xc, rtol=1e-4, atol=1e-3)
+    assert centered_sums(H, x.sum(0), n)[1] is None
+    # the centered least-squares weight and its fitted bias recover the affine map exactly
+    wt = output_target(torch.zeros_like(w), Hc, Tc, damp=0.0)
+    torch.testing.assert_close(wt, w, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fitted_bias(wt, x.sum(0), t.sum(0), n), b0, rtol=1e-3, atol=1e-3)
+    # for any fixed Q the fitted bias is the best one: every other bias leaves a larger error
+    q = torch.sign(w) * w.abs().mean()
+    best = fitted_bias(q, x.sum(0), t.sum(0), n)
+    loss = lambda b: float((x @ q.T + b - t).pow(2).sum())   # noqa: E731
+    for _ in range(5):
+        assert loss(best) < loss(best + 0.05 * torch.randn(out, generator=gen))
+    with pytest.raises(ValueError, match="s_t"):
+        centered_sums(H, x.sum(0), n, T)

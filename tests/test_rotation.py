@@ -170,7 +170,9 @@ def test_quantize_with_rotation_scores_the_same_teacher_and_saves_a_loadable_mod
     assert "rotation: 'residual+values' -> 'residual'" in err and "--resume --rotate" in err
     plain = [a for a in args if a != "--rotate"]
     assert main(plain + ["--no-rotate", "--resume"]) == 2
-    assert "--resume --rotate" in capsys.readouterr().err
+    # unrotated, the job would also precondition (and calibrate for it): the hint names both flags
+    hint = capsys.readouterr().err.split("--resume ")[-1].split(";")[0].split()
+    assert "--rotate" in hint and "--no-precondition" in hint
 
 
 def test_the_default_leaves_an_unsupported_model_as_it_is_and_rotate_is_refused_there(tmp_path):
@@ -188,6 +190,7 @@ def test_the_default_leaves_an_unsupported_model_as_it_is_and_rotate_is_refused_
     spec = parse("--model", str(tmp_path / "gemma"))
     load_teacher(spec, "cpu", said.append)          # the default: no rotation, and a notice saying why
     assert spec.train.optim.scale_lr == 1e-3   # the unrotated model's measured learning rate
+    assert spec.rabit.precondition is True     # ... and its initialization, preconditioned by channel importance
     assert spec.rotate is False and spec.rotation == "none" and said == [
         "no rotation of the residual stream: Gemma3ForCausalLM is not a supported architecture for --rotate "
         "(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"]

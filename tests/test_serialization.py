@@ -256,3 +256,31 @@ def test_cli_error_is_one_line(saved, tmp_path, capsys):
     assert main(["generate", str(path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "format_version 7" in err
+
+
+def test_added_biases_are_saved_listed_and_decoded(tmp_path):
+    # RaBiTConfig.add_bias: quantized layers carry a bias the Llama architecture does not have
+    from rabit.generate import StaticDecoder
+
+    model = make_tiny_llama(seed=4)
+    quantize_(model, RaBiTConfig(precondition=False, init="svid", isvid_rounds=0, add_bias=True))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, RaBiTLinear):
+                layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=gen))
+    ref = _logits(model.eval())
+    save_quantized(model, tmp_path / "q", scale_dtype=torch.float32, dtype=torch.float32)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["bias_modules"] == qc["modules"]
+    q = load_quantized(tmp_path / "q")
+    assert q.model.layers[1].mlp.down_proj.bias is not None
+    torch.testing.assert_close(_logits(q), ref, rtol=0, atol=2e-5)
+    dec = StaticDecoder(q, max_len=16)
+    torch.testing.assert_close(dec.prefill(IDS, all_logits=True), ref, rtol=0, atol=1e-4)
+    # a list naming a module that is not quantized is refused
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["quantization_config"]["bias_modules"] = ["lm_head"]
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="bias_modules must be a list of names from modules"):
+        load_quantized(tmp_path / "q", verify=False)

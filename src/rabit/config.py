@@ -34,6 +34,9 @@ class RaBiTConfig:
         "reconstruction" (the initialized approximation sum_i g_i B_i h_i).
     exclude: module-name regexes kept in full precision. None means DEFAULT_EXCLUDE; user-given patterns
         must each match at least one module.
+    add_bias: give every quantized layer a bias (zeros where the source layer has none). The block stage's
+        refinement then fits the binary paths to the inputs' variation around their mean and sets the bias to the
+        mean output error (rabit.train.blockwise), and distillation trains it with the scales.
     """
 
     num_paths: int = 2
@@ -48,6 +51,7 @@ class RaBiTConfig:
     latent_init: str = "weight"
     exclude: tuple[str, ...] | None = None
     svid_power_iters: int = 30
+    add_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, list):
@@ -69,6 +73,8 @@ class RaBiTConfig:
             raise ValueError(f"isvid_rounds must be >= 0, got {self.isvid_rounds}")
         if self.ste_clip <= 0:
             raise ValueError(f"ste_clip must be > 0, got {self.ste_clip}")
+        if not isinstance(self.add_bias, bool):
+            raise ValueError(f"add_bias must be true or false, got {self.add_bias!r}")
         if self.svid_power_iters < 1:
             raise ValueError(f"svid_power_iters must be >= 1, got {self.svid_power_iters}")
         for name in ("alpha_in", "alpha_out"):

@@ -167,6 +167,12 @@ def _default_train() -> TrainConfig:
                                                  scale_lr=default_scale_lr(train_latents=False, rotated=True)))
 
 
+def _default_rabit() -> RaBiTConfig:
+    # rotated (the default where the model allows it), the initialization does without preconditioning; every
+    # quantized layer gets a bias, which the block stage sets (RESULTS.md section 36)
+    return RaBiTConfig(precondition=False, add_bias=True)
+
+
 @dataclass
 class JobSpec:
     model: str = DEFAULT_MODEL
@@ -191,7 +197,11 @@ class JobSpec:
     auto_seq_len: bool = True
     # True when --scale-lr was left unset: so does the scales' learning rate
     auto_scale_lr: bool = True
-    rabit: RaBiTConfig = field(default_factory=RaBiTConfig)
+    # True when neither --precondition nor --no-precondition was given: the initialization preconditions the weight
+    # by channel importance only on an unrotated model (rotated, the block stage's refinement ends at the same output
+    # error from a plain ISVID start, and the calibration pass the importance needs is most of the init's time)
+    auto_precondition: bool = True
+    rabit: RaBiTConfig = field(default_factory=_default_rabit)
     train: TrainConfig = field(default_factory=_default_train)  # steps/warmup_steps/autocast are resolved here
     data: DataSpec = field(default_factory=DataSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -267,7 +277,8 @@ class JobSpec:
         """With --batch-size and --grad-accum left unset (auto_split), the step size follows whether the latents
         train, and so do the sequence length with --seq-len unset (auto_seq_len) and the scales' learning rate with
         --scale-lr unset (auto_scale_lr), which also follows the rotation (rotate None counts as rotated until the
-        model is loaded): call after changing train.train_latents or rotate."""
+        model is loaded), as does the initialization's preconditioning with neither --precondition nor
+        --no-precondition (auto_precondition): call after changing train.train_latents or rotate."""
         if self.auto_split:
             self.train.grad_accum = default_grad_accum(self.train.train_latents)
         if self.auto_seq_len:
@@ -276,6 +287,8 @@ class JobSpec:
             self.train.optim = dataclasses.replace(self.train.optim,
                                                    scale_lr=default_scale_lr(self.train.train_latents,
                                                                              self.rotate is not False))
+        if self.auto_precondition:
+            self.rabit.precondition = self.rotate is False
 
     # --------------------------------------------------------------------------------------- derived
     @property

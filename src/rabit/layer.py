@@ -58,7 +58,8 @@ class RaBiTLinear(nn.Module):
             raise ValueError(f"expected a 2-D weight{where}, got shape {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             raise ValueError(f"weight{where} contains NaN or Inf")
-        layer = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, config=config, device=w.device)
+        layer = cls(w.shape[1], w.shape[0], bias=linear.bias is not None or config.add_bias, config=config,
+                    device=w.device)
         paths = layer.initialize(w, in_stat, out_stat)
         if on_paths is not None:
             on_paths(paths)

@@ -23,7 +23,8 @@ ADDED_SETTINGS = {"train.hidden_loss": "mse", "train.train_latents": True, "trai
                   "stages.blocks.act_order": False,
                   "train.time_budget_s": 0.0, "train.budget_warmup": 0.05,
                   "train.budget_refined": False, "train.budget_checks": 0,
-                  "data.bos": False, "data.mix": "size", "rotation": "none"}
+                  "data.bos": False, "data.mix": "size", "rotation": "none",
+                  "rabit_config.add_bias": False}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

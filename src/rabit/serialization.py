@@ -176,6 +176,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None,
           "packing": dict(PACKING_INFO), "scale_dtype": _dtype_name(scale_dtype), "modules": sorted(qlayers)}
     if len(ks) > 1:
         qc["module_num_paths"] = {n: k for n, k in sorted(num_paths.items())}
+    # the quantized layers with a bias, which need not be those of the architecture (RaBiTConfig.add_bias)
+    biased = sorted(n for n, layer in qlayers.items() if layer.bias is not None)
+    if biased:
+        qc["bias_modules"] = biased
     if tied:
         qc["tied_weights"] = tied
     qc["storage_dtype"] = _dtype_name(dtype)
@@ -261,6 +265,9 @@ def validate_quantization_config(qc, source: str = "quantization_config") -> dic
     if per is not None and (not isinstance(per, dict) or
                             not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in per.values())):
         raise ValueError(f"{source}: module_num_paths must map module names to integers >= 1")
+    biased = qc.get("bias_modules")
+    if biased is not None and (not isinstance(biased, list) or not set(biased) <= set(mods)):
+        raise ValueError(f"{source}: bias_modules must be a list of names from modules")
     sd = qc.get("storage_dtype")
     if sd is not None and sd not in SCALE_DTYPES:
         raise ValueError(f"{source}: storage_dtype {sd!r} is not one of {list(SCALE_DTYPES)}")
@@ -282,6 +289,8 @@ def replace_with_packed_skeleton(model: nn.Module, qc: dict, device="meta") -> n
     _, Packed = _layer_classes()
     scale_dtype = SCALE_DTYPES[qc["scale_dtype"]]
     per = qc.get("module_num_paths") or {}
+    # folders written before bias_modules existed: a quantized layer has a bias where the architecture has one
+    biased = set(qc["bias_modules"]) if "bias_modules" in qc else None
     for name in qc["modules"]:
         try:
             old = model.get_submodule(name)
@@ -295,7 +304,8 @@ def replace_with_packed_skeleton(model: nn.Module, qc: dict, device="meta") -> n
                              "not a linear layer")
         with torch.device(device):
             new = Packed(old.in_features, old.out_features, num_paths=per.get(name, qc["num_paths"]),
-                         bias=old.bias is not None, scale_dtype=scale_dtype, device=device)
+                         bias=name in biased if biased is not None else old.bias is not None,
+                         scale_dtype=scale_dtype, device=device)
         _set_module(model, name, new)
     if qc.get("embedding_quant"):
         embedquant.build_skeleton_(model, qc["embedding_quant"], device)

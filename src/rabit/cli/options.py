@@ -58,8 +58,10 @@ _OPTIONS = [
     Option("--isvid-rounds", "rabit.isvid_rounds", "RaBiT layers", "Gauss-Seidel rounds of iterative residual SVID",
            type=int),
     Option("--svid-power-iters", "rabit.svid_power_iters", "RaBiT layers", "power iterations of each SVID", type=int),
-    Option("--no-precondition", "rabit.precondition", "RaBiT layers", "skip activation/gradient preconditioning",
-           "false"),
+    Option("--no-add-bias", "rabit.add_bias", "RaBiT layers",
+           "leave quantized layers without a bias where the source has none (by default each gets one: the block "
+           "stage fits the binary paths to their inputs' deviations from the mean and sets the bias to the mean "
+           "output error; distillation trains it)", "false"),
     Option("--alpha-in", "rabit.alpha_in", "RaBiT layers", "input-channel preconditioning exponent", type=float),
     Option("--alpha-out", "rabit.alpha_out", "RaBiT layers", "output-channel preconditioning exponent", type=float),
     Option("--ste", "rabit.ste", "RaBiT layers", "straight-through estimator", choices=STES),
@@ -251,6 +253,11 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
              "orthogonal matrix (seeded by --seed): the same function, weights without outlier channels, a better "
              "2-bit model (docs/TRAINING.md); the saved model then stores its own output head (default: on for "
              "Llama, Mistral and Qwen, which it supports)")
+    groups["RaBiT layers"].add_argument(
+        "--precondition", dest="rabit.precondition", action=_argparse.BooleanOptionalAction, default=None,
+        help="initialize on the weight scaled by input-activation and output-gradient importance from a calibration "
+             "pass (--alpha-in, --alpha-out) (default: only on a model that is not rotated; rotated, the block "
+             "stage's refinement reaches the same output error from plain ISVID, without the calibration pass)")
     groups["data"].add_argument("--bos", dest="data.bos", action=_argparse.BooleanOptionalAction, default=None,
                                 help="start training, calibration and perplexity sequences with BOS (default: as "
                                      "the tokenizer does when encoding text)")
@@ -269,8 +276,13 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
     spec = JobSpec()
     values = vars(args)
     for o in _OPTIONS + [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", ""),
-                         Option("--block-bf16", "blocks.autocast", "", ""), Option("--rotate", "rotate", "", "")]:
+                         Option("--block-bf16", "blocks.autocast", "", ""), Option("--rotate", "rotate", "", ""),
+                         Option("--precondition", "rabit.precondition", "", "")]:
         value = values.get(o.path)
+        if o.flag == "--precondition":
+            spec.auto_precondition = value is None
+            if value is None:
+                continue
         if o.append and value is not None:
             value = tuple(value)
         if value is None and (o.flag in _AUTO or o.append):
@@ -317,6 +329,8 @@ def job_to_argv(spec: JobSpec) -> list[str]:
         argv.append("--block-bf16" if spec.blocks.autocast else "--no-block-bf16")
     if spec.rotate is not None:
         argv.append("--rotate" if spec.rotate else "--no-rotate")
+    if not spec.auto_precondition:
+        argv.append("--precondition" if spec.rabit.precondition else "--no-precondition")
     return argv
 
 
@@ -327,6 +341,18 @@ def flag_for(record_key: str) -> str | None:
         if o.path.rsplit(".", 1)[-1] == last and o.kind == "value" and not o.append:
             return o.flag
     return None
+
+
+# run.json settings that a pair of flags turns on and off (--x / --no-x), by their key in the record
+_ON_OFF = {"rabit_config.precondition": "--precondition", "data.bos": "--bos"}
+
+
+def on_off_flag(record_key: str, value) -> str | None:
+    """The flag of a --x / --no-x pair that gives a run.json setting the boolean `value`, if a pair sets it."""
+    flag = _ON_OFF.get(record_key)
+    if flag is None or not isinstance(value, bool):
+        return None
+    return flag if value else "--no-" + flag[2:]
 
 
 def copy_job(spec: JobSpec) -> JobSpec:

@@ -1,5 +1,6 @@
-"""`rabit quantize`: the main job. Calibrate, initialize (ISVID + preconditioning), distill from the
-full-precision teacher for a token budget, evaluate perplexity before and after, and save the 2-bit model.
+"""`rabit quantize`: the main job. Rotate (where supported), initialize (ISVID; preconditioned by calibration
+statistics on an unrotated model), refine block by block, distill from the full-precision teacher for a token
+budget, evaluate perplexity after each stage, and save the 2-bit model.
 
 Everything lands in one run folder (default runs/<model>-<mode>):
 
@@ -32,10 +33,10 @@ from .options import add_job_arguments, job_from_args
 
 def add_parser(sub):
     p = sub.add_parser(
-        "quantize", help="compress a causal LM to 2 bits: calibrate, initialize, distill, evaluate, save",
-        description="Compress a causal LM to 2 bits with RaBiT: calibrate, initialize (ISVID + "
-                    "preconditioning), distill from the full-precision model for a token budget, "
-                    "evaluate perplexity before and after, and save the result. With no arguments, "
+        "quantize", help="compress a causal LM to 2 bits: rotate, initialize, refine, distill, evaluate, save",
+        description="Compress a causal LM to 2 bits with RaBiT: rotate the residual stream (where supported), "
+                    "initialize (ISVID), refine block by block, distill from the full-precision model for a "
+                    "token budget, evaluate perplexity after each stage, and save the result. With no arguments, "
                     f"runs on {DEFAULT_MODEL} with defaults sized for 15-20 minutes on 2 CPU cores.")
     add_job_arguments(p)
     return p

@@ -270,6 +270,34 @@ def corrected_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: fl
 
 
 @torch.no_grad()
+def centered_sums(H: torch.Tensor, s: torch.Tensor, n: int, T: torch.Tensor | None = None,
+                  s_t: torch.Tensor | None = None):
+    """(H_c, T_c): the sums H = sum x~ x~^T and T = sum t x~^T of n tokens turned into the sums of deviations from
+    the means, sum (x~ - m~)(x~ - m~)^T and sum (t - m_t)(x~ - m~)^T, given s = sum x~ and s_t = sum t.
+
+    With a free bias b, min over (Q, b) of sum ||Q x~ + b - t||^2 is the same problem on centered inputs and
+    targets, and b = m_t - Q m~ (fitted_bias). A quantized layer then spends its sign and scale choices on how its
+    inputs vary, not on their mean: the normalized inputs of the layers after a norm share one direction that
+    carries about half their energy (RESULTS.md section 36), which the binary paths otherwise have to reproduce."""
+    if n < 1:
+        raise ValueError(f"need at least one token, got n={n}")
+    s = s.to(torch.float32)
+    Hc = H - torch.outer(s, s) / n
+    if T is None:
+        return Hc, None
+    if s_t is None:
+        raise ValueError("T needs s_t, the sum of the targets")
+    return Hc, T - torch.outer(s_t.to(torch.float32), s) / n
+
+
+@torch.no_grad()
+def fitted_bias(q: torch.Tensor, s: torch.Tensor, s_t: torch.Tensor, n: int) -> torch.Tensor:
+    """The least-squares bias of a layer computing Q x~ + b towards targets t: mean(t) - Q mean(x~), from the sums
+    s = sum x~ and s_t = sum t of n tokens."""
+    return (s_t.to(torch.float32) - q.to(torch.float32) @ s.to(torch.float32)) / n
+
+
+@torch.no_grad()
 def coupled_latent(paths, preferred: torch.Tensor | None = None) -> torch.Tensor:
     """A latent weight whose coupled derivation (B_1 = sign(W), B_2 = sign(W - g_1 B_1 h_1), ...) gives exactly
     the paths' sign planes, so that a coupled layer starts from refined signs.

@@ -32,7 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layer import RaBiTLinear
-from ..ops.refine import corrected_target, coupled_latent, output_target, refine_paths
+from ..ops.refine import (centered_sums, corrected_target, coupled_latent, fitted_bias, output_target,
+                          refine_paths)
+from ..ops.svid import reconstruct
 from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, flat_input, layer_groups,
                           layer_output, no_autocast, run_capturing, to_device)
 from .losses import autocast_context, decoder_layers
@@ -336,21 +338,31 @@ class BlockReconstruction:
             stream = (cfg.refine_inputs == "residual" and g < len(groups) - 1 and len(group) == 1
                       and self._adds_to_stream(s_block, kw, x0, group[0]))
             H = C = E = None
+            # token count and input sums (student's, teacher's) for layers with a bias: see _fit_bias
+            sums = {"n": 0, "q": 0.0, "fp": 0.0}
             for b, (j0, j1) in enumerate(batches):
                 def accumulate(name, xq, b=b, j0=j0, j1=j1):
                     nonlocal H, C, E
                     with no_autocast(xq):   # called inside the (bf16) pass: the sums stay fp32
                         h = xq.T @ xq
                         H = h if H is None else H + h
+                        sums["n"] += xq.shape[0]
+                        sums["q"] = sums["q"] + xq.float().sum(0)
                         if corrected:
                             c = fp_inputs[name][b].T @ xq
                             C = c if C is None else C + c
+                            sums["fp"] = sums["fp"] + fp_inputs[name][b].float().sum(0)
                         if stream:
                             d = (x_fp.data[j0:j1] - x_q.data[j0:j1]).to(self.device).float()
                             e = d.reshape(-1, d.shape[-1]).T @ xq
                             E = e if E is None else E + e
                 with self._autocast():
                     run_capturing(s_block, kw, x_q.data[j0:j1].to(self.device), group[:1], accumulate)
+            # with a bias the layers fit their inputs' deviations from the mean, and the bias the mean
+            center = E is None and all(layers[name].bias is not None for name in group)
+            s_ref = sums["fp"] if C is not None else sums["q"]   # the sum of the inputs the targets are W of
+            if center:
+                H, C = centered_sums(H, sums["q"], sums["n"], C, sums["fp"] if C is not None else None)
             for name in group:
                 w = t_block.get_submodule(name).weight.detach().float()
                 if E is not None:
@@ -360,8 +372,22 @@ class BlockReconstruction:
                 else:
                     target = w
                 ratios.append(self._refine_layer(layers[name], target, H, preferred=target))
+                if center:
+                    source_bias = t_block.get_submodule(name).bias
+                    s_t = w @ s_ref
+                    if source_bias is not None:
+                        s_t = s_t + sums["n"] * source_bias.detach().float()
+                    self._fit_bias(layers[name], sums["q"], s_t, sums["n"])
                 fp_inputs.pop(name, None)
         return ratios
+
+    @staticmethod
+    @torch.no_grad()
+    def _fit_bias(layer: RaBiTLinear, s: torch.Tensor, s_t: torch.Tensor, n: int) -> None:
+        """Set the layer's bias to the mean of what its paths leave: mean(t) - Q mean(x~) (ops.refine.fitted_bias)
+        for targets t on inputs x~ with sums s_t, s over n tokens."""
+        layer.bias.copy_(fitted_bias(reconstruct(layer.paths()), s, s_t, n))
+        layer._cache = None
 
     def _adds_to_stream(self, block: nn.Module, kw: dict, x: torch.Tensor, name: str) -> bool:
         """_adds_to_stream, checked once per block class and layer name (one block pass each time)."""
@@ -385,6 +411,7 @@ class BlockReconstruction:
         output for the block to land on the teacher's output (the rest carries the residual stream's error)."""
         layer = s_block.get_submodule(name)
         H = T = None
+        sums = {"n": 0, "m": 0.0, "t": 0.0}
         # The block's output after L is refined is rest + L_new(m) on the same rows: keep rest and m (L's input as
         # the block gave it) when they fit, so that run() need not pass these rows through the block again.
         keep = self.cfg.epochs == 0 and self._keep_fits(x_q, layer)
@@ -414,11 +441,18 @@ class BlockReconstruction:
             m = cap["m"]
             H = m.T @ m if H is None else H + m.T @ m
             T = t.T @ m if T is None else T + t.T @ m
+            sums["n"] += m.shape[0]
+            sums["m"] = sums["m"] + m.sum(0)
+            sums["t"] = sums["t"] + t.sum(0)
             if keep:
                 kept[j0] = (rest, cap["x"], shape)
         w = t_block.get_submodule(name).weight.detach().float()
+        if layer.bias is not None:   # fit the deviations from the means, the bias the means (as _refine_sequential)
+            H, T = centered_sums(H, sums["m"], sums["n"], T, sums["t"])
         target = output_target(w, H, T, self.cfg.target_damp)
         ratio = self._refine_layer(layer, target, H, preferred=target)
+        if layer.bias is not None:
+            self._fit_bias(layer, sums["m"], sums["t"], sums["n"])
         with torch.no_grad():
             for j0, (rest, x, shape) in kept.items():
                 with self._autocast():

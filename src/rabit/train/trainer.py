@@ -132,8 +132,9 @@ def make_student(teacher: nn.Module, config: RaBiTConfig, calibration: torch.Ten
         if not layers:
             raise ValueError("the model has no linear layers to quantize")
         for name, linear in layers.items():
-            new = RaBiTLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              config=config, device=linear.weight.device)
+            new = RaBiTLinear(linear.in_features, linear.out_features,
+                              bias=linear.bias is not None or config.add_bias, config=config,
+                              device=linear.weight.device)
             _set_module(student, name, new)
         setattr(student, "rabit_config", config)
     return student

@@ -140,6 +140,13 @@ def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_pat
     unrotated.rabit.precondition = False
     message = str(different_run_error(tmp_path, before, unrotated.run_record("/m", 100, autocast=False)))
     assert "rabit_config.precondition: True -> False" in message and "--resume --precondition;" in message
+    # a run from before the layers' biases existed had none: --no-add-bias continues it
+    record = _parse("--no-rotate").run_record("/m", 100, autocast=False)
+    del record["rabit_config"]["add_bias"]
+    message = str(different_run_error(tmp_path, record, _parse("--no-rotate").run_record("/m", 100, autocast=False)))
+    assert "rabit_config.add_bias: False -> True" in message and "--resume --no-add-bias;" in message
+    assert different_run_error(tmp_path, record, _parse("--no-rotate", "--no-add-bias").run_record(
+        "/m", 100, autocast=False)) is None
     from conftest import make_tiny_llama
     from rabit.testing import tiny_tokenizer
 

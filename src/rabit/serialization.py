@@ -7,6 +7,7 @@ Folder layout (format version 1)
     {"quant_method": "rabit", "format_version": 1, "num_paths": 2,
      "packing": {"layout": "tiled16x32", "row_tile": 16, "in_align": 32, "bit_order": "lsb"},
      "scale_dtype": "float16", "modules": ["model.layers.0.self_attn.q_proj", ...],
+     "bias_modules": ["model.layers.0.self_attn.q_proj", ...],          # those storing a bias (any may)
      "tied_weights": {"lm_head.weight": "model.embed_tokens.weight"},     # aliases not stored twice
      "storage_dtype": "bfloat16",                                          # of the unquantized tensors
      "component_modules": {"embeddings": "model.embed_tokens", "head": "lm_head"},   # for size_report
@@ -14,7 +15,7 @@ Folder layout (format version 1)
 
 ``model.safetensors``  for every quantized module ``M`` (an ``nn.Linear`` of the architecture):
 ``M.packed`` (uint8, ``rabit.sign_bits.packed_shape(k, out, in)``, the sign planes), ``M.g`` (k, out),
-``M.h`` (k, in) and ``M.bias`` (out,) if the linear has one, in ``scale_dtype``; every other parameter /
+``M.h`` (k, in) and ``M.bias`` (out,) if listed in ``bias_modules``, in ``scale_dtype``; every other parameter /
 persistent buffer of the model under its usual name (float tensors in ``storage_dtype``, 16 bits by default;
 the config's ``dtype`` is the dtype the model computed in when saved, which loading restores).
 Tokenizer files and ``generation_config.json`` as written by transformers. ``model.safetensors`` is written last;

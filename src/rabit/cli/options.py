@@ -343,16 +343,18 @@ def flag_for(record_key: str) -> str | None:
     return None
 
 
-# run.json settings that a pair of flags turns on and off (--x / --no-x), by their key in the record
-_ON_OFF = {"rabit_config.precondition": "--precondition", "data.bos": "--bos"}
+# run.json settings that flags turn on and off, by their key in the record: (the flag for True, the flag for False;
+# None where the default is the only way to that value)
+_ON_OFF = {"rabit_config.precondition": ("--precondition", "--no-precondition"), "data.bos": ("--bos", "--no-bos"),
+           "rabit_config.add_bias": (None, "--no-add-bias")}
 
 
 def on_off_flag(record_key: str, value) -> str | None:
-    """The flag of a --x / --no-x pair that gives a run.json setting the boolean `value`, if a pair sets it."""
-    flag = _ON_OFF.get(record_key)
-    if flag is None or not isinstance(value, bool):
+    """The flag that gives a boolean run.json setting the value `value`, if one does."""
+    flags = _ON_OFF.get(record_key)
+    if flags is None or not isinstance(value, bool):
         return None
-    return flag if value else "--no-" + flag[2:]
+    return flags[0] if value else flags[1]
 
 
 def copy_job(spec: JobSpec) -> JobSpec:

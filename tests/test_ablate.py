@@ -43,7 +43,7 @@ def test_ablate_runs_cells_writes_table_and_resumes(tiny_files, tmp_path, monkey
         solo = tmp_path / f"solo-{r['mode']}"
         assert main(["quantize", "--model", str(tiny_files / "model"), "--out", str(solo), "--mode", r["mode"],
                      "--tokens", "64", "--eval-windows", "2", "--no-progress", "--no-init-cache", "--init", "isvid",
-                     *extra.split()]) == 0
+                     "--precondition", *extra.split()]) == 0
         assert json.loads((solo / "evals.json").read_text())["init"] == r["init_ppl"]
     # one latent per path: independent keeps twice the latent optimizer state of coupled
     assert rows[1]["optim_bytes"]["latent"] == 2 * rows[0]["optim_bytes"]["latent"]

@@ -180,3 +180,21 @@ def test_ablation_cells_train_latents_with_the_latent_step_size():
     assert "--grad-accum" not in job_to_argv(spec)
     spec = base_job(parser.parse_args(["ablate", "--extra", "--grad-accum 2"]))
     assert spec.train.grad_accum == 2 and job_to_argv(spec)[job_to_argv(spec).index("--grad-accum") + 1] == "2"
+
+
+def test_ablation_cells_precondition_as_their_init_says_whatever_the_rotation(tmp_path):
+    # the job preconditions only unrotated models by default; an ablation cell's init names it either way
+    import argparse
+
+    from rabit.cli.ablate import add_parser, base_job, cell_job
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    base = base_job(parser.parse_args(["ablate"]))
+    for init, flag in (("isvid+pre", "--precondition"), ("isvid", "--no-precondition")):
+        cell = cell_job(base, tmp_path, "coupled", init)
+        assert flag in job_to_argv(cell)
+        rebuilt = _parse(*job_to_argv(cell))
+        rebuilt.rotate = True
+        rebuilt.resolve_batch()   # what loading a rotatable model does: the cell's choice stays
+        assert rebuilt.rabit.precondition is (init == "isvid+pre")

@@ -228,6 +228,8 @@ def cell_job(base: JobSpec, out_dir: Path, mode: str, init: str) -> JobSpec:
     spec.rabit.mode = mode
     for name, value in INIT_SETTINGS[init].items():
         setattr(spec.rabit, name, value)
+    # the cell says whether to precondition: not the job's default, which follows the rotation
+    spec.auto_precondition = "precondition" not in INIT_SETTINGS[init]
     cell = out_dir / f"{mode}-{init}"
     spec.run.out = str(cell)
     spec.run.resume = (cell / "run.json").exists()

@@ -280,7 +280,8 @@ def test_added_biases_are_saved_listed_and_decoded(tmp_path):
     torch.testing.assert_close(dec.prefill(IDS, all_logits=True), ref, rtol=0, atol=1e-4)
     # a list naming a module that is not quantized is refused
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
-    cfg["quantization_config"]["bias_modules"] = ["lm_head"]
-    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="bias_modules must be a list of names from modules"):
-        load_quantized(tmp_path / "q", verify=False)
+    for bad in (["lm_head"], [{"name": "lm_head"}], "model.layers.0.mlp.up_proj"):
+        cfg["quantization_config"]["bias_modules"] = bad
+        (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="bias_modules must be a list of names from modules"):
+            load_quantized(tmp_path / "q", verify=False)

@@ -267,7 +267,8 @@ def validate_quantization_config(qc, source: str = "quantization_config") -> dic
                             not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in per.values())):
         raise ValueError(f"{source}: module_num_paths must map module names to integers >= 1")
     biased = qc.get("bias_modules")
-    if biased is not None and (not isinstance(biased, list) or not set(biased) <= set(mods)):
+    if biased is not None and (not isinstance(biased, list) or not all(isinstance(m, str) for m in biased)
+                               or not set(biased) <= set(mods)):
         raise ValueError(f"{source}: bias_modules must be a list of names from modules")
     sd = qc.get("storage_dtype")
     if sd is not None and sd not in SCALE_DTYPES:

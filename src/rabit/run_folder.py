@@ -58,18 +58,16 @@ def check_same_run(out: Path, old_run: dict | None, record: dict, resume: bool, 
 def different_run_error(out: Path, old: dict, new: dict) -> ValueError | None:
     """The error for a folder that holds another run, naming the settings that differ and, where a flag sets
     one, the flags that would reproduce the stored run (defaults may have changed since it started)."""
-    from .cli.options import flag_for, on_off_flag
+    from .cli.options import flag_for, flags_for_value
 
     changes = identity_changes(old, new)
     if not changes:
         return None
     hint = []
     for key, was, _ in changes:
-        flag = flag_for(key)
-        if key == "rotation":   # not a value flag: the rotation is on or off (and the values too)
-            hint.append("--no-rotate" if was == "none" else "--rotate" + ("" if "values" in was else " --no-rotate-values"))
-        elif on_off_flag(key, was):
-            hint.append(on_off_flag(key, was))
+        flag, flags = flag_for(key), flags_for_value(key, was)
+        if flags:
+            hint.append(flags)
         elif flag and isinstance(was, (int, float, str)) and not isinstance(was, bool):
             hint.append(f"{flag} {was}")
     msg = f"{out} holds a different run ({'; '.join(f'{k}: {x!r} -> {y!r}' for k, x, y in changes[:6])})"

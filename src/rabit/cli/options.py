@@ -210,10 +210,17 @@ _OPTIONS = [
 OPTIONS = {o.flag: o for o in _OPTIONS}
 # Flags whose default JobSpec.resolve_batch fills in when they are left unset, and the JobSpec field that says so:
 # the batch flags let a multi-process run regroup the rows of a step (auto_split); the training sequence length and
-# the scales' learning rate follow whether the latents train (and the rotation). argparse gives them None, so that
-# "unset" can be told from the default.
+# the scales' learning rate follow whether the latents train (and the rotation), and the preconditioning follows the
+# rotation. argparse gives them None, so that "unset" can be told from the default.
 _AUTO = {"--batch-size": "auto_split", "--grad-accum": "auto_split", "--seq-len": "auto_seq_len",
-         "--scale-lr": "auto_scale_lr"}
+         "--scale-lr": "auto_scale_lr", "--precondition": "auto_precondition"}
+# Settings turned on and off by a --x / --no-x pair (added to the parser by add_job_arguments, default None): None
+# means "as the job decides" (bf16 where the device has it, BOS as the tokenizer, rotation where supported), except
+# for the flags in _AUTO, whose JobSpec field records that neither was given.
+_PAIRS = [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", ""),
+          Option("--block-bf16", "blocks.autocast", "", ""), Option("--rotate", "rotate", "", ""),
+          Option("--precondition", "rabit.precondition", "", "")]
+_PATHS = {o.flag: o.path for o in _OPTIONS + _PAIRS}
 
 
 def get_field(obj, path: str):
@@ -275,14 +282,8 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
     """The JobSpec of parsed `rabit quantize` arguments (nothing is checked here: JobSpec.validate does that)."""
     spec = JobSpec()
     values = vars(args)
-    for o in _OPTIONS + [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", ""),
-                         Option("--block-bf16", "blocks.autocast", "", ""), Option("--rotate", "rotate", "", ""),
-                         Option("--precondition", "rabit.precondition", "", "")]:
+    for o in _OPTIONS + _PAIRS:
         value = values.get(o.path)
-        if o.flag == "--precondition":
-            spec.auto_precondition = value is None
-            if value is None:
-                continue
         if o.append and value is not None:
             value = tuple(value)
         if value is None and (o.flag in _AUTO or o.append):
@@ -293,7 +294,7 @@ def job_from_args(args: argparse.Namespace) -> JobSpec:
     if spec.job_minutes is not None and spec.tokens != JobSpec.tokens:
         raise ValueError("give one training budget: --tokens or --job-minutes, not both")
     for field in set(_AUTO.values()):
-        setattr(spec, field, all(values.get(OPTIONS[f].path) is None for f, a in _AUTO.items() if a == field))
+        setattr(spec, field, all(values.get(_PATHS[f]) is None for f, a in _AUTO.items() if a == field))
     spec.resolve_batch()   # latent training keeps Muon's larger step (one sequence per step is for frozen latents)
     return spec
 
@@ -321,16 +322,10 @@ def job_to_argv(spec: JobSpec) -> list[str]:
                 argv += [o.flag, str(v)]
         else:
             argv += [o.flag, str(value)]
-    if spec.train.autocast is not None:
-        argv.append("--bf16" if spec.train.autocast else "--no-bf16")
-    if spec.data.bos is not None:
-        argv.append("--bos" if spec.data.bos else "--no-bos")
-    if spec.blocks.autocast is not None:
-        argv.append("--block-bf16" if spec.blocks.autocast else "--no-block-bf16")
-    if spec.rotate is not None:
-        argv.append("--rotate" if spec.rotate else "--no-rotate")
-    if not spec.auto_precondition:
-        argv.append("--precondition" if spec.rabit.precondition else "--no-precondition")
+    for o in _PAIRS:
+        value, auto = get_field(spec, o.path), _AUTO.get(o.flag)
+        if (value is not None) if auto is None else not getattr(spec, auto):
+            argv.append(o.flag if value else "--no-" + o.flag[2:])
     return argv
 
 
@@ -343,18 +338,20 @@ def flag_for(record_key: str) -> str | None:
     return None
 
 
-# run.json settings that flags turn on and off, by their key in the record: (the flag for True, the flag for False;
-# None where the default is the only way to that value)
-_ON_OFF = {"rabit_config.precondition": ("--precondition", "--no-precondition"), "data.bos": ("--bos", "--no-bos"),
-           "rabit_config.add_bias": (None, "--no-add-bias")}
+# run.json settings with a few values, each set by flags rather than by a flag and its value: the flags that give
+# each value, by the setting's key in the record (a value missing here is only the default's)
+_VALUE_FLAGS = {"rabit_config.precondition": {True: "--precondition", False: "--no-precondition"},
+                "data.bos": {True: "--bos", False: "--no-bos"},
+                "rabit_config.add_bias": {False: "--no-add-bias"},
+                "rotation": {"none": "--no-rotate", "residual": "--rotate --no-rotate-values",
+                             "residual+values": "--rotate"}}
 
 
-def on_off_flag(record_key: str, value) -> str | None:
-    """The flag that gives a boolean run.json setting the value `value`, if one does."""
-    flags = _ON_OFF.get(record_key)
-    if flags is None or not isinstance(value, bool):
+def flags_for_value(record_key: str, value) -> str | None:
+    """The flags that give a run.json setting of _VALUE_FLAGS the value `value`, if flags do."""
+    if not isinstance(value, (bool, str)):
         return None
-    return flags[0] if value else flags[1]
+    return _VALUE_FLAGS.get(record_key, {}).get(value)
 
 
 def copy_job(spec: JobSpec) -> JobSpec:

@@ -5,7 +5,8 @@ For a few layers of a few blocks of the (by default rotated) model, H = sum x x^
 collected on --fit calibration sequences and a second H on --held-out further sequences. Each variant starts from
 an initialization, runs refine_paths (3 rounds, metric damping 0.1, act order: the job's settings) against the
 first H, and reports the relative output error tr(E H' E^T) / tr(W H' W^T) on the held-out H' (E = W - Q, with the
-fitted bias taken into account where there is one). docs/RESULTS.md section 36:
+fitted bias taken into account where there is one). docs/RESULTS.md sections 36 and 37 (the last column: the
+refinement followed by --descent passes of sign descent):
 
     python benchmarks/refine_probe.py                 # rotated, as the job
     python benchmarks/refine_probe.py --no-rotate
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--descent", type=int, default=4, help="sign-descent passes of the last column (section 37)")
     args = ap.parse_args()
     from rabit.data import tokenize_corpus
     from rabit.models import load_model
@@ -70,7 +72,7 @@ def main() -> None:
         return err
 
     inits = ["isvid+pre", "isvid", "svid", "naive"]
-    totals = dict.fromkeys(inits + ["isvid, centered + bias"], 0.0)
+    totals = dict.fromkeys(inits + ["isvid, centered + bias", "the same + sign descent"], 0.0)
     print(f"| block | layer | mean share of H | " + " | ".join(totals) + " |")
     print("|---|---|---:|" + "---:|" * len(totals))
     for b in blocks:
@@ -93,6 +95,10 @@ def main() -> None:
             Q = reconstruct(paths)
             bias = fitted_bias(Q, s, W @ s, n)   # targets W x: the bias is the mean of (W - Q) x
             row["isvid, centered + bias"] = held_error(W - Q, bias, v) / ref
+            paths, _ = refine_paths(W, decompose(W, 2, "isvid"), Hc, rounds=3, damp=0.1, act_order=True,
+                                    descent=args.descent)
+            Q = reconstruct(paths)
+            row["the same + sign descent"] = held_error(W - Q, fitted_bias(Q, s, W @ s, n), v) / ref
             share = float(s @ s / n / H.trace())
             for k in totals:
                 totals[k] += row[k]

@@ -115,6 +115,9 @@ _OPTIONS = [
     Option("--refine-metric-damp", "blocks.metric_damp", "block-wise stage", "damping of the refinement's output "
            "metric H (signs and scales), relative to the mean input energy (larger: nearer a plain weight-space "
            "fit)", type=float),
+    Option("--refine-descent", "blocks.descent_passes", "block-wise stage", "passes of coordinate descent on the "
+           "signs after the refinement's rounds, each weight moved to the level that lowers its row's output error "
+           "most (0: none)", type=int),
     Option("--no-refine-act-order", "blocks.act_order", "block-wise stage", "round the refinement's signs in the "
            "columns' natural order instead of GPTQ's act order (decreasing input energy)", "false"),
     Option("--refine-inputs", "blocks.refine_inputs", "block-wise stage", "inputs and targets of the refinement: "

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -591,16 +592,22 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
     # drawn from the whole training mix, with another seed than the initialization's calibration
     rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1, add_bos=add_bos,
                              mix=spec.data.mix)
-    what = (f"refinement ({b.refine_rounds} round(s))" if b.refine_rounds else "") + \
+    descent = f" + {b.descent_passes} sign-descent pass(es)" if b.descent_passes else ""
+    what = (f"refinement ({b.refine_rounds} round(s){descent})" if b.refine_rounds else "") + \
         (f"{' + ' if b.refine_rounds else ''}training ({b.epochs} epoch(s))" if b.epochs else "")
     _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens ...")
     records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress).run()
     evals["blocks_seconds"] = sum(r.seconds for r in records)
-    evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records]}
+    evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records],
+                            "after_median": [r.loss_after_median for r in records]}
     before = sum(evals['blocks_loss']['before']) / len(records)
     after = sum(evals['blocks_loss']['after']) / len(records)
     losses = f"{before:.4f} -> {after:.4f} by training" if b.epochs else f"{after:.4f}"
-    _say(f"block-wise stage done in {evals['blocks_seconds']:.0f} s ({b.loss} block loss, mean: {losses})")
+    medians = [m for m in evals["blocks_loss"]["after_median"] if m is not None]
+    # a few misplaced massive activations can dominate the mean over tokens; the median shows the typical token
+    typical = f", median over tokens {statistics.mean(medians):.4f}" if medians else ""
+    _say(f"block-wise stage done in {evals['blocks_seconds']:.0f} s ({b.loss} block loss, mean over blocks of the "
+         f"mean over tokens: {losses}{typical})")
     if not spec.eval.skip_init and "blocks" not in evals:
         evals["blocks"] = ppl(student, f"{spec.rabit.num_paths}-bit after the block stage")
         _say(f"{spec.rabit.num_paths}-bit after the block stage: perplexity {evals['blocks']:.3f}")

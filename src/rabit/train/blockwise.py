@@ -92,6 +92,10 @@ class BlockConfig:
     # refined start from 107.9 / 97.1 to 99.9 / 82.2 (in / out of domain) at no cost, 74.0 / 73.2 -> 67.7 / 70.3
     # after the job's 80 frozen-latent steps (docs/RESULTS.md section 20)
     act_order: bool = True
+    # passes of coordinate descent on the signs after the refinement's rounds (rabit.ops.refine.sign_descent), then
+    # a refit of the scales: each weight moves to the level that lowers its row's output error most, given all the
+    # others. 0 = none (before section 37 of docs/RESULTS.md)
+    descent_passes: int = 4
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     # bf16 autocast for the stage's forward passes (teacher and student blocks, the refinement's input captures)
     # and its training; None = where the device has native bf16. The refinement's H, targets and solves stay fp32
@@ -104,7 +108,7 @@ class BlockConfig:
         for name in ("samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"blocks.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "refine_rounds", "refine_samples"):
+        for name in ("epochs", "refine_rounds", "refine_samples", "descent_passes"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"blocks.{name} must be >= 0, got {getattr(self, name)}")
         if self.samples % self.batch_size:
@@ -136,9 +140,20 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") 
     massive activations (common from the middle blocks on) would otherwise dominate a plain MSE."""
     out, target = out.float(), target.float()
     if kind == "relative":
-        return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
+        return token_losses(out, target, kind).mean()
     if kind == "mse":
         return F.mse_loss(out, target)
+    raise ValueError(f"unknown block loss {kind!r}")
+
+
+def token_losses(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    """The block loss of each token, flattened: ||s - t||^2 / ||t||^2 ("relative") or the mean squared error over
+    the hidden size ("mse"). Their mean is block_loss (for both kinds: every token has the same hidden size)."""
+    out, target = out.float(), target.float()
+    if kind == "relative":
+        return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).reshape(-1)
+    if kind == "mse":
+        return (out - target).pow(2).mean(-1).reshape(-1)
     raise ValueError(f"unknown block loss {kind!r}")
 
 
@@ -151,6 +166,9 @@ class BlockRecord:
     refine_ratio: float | None = None   # mean over the block's layers of output error after / before refinement
     seconds: float = 0.0
     steps: int = 0
+    # the median over tokens of the loss after: a few tokens whose massive activation the student puts one position
+    # off carry relative errors of 10^2-10^3 and can double the mean of 16k tokens (docs/RESULTS.md section 36)
+    loss_after_median: float | None = None
 
 
 class BlockReconstruction:
@@ -254,13 +272,14 @@ class BlockReconstruction:
                      target: ActivationStore | None = None, cov: LayerCovariance | None = None,
                      inputs: dict[str, list[torch.Tensor]] | None = None, input_rows: int = 0,
                      known: dict[int, torch.Tensor] | None = None) -> float:
-        """dst[j] = layer(src[j]) for every batch; returns the mean block loss against target (if given).
+        """dst[j] = layer(src[j]) for every batch; returns the mean block loss against target (if given), and keeps
+        the tokens' losses in self._token_losses.
         With `inputs` ({layer name: []}), the named layers' inputs of the batches within the first input_rows
         rows are appended to it as (tokens, in) fp32 (one copy for layers fed the same tensor), so that the
         refinement needs no second pass for them. known: {first row of a batch: layer's output on it}, already
         computed (the refinement's last step), used instead of a pass."""
         bs = self.cfg.batch_size
-        total = 0.0
+        per_token: list[torch.Tensor] = []
         batch_inputs: dict[int, tuple] = {}
         capturing = {"on": False}
 
@@ -284,13 +303,15 @@ class BlockReconstruction:
                     with self._autocast():
                         out = layer_output(layer(src.data[j:j + bs].to(self.device), **kw)).float()
                 if target is not None:
-                    total += float(block_loss(out, target.data[j:j + bs].to(self.device), self.cfg.loss))
+                    per_token.append(token_losses(out, target.data[j:j + bs].to(self.device), self.cfg.loss).cpu())
                 if dst is not None:
                     dst.data[j:j + bs] = out.cpu()
         finally:
             for h in handles:
                 h.remove()
-        return total / (self.cfg.samples // bs)
+        self._token_losses = torch.cat(per_token) if per_token else torch.empty(0)
+        # the mean of the batches' means, as the loss trained on (equal-sized batches: the mean over tokens)
+        return sum(float(t.mean()) for t in per_token) / max(len(per_token), 1)
 
     def _refine_rows(self) -> int:
         """The rows the sequential refinement uses: whole batches (the captured keyword arguments, e.g. attention
@@ -301,7 +322,8 @@ class BlockReconstruction:
     def _refine_layer(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor, preferred: torch.Tensor) -> float:
         """Refine one layer's paths towards w in the metric H; returns output error after / before."""
         new, errors = refine_paths(w, layer.paths(), H, rounds=self.cfg.refine_rounds,
-                                   damp=self.cfg.metric_damp, act_order=self.cfg.act_order)
+                                   damp=self.cfg.metric_damp, act_order=self.cfg.act_order,
+                                   descent=self.cfg.descent_passes)
         if errors[-1] < errors[0]:
             layer.load_paths(new, preferred)
             if layer.mode == "coupled":
@@ -582,7 +604,8 @@ class BlockReconstruction:
                 x_fp, y_fp = y_fp, x_fp   # the teacher's outputs are the next block's inputs
                 rec = BlockRecord(block=i, loss_before=before, loss_after=after,
                                   refine_ratio=sum(ratios) / len(ratios) if ratios else None,
-                                  seconds=time.perf_counter() - t0, steps=steps)
+                                  seconds=time.perf_counter() - t0, steps=steps,
+                                  loss_after_median=float(self._token_losses.median()))
                 self.records.append(rec)
                 self._save_block(i)
                 outer.set_postfix(loss=f"{before:.3g}->{after:.3g}", refresh=False)

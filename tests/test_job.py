@@ -147,6 +147,13 @@ def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_pat
     assert "rabit_config.add_bias: False -> True" in message and "--resume --no-add-bias;" in message
     assert different_run_error(tmp_path, record, _parse("--no-rotate", "--no-add-bias").run_record(
         "/m", 100, autocast=False)) is None
+    # nor sign descent in its block stage: --refine-descent 0 continues it
+    record = _parse("--no-rotate").run_record("/m", 100, autocast=False)
+    del record["stages"]["blocks"]["descent_passes"]
+    message = str(different_run_error(tmp_path, record, _parse("--no-rotate").run_record("/m", 100, autocast=False)))
+    assert "stages.blocks.descent_passes: 0 -> 4" in message and "--resume --refine-descent 0;" in message
+    assert different_run_error(tmp_path, record, _parse("--no-rotate", "--refine-descent", "0").run_record(
+        "/m", 100, autocast=False)) is None
     from conftest import make_tiny_llama
     from rabit.testing import tiny_tokenizer
 

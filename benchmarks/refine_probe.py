@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--descent", type=int, default=4, help="sign-descent passes of the last column (section 37)")
+    ap.add_argument("--cycles", default="",
+                    help="comma list: more columns, each sign descent in that many (passes, refit) cycles")
     args = ap.parse_args()
+    cycles = [int(c) for c in args.cycles.split(",") if c]
     from rabit.data import tokenize_corpus
     from rabit.models import load_model
     from rabit.ops.precondition import preconditioned_decompose
@@ -72,7 +75,8 @@ def main() -> None:
         return err
 
     inits = ["isvid+pre", "isvid", "svid", "naive"]
-    totals = dict.fromkeys(inits + ["isvid, centered + bias", "the same + sign descent"], 0.0)
+    totals = dict.fromkeys(inits + ["isvid, centered + bias", "the same + sign descent"]
+                           + [f"descent x {c} cycles" for c in cycles], 0.0)
     print(f"| block | layer | mean share of H | " + " | ".join(totals) + " |")
     print("|---|---|---:|" + "---:|" * len(totals))
     for b in blocks:
@@ -99,6 +103,11 @@ def main() -> None:
                                     descent=args.descent)
             Q = reconstruct(paths)
             row["the same + sign descent"] = held_error(W - Q, fitted_bias(Q, s, W @ s, n), v) / ref
+            for c in cycles:
+                paths, _ = refine_paths(W, decompose(W, 2, "isvid"), Hc, rounds=3, damp=0.1, act_order=True,
+                                        descent=args.descent, descent_cycles=c)
+                Q = reconstruct(paths)
+                row[f"descent x {c} cycles"] = held_error(W - Q, fitted_bias(Q, s, W @ s, n), v) / ref
             share = float(s @ s / n / H.trace())
             for k in totals:
                 totals[k] += row[k]

@@ -64,7 +64,12 @@ def main() -> None:
     ap.add_argument("--muon-ns-dtype", default=None, help="OptimConfig.muon_ns_dtype, where the code has it")
     ap.add_argument("--autocast", action="store_true",
                     help="bf16 autocast in the forward passes, as the job does where the CPU has native bf16")
+    ap.add_argument("--no-frozen-casts", action="store_true",
+                    help="cast the frozen weights to bf16 every step (as before docs/RESULTS.md section 38) instead of "
+                         "once (rabit.train.frozen_casts)")
     args = ap.parse_args()
+    if not args.no_frozen_casts:
+        from rabit.train.frozen_casts import FrozenCasts
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher, rows = build(args.model, args.seed)
@@ -82,6 +87,8 @@ def main() -> None:
     params = [p for _, p in split.latents + split.others]
     tokens = args.grad_accum * args.seq_len
     clock = time.process_time
+    # older trees (before rabit.train.frozen_casts) have no casts argument: time them with --no-frozen-casts
+    casts_arg = {} if args.no_frozen_casts else {"casts": FrozenCasts()}
 
     def step(i: int) -> dict:
         t = {"forward_loss": 0.0, "backward": 0.0}
@@ -90,7 +97,8 @@ def main() -> None:
         for j in range(args.grad_accum):
             batch = rows[(i * args.grad_accum + j) % rows.shape[0]][None]
             t0 = clock()
-            out = batch_distillation_loss(teacher, student, batch, args.gamma, 1.0, 256, autocast=args.autocast)
+            out = batch_distillation_loss(teacher, student, batch, args.gamma, 1.0, 256, autocast=args.autocast,
+                                          **casts_arg)
             t1 = clock()
             (out.total / args.grad_accum).backward()
             t["forward_loss"] += t1 - t0

@@ -120,6 +120,23 @@ def test_kernel_matches_reference(out, inp, k, threads, isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("out,inp", [(1, 1), (7, 13), (33, 65), (257, 129), (3, 1100), (5, 2053)])
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ["auto", "avx2", "scalar"])
+def test_bf16_gradient_gives_the_sums_of_its_fp32_copy_bitwise(out, inp, k, threads, isa):
+    # 2053 columns: more than one column tile; k = 5: more paths than one pass takes
+    gw, pos, g, h = _problem(out, inp, k, seed=out * 7 + inp + k)
+    gw16 = gw.to(torch.bfloat16)
+    kw = dict(num_threads=threads, isa=isa, min_parallel_work=0)
+    got = coupled_cpu.scale_grads_cpu(gw16, pos, g, h, **kw)
+    ref = coupled_cpu.scale_grads_cpu(gw16.float(), pos, g, h, **kw)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got[0] + got[1], ref[0] + ref[1]))
+    rdg, rdh = scale_grads_reference(gw16.float(), pos, g, h)
+    _close(got[0] + got[1], rdg + rdh)
+
+
+@needs_kernel
 def test_more_paths_than_one_pass_takes_and_constant_planes():
     gw, pos, g, h = _problem(19, 37, 6, seed=1)
     pos[1].fill_(True)
@@ -148,11 +165,12 @@ def test_empty_dimensions():
     assert [t.shape for t in dg] == [(0,)] * 2 and all(torch.equal(t, torch.zeros(5)) for t in dh)
 
 
-def test_supports_only_contiguous_fp32_cpu_inputs():
+def test_supports_only_contiguous_fp32_or_bf16_cpu_inputs():
     gw, pos, g, h = _problem(6, 10, 2)
     assert coupled_cpu.supports(gw, pos, g, h)
     assert not coupled_cpu.supports(gw.t().contiguous().t(), pos, g, h)          # column-major
-    assert not coupled_cpu.supports(gw.to(torch.bfloat16), pos, g, h)
+    assert coupled_cpu.supports(gw.to(torch.bfloat16), pos, g, h)
+    assert not coupled_cpu.supports(gw.to(torch.float16), pos, g, h)
     assert not coupled_cpu.supports(gw, [pos[0].float(), pos[1]], g, h)
     assert not coupled_cpu.supports(gw, pos, [g[0].double(), g[1]], h)
     assert not coupled_cpu.supports(gw, pos, g, [h[0][:5], h[1]])
@@ -199,4 +217,38 @@ def test_coupled_op_gradients_with_and_without_the_kernel(k, frozen_latent, monk
     slow = grads()
     assert calls == [1]
     for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("frozen_latent", [False, True])
+def test_coupled_op_under_autocast_reads_the_bf16_gradient_as_it_is(frozen_latent, monkeypatch):
+    # with frozen latents the native pass takes d W in bf16 (no fp32 copy): the same scale gradients as the
+    # PyTorch formula on the fp32 copy; a training latent still gets (and the pass reads) the fp32 one
+    torch.manual_seed(4)
+    latent = torch.randn(40, 70, requires_grad=not frozen_latent)
+    g = [torch.rand(40).add_(0.5).requires_grad_() for _ in range(2)]
+    h = [torch.rand(70).add_(0.5).requires_grad_() for _ in range(2)]
+    x = torch.randn(3, 9, 70)
+
+    def grads():
+        for t in [latent, *g, *h]:
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = coupled_linear(x, latent, g, h, None, clip=0.7)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        return [t.grad for t in ([] if frozen_latent else [latent]) + g + h]
+
+    seen = []
+    real = coupled_cpu.scale_grads_cpu
+    monkeypatch.setattr(coupled_cpu, "scale_grads_cpu",
+                        lambda gw, *a, **kw: seen.append(gw.dtype) or real(gw, *a, **kw))
+    fast = grads()
+    assert seen == [torch.bfloat16 if frozen_latent else torch.float32]
+    monkeypatch.setattr(coupled.coupled_cpu, "is_available", lambda: False)
+    slow = grads()
+    assert len(seen) == 1
+    for a, b in zip(fast, slow):
+        assert a is not None and float(b.abs().max()) > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

@@ -57,6 +57,18 @@ def test_the_refinement_with_descent_ends_lower():
     assert output_error(w, descended, damped(H, 0.1)) < output_error(w, plain, damped(H, 0.1))
 
 
+def test_more_descent_cycles_end_lower_and_errors_never_rise():
+    w, H, paths = layer(64, 48, tokens=400, seed=4)
+    Hd = damped(H, 0.1)
+    one, e1 = refine_paths(w, paths, H, rounds=3, damp=0.1, act_order=True, descent=2)
+    three, e3 = refine_paths(w, paths, H, rounds=3, damp=0.1, act_order=True, descent=2, descent_cycles=3)
+    assert e3[: len(e1)] == e1                              # the first cycle is the one-cycle run's
+    assert all(b <= a for a, b in zip(e3, e3[1:])) and len(e3) > len(e1)
+    assert e3[len(e1)] < e1[-1]                             # the refitted scales open new moves
+    assert output_error(w, three, Hd) == pytest.approx(e3[-1], rel=1e-5)
+    assert output_error(w, three, Hd) < output_error(w, one, Hd)
+
+
 @pytest.mark.skipif(not sign_descent_cpu.is_available(), reason="no C compiler for the native kernel")
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 130), (129, 7), (50, 64)])

@@ -12,7 +12,8 @@
  *     dg_i[o] = sum_j s_i[o, j] * gw[o, j] * h_i[j]        dh_i[j] = sum_o g_i[o] * s_i[o, j] * gw[o, j]
  *
  * with s_i = +1 where the sign plane B_i is True (1 byte per weight, the bool plane coupled_weight() keeps),
- * else -1. gw: fp32 (out, in), row-major, contiguous. The PyTorch formula (torch.where(B_i, gw, -gw), then two
+ * else -1. gw: fp32 (out, in), row-major, contiguous (sg_scale_grads_bf16: bf16, each row widened to fp32 once,
+ * so the sums are those of the fp32 call on gw.float()). The PyTorch formula (torch.where(B_i, gw, -gw), then two
  * matrix-vector products) writes and reads two dense out x in temporaries per path; here gw is read once for
  * all paths and s_i * gw is a sign flip in registers.
  *
@@ -46,13 +47,25 @@ typedef struct {
     const float *gw; int64_t out, in; int k;
     const uint8_t *const *s; const float *const *g; const float *const *h;
     float *const *dg;
+    const uint16_t *gwb;   /* gw as bf16 instead (gw unused), or NULL */
 } job_t;
+
+/* row o of gw as fp32 over columns [c0, c1): gw itself, or the bf16 row widened into buf (in floats) */
+static inline const float *gw_row(const job_t *J, int64_t o, int64_t c0, int64_t c1, float *buf) {
+    if (!J->gwb) return J->gw + o * J->in;
+    const uint16_t *src = J->gwb + o * J->in;
+    for (int64_t j = c0; j < c1; j++) {
+        const uint32_t u = (uint32_t)src[j] << 16;
+        memcpy(buf + j, &u, 4);
+    }
+    return buf;
+}
 
 /* rows [r0, r1) x columns [c0, c1) of paths p0 .. p0 + kk - 1: dg[p][o] += row partials, dh[p][j] += ... */
 static void tile_scalar(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, int kk,
-                        float *const *dh) {
+                        float *const *dh, float *buf) {
     for (int64_t o = r0; o < r1; o++) {
-        const float *w = J->gw + o * J->in;
+        const float *w = gw_row(J, o, c0, c1, buf);
         for (int p = p0; p < p0 + kk; p++) {
             const uint8_t *s = J->s[p] + o * J->in;
             const float *h = J->h[p];
@@ -76,10 +89,10 @@ static void tile_scalar(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int6
 /* KK is a constant at every call site (always inlined): the per-path accumulators stay in registers */
 __attribute__((always_inline)) AVX2_ATTR static inline void
 tile_avx2_k(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, const int KK,
-            float *const *dh) {
+            float *const *dh, float *buf) {
     const __m256i sbit = _mm256_set1_epi32((int)0x80000000u), zero = _mm256_setzero_si256();
     for (int64_t o = r0; o < r1; o++) {
-        const float *w = J->gw + o * J->in;
+        const float *w = gw_row(J, o, c0, c1, buf);
         const uint8_t *s[PMAX]; const float *h[PMAX]; float *d[PMAX];
         __m256 acc[PMAX], gs[PMAX];
         float tail[PMAX];
@@ -111,24 +124,24 @@ tile_avx2_k(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int 
 }
 
 AVX2_ATTR static void tile_avx2(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, int kk,
-                                float *const *dh) {
+                                float *const *dh, float *buf) {
     switch (kk) {
-    case 1: tile_avx2_k(J, r0, r1, c0, c1, p0, 1, dh); break;
-    case 2: tile_avx2_k(J, r0, r1, c0, c1, p0, 2, dh); break;
-    case 3: tile_avx2_k(J, r0, r1, c0, c1, p0, 3, dh); break;
-    default: tile_avx2_k(J, r0, r1, c0, c1, p0, 4, dh); break;
+    case 1: tile_avx2_k(J, r0, r1, c0, c1, p0, 1, dh, buf); break;
+    case 2: tile_avx2_k(J, r0, r1, c0, c1, p0, 2, dh, buf); break;
+    case 3: tile_avx2_k(J, r0, r1, c0, c1, p0, 3, dh, buf); break;
+    default: tile_avx2_k(J, r0, r1, c0, c1, p0, 4, dh, buf); break;
     }
 }
 
 __attribute__((always_inline)) AVX512_ATTR static inline void
 tile_avx512_k(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0, const int KK,
-              float *const *dh) {
+              float *const *dh, float *buf) {
     const __m512i sbit = _mm512_set1_epi32((int)0x80000000u);
     const __m128i ones = _mm_set1_epi8((char)0xFF);
     const int64_t n = c1 - c0;
     const __mmask16 last = (n % 16) ? (__mmask16)((1u << (n % 16)) - 1u) : (__mmask16)0xFFFF;
     for (int64_t o = r0; o < r1; o++) {
-        const float *w = J->gw + o * J->in;
+        const float *w = gw_row(J, o, c0, c1, buf);
         const uint8_t *s[PMAX]; const float *h[PMAX]; float *d[PMAX];
         __m512 acc[PMAX], gs[PMAX];
         for (int p = 0; p < KK; p++) {
@@ -151,12 +164,12 @@ tile_avx512_k(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, in
 }
 
 AVX512_ATTR static void tile_avx512(const job_t *J, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int p0,
-                                    int kk, float *const *dh) {
+                                    int kk, float *const *dh, float *buf) {
     switch (kk) {
-    case 1: tile_avx512_k(J, r0, r1, c0, c1, p0, 1, dh); break;
-    case 2: tile_avx512_k(J, r0, r1, c0, c1, p0, 2, dh); break;
-    case 3: tile_avx512_k(J, r0, r1, c0, c1, p0, 3, dh); break;
-    default: tile_avx512_k(J, r0, r1, c0, c1, p0, 4, dh); break;
+    case 1: tile_avx512_k(J, r0, r1, c0, c1, p0, 1, dh, buf); break;
+    case 2: tile_avx512_k(J, r0, r1, c0, c1, p0, 2, dh, buf); break;
+    case 3: tile_avx512_k(J, r0, r1, c0, c1, p0, 3, dh, buf); break;
+    default: tile_avx512_k(J, r0, r1, c0, c1, p0, 4, dh, buf); break;
     }
 }
 #endif
@@ -175,7 +188,7 @@ static int cpu_isa(void) {
 SG_API int sg_cpu_isa(void) { return cpu_isa(); }
 
 /* rows [r0, r1), all columns, all paths, into this thread's dh buffers */
-static void rows_all(const job_t *J, int isa, int64_t r0, int64_t r1, float *const *dh) {
+static void rows_all(const job_t *J, int isa, int64_t r0, int64_t r1, float *const *dh, float *buf) {
     const int64_t ntiles = (J->in + TILE_MAX - 1) / TILE_MAX;
     const int64_t width = ((J->in + ntiles - 1) / ntiles + 15) / 16 * 16;   /* even tiles, whole vectors */
     for (int p = 0; p < J->k; p++)
@@ -185,10 +198,10 @@ static void rows_all(const job_t *J, int isa, int64_t r0, int64_t r1, float *con
         for (int p0 = 0; p0 < J->k; p0 += PMAX) {
             const int kk = J->k - p0 < PMAX ? J->k - p0 : PMAX;
 #ifdef SG_X86
-            if (isa == ISA_AVX512) { tile_avx512(J, r0, r1, c0, c1, p0, kk, dh); continue; }
-            if (isa == ISA_AVX2) { tile_avx2(J, r0, r1, c0, c1, p0, kk, dh); continue; }
+            if (isa == ISA_AVX512) { tile_avx512(J, r0, r1, c0, c1, p0, kk, dh, buf); continue; }
+            if (isa == ISA_AVX2) { tile_avx2(J, r0, r1, c0, c1, p0, kk, dh, buf); continue; }
 #endif
-            tile_scalar(J, r0, r1, c0, c1, p0, kk, dh);
+            tile_scalar(J, r0, r1, c0, c1, p0, kk, dh, buf);
         }
     }
 }
@@ -201,9 +214,9 @@ static void rows_all(const job_t *J, int isa, int64_t r0, int64_t r1, float *con
  * loaded machine, where a thread may wait a scheduler slice for its sibling. Returns 0, or 1 for bad arguments,
  * 2 when out of memory.
  */
-SG_API int sg_scale_grads(const float *gw, int64_t out, int64_t in, int k, const uint8_t *const *s,
-                          const float *const *g, const float *const *h, float *const *dg, float *const *dh,
-                          int nthreads, int isa_req, int64_t min_work) {
+static int scale_grads(const float *gw, const uint16_t *gwb, int64_t out, int64_t in, int k,
+                       const uint8_t *const *s, const float *const *g, const float *const *h, float *const *dg,
+                       float *const *dh, int nthreads, int isa_req, int64_t min_work) {
     if (out < 0 || in < 0 || k < 1 || k > KMAX) return 1;
     for (int p = 0; p < k; p++) {
         if (in > 0 && out > 0 && (!s[p] || !g[p] || !h[p])) return 1;
@@ -213,16 +226,20 @@ SG_API int sg_scale_grads(const float *gw, int64_t out, int64_t in, int k, const
     if (out == 0 || in == 0) return 0;
     int isa = cpu_isa();
     if (isa_req != ISA_AUTO && isa_req < isa) isa = isa_req;
-    job_t J = {gw, out, in, k, s, g, h, dg};
+    job_t J = {gw, out, in, k, s, g, h, dg, gwb};
     int nt = nthreads < 1 ? 1 : nthreads;
     if ((double)out * in * k < (double)min_work) nt = 1;
     if (nt > out) nt = (int)out;
+    /* one widened gw row per thread, for bf16 input */
+    float *rowbuf = gwb ? (float *)malloc((size_t)nt * in * sizeof(float)) : NULL;
+    if (gwb && !rowbuf) return 2;
     if (nt == 1) {                                          /* accumulate straight into the outputs */
-        rows_all(&J, isa, 0, out, dh);
+        rows_all(&J, isa, 0, out, dh, rowbuf);
+        free(rowbuf);
         return 0;
     }
     float *ws = (float *)calloc((size_t)nt * k * in, sizeof(float));   /* per-thread dh accumulators */
-    if (!ws) return 2;
+    if (!ws) { free(rowbuf); return 2; }
 #pragma omp parallel num_threads(nt)
     {
 #ifdef _OPENMP
@@ -233,7 +250,7 @@ SG_API int sg_scale_grads(const float *gw, int64_t out, int64_t in, int k, const
         float *mine[KMAX];
         for (int p = 0; p < k; p++) mine[p] = ws + ((int64_t)t * k + p) * in;
         const int64_t r0 = out * t / n, r1 = out * (t + 1) / n;
-        rows_all(&J, isa, r0, r1, mine);
+        rows_all(&J, isa, r0, r1, mine, rowbuf ? rowbuf + (int64_t)t * in : NULL);
 #pragma omp barrier
         /* dh = sum of the n buffers in thread order, the columns split over the threads */
         const int64_t j0 = in * t / n, j1 = in * (t + 1) / n;
@@ -246,7 +263,22 @@ SG_API int sg_scale_grads(const float *gw, int64_t out, int64_t in, int k, const
         }
     }
     free(ws);
+    free(rowbuf);
     return 0;
+}
+
+SG_API int sg_scale_grads(const float *gw, int64_t out, int64_t in, int k, const uint8_t *const *s,
+                          const float *const *g, const float *const *h, float *const *dg, float *const *dh,
+                          int nthreads, int isa_req, int64_t min_work) {
+    return scale_grads(gw, NULL, out, in, k, s, g, h, dg, dh, nthreads, isa_req, min_work);
+}
+
+/* sg_scale_grads with gw as bf16 (out x in, contiguous): the same sums of the widened values, in the same order */
+SG_API int sg_scale_grads_bf16(const uint16_t *gw, int64_t out, int64_t in, int k, const uint8_t *const *s,
+                               const float *const *g, const float *const *h, float *const *dg, float *const *dh,
+                               int nthreads, int isa_req, int64_t min_work) {
+    if (!gw && out > 0 && in > 0) return 1;
+    return scale_grads(NULL, gw, out, in, k, s, g, h, dg, dh, nthreads, isa_req, min_work);
 }
 
 /* ------------------------------------------------------------------ cw_derive */

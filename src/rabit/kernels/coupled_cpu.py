@@ -34,6 +34,8 @@ def _build():
     i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.sg_scale_grads.restype = i32
     lib.sg_scale_grads.argtypes = [vp, i64, i64, i32, vp, vp, vp, vp, vp, i32, i32, i64]
+    lib.sg_scale_grads_bf16.restype = i32
+    lib.sg_scale_grads_bf16.argtypes = [vp, i64, i64, i32, vp, vp, vp, vp, vp, i32, i32, i64]
     lib.cw_derive.restype = i32
     lib.cw_derive.argtypes = [vp, i64, i64, i32, vp, vp, vp, vp, vp, ctypes.c_float, i32, i32, i64]
     lib.sg_cpu_isa.restype = i32
@@ -73,7 +75,14 @@ def supports_derive(latent: torch.Tensor, g, h) -> bool:
 
 def supports(grad_w: torch.Tensor, positives, g, h) -> bool:
     """Whether scale_grads_cpu takes these inputs as they are (else the caller uses the PyTorch formula)."""
-    if not supports_derive(grad_w, g, h) or len(positives) != len(g):
+    if grad_w.dim() != 2 or grad_w.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not _plain(grad_w, grad_w.dtype, tuple(grad_w.shape)) or len(positives) != len(g):
+        return False
+    if not 1 <= len(g) <= KMAX or len(g) != len(h):
+        return False
+    out, inp = grad_w.shape
+    if not all(_plain(gi, torch.float32, (out,)) and _plain(hi, torch.float32, (inp,)) for gi, hi in zip(g, h)):
         return False
     return all(_plain(s, torch.bool, tuple(grad_w.shape)) for s in positives)
 
@@ -111,22 +120,23 @@ def scale_grads_cpu(grad_w: torch.Tensor, positives, g, h, num_threads: int | No
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """([d g_i], [d h_i]) for the paths of (positives, g, h), fp32; see rabit.ops.coupled.scale_grads_reference.
 
-    grad_w: fp32 (out, in) contiguous; positives: k bool planes (out, in) (True = +1); g: k fp32 (out,); h: k
-    fp32 (in,), all contiguous CPU tensors (``supports`` checks). Raises ValueError otherwise, RuntimeError when
+    grad_w: fp32 or bf16 (out, in) contiguous (bf16: the same sums as for grad_w.float(), without making that);
+    positives: k bool planes (out, in) (True = +1); g: k fp32 (out,); h: k fp32 (in,), all contiguous CPU tensors (``supports`` checks). Raises ValueError otherwise, RuntimeError when
     the library is unavailable. num_threads (default torch's) threads split the rows when out * in * k is at
     least min_parallel_work; the result depends on the thread count by fp32 summation order only.
     """
     if not supports(grad_w, positives, g, h):
-        raise ValueError("scale_grads_cpu needs an fp32 contiguous (out, in) CPU grad_w, k bool sign planes of "
-                         "its shape and fp32 (out,) / (in,) scales, all contiguous")
+        raise ValueError("scale_grads_cpu needs an fp32 or bf16 contiguous (out, in) CPU grad_w, k bool sign planes "
+                         "of its shape and fp32 (out,) / (in,) scales, all contiguous")
     lib = _library.load()
     out, inp = grad_w.shape
     k = len(positives)
     dg = [torch.empty(out, dtype=torch.float32) for _ in range(k)]
     dh = [torch.empty(inp, dtype=torch.float32) for _ in range(k)]
     nt = torch.get_num_threads() if num_threads is None else num_threads
-    rc = lib.sg_scale_grads(grad_w.data_ptr(), out, inp, k, _pointers(positives), _pointers(g), _pointers(h),
-                            _pointers(dg), _pointers(dh), nt, ISA_CODES[isa], min_parallel_work)
+    fn = lib.sg_scale_grads_bf16 if grad_w.dtype == torch.bfloat16 else lib.sg_scale_grads
+    rc = fn(grad_w.data_ptr(), out, inp, k, _pointers(positives), _pointers(g), _pointers(h), _pointers(dg),
+            _pointers(dh), nt, ISA_CODES[isa], min_parallel_work)
     if rc != 0:
         raise RuntimeError(f"sg_scale_grads failed (code {rc})")
     return dg, dh

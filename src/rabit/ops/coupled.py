@@ -87,7 +87,8 @@ def scale_grads_reference(grad_w: torch.Tensor, positives, g, h) -> tuple[list[t
 
 def scale_grads(grad_w: torch.Tensor, positives, g, h) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """scale_grads_reference's values (to fp32 summation order), from one pass over grad_w for all paths when
-    the native CPU kernel takes the inputs (CPU, fp32, contiguous, the library built), else the reference."""
+    the native CPU kernel takes the inputs (CPU, an fp32 or bf16 grad_w, contiguous, the library built), else the
+    reference."""
     if coupled_cpu.supports(grad_w, positives, g, h) and coupled_cpu.is_available():
         return coupled_cpu.scale_grads_cpu(grad_w, positives, g, h)
     return scale_grads_reference(grad_w, positives, g, h)
@@ -101,14 +102,16 @@ class _CoupledLinear(torch.autograd.Function):
         wc = weight.to(compute_dtype)
         bc = None if bias is None else bias.to(compute_dtype)
         out = F.linear(xc, wc, bc)
-        ctx.save_for_backward(xc, weight, *scales)
+        # the backward's d x = d out @ W in the compute dtype: keep the cast made here (d out has out's dtype, so
+        # this is the tensor the backward would make again; under bf16 autocast it is also half the fp32 weight)
+        ctx.save_for_backward(xc, wc, *scales)
         ctx.positives, ctx.mask, ctx.k = positives, mask, k
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xc, weight, *scales = ctx.saved_tensors
+        xc, wc, *scales = ctx.saved_tensors
         k = ctx.k
         g, h = scales[:k], scales[k:]
         need = ctx.needs_input_grad
@@ -116,11 +119,15 @@ class _CoupledLinear(torch.autograd.Function):
         grad_scales = [None] * (2 * k)
         go = grad_out.reshape(-1, grad_out.shape[-1])
         if need[0]:
-            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
+            grad_x = (grad_out @ wc.to(grad_out.dtype)).to(ctx.x_dtype)
         if ctx.has_bias and need[5]:
             grad_bias = go.float().sum(0)
         if need[6] or any(need[7:]):
-            grad_w = (go.T @ xc.reshape(-1, xc.shape[-1])).float()
+            grad_w = go.T @ xc.reshape(-1, xc.shape[-1])
+            # the native scale-gradient pass reads a bf16 dW as it is (the same sums as of its fp32 copy); the
+            # latent's gradient and the PyTorch formula take the fp32 copy
+            if need[6] or not coupled_cpu.supports(grad_w, ctx.positives, g, h) or not coupled_cpu.is_available():
+                grad_w = grad_w.float()
             if need[6]:
                 grad_latent = grad_w if ctx.mask is None else grad_w * ctx.mask
             if any(need[7:]):

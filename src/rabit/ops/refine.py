@@ -232,37 +232,40 @@ def refit_scales(w: torch.Tensor, paths, H: torch.Tensor, WH: torch.Tensor | Non
 
 @torch.no_grad()
 def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp: float = 0.01,
-                 block_size: int = 128, act_order: bool = False, descent: int = 0):
+                 block_size: int = 128, act_order: bool = False, descent: int = 0, descent_cycles: int = 1):
     """Alternate scale refits and GPTQ sign choices for `rounds` rounds, keeping the best paths by output
     error. Returns (paths, errors): errors[0] is the starting output error, then one per round (the best so
     far, so the sequence never increases). descent: passes of sign_descent after the rounds, then a refit of the
-    scales (one more entry in errors)."""
+    scales (one more entry in errors); descent_cycles: that many (passes, refit) cycles, each from the last one's
+    refitted scales, stopping early when a cycle does not lower the error (one entry each)."""
     w = w.to(torch.float32)
     Hd = damped(H, damp)
     best = [(g.float(), B.float(), h.float()) for g, B, h in paths]
     errors = [output_error(w, best, Hd)]
     factor = gptq_factor(H, damp, act_order) if rounds > 0 else None
-    WH = w @ Hd if rounds > 0 else None
-    for _ in range(rounds):
-        cand = refit_scales(w, best, Hd, WH)
-        signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, factor=factor)
-        cand = refit_scales(w, [(g, B, h) for (g, _, h), B in zip(cand, signs)], Hd, WH)
+    WH = w @ Hd if rounds > 0 or descent > 0 else None
+
+    def keep(cand) -> bool:
+        """Take cand if it lowers the error; one errors entry either way. False: stop iterating."""
+        nonlocal best
         err = output_error(w, cand, Hd)
         if err < errors[-1]:
             best = cand
             errors.append(err)
-        else:
-            errors.append(errors[-1])
+            return True
+        errors.append(errors[-1])
+        return False
+
+    for _ in range(rounds):
+        cand = refit_scales(w, best, Hd, WH)
+        signs = gptq_signs(w, [g for g, _, _ in cand], [h for _, _, h in cand], H, block_size, factor=factor)
+        if not keep(refit_scales(w, [(g, B, h) for (g, _, h), B in zip(cand, signs)], Hd, WH)):
             break
-    if descent > 0:
-        # after the last round only: the next round's GPTQ rounding would choose every sign afresh
-        WH = w @ Hd if WH is None else WH
+    # after the last round only: the next round's GPTQ rounding would choose every sign afresh
+    for _ in range(max(1, int(descent_cycles)) if descent > 0 else 0):
         cand, _ = sign_descent(w, best, Hd, descent, act_order)
-        cand = refit_scales(w, cand, Hd, WH)
-        err = output_error(w, cand, Hd)
-        if err < errors[-1]:
-            best = cand
-        errors.append(min(err, errors[-1]))
+        if not keep(refit_scales(w, cand, Hd, WH)):
+            break
     return best, errors
 
 

@@ -51,10 +51,12 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 class _FusedHeadKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, temperature: float, chunk: int, cap_s, cap_t, dtype):
+    def forward(ctx, h_s, w_s, h_t, w_t, temperature: float, chunk: int, cap_s, cap_t, dtype, casts):
         n = h_s.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ws, wt = w_s.detach().to(dtype), w_t.detach().to(dtype)
+        # the teacher's head and a frozen student head: cast once (a training head changes every step)
+        ws = casts.get(w_s, dtype) if casts is not None and not w_s.requires_grad else w_s.detach().to(dtype)
+        wt = casts.get(w_t, dtype) if casts is not None else w_t.detach().to(dtype)
         grad_h = torch.empty_like(h_s) if want_h else None
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
@@ -91,18 +93,19 @@ class _FusedHeadKL(torch.autograd.Function):
         k = grad_out * ctx.scale
         gh = (grad_h.float() * k).to(ctx.dtypes[0]) if ctx.wants[0] else None
         gw = (grad_w * k).to(ctx.dtypes[1]) if ctx.wants[1] else None
-        return gh, gw, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None
 
 
 def fused_head_kl(h_s: torch.Tensor, head_s: nn.Linear, h_t: torch.Tensor, head_t: nn.Linear,
                   temperature: float = 1.0, chunk_tokens: int = 256, cap_s: float | None = None,
-                  cap_t: float | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                  cap_t: float | None = None, dtype: torch.dtype | None = None, casts=None) -> torch.Tensor:
     """Mean over tokens of KL(softmax(head_t(h_t)/T) || softmax(head_s(h_s)/T)) * T^2, as
     rabit.train.losses.kl_divergence on the two models' logits, without materializing them.
 
     h_s, h_t: (..., hidden) last hidden states; gradients flow to h_s and to head_s.weight (if it trains).
     dtype: of the head matmuls (bf16 under autocast, as the plain head would run); the KL is in fp32. Chunks
-    hold at most chunk_tokens tokens and CHUNK_ELEMENTS logits.
+    hold at most chunk_tokens tokens and CHUNK_ELEMENTS logits. casts: a rabit.train.frozen_casts.FrozenCasts that
+    keeps the heads' casts to dtype between calls while they do not change (the same values as casting anew).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -114,7 +117,7 @@ def fused_head_kl(h_s: torch.Tensor, head_s: nn.Linear, h_t: torch.Tensor, head_
     chunk = max(1, min(int(chunk_tokens), CHUNK_ELEMENTS // head_s.weight.shape[0]))
     dtype = dtype or h_s.dtype
     return _FusedHeadKL.apply(h_s.reshape(-1, hid), head_s.weight, h_t.reshape(-1, hid), head_t.weight,
-                              float(temperature), chunk, cap_s, cap_t, dtype)
+                              float(temperature), chunk, cap_s, cap_t, dtype, casts)
 
 
 __all__ = ["fused_head_kl", "head_parts", "FUSED_FAMILIES"]

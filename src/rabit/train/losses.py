@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .frozen_casts import cast_linear_weights
+
 
 def _kl_chunk(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool,
               out: torch.Tensor | None = None):
@@ -266,17 +268,22 @@ def autocast_context(device: torch.device, enabled: bool):
 
 def batch_distillation_loss(teacher: nn.Module, student: nn.Module, batch: torch.Tensor, gamma: float,
                             temperature: float, kl_chunk: int, autocast: bool = False,
-                            need_grad: bool = True, hidden_loss: str = "mse", fused_head: bool = True) -> DistillLoss:
+                            need_grad: bool = True, hidden_loss: str = "mse", fused_head: bool = True,
+                            casts=None) -> DistillLoss:
     """Run teacher (without gradients) and student on one batch of token ids and return the distillation loss;
     the per-block hidden states are recorded only when gamma > 0. fused_head: where both models allow it
     (rabit.train.fused_head.head_parts), compute the KL from the last hidden states chunk by chunk instead of
-    materializing both models' full logits (same loss and gradients, far less memory for large vocabularies)."""
+    materializing both models' full logits (same loss and gradients, far less memory for large vocabularies).
+    casts: a rabit.train.frozen_casts.FrozenCasts; under autocast the teacher's linear layers and the frozen heads
+    then reuse their bf16 casts from step to step instead of casting every call (bitwise the same loss)."""
     want_hidden = gamma > 0
 
-    def run(model, forward, grad: bool):
+    def run(model, forward, grad: bool, cached: bool = False):
         with torch.set_grad_enabled(grad), autocast_context(batch.device, autocast):
             rec = BlockOutputs(model) if want_hidden else contextlib.nullcontext()
-            with rec:
+            swap = (cast_linear_weights(forward, casts, torch.bfloat16) if cached and autocast and casts is not None
+                    else contextlib.nullcontext())
+            with rec, swap:
                 out = forward(input_ids=batch, use_cache=False)
             return out, (rec.hidden() if want_hidden else None)
 
@@ -287,13 +294,14 @@ def batch_distillation_loss(teacher: nn.Module, student: nn.Module, batch: torch
         parts_t, parts_s = head_parts(teacher), head_parts(student)
     if parts_t is not None and parts_s is not None:
         (body_t, head_t, cap_t), (body_s, head_s, cap_s) = parts_t, parts_s
-        out_t, t_hidden = run(teacher, body_t, False)
+        out_t, t_hidden = run(teacher, body_t, False, cached=True)
         out_s, s_hidden = run(student, body_s, need_grad)
         with torch.set_grad_enabled(need_grad):
             kl = fused_head_kl(out_s.last_hidden_state, head_s, out_t.last_hidden_state, head_t, temperature,
-                               kl_chunk, cap_s, cap_t, dtype=torch.bfloat16 if autocast else None)
+                               kl_chunk, cap_s, cap_t, dtype=torch.bfloat16 if autocast else None,
+                               casts=casts if autocast else None)
             return _with_hidden_term(kl, s_hidden, t_hidden, gamma, hidden_loss)
-    out_t, t_hidden = run(teacher, teacher, False)
+    out_t, t_hidden = run(teacher, teacher, False, cached=True)
     out_s, s_hidden = run(student, student, need_grad)
     with torch.set_grad_enabled(need_grad):
         return distillation_loss(out_s.logits, out_t.logits, s_hidden, t_hidden, gamma, temperature, kl_chunk,

@@ -18,6 +18,7 @@ from ..quantize import _set_module, collect_channel_stats, find_linear_layers, q
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, save_checkpoint, set_rng_state)
 from .loop import Collective, DistillLoop, TrainingDiverged, TrainResult, _LastGood  # noqa: F401 - re-exported
+from .frozen_casts import FrozenCasts
 from .losses import HIDDEN_LOSSES, autocast_context, batch_distillation_loss
 from .optim import OptimConfig, Optimizers, prepare_student
 
@@ -250,6 +251,8 @@ class Trainer(DistillLoop):
         # The teacher is never modified: teacher_bf16 runs a bf16 copy of it.
         self.teacher_run = copy.deepcopy(teacher).to(torch.bfloat16) if config.teacher_bf16 else teacher
         self.teacher_run.eval()
+        # under autocast the frozen weights' bf16 casts are made once, not every step (bitwise the same loss)
+        self.casts = FrozenCasts() if self.autocast else None
         self.split = prepare_student(student, train_fp_weights=config.train_fp_weights,
                                      train_latents=config.train_latents)
         self.optim = Optimizers(self.split, config.optim, config.steps)
@@ -327,7 +330,7 @@ class Trainer(DistillLoop):
         """The distillation loss of one batch (a DistillLoss of scalars)."""
         cfg = self.cfg
         return batch_distillation_loss(self.teacher_run, self.student, batch, cfg.gamma, cfg.temperature,
-                                       cfg.kl_chunk, self.autocast, need_grad, cfg.hidden_loss)
+                                       cfg.kl_chunk, self.autocast, need_grad, cfg.hidden_loss, casts=self.casts)
 
     @torch.no_grad()
     def evaluate(self, rows: torch.Tensor, batch_size: int | None = None) -> dict:

@@ -256,6 +256,42 @@ def test_engine_process_crash_and_environment():
         engine_env("rabit", "spin", base)
 
 
+def test_llama_bench_dying_of_sigill_runs_again_without_repacking(tmp_path):
+    # a stand-in llama-bench: dies of SIGILL unless it is given --repack 0, as llama.cpp's repacked Q4_1 path did on
+    # an Intel Xeon VM with AMX
+    import stat
+    import sys
+
+    import pytest
+
+    from rabit.cli.bench import llama_bench_with_fallback
+    from rabit.decode_bench import EngineFailed
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!{sys.executable}\n" + '''import json, os, signal, sys
+open(os.environ["CALLS"], "a").write(" ".join(sys.argv[1:]) + "\\n")
+if "--repack" not in sys.argv or sys.argv[sys.argv.index("--repack") + 1] != "0":
+    os.kill(os.getpid(), signal.SIGILL)
+print(json.dumps([{"n_gen": 128, "avg_ts": 61.5, "samples_ts": [61.5]}]))
+''')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls.txt"
+    env = {"CALLS": str(calls), "PATH": "/usr/bin:/bin"}
+    args, logged = [], []
+    got = llama_bench_with_fallback(fake, tmp_path / "m.gguf", 128, 128, 2, "--repack <0|1> -d, --n-depth", env,
+                                    args, logged.append)
+    assert got == 61.5 and args == ["--repack", "0"] and "SIGILL" in logged[0]
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 and "--repack" not in lines[0] and lines[1].endswith("--repack 0")
+    assert "-d 128" in lines[0]
+    assert llama_bench_with_fallback(fake, tmp_path / "m.gguf", 128, 128, 2, "--repack", env, args) == 61.5
+    assert len(calls.read_text().splitlines()) == 3          # later runs go straight to --repack 0
+    # a llama-bench without --repack, or a crash of another kind: reported, not retried
+    with pytest.raises(EngineFailed, match="SIGILL"):
+        llama_bench_with_fallback(fake, tmp_path / "m.gguf", 128, 128, 2, "-d, --n-depth", env, [])
+    assert len(calls.read_text().splitlines()) == 4
+
+
 def test_bench_finds_the_checkouts_llama_cpp_folder():
     # the default --llama-cpp-dir is third_party/ of the checkout, the folder build_llama_cpp.sh writes to
     from pathlib import Path

@@ -252,7 +252,7 @@ def _llama_bench_flags(bench: Path) -> str:
 
 
 def llama_bench_once(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int,
-                     flags_text: str, env: dict | None = None) -> float:
+                     flags_text: str, env: dict | None = None, extra_args=()) -> float:
     """tokens/s of one llama-bench generation run of `new_tokens` after a `prompt_len`-token context.
 
     Raises decode_bench.EngineFailed when llama-bench fails or crashes."""
@@ -262,6 +262,7 @@ def llama_bench_once(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, 
            "-o", "json"]
     if "--n-depth" in flags_text or "-d," in flags_text:
         cmd += ["-d", str(prompt_len)]
+    cmd += [str(a) for a in extra_args]
     # keep llama-bench's warm-up run: it pages the mmapped weights in, as each torch engine process warms up
     out = run_engine_process(cmd, dict(os.environ) if env is None else env)
     try:
@@ -271,6 +272,28 @@ def llama_bench_once(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, 
         raise EngineFailed(f"unreadable llama-bench output: {out[-500:]!r}") from e
     samples = row.get("samples_ts") or [row["avg_ts"]]
     return float(samples[0])
+
+
+REPACK_OFF = ("--repack", "0")
+
+
+def llama_bench_with_fallback(bench: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int,
+                              flags_text: str, env: dict | None, extra_args: list, log=print) -> float:
+    """llama_bench_once with `extra_args` (a list the caller keeps per engine). When llama-bench dies of SIGILL and
+    has --repack, it runs again with --repack 0, which is added to extra_args for the engine's later runs: llama.cpp's
+    repacked CPU paths can execute instructions a machine's OS does not allow (on a 2-core Intel Xeon VM with AMX,
+    Q4_1 died there while TQ2_0, which has no such path, ran; docs/RESULTS.md section 38)."""
+    from ..decode_bench import EngineFailed
+
+    try:
+        return llama_bench_once(bench, gguf, prompt_len, new_tokens, threads, flags_text, env, extra_args)
+    except EngineFailed as e:
+        if "SIGILL" not in str(e) or "--repack" not in flags_text or REPACK_OFF[0] in extra_args:
+            raise
+        log(f"  {Path(gguf).name}: llama-bench died of SIGILL in its repacked CPU path; again with --repack 0, "
+            f"and so from now on")
+        extra_args.extend(REPACK_OFF)
+        return llama_bench_once(bench, gguf, prompt_len, new_tokens, threads, flags_text, env, extra_args)
 
 
 # ------------------------------------------------------------------------------------------------- decode
@@ -330,12 +353,19 @@ def run_decode_bench(shape: dict | None = None, prompt_len: int = 128, new_token
     for n in names:
         info[n]["omp_wait_policy"] = envs[n].get("OMP_WAIT_POLICY", "unset")
 
+    llama_args: dict[str, list] = {}
+
     def once(n: str) -> float:
         if n in TORCH_ENGINES:
             spec = {"engine": n, "shape": shape, "seed": seed, "prompt_len": prompt_len, "threads": threads,
                     "new_tokens": fp32_new if n == "fp32" else new_tokens, "compile": compile}
             return torch_engine_once(spec, envs[n])
-        return llama_bench_once(bench_bin, gguf[n], prompt_len, new_tokens, threads, flags_text, envs[n])
+        args = llama_args.setdefault(n, [])
+        value = llama_bench_with_fallback(bench_bin, gguf[n], prompt_len, new_tokens, threads, flags_text, envs[n],
+                                          args, log)
+        if args:
+            info[n]["llama_args"] = " ".join(args)
+        return value
 
     log(f"setup {time.time() - t0:.0f} s; {max(reps, llama_reps)} interleaved rounds, one process per run ...")
     samples = {n: [] for n in names}
@@ -409,6 +439,8 @@ def format_decode_table(result: dict) -> str:
     lines.append(f"Llama {c['shape']}, prompt {c['prompt_len']} tokens, {c['threads']} threads, "
                  f"compile={c['compile']}, OMP_WAIT_POLICY: "
                  + ", ".join(f"{r['engine']} {r.get('omp_wait_policy', 'unset')}" for r in result["rows"])
+                 + "".join(f"; {r['engine']} with llama-bench {r['llama_args']}" for r in result["rows"]
+                           if r.get("llama_args"))
                  + f"; interleaved rounds, one process per run; total {c['seconds']:.0f} s.")
     return "\n".join(lines)
 

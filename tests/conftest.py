@@ -13,13 +13,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def make_tiny_llama(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, seed=0):
+def make_tiny_llama(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, seed=0, tied=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=256, tie_word_embeddings=False)
+                      max_position_embeddings=256, tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -45,21 +45,11 @@ def test_bad_group_size_and_bits():
         quantize_groupwise(torch.randn(4, 96), 3, group_size=32)
 
 
-def _tied_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_quantized_embedding_model_saves_and_loads(tmp_path, tied):
     from transformers import AutoModelForCausalLM
 
-    model = _tied_model() if tied else make_tiny_llama(hidden=64)
+    model = make_tiny_llama(hidden=64, tied=tied)
     quantize_(model, RaBiTConfig(precondition=False, init="svid", isvid_rounds=0))
     emb_w = model.model.embed_tokens.weight.detach().clone()
     head_w = model.lm_head.weight.detach().clone()
@@ -96,7 +86,7 @@ def test_quantized_embedding_model_saves_and_loads(tmp_path, tied):
 
 
 def test_four_bit_and_dtype_follow_the_model(tmp_path):
-    model = _tied_model()
+    model = make_tiny_llama(hidden=64, tied=True)
     quantize_embeddings_(model, bits=4, group_size=32)
     assert model.model.embed_tokens.qweight.shape == (96, 32)
     model.to(torch.bfloat16)

@@ -49,19 +49,9 @@ def test_an_entry_goes_with_its_source():
     assert len(casts) == 0
 
 
-def _tied_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_cached_linear_weights_give_autocasts_logits_bit_for_bit(tied):
-    model = _tied_llama() if tied else make_tiny_llama(vocab_size=80)   # requires_grad left on: no grad mode
+    model = make_tiny_llama(vocab_size=80, intermediate=48, seed=1, tied=tied)   # requires_grad on: no grad mode
     before = [(n, p) for n, p in model.named_parameters()]
     ids = torch.randint(0, 80, (2, 13), generator=torch.Generator().manual_seed(0))
     casts = FrozenCasts()

@@ -63,26 +63,24 @@ def _plain(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> bool:
             and tuple(t.shape) == shape and t.is_contiguous())
 
 
-def supports_derive(latent: torch.Tensor, g, h) -> bool:
-    """Whether derive_cpu takes these inputs as they are (else the caller uses the PyTorch formula)."""
-    if latent.dim() != 2 or not _plain(latent, torch.float32, tuple(latent.shape)):
+def _matrix_and_scales(m: torch.Tensor, dtypes: tuple, g, h) -> bool:
+    """A plain contiguous (out, in) CPU matrix of one of `dtypes` and 1..KMAX pairs of fp32 (out,) / (in,) scales."""
+    if m.dim() != 2 or m.dtype not in dtypes or not _plain(m, m.dtype, tuple(m.shape)):
         return False
     if not 1 <= len(g) <= KMAX or len(g) != len(h):
         return False
-    out, inp = latent.shape
+    out, inp = m.shape
     return all(_plain(gi, torch.float32, (out,)) and _plain(hi, torch.float32, (inp,)) for gi, hi in zip(g, h))
+
+
+def supports_derive(latent: torch.Tensor, g, h) -> bool:
+    """Whether derive_cpu takes these inputs as they are (else the caller uses the PyTorch formula)."""
+    return _matrix_and_scales(latent, (torch.float32,), g, h)
 
 
 def supports(grad_w: torch.Tensor, positives, g, h) -> bool:
     """Whether scale_grads_cpu takes these inputs as they are (else the caller uses the PyTorch formula)."""
-    if grad_w.dim() != 2 or grad_w.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if not _plain(grad_w, grad_w.dtype, tuple(grad_w.shape)) or len(positives) != len(g):
-        return False
-    if not 1 <= len(g) <= KMAX or len(g) != len(h):
-        return False
-    out, inp = grad_w.shape
-    if not all(_plain(gi, torch.float32, (out,)) and _plain(hi, torch.float32, (inp,)) for gi, hi in zip(g, h)):
+    if not _matrix_and_scales(grad_w, (torch.float32, torch.bfloat16), g, h) or len(positives) != len(g):
         return False
     return all(_plain(s, torch.bool, tuple(grad_w.shape)) for s in positives)
 
@@ -121,9 +119,10 @@ def scale_grads_cpu(grad_w: torch.Tensor, positives, g, h, num_threads: int | No
     """([d g_i], [d h_i]) for the paths of (positives, g, h), fp32; see rabit.ops.coupled.scale_grads_reference.
 
     grad_w: fp32 or bf16 (out, in) contiguous (bf16: the same sums as for grad_w.float(), without making that);
-    positives: k bool planes (out, in) (True = +1); g: k fp32 (out,); h: k fp32 (in,), all contiguous CPU tensors (``supports`` checks). Raises ValueError otherwise, RuntimeError when
-    the library is unavailable. num_threads (default torch's) threads split the rows when out * in * k is at
-    least min_parallel_work; the result depends on the thread count by fp32 summation order only.
+    positives: k bool planes (out, in) (True = +1); g: k fp32 (out,); h: k fp32 (in,), all contiguous CPU tensors
+    (``supports`` checks). Raises ValueError otherwise, RuntimeError when the library is unavailable. num_threads
+    (default torch's) threads split the rows when out * in * k is at least min_parallel_work; the result depends
+    on the thread count by fp32 summation order only.
     """
     if not supports(grad_w, positives, g, h):
         raise ValueError("scale_grads_cpu needs an fp32 or bf16 contiguous (out, in) CPU grad_w, k bool sign planes "

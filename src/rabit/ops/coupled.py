@@ -88,10 +88,10 @@ def scale_grads_reference(grad_w: torch.Tensor, positives, g, h) -> tuple[list[t
 def scale_grads(grad_w: torch.Tensor, positives, g, h) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """scale_grads_reference's values (to fp32 summation order), from one pass over grad_w for all paths when
     the native CPU kernel takes the inputs (CPU, an fp32 or bf16 grad_w, contiguous, the library built), else the
-    reference."""
+    reference on grad_w in fp32 (the kernel reads a bf16 grad_w as it is: the same sums as of its fp32 copy)."""
     if coupled_cpu.supports(grad_w, positives, g, h) and coupled_cpu.is_available():
         return coupled_cpu.scale_grads_cpu(grad_w, positives, g, h)
-    return scale_grads_reference(grad_w, positives, g, h)
+    return scale_grads_reference(grad_w.float(), positives, g, h)
 
 
 class _CoupledLinear(torch.autograd.Function):
@@ -124,11 +124,9 @@ class _CoupledLinear(torch.autograd.Function):
             grad_bias = go.float().sum(0)
         if need[6] or any(need[7:]):
             grad_w = go.T @ xc.reshape(-1, xc.shape[-1])
-            # the native scale-gradient pass reads a bf16 dW as it is (the same sums as of its fp32 copy); the
-            # latent's gradient and the PyTorch formula take the fp32 copy
-            if need[6] or not coupled_cpu.supports(grad_w, ctx.positives, g, h) or not coupled_cpu.is_available():
-                grad_w = grad_w.float()
+            # in the compute dtype: scale_grads takes it as it is; the latent's gradient is fp32
             if need[6]:
+                grad_w = grad_w.float()
                 grad_latent = grad_w if ctx.mask is None else grad_w * ctx.mask
             if any(need[7:]):
                 dg, dh = scale_grads(grad_w, ctx.positives, g, h)

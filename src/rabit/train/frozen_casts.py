@@ -44,9 +44,6 @@ class FrozenCasts:
     def __len__(self) -> int:
         return len(self._cache)
 
-    def clear(self) -> None:
-        self._cache.clear()
-
 
 @contextlib.contextmanager
 def cast_linear_weights(module: nn.Module, casts: FrozenCasts, dtype: torch.dtype):

@@ -12,9 +12,10 @@ import torch
 
 from conftest import make_tiny_llama
 from rabit import RaBiTConfig
+from rabit.layer import RaBiTLinear
 from rabit.train import CheckpointError, OptimConfig, Trainer, TrainConfig, make_student
-from rabit.train.checkpoint import (atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                    verify_checkpoint)
+from rabit.train.checkpoint import (FixedTensors, atomic_write_json, latest_checkpoint, load_checkpoint,
+                                    save_checkpoint, verify_checkpoint)
 
 
 @pytest.fixture(autouse=True)
@@ -29,10 +30,10 @@ def rows(n=8, seq=16, vocab=96, seed=0):
     return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def make_trainer(run_dir, steps=6, mode="coupled", step_callback=None):
+def make_trainer(run_dir, steps=6, mode="coupled", step_callback=None, train_latents=True):
     teacher = make_tiny_llama()
     student = make_student(teacher, RaBiTConfig(mode=mode, precondition=False))
-    cfg = TrainConfig(steps=steps, grad_accum=2, autocast=False, save_every=3, seed=3,
+    cfg = TrainConfig(steps=steps, grad_accum=2, autocast=False, save_every=3, seed=3, train_latents=train_latents,
                       optim=OptimConfig(latent_lr=1e-3, scale_lr=1e-2, warmup_steps=2))
     return Trainer(teacher, student, rows(), cfg, run_dir, progress=False, step_callback=step_callback)
 
@@ -52,16 +53,16 @@ def losses(run_dir):
     return [json.loads(x)["loss"] for x in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["coupled", "frozen"])
-def test_in_process_resume_is_exact(tmp_path, mode):
-    full = make_trainer(tmp_path / "a", mode=mode)
+@pytest.mark.parametrize("mode,train_latents", [("coupled", True), ("frozen", True), ("coupled", False)])
+def test_in_process_resume_is_exact(tmp_path, mode, train_latents):
+    full = make_trainer(tmp_path / "a", mode=mode, train_latents=train_latents)
     full.train()
     # a second run crashes in step 5 (checkpoint at 3, steps 1-4 logged), then a fresh trainer continues
-    part = make_trainer(tmp_path / "b", mode=mode, step_callback=crash_at(5))
+    part = make_trainer(tmp_path / "b", mode=mode, step_callback=crash_at(5), train_latents=train_latents)
     with pytest.raises(Crash):
         part.train()
     assert len(losses(tmp_path / "b")) == 4
-    resumed = make_trainer(tmp_path / "b", mode=mode)
+    resumed = make_trainer(tmp_path / "b", mode=mode, train_latents=train_latents)
     assert resumed.resume() and resumed.step == 3
     assert len(losses(tmp_path / "b")) == 3
     resumed.train()
@@ -78,9 +79,10 @@ def test_checkpoint_round_trip_and_rotation(tmp_path):
     assert ck.state["scheduler"]["step"] == 6
     for k, v in tr.student.state_dict().items():
         assert torch.equal(ck.model[k], v), k
-    # only the newest checkpoint is kept, no temporary folders are left behind
+    # only the newest checkpoint is kept, no temporary folders are left behind; the tensors that do not train
+    # (here the embedding) sit in one shared file, which the checkpoint names
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["latest", "step-000006"]
+    assert names == [ck.state["fixed"]["name"], "latest", "step-000006"]
     # JSON only, no pickle anywhere
     for p in (tmp_path / "checkpoints").rglob("*"):
         if p.is_file():
@@ -96,6 +98,100 @@ def test_tied_weights_are_saved_once(tmp_path):
 
     with safe_open(str(ck.path / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["a", "c"]
+
+
+def tensor_names(f):
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        return set(h.keys())
+
+
+def test_frozen_latents_are_written_once(tmp_path, monkeypatch):
+    import rabit.train.checkpoint as checkpoint
+
+    tr = make_trainer(tmp_path, steps=9, train_latents=False)
+    writes = []
+    original = checkpoint._write_safetensors
+
+    def counting(path, tensors, metadata):
+        writes.append(metadata.get("part", path.name))
+        return original(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "_write_safetensors", counting)
+    tr.train()   # checkpoints at steps 3, 6, 9: three model and optimizer files, one fixed-tensor file
+    assert sorted(writes) == ["fixed"] + ["model.safetensors"] * 3 + ["optim.safetensors"] * 3
+    ck = latest_checkpoint(tmp_path)
+    state = verify_checkpoint(ck)
+    latents = {f"{n}.{p}" for n, m in tr.student.named_modules() if isinstance(m, RaBiTLinear)
+               for p, q in m.named_parameters(recurse=False) if any(q is x for x in m.latent_parameters())}
+    assert latents and not any(tr.student.get_parameter(n).requires_grad for n in latents)
+    fixed = tensor_names(ck.parent / state["fixed"]["name"])
+    moving = tensor_names(ck / "model.safetensors")
+    assert latents <= fixed and not (fixed & moving)
+    assert all(tr.student.get_parameter(n).requires_grad for n in moving if n in dict(tr.student.named_parameters()))
+    # the per-step file holds scales and norms only (even in this tiny model, under a third of the fixed bytes)
+    assert (ck / "model.safetensors").stat().st_size < 0.3 * (ck.parent / state["fixed"]["name"]).stat().st_size
+    loaded = load_checkpoint(ck)
+    for k, v in tr.student.state_dict().items():
+        assert torch.equal(loaded.model[k], v), k
+
+
+def test_changed_fixed_tensors_are_written_again(tmp_path):
+    w, e = torch.randn(4, 3), torch.randn(5, 2)
+    fixed = FixedTensors({"e"})
+    save_checkpoint(tmp_path, 1, {"w": w, "e": e}, {}, {}, fixed=fixed)
+    first = fixed.record["name"]
+    save_checkpoint(tmp_path, 2, {"w": w, "e": e}, {}, {}, fixed=fixed)
+    assert fixed.record["name"] == first
+    e.add_(1.0)   # an in-place change: a new file, the old one removed with the checkpoint that named it
+    save_checkpoint(tmp_path, 3, {"w": w, "e": e}, {}, {}, fixed=fixed)
+    assert fixed.record["name"] != first
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [fixed.record["name"], "latest", "step-000003"]
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert torch.equal(ck.model["e"], e) and torch.equal(ck.model["w"], w)
+    # with keep=2 the older checkpoint keeps its own file
+    e.mul_(2.0)
+    save_checkpoint(tmp_path, 4, {"w": w, "e": e}, {}, {}, keep=2, fixed=fixed)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").glob("fixed-*"))
+    assert len(files) == 2
+    old = load_checkpoint(tmp_path / "checkpoints" / "step-000003")
+    assert torch.equal(old.model["e"], e / 2.0)
+
+
+def test_damaged_or_missing_fixed_tensors_are_detected(tmp_path):
+    tr = make_trainer(tmp_path, steps=3, train_latents=False)
+    tr.train()
+    ck = latest_checkpoint(tmp_path)
+    f = ck.parent / verify_checkpoint(ck)["fixed"]["name"]
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fixed-.*corrupt: SHA-256"):
+        load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        make_trainer(tmp_path, steps=3, train_latents=False).resume()
+    f.write_bytes(bytes(data[:100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        verify_checkpoint(ck, checksums=False)
+    f.unlink()
+    with pytest.raises(CheckpointError, match="fixed tensors .* are missing"):
+        load_checkpoint(ck, verify=False)
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    w = torch.randn(4, 3)
+    save_checkpoint(tmp_path, 1, {"w": w}, {}, {"x": 1})   # no fixed tensors: what version 1 wrote
+    ck = latest_checkpoint(tmp_path)
+    state = json.loads((ck / "state.json").read_text())
+    state["version"] = 1
+    (ck / "state.json").write_text(json.dumps(state))
+    assert torch.equal(load_checkpoint(ck).model["w"], w)
+    state["version"] = 3
+    (ck / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="version 3"):
+        load_checkpoint(ck)
 
 
 @pytest.fixture

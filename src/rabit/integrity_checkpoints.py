@@ -42,11 +42,14 @@ def verify_checkpoint_folder(path: str | os.PathLike) -> Report:
     except CheckpointError as e:
         report.problems.append(Problem(str(path), str(e)))
         return report
-    for name in state["files"]:
+    files = [path / name for name in state["files"]]
+    if state.get("fixed"):   # the tensors that do not train, shared by the run's checkpoints (verified above)
+        files.append(path.parent / state["fixed"]["name"])
+    for f in files:
         report.files += 1
-        report.bytes += (path / name).stat().st_size
+        report.bytes += f.stat().st_size
         with contextlib.suppress(IntegrityError):
-            report.tensors += len(read_layout(path / name).header)
+            report.tensors += len(read_layout(f).header)
     return report
 
 

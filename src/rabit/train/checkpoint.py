@@ -8,6 +8,14 @@ Layout under a run folder:
                                                 Python RNG state, caller extras, and the size + SHA-256 of
                                                 both safetensors files; written last
     checkpoints/latest                          JSON pointer {"step": 50, "dir": "step-000050"}
+    checkpoints/fixed-<sha256[:16]>.safetensors the state-dict tensors that do not train (frozen latents, embeddings),
+                                                written once and named (size + SHA-256) by each state.json that
+                                                uses them instead of being rewritten with every checkpoint
+
+With frozen latents the fixed tensors are nearly all of a checkpoint's bytes (the default model: ~540 of 655 MB),
+and writing and hashing them every few steps cost a tenth of a long run's training time. A FixedTensors object
+(one per trainer) remembers what it wrote, and writes again only if one of the tensors changed (its version
+counter, storage or shape), so a checkpoint never names stale tensors.
 
 A checkpoint is written into a temporary folder, each file fsynced, the folder renamed into place, and only
 then the `latest` pointer replaced (os.replace) and older checkpoints removed: a crash at any moment leaves
@@ -33,8 +41,10 @@ from ..atomic_io import fsync_dir as _fsync_dir
 from ..errors import InputError
 
 FORMAT = "rabit-train-checkpoint"
-VERSION = 1
+VERSION = 2              # 2: the fixed tensors may live in a shared file (state.json "fixed")
+READS = (1, 2)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_FIXED_FILE = re.compile(r"^fixed-[0-9a-f]{16}\.safetensors$")
 
 
 class CheckpointError(InputError, RuntimeError):
@@ -212,9 +222,61 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _signature(t: torch.Tensor) -> tuple:
+    """What changes when a tensor's values may have changed: an in-place write bumps the version counter (which
+    a state dict's detached alias shares with the parameter); .data = ... or a resize changes storage/shape."""
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype, t._version)
+
+
+class FixedTensors:
+    """The tensors of a checkpoint that do not train, written once into checkpoints/fixed-<hash>.safetensors.
+
+    `names` (set by the caller before each save) are the state-dict keys that do not train. write() returns the
+    record ({"name", "size", "sha256"}) a state.json stores; it writes a new file only when the set of tensors or
+    any tensor's signature changed since the last write, or the file is gone."""
+
+    def __init__(self, names=()):
+        self.names = frozenset(names)
+        self.record: dict | None = None
+        self._signature: dict | None = None
+
+    def write(self, root: Path, tensors: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> dict:
+        signature = {k: _signature(originals[k]) for k in tensors}
+        if (self.record is not None and signature == self._signature
+                and _file_size(root / self.record["name"]) == self.record["size"]):
+            return self.record
+        fd, name = tempfile.mkstemp(dir=root, prefix=".fixed-", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            _write_safetensors(tmp, tensors, {"format": FORMAT, "version": str(VERSION), "part": "fixed"})
+            digest = sha256_file(tmp)
+            record = {"name": f"fixed-{digest[:16]}.safetensors", "size": tmp.stat().st_size, "sha256": digest}
+            os.replace(tmp, root / record["name"])
+            tmp = None
+            _fsync_dir(root)
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        self.record, self._signature = record, signature
+        return record
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str, torch.Tensor],
-                    optim_tensors: dict[str, torch.Tensor], state: dict, keep: int = 1) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints."""
+                    optim_tensors: dict[str, torch.Tensor], state: dict, keep: int = 1,
+                    fixed: FixedTensors | None = None) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints.
+
+    With `fixed`, the state-dict tensors it names go to the shared fixed-tensor file (written only when they
+    changed) instead of this checkpoint's model.safetensors."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -222,6 +284,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
     try:
         unique, aliases = dedup_state_dict(model_state)
         meta = {"format": FORMAT, "version": str(VERSION), "step": str(step)}
+        fixed_record = None
+        if fixed is not None and fixed.names:
+            kept = {k: unique.pop(k) for k in list(unique) if k in fixed.names}
+            if kept:
+                fixed_record = fixed.write(root, kept, model_state)
         _write_safetensors(tmp / "model.safetensors", unique, {**meta, "aliases": json.dumps(aliases)})
         rng_t, rng_meta = rng_state()
         opt_t = {**optim_tensors, **rng_t}
@@ -229,7 +296,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
                            meta)
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                  for name in ("model.safetensors", "optim.safetensors")}
-        body = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "rng": rng_meta, **state}
+        body = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "rng": rng_meta, **state,
+                **({"fixed": fixed_record} if fixed_record else {})}
         atomic_write_json(tmp / "state.json", _to_json_value(body))
         _fsync_dir(tmp)
         if final.exists():  # a previous checkpoint of the same step (e.g. re-saved after resuming)
@@ -249,7 +317,28 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
     for p in root.iterdir():
         if p.name.startswith(".step-") and p.name.endswith(".tmp"):
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".fixed-") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+    _remove_unused_fixed(root)
     return final
+
+
+def _remove_unused_fixed(root: Path) -> None:
+    """Delete fixed-tensor files that no remaining checkpoint names (keep them all if a state.json is unreadable:
+    better a stale file than a checkpoint without its tensors)."""
+    used = set()
+    for p in root.iterdir():
+        if _STEP_DIR.match(p.name) and p.is_dir():
+            try:
+                state = read_json(p / "state.json", "checkpoint state")
+            except CheckpointError:
+                return
+            record = state.get("fixed") if isinstance(state, dict) else None
+            if isinstance(record, dict):
+                used.add(record.get("name"))
+    for p in root.iterdir():
+        if _FIXED_FILE.match(p.name) and p.name not in used:
+            p.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -283,8 +372,9 @@ def verify_checkpoint(path: str | os.PathLike, checksums: bool = True) -> dict:
     state = read_json(state_path, "checkpoint state")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{state_path} is not a rabit training checkpoint")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{state_path} has version {state.get('version')}, this rabit reads {VERSION}")
+    if state.get("version") not in READS:
+        raise CheckpointError(f"{state_path} has version {state.get('version')}, this rabit reads "
+                              f"{', '.join(map(str, READS))}")
     files = state.get("files")
     if not isinstance(files, dict) or set(files) != {"model.safetensors", "optim.safetensors"}:
         raise CheckpointError(f"{state_path} is corrupt: bad 'files' entry")
@@ -303,7 +393,30 @@ def verify_checkpoint(path: str | os.PathLike, checksums: bool = True) -> dict:
                                                                  f"expected {info.get('size')}"))
         if checksums and sha256_file(f) != info.get("sha256"):
             raise CheckpointError(checkpoint_mismatch_message(f, "SHA-256 does not match state.json"))
+    fixed_file(path, state, checksums)
     return _from_json_value(state)
+
+
+def fixed_file(path: Path, state: dict, checksums: bool = True) -> Path | None:
+    """The shared fixed-tensor file a checkpoint's state.json names (checked: size, and SHA-256 unless
+    checksums=False), or None when the checkpoint holds all its tensors itself."""
+    record = state.get("fixed")
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not _FIXED_FILE.match(str(record.get("name"))):
+        raise CheckpointError(f"{path / 'state.json'} is corrupt: bad 'fixed' entry")
+    f = path.parent / record["name"]
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: its fixed tensors {f} are missing")
+    from ..integrity_checkpoints import checkpoint_mismatch_message
+
+    size = f.stat().st_size
+    if size != record.get("size"):
+        raise CheckpointError(checkpoint_mismatch_message(f, f"truncated or damaged: {size} bytes, "
+                                                             f"expected {record.get('size')}"))
+    if checksums and sha256_file(f) != record.get("sha256"):
+        raise CheckpointError(checkpoint_mismatch_message(f, "SHA-256 does not match state.json"))
+    return f
 
 
 def _read_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -325,6 +438,13 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     path = Path(path)
     state = verify_checkpoint(path, checksums=verify)
     model, meta = _read_safetensors(path / "model.safetensors")
+    fixed = fixed_file(path, state, checksums=False)   # verified above
+    if fixed is not None:
+        tensors, _ = _read_safetensors(fixed)
+        clash = sorted(set(tensors) & set(model))
+        if clash:
+            raise CheckpointError(f"checkpoint {path}: {clash[:5]} are both in model.safetensors and in {fixed.name}")
+        model.update(tensors)
     try:
         aliases = json.loads(meta.get("aliases", "{}"))
     except json.JSONDecodeError as e:

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..config import RaBiTConfig
 from ..layer import RaBiTLinear
 from ..quantize import _set_module, collect_channel_stats, find_linear_layers, quantize_, rabit_layers
-from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
+from .checkpoint import (CheckpointError, FixedTensors, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, save_checkpoint, set_rng_state)
 from .loop import Collective, DistillLoop, TrainingDiverged, TrainResult, _LastGood  # noqa: F401 - re-exported
 from .frozen_casts import FrozenCasts
@@ -262,6 +262,7 @@ class Trainer(DistillLoop):
         self.log = StepLog(self.run_dir / "log.jsonl")
         self.resumed_from: int | None = None
         self.last_saved = -1
+        self._fixed = FixedTensors()
         self._last_good = _LastGood() if config.keep_last_good else None
         self.collective = Collective()
         if config.gradient_checkpointing:
@@ -288,8 +289,11 @@ class Trainer(DistillLoop):
         state = {"scheduler": self.optim.scheduler_state(), "optimizers": meta,
                  "data": self.sampler.state_dict(), "config": self.cfg.to_dict(),
                  "tokens": self.step * self.tokens_per_step, "extra": self.extra_state}
+        # parameters that do not train (frozen latents, embeddings) go to a file shared by the checkpoints
+        self._fixed.names = {n for n, p in self.student.named_parameters(remove_duplicate=False)
+                             if not p.requires_grad}
         path = save_checkpoint(self.run_dir, self.step, self.student.state_dict(), tensors, state,
-                               keep=self.cfg.keep_checkpoints)
+                               keep=self.cfg.keep_checkpoints, fixed=self._fixed)
         self.last_saved = self.step
         return path
 

@@ -8,7 +8,7 @@ from rabit.cli.options import job_from_args, job_to_argv
 from rabit import RaBiTConfig
 from rabit.job import JobSpec
 from rabit.run_identity import identity_changes
-from rabit.train import TrainConfig
+from rabit.train import OptimConfig, TrainConfig
 
 
 def _parse(*argv) -> JobSpec:
@@ -35,9 +35,19 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     assert _parse("--seq-len", "384").data.seq_len == _parse("--train-latents", "--seq-len", "384").data.seq_len == 384
     assert _parse("--train-latents", "--seq-len", "256").data.seq_len == 256
     assert _parse().tokens_per_step == 256 and _parse("--train-latents").tokens_per_step == 4 * 512
-    # ... and, rotated, a smaller scale learning rate for those one-sequence steps; latent training keeps 1e-3
+    # ... and, rotated, a smaller scale learning rate, whether or not the latents train
     assert JobSpec().train.optim.scale_lr == _parse().train.optim.scale_lr == _parse("--rotate").train.optim.scale_lr == 3e-4
-    assert _parse("--train-latents").train.optim.scale_lr == _parse("--no-rotate").train.optim.scale_lr == 1e-3
+    assert _parse("--train-latents").train.optim.scale_lr == 3e-4
+    assert _parse("--no-rotate").train.optim.scale_lr == _parse("--no-rotate", "--train-latents").train.optim.scale_lr == 1e-3
+    # ... and latents that train from the block stage's refined start a smaller Muon rate than from a plain init
+    assert _parse("--train-latents").train.optim.latent_lr == 1e-4
+    assert _parse("--train-latents", "--no-blocks").train.optim.latent_lr == OptimConfig().latent_lr == 3e-3
+    assert _parse().train.optim.latent_lr == JobSpec().train.optim.latent_lr == 3e-3   # frozen: as run.json had it
+    for argv in (["--train-latents"], ["--train-latents", "--no-blocks"]):
+        assert sorted(job_to_argv(_parse(*argv))) == sorted(argv) and _parse(*job_to_argv(_parse(*argv))) == _parse(*argv)
+    given = _parse("--train-latents", "--latent-lr", "0.001")
+    assert given.train.optim.latent_lr == 1e-3 and not given.auto_latent_lr
+    assert job_to_argv(given) == ["--train-latents", "--latent-lr", "0.001"] and _parse(*job_to_argv(given)) == given
     assert job_to_argv(_parse("--no-rotate")) == ["--no-rotate"]
     assert _parse("--train-latents", "--scale-lr", "3e-4").train.optim.scale_lr == 3e-4
     given = _parse("--scale-lr", "3e-4")

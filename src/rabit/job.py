@@ -24,6 +24,7 @@ from .models import DEFAULT_MODEL
 from .run_identity import identity_changes, train_settings_changes  # noqa: F401 - part of the job's API
 from .data import MIXES
 from .train.blockwise import BlockConfig
+from .train.optim import OptimConfig
 from .train.loop import PROVISIONAL_STEPS, warmup_steps_for
 from .train.trainer import TrainConfig
 
@@ -124,7 +125,8 @@ class DistSpec:
 # gamma 100, 24k tokens on SmolLM2, docs/RESULTS.md section 2); a checkpoint every 10 steps.
 # The latent weights stay frozen at the refined signs and only scales and norms train (--train-latents trains
 # them too, with Muon): after the block stage's refinement, at this budget, training the latents raised the
-# training loss on the same batches and scored worse in and out of domain (docs/RESULTS.md section 13).
+# training loss on the same batches and scored worse in and out of domain (docs/RESULTS.md section 13, latent lr
+# 3e-3; at 1e-4 on an AMX CPU, where a latent step costs about the same per token, they tie: section 39).
 # Without Muon a step costs the same per token at any size, so the job takes one sequence per step (80 steps of
 # 512 tokens): 78.3 / 76.3 against 82.4 / 78.4 with 20 steps of 4 (WikiText-2 / Persuasion, section 15).
 # LATENT_GRAD_ACCUM: the micro-batches per step when the latents train (TrainConfig's default, sized for Muon).
@@ -139,15 +141,27 @@ FROZEN_GRAD_ACCUM = 1
 # the same rotated starts, 50 steps of 256 tokens at 3e-4 reached 59.8 / 66.0 and 60.5 / 64.4, where 1e-3 reached
 # 63.1 / 70.4 and 64.8 / 69.3 and 1e-4 62.5 / 67.4 and 61.7 / 66.6 (seeds 0 / 1, WikiText-2 / Persuasion); the
 # unrotated model lost at 3e-4 (77.0 / 73.0 and 70.2 / 71.9 against 70.6 / 71.2 and 68.6 / 70.6 at 1e-3):
-# docs/RESULTS.md section 35. Latent training keeps 1e-3 (section 2 measured it against 1e-4 and 3e-3; not
-# measured rotated).
+# docs/RESULTS.md section 35.
+# Latent training from the block stage's refined start takes a far smaller Muon rate than the 3e-3 sized for a
+# plain initialization (section 2) or the 1e-3 of sections 20-26's starts: at the 13-minute demo's budget on an AMX
+# Xeon (section 39; rotated, 47-49 steps of 2,048 tokens), latent lr 1e-3 with scale lr 1e-3 sent the KL from 0.61
+# to 1.13 within 7 steps and ended at 69.9 / 82.8 (held-out loss 0.593 -> 0.723), where 1e-4 with scale lr 3e-4
+# stayed below it and ended at 50.1 / 57.7 (0.593 -> 0.513; the frozen-latent demo: 50.9-51.4 / 57.6-57.7). The
+# two rates were changed together; rotated, the scales take 3e-4 whether or not the latents train.
 SCALE_LR = 1e-3
-ROTATED_FROZEN_SCALE_LR = 3e-4
+ROTATED_SCALE_LR = 3e-4
+REFINED_LATENT_LR = 1e-4
 
 
 def default_scale_lr(train_latents: bool, rotated: bool) -> float:
     """AdamW learning rate of scales and norms when --scale-lr is left unset."""
-    return ROTATED_FROZEN_SCALE_LR if rotated and not train_latents else SCALE_LR
+    return ROTATED_SCALE_LR if rotated else SCALE_LR
+
+
+def default_latent_lr(train_latents: bool, block_stage: bool) -> float:
+    """Muon learning rate of the latents when --latent-lr is left unset: smaller when they start from the block
+    stage's refinement. Frozen latents keep OptimConfig's (unused) value."""
+    return REFINED_LATENT_LR if train_latents and block_stage else OptimConfig.latent_lr
 
 
 def default_grad_accum(train_latents: bool) -> int:
@@ -197,6 +211,9 @@ class JobSpec:
     auto_seq_len: bool = True
     # True when --scale-lr was left unset: so does the scales' learning rate
     auto_scale_lr: bool = True
+    # True when --latent-lr was left unset: the latents' learning rate follows whether they train from the block
+    # stage's refined start
+    auto_latent_lr: bool = True
     # True when neither --precondition nor --no-precondition was given: the initialization preconditions the weight
     # by channel importance only on an unrotated model (rotated, the block stage's refinement ends at the same output
     # error from a plain ISVID start, and the calibration pass the importance needs is most of the init's time)
@@ -278,7 +295,9 @@ class JobSpec:
         train, and so do the sequence length with --seq-len unset (auto_seq_len) and the scales' learning rate with
         --scale-lr unset (auto_scale_lr), which also follows the rotation (rotate None counts as rotated until the
         model is loaded), as does the initialization's preconditioning with neither --precondition nor
-        --no-precondition (auto_precondition): call after changing train.train_latents or rotate."""
+        --no-precondition (auto_precondition); the latents' learning rate with --latent-lr unset (auto_latent_lr)
+        follows whether they train after the block stage: call after changing train.train_latents, rotate or
+        block_stage."""
         if self.auto_split:
             self.train.grad_accum = default_grad_accum(self.train.train_latents)
         if self.auto_seq_len:
@@ -287,6 +306,10 @@ class JobSpec:
             self.train.optim = dataclasses.replace(self.train.optim,
                                                    scale_lr=default_scale_lr(self.train.train_latents,
                                                                              self.rotate is not False))
+        if self.auto_latent_lr:
+            self.train.optim = dataclasses.replace(self.train.optim,
+                                                   latent_lr=default_latent_lr(self.train.train_latents,
+                                                                               self.block_stage))
         if self.auto_precondition:
             self.rabit.precondition = self.rotate is False
 

@@ -151,9 +151,10 @@ _OPTIONS = [
            "4 with --train-latents: Muon's orthogonalization costs about 1.6 micro-batches of 512 tokens on CPU, "
            "so fewer, larger steps are faster)", type=int),
     Option("--latent-lr", "train.optim.latent_lr", "distillation",
-           "Muon learning rate of the latent weights, AdamW-matched RMS", type=float),
+           "Muon learning rate of the latent weights, AdamW-matched RMS (default: 1e-4 after the block stage, "
+           "else 3e-3)", type=float),
     Option("--scale-lr", "train.optim.scale_lr", "distillation", "AdamW learning rate of scales and norms (default: "
-           "3e-4 with frozen latents on a rotated model, else 1e-3)", type=float),
+           "3e-4 on a rotated model, else 1e-3)", type=float),
     Option("--weight-decay", "train.optim.weight_decay", "distillation", "AdamW weight decay", type=float),
     Option("--latent-weight-decay", "train.optim.latent_weight_decay", "distillation", "Muon weight decay",
            type=float),
@@ -216,7 +217,7 @@ OPTIONS = {o.flag: o for o in _OPTIONS}
 # the scales' learning rate follow whether the latents train (and the rotation), and the preconditioning follows the
 # rotation. argparse gives them None, so that "unset" can be told from the default.
 _AUTO = {"--batch-size": "auto_split", "--grad-accum": "auto_split", "--seq-len": "auto_seq_len",
-         "--scale-lr": "auto_scale_lr", "--precondition": "auto_precondition"}
+         "--scale-lr": "auto_scale_lr", "--latent-lr": "auto_latent_lr", "--precondition": "auto_precondition"}
 # Settings turned on and off by a --x / --no-x pair (added to the parser by add_job_arguments, default None): None
 # means "as the job decides" (bf16 where the device has it, BOS as the tokenizer, rotation where supported), except
 # for the flags in _AUTO, whose JobSpec field records that neither was given.
@@ -307,7 +308,7 @@ def job_to_argv(spec: JobSpec) -> list[str]:
     defaults = JobSpec()
     # what job_from_args gives a resolved flag left unset, for this spec's latents and rotation
     resolved = JobSpec(rotate=spec.rotate)
-    resolved.train.train_latents = spec.train.train_latents
+    resolved.train.train_latents, resolved.block_stage = spec.train.train_latents, spec.block_stage
     resolved.resolve_batch()
     argv: list[str] = []
     for o in _OPTIONS:

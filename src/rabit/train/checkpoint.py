@@ -385,16 +385,21 @@ def verify_checkpoint(path: str | os.PathLike, checksums: bool = True) -> dict:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        size = f.stat().st_size
-        from ..integrity_checkpoints import checkpoint_mismatch_message
-
-        if size != info.get("size"):
-            raise CheckpointError(checkpoint_mismatch_message(f, f"truncated or damaged: {size} bytes, "
-                                                                 f"expected {info.get('size')}"))
-        if checksums and sha256_file(f) != info.get("sha256"):
-            raise CheckpointError(checkpoint_mismatch_message(f, "SHA-256 does not match state.json"))
+        _check_file(f, info, checksums)
     fixed_file(path, state, checksums)
     return _from_json_value(state)
+
+
+def _check_file(f: Path, record: dict, checksums: bool) -> None:
+    """A checkpoint file against its state.json record: its size, and its SHA-256 unless checksums=False."""
+    from ..integrity_checkpoints import checkpoint_mismatch_message
+
+    size = f.stat().st_size
+    if size != record.get("size"):
+        raise CheckpointError(checkpoint_mismatch_message(f, f"truncated or damaged: {size} bytes, "
+                                                             f"expected {record.get('size')}"))
+    if checksums and sha256_file(f) != record.get("sha256"):
+        raise CheckpointError(checkpoint_mismatch_message(f, "SHA-256 does not match state.json"))
 
 
 def fixed_file(path: Path, state: dict, checksums: bool = True) -> Path | None:
@@ -408,14 +413,7 @@ def fixed_file(path: Path, state: dict, checksums: bool = True) -> Path | None:
     f = path.parent / record["name"]
     if not f.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: its fixed tensors {f} are missing")
-    from ..integrity_checkpoints import checkpoint_mismatch_message
-
-    size = f.stat().st_size
-    if size != record.get("size"):
-        raise CheckpointError(checkpoint_mismatch_message(f, f"truncated or damaged: {size} bytes, "
-                                                             f"expected {record.get('size')}"))
-    if checksums and sha256_file(f) != record.get("sha256"):
-        raise CheckpointError(checkpoint_mismatch_message(f, "SHA-256 does not match state.json"))
+    _check_file(f, record, checksums)
     return f
 
 

@@ -259,6 +259,29 @@ def test_every_corruption_of_a_checkpoint_is_refused(tmp_path):
         assert not verify_path(path)[0].ok
 
 
+def test_every_corruption_of_a_fixed_tensor_file_is_refused(tmp_path):
+    """The tensors that do not train sit beside the checkpoints in one shared file, named by state.json."""
+    from rabit.train.checkpoint import FixedTensors, rng_state
+
+    rng = random.Random(SEED)
+    torch.manual_seed(0)
+    model = {"w": torch.randn(16, 8), "e": torch.randn(32, 8)}
+    src = save_checkpoint(tmp_path / "src", 3, model, {}, {"config": {}}, fixed=FixedTensors({"e"}))
+    fixed = next(src.parent.glob("fixed-*.safetensors")).name
+    assert torch.equal(load_checkpoint(src).model["e"], model["e"])
+    (report,) = verify_path(src)
+    # three files (model, optimizer + RNG, the fixed file): w, the RNG states, e
+    assert report.ok and report.files == 3 and report.tensors == 2 + len(rng_state()[0])
+    for i, (name, corrupt) in enumerate(_file_cases(src.parent, (fixed,), rng)):
+        root = tmp_path / f"run{i}" / "checkpoints"
+        shutil.copytree(src.parent, root)
+        corrupt(root)
+        with no_hang(), pytest.raises(CheckpointError) as e:
+            load_checkpoint(root / src.name)
+        assert fixed in str(e.value), str(e.value)
+        assert not verify_path(root / src.name)[0].ok
+
+
 def test_checkpoint_mismatch_names_the_tensor(tmp_path):
     path, _ = _checkpoint(tmp_path)
     layout = read_layout(path / "model.safetensors")

@@ -79,7 +79,8 @@ def main() -> None:
         rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(args.data_seed))]
     student = make_student(teacher, RaBiTConfig(mode=args.mode, init="naive", precondition=False))
     student.train()
-    split = prepare_student(student, train_latents=not args.frozen_latents)
+    # trees before train_latents existed (e.g. 15c0b76, issue 14's filing) take no argument: latents train there
+    split = prepare_student(student, **({"train_latents": False} if args.frozen_latents else {}))
     ocfg = OptimConfig(latent_lr=args.latent_lr, scale_lr=1e-3)
     if args.muon_ns_dtype:
         ocfg.muon_ns_dtype = args.muon_ns_dtype

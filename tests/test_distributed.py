@@ -199,6 +199,13 @@ def test_a_failure_on_one_rank_stops_every_rank_with_the_error(runs):
     assert not (runs["root"] / "fail" / "dcp" / "latest").exists()
 
 
+def failure(p) -> str:
+    """A failed multi-process run's stderr: every rank's error lines first (the rank that failed first is often
+    not the one whose traceback ends the output), then the tail."""
+    errors = [line for line in p.stderr.splitlines() if "Error" in line or "rank" in line.lower()]
+    return "\n".join(errors[:40]) + "\n...\n" + p.stderr[-3000:]
+
+
 def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     """`rabit quantize --nproc 2` with the default batch (1 x 4): the step is split across the processes; rank-0-only
     output, a saved model; a bad combination fails in the launching process with one line."""
@@ -219,7 +226,7 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
 
     env = dict(os.environ, RABIT_CACHE=str(tmp_path / "cache"))
     p = subprocess.run(cmd(tmp_path / "run", "--nproc", "2"), capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, failure(p)
     assert p.stderr.count("run folder:") == 1 and p.stderr.count("2-bit after distillation") == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # 256 tokens / (1 x 4 x 32) = 2 steps, each of 4 sequences regrouped as 2 micro-batches of 2 (1 per process)
@@ -235,7 +242,7 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     argv = cmd(tmp_path / "job", "--nproc", "2", "--job-minutes", "0.1", "--rotate")
     del argv[argv.index("--tokens"):argv.index("--tokens") + 2]
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, failure(p)
     assert p.stderr.count("training gets") == 1
     evals = json.loads((tmp_path / "job" / "evals.json").read_text())
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())

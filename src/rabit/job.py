@@ -153,8 +153,8 @@ ROTATED_SCALE_LR = 3e-4
 REFINED_LATENT_LR = 1e-4
 
 
-def default_scale_lr(train_latents: bool, rotated: bool) -> float:
-    """AdamW learning rate of scales and norms when --scale-lr is left unset."""
+def default_scale_lr(rotated: bool) -> float:
+    """AdamW learning rate of scales and norms when --scale-lr is left unset (whether or not the latents train)."""
     return ROTATED_SCALE_LR if rotated else SCALE_LR
 
 
@@ -178,7 +178,7 @@ def _default_train() -> TrainConfig:
     # the defaults rotate where the model allows it (JobSpec.rotate None), as the default model does
     return TrainConfig(train_latents=False, grad_accum=FROZEN_GRAD_ACCUM,
                        optim=dataclasses.replace(TrainConfig().optim,
-                                                 scale_lr=default_scale_lr(train_latents=False, rotated=True)))
+                                                 scale_lr=default_scale_lr(rotated=True)))
 
 
 def _default_rabit() -> RaBiTConfig:
@@ -209,7 +209,7 @@ class JobSpec:
     auto_split: bool = True
     # True when --seq-len was left unset: the training sequence length follows whether the latents train
     auto_seq_len: bool = True
-    # True when --scale-lr was left unset: so does the scales' learning rate
+    # True when --scale-lr was left unset: the scales' learning rate follows the rotation
     auto_scale_lr: bool = True
     # True when --latent-lr was left unset: the latents' learning rate follows whether they train from the block
     # stage's refined start
@@ -292,8 +292,8 @@ class JobSpec:
 
     def resolve_batch(self) -> None:
         """With --batch-size and --grad-accum left unset (auto_split), the step size follows whether the latents
-        train, and so do the sequence length with --seq-len unset (auto_seq_len) and the scales' learning rate with
-        --scale-lr unset (auto_scale_lr), which also follows the rotation (rotate None counts as rotated until the
+        train, and so does the sequence length with --seq-len unset (auto_seq_len); the scales' learning rate with
+        --scale-lr unset (auto_scale_lr) follows the rotation (rotate None counts as rotated until the
         model is loaded), as does the initialization's preconditioning with neither --precondition nor
         --no-precondition (auto_precondition); the latents' learning rate with --latent-lr unset (auto_latent_lr)
         follows whether they train after the block stage: call after changing train.train_latents, rotate or
@@ -304,8 +304,7 @@ class JobSpec:
             self.data.seq_len = default_seq_len(self.train.train_latents)
         if self.auto_scale_lr:
             self.train.optim = dataclasses.replace(self.train.optim,
-                                                   scale_lr=default_scale_lr(self.train.train_latents,
-                                                                             self.rotate is not False))
+                                                   scale_lr=default_scale_lr(self.rotate is not False))
         if self.auto_latent_lr:
             self.train.optim = dataclasses.replace(self.train.optim,
                                                    latent_lr=default_latent_lr(self.train.train_latents,

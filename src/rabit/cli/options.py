@@ -213,10 +213,10 @@ _OPTIONS = [
 ]
 OPTIONS = {o.flag: o for o in _OPTIONS}
 # Flags whose default JobSpec.resolve_batch fills in when they are left unset, and the JobSpec field that says so:
-# the batch flags let a multi-process run regroup the rows of a step (auto_split); the training sequence length and
-# the scales' learning rate follow whether the latents train (and the rotation), the latents' learning rate whether
-# they train from the block stage's start, and the preconditioning follows the rotation. argparse gives them None,
-# so that "unset" can be told from the default.
+# the batch flags let a multi-process run regroup the rows of a step (auto_split); the training sequence length
+# follows whether the latents train, the latents' learning rate whether they train from the block stage's start, and
+# the scales' learning rate and the preconditioning follow the rotation. argparse gives them None, so that "unset"
+# can be told from the default.
 _AUTO = {"--batch-size": "auto_split", "--grad-accum": "auto_split", "--seq-len": "auto_seq_len",
          "--scale-lr": "auto_scale_lr", "--latent-lr": "auto_latent_lr", "--precondition": "auto_precondition"}
 # Settings turned on and off by a --x / --no-x pair (added to the parser by add_job_arguments, default None): None

@@ -77,13 +77,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 # ------------------------------------------------------------------------------------- tensor packing
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Where a tensor's values live and how they are laid out: equal for tensors that are the same values."""
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
+
+
 def dedup_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop tensors that share storage with an earlier one (tied weights): (unique tensors, alias -> name)."""
     seen: dict[tuple, str] = {}
     unique, aliases = {}, {}
     for name, t in state.items():
-        key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-               t.dtype) if t.numel() else None
+        key = _storage_key(t) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
@@ -225,8 +230,7 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 def _signature(t: torch.Tensor) -> tuple:
     """What changes when a tensor's values may have changed: an in-place write bumps the version counter (which
     a state dict's detached alias shares with the parameter); .data = ... or a resize changes storage/shape."""
-    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-            t.dtype, t._version)
+    return (*_storage_key(t), t._version)
 
 
 class FixedTensors:

@@ -9,7 +9,7 @@ from rabit import RaBiTConfig, rabit_layers
 from rabit.train import make_student
 from rabit.ops.refine import corrected_target, output_target
 from rabit.train.activations import layer_groups
-from rabit.train.blockwise import BlockConfig, BlockReconstruction, block_loss, token_losses
+from rabit.train.blockwise import BlockConfig, BlockReconstruction, block_loss, refine_rows, token_losses
 from rabit.train.checkpoint import CheckpointError
 
 
@@ -319,6 +319,13 @@ def test_memory_mapped_activations_give_the_same_result(tmp_path):
     assert not list((tmp_path / "blocks" / "activations").glob("*.f32"))  # removed after use
 
 
+@pytest.mark.parametrize("refine_samples, rows", [(0, 0), (3, 4), (6, 8), (8, 8), (20, 8)])
+def test_the_refinement_takes_whole_batches_of_the_stage_samples(refine_samples, rows):
+    """Rounded up to whole batches (the captured attention arguments are shaped for one), never more than the
+    stage's samples, which the rows are drawn from."""
+    assert refine_rows(BlockConfig(samples=8, batch_size=4, refine_samples=refine_samples)) == rows
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="multiple"):
         BlockConfig(samples=7, batch_size=2).validate()
@@ -388,8 +395,11 @@ def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, 
     assert sorted(p.name for p in (out / "blocks").glob("block_*.safetensors")) == ["block_000.safetensors",
                                                                                     "block_001.safetensors"]
     assert (out / "scales" / "checkpoints").is_dir()
-    md = capsys.readouterr().out
+    captured = capsys.readouterr()
+    md = captured.out
     assert "after the block-wise stage" in md and "after the scale-only phase" in md and "Out of domain" in md
+    # --refine-samples 2 of --block-samples 4: the log says the refinement used a subset
+    assert "on 4 x 32 tokens (the refinement on 2 of them)" in captured.err
     from safetensors.torch import load_file
 
     before = load_file(out / "model.safetensors")

@@ -108,7 +108,7 @@ _OPTIONS = [
     Option("--refine-rounds", "blocks.refine_rounds", "block-wise stage", "rounds of output-aware refinement "
            "(GPTQ-style signs + least-squares scales) per layer (0: none)", type=int),
     Option("--refine-samples", "blocks.refine_samples", "block-wise stage", "sequences whose activations form the "
-           "refinement's output metric", type=int),
+           "refinement's output metric (drawn from the --block-samples ones: at most that many)", type=int),
     Option("--refine-damp", "blocks.target_damp", "block-wise stage", "ridge of the refinement's least-squares "
            "targets, relative to the mean input energy (larger: targets nearer the original weight, less fitted to "
            "the calibration tokens)", type=float),

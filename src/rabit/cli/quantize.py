@@ -585,7 +585,7 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
                  add_bos: bool = False) -> None:
     """Block-wise refinement / reconstruction of the initialized student, in place (resumes from <out>/blocks)."""
     from ..data import calibration_batch
-    from ..train.blockwise import BlockReconstruction
+    from ..train.blockwise import BlockReconstruction, refine_rows
     from ..train.checkpoint import atomic_write_json
 
     b = spec.blocks
@@ -595,7 +595,13 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
     descent = f" + {b.descent_passes} sign-descent pass(es)" if b.descent_passes else ""
     what = (f"refinement ({b.refine_rounds} round(s){descent})" if b.refine_rounds else "") + \
         (f"{' + ' if b.refine_rounds else ''}training ({b.epochs} epoch(s))" if b.epochs else "")
-    _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens ...")
+    # the refinement's rows are drawn from the stage's samples: say so when it uses fewer than all of them
+    refined, subset = refine_rows(b), ""
+    if b.refine_rounds and refined < b.samples:
+        subset = f" (the refinement on {refined} of them)"
+    elif b.refine_rounds and refined < b.refine_samples:
+        subset = f" (--refine-samples {b.refine_samples} capped by --block-samples)"
+    _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens{subset} ...")
     records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress).run()
     evals["blocks_seconds"] = sum(r.seconds for r in records)
     evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records],

@@ -46,12 +46,20 @@ REFINE_INPUTS = ("fp", "quantized", "corrected", "block", "residual")
 _CORRECTED = ("corrected", "block", "residual")
 
 
+
+def refine_rows(cfg: "BlockConfig") -> int:
+    """The rows the sequential refinement uses: whole batches (the captured keyword arguments, e.g. attention
+    masks, are shaped for batch_size rows) covering refine_samples, at most all samples (the rows are drawn from
+    them)."""
+    bs = cfg.batch_size
+    return min(-(-cfg.refine_samples // bs) * bs, cfg.samples)
+
 @dataclass
 class BlockConfig:
     # Defaults are `rabit quantize`'s (sized for ~15 minutes on 2 CPU cores, docs/RESULTS.md section 7): the
     # closed-form refinement only. Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
     # Block-AP) costs about as much as end-to-end training on samples x seq_len x epochs tokens.
-    samples: int = 32             # calibration sequences the blocks are reconstructed on
+    samples: int = 128            # calibration sequences the blocks are reconstructed on
     seq_len: int = 512
     epochs: int = 0               # passes over the samples per block; 0 = closed-form refinement only
     batch_size: int = 4
@@ -66,8 +74,11 @@ class BlockConfig:
     refine_rounds: int = 3
     # sequences whose activations form H for the refinement: 32 x 512 tokens took the default model from 246.7 to
     # 126.9 before any training where 16 x 512 overfitted them (a 1536-input layer fitted on 8,192 tokens; docs/
-    # RESULTS.md section 13); 64 x 512 gave 102.8 for +70% block-stage time (section 14)
-    refine_samples: int = 32
+    # RESULTS.md section 13); 64 x 512 gave 102.8 for +70% block-stage time (section 14). With three rounds, sign
+    # descent and a bias the refinement fits its rows harder, and more rows pay far more: after the block stage
+    # 100.5 (32 rows) -> 78.3 (64) -> 74.0 (128) -> 72.2 (256), after 40,960 frozen-latent tokens 51.8 -> 47.3 ->
+    # 45.3 -> (256) on WikiText-2, for a block stage of 187 -> 204 -> 269 -> 505 s on an AMX Xeon (section 40)
+    refine_samples: int = 128
     # whose inputs the refinement fits on: "fp" (H of the full-precision block's inputs, target W x),
     # "quantized" (GPTQ's sequential rule: H of the student's own inputs, from the quantized prefix and the
     # block's already-refined layers, target W x~) or "corrected" (the same H, target the teacher's W x on
@@ -314,10 +325,7 @@ class BlockReconstruction:
         return sum(float(t.mean()) for t in per_token) / max(len(per_token), 1)
 
     def _refine_rows(self) -> int:
-        """The rows the sequential refinement uses: whole batches (the captured keyword arguments, e.g. attention
-        masks, are shaped for batch_size rows) covering refine_samples, at most all samples."""
-        bs = self.cfg.batch_size
-        return min(-(-self.cfg.refine_samples // bs) * bs, self.cfg.samples)
+        return refine_rows(self.cfg)
 
     def _refine_layer(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor, preferred: torch.Tensor) -> float:
         """Refine one layer's paths towards w in the metric H; returns output error after / before."""

@@ -46,13 +46,13 @@ REFINE_INPUTS = ("fp", "quantized", "corrected", "block", "residual")
 _CORRECTED = ("corrected", "block", "residual")
 
 
-
 def refine_rows(cfg: "BlockConfig") -> int:
     """The rows the sequential refinement uses: whole batches (the captured keyword arguments, e.g. attention
     masks, are shaped for batch_size rows) covering refine_samples, at most all samples (the rows are drawn from
     them)."""
     bs = cfg.batch_size
     return min(-(-cfg.refine_samples // bs) * bs, cfg.samples)
+
 
 @dataclass
 class BlockConfig:
@@ -77,7 +77,7 @@ class BlockConfig:
     # RESULTS.md section 13); 64 x 512 gave 102.8 for +70% block-stage time (section 14). With three rounds, sign
     # descent and a bias the refinement fits its rows harder, and more rows pay far more: after the block stage
     # 100.5 (32 rows) -> 78.3 (64) -> 74.0 (128) -> 72.2 (256), after 40,960 frozen-latent tokens 51.8 -> 47.3 ->
-    # 45.3 -> (256) on WikiText-2, for a block stage of 187 -> 204 -> 269 -> 505 s on an AMX Xeon (section 40)
+    # 45.3 -> 43.9 on WikiText-2, for a block stage of 187 -> 204 -> 269 -> 505 s on an AMX Xeon (section 40)
     refine_samples: int = 128
     # whose inputs the refinement fits on: "fp" (H of the full-precision block's inputs, target W x),
     # "quantized" (GPTQ's sequential rule: H of the student's own inputs, from the quantized prefix and the
@@ -324,9 +324,6 @@ class BlockReconstruction:
         # the mean of the batches' means, as the loss trained on (equal-sized batches: the mean over tokens)
         return sum(float(t.mean()) for t in per_token) / max(len(per_token), 1)
 
-    def _refine_rows(self) -> int:
-        return refine_rows(self.cfg)
-
     def _refine_layer(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor, preferred: torch.Tensor) -> float:
         """Refine one layer's paths towards w in the metric H; returns output error after / before."""
         new, errors = refine_paths(w, layer.paths(), H, rounds=self.cfg.refine_rounds,
@@ -353,7 +350,7 @@ class BlockReconstruction:
         layers = _rabit_modules(s_block)
         names = list(layers)
         bs = cfg.batch_size
-        batches = [(j, j + bs) for j in range(0, self._refine_rows(), bs)]
+        batches = [(j, j + bs) for j in range(0, refine_rows(self.cfg), bs)]
         corrected = cfg.refine_inputs in _CORRECTED
         ratios = []
         x0 = x_q.data[0:bs].to(self.device)
@@ -493,7 +490,7 @@ class BlockReconstruction:
     def _keep_fits(self, x_q: ActivationStore, layer) -> bool:
         """Whether the refinement rows' last-layer inputs and the rest of the block's output (what run() reuses
         instead of a second pass) fit in a quarter of max_memory_gb."""
-        rows = self._refine_rows()
+        rows = refine_rows(self.cfg)
         tokens = rows * x_q.data.shape[1]
         per_token = 4 * (x_q.data.shape[2] * 2 + getattr(layer, "in_features", x_q.data.shape[2]))
         return tokens * per_token <= 0.25 * self.cfg.max_memory_gb * 2**30
@@ -589,7 +586,7 @@ class BlockReconstruction:
                 with torch.no_grad():
                     try:
                         self._forward_all(self.t_layers[i], kw, x_fp, y_fp, cov=cov, inputs=fp_inputs,
-                                          input_rows=self._refine_rows())
+                                          input_rows=refine_rows(self.cfg))
                     finally:
                         if cov is not None:
                             cov.remove()

@@ -9,7 +9,9 @@ from rabit import RaBiTConfig, rabit_layers
 from rabit.train import make_student
 from rabit.ops.refine import corrected_target, output_target
 from rabit.train.activations import layer_groups
-from rabit.train.blockwise import BlockConfig, BlockReconstruction, block_loss, refine_rows, token_losses
+from rabit.train import blockwise
+from rabit.train.blockwise import (BlockConfig, BlockReconstruction, block_loss, budget_rows, refine_rows,
+                                    token_losses)
 from rabit.train.checkpoint import CheckpointError
 
 
@@ -326,6 +328,73 @@ def test_the_refinement_takes_whole_batches_of_the_stage_samples(refine_samples,
     assert refine_rows(BlockConfig(samples=8, batch_size=4, refine_samples=refine_samples)) == rows
 
 
+@pytest.mark.parametrize("rows, remaining, seconds_left, fixed, per_row, floor, expect", [
+    (256, 29, 29 * (4 + 0.05 * 256), 4, 0.05, 32, 256),    # fits exactly: every row
+    (256, 29, 29 * (4 + 0.05 * 130), 4, 0.05, 32, 128),    # cut to whole batches of 4
+    (256, 29, 29 * (4 + 0.05 * 10), 4, 0.05, 32, 32),      # not below the floor: the budget is overrun instead
+    (256, 29, 0, 4, 0.05, 30, 32),                          # the floor rounded up to a whole batch
+    (16, 29, 0, 4, 0.05, 32, 16),                           # nor above the rows there are
+    (256, 0, 0, 4, 0.05, 32, 256),                          # no block left: nothing to decide
+])
+def test_budget_rows_fit_the_remaining_blocks_in_the_seconds_left(rows, remaining, seconds_left, fixed, per_row,
+                                                                  floor, expect):
+    assert budget_rows(rows, remaining, seconds_left, fixed, per_row, 4, floor=floor) == expect
+
+
+def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(blockwise, "MIN_BUDGET_ROWS", 2)
+    teacher, student, calib = setup()
+    init = copy.deepcopy(student)
+    c = cfg(epochs=0, refine_rounds=1, refine_samples=8)
+    free = BlockReconstruction(teacher, copy.deepcopy(init), calib, c, progress=False).run()
+    roomy = copy.deepcopy(init)
+    ample = BlockReconstruction(teacher, roomy, calib, c, progress=False, time_budget=1e9).run()
+    assert [r.rows for r in ample] == [r.rows for r in free] == [8, 8, 8]
+    assert [r.loss_after for r in ample] == [r.loss_after for r in free]
+
+    spent = copy.deepcopy(init)
+    cut = BlockReconstruction(teacher, spent, calib, c, progress=False, time_budget=0).run()
+    assert [r.rows for r in cut] == [8, 2, 2]           # the first block measures the machine, the rest fit
+    assert cut[0].loss_after == free[0].loss_after
+    assert cut[1].loss_after != free[1].loss_after      # refined on 2 rows, measured on them
+    for (n, a), (_, b) in zip(roomy.state_dict().items(), spent.state_dict().items()):
+        if ".layers.0." in n:
+            assert torch.equal(a, b), n
+
+    # killed after block 1, resumed without a budget: the rows stay cut, the result is the uninterrupted run's
+    killed = copy.deepcopy(init)
+    stage = BlockReconstruction(teacher, killed, calib, c, run_dir=tmp_path, progress=False, time_budget=0)
+    real = stage._save_block
+
+    def save_then_die(i):
+        real(i)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "_save_block", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run()
+    resumed = copy.deepcopy(init)
+    again = BlockReconstruction(teacher, resumed, calib, c, run_dir=tmp_path, progress=False).run()
+    assert [r.rows for r in again] == [8, 2, 2]
+    for (n, a), (_, b) in zip(spent.state_dict().items(), resumed.state_dict().items()):
+        if ".layers.2." not in n:     # loaded from the files
+            assert torch.equal(a, b), n
+    # block 2's inputs now come from a pass through blocks 0-1, not from the refinement's kept outputs: equal up
+    # to rounding (which can move a latent entry that sits at a sign's boundary)
+    assert again[2].loss_after == pytest.approx(cut[2].loss_after, rel=1e-4)
+
+
+def test_block_training_keeps_its_rows_under_a_time_budget(monkeypatch):
+    monkeypatch.setattr(blockwise, "MIN_BUDGET_ROWS", 2)
+    teacher, student, calib = setup(layers=2)
+    records = BlockReconstruction(teacher, student, calib, cfg(epochs=1, refine_rounds=1), progress=False,
+                                  time_budget=0).run()
+    assert [r.rows for r in records] == [8, 8]
+    with pytest.raises(ValueError, match="time budget"):
+        BlockReconstruction(teacher, student, calib, cfg(), progress=False, time_budget=-1.0)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="multiple"):
         BlockConfig(samples=7, batch_size=2).validate()
@@ -422,6 +491,25 @@ def test_quantize_runs_every_stage_and_resumes_without_redoing_them(tiny_files, 
     assert main([str(a) for a in quantize_args(tiny_files, out, "--block-epochs", "2", "--scale-tokens", "64",
                                                "--no-refine-act-order", "--resume")]) == 2
     assert "blocks.act_order" in capsys.readouterr().err
+
+
+def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_path, monkeypatch, capsys):
+    import json
+
+    from rabit.cli import main
+
+    monkeypatch.setattr(blockwise, "MIN_BUDGET_ROWS", 2)
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    # 3 s: spent before the block stage starts, so the second block takes the floor's rows
+    args = [str(a) for a in quantize_args(tiny_files, out, "--refine-samples", "4", "--ood-windows", "0")]
+    del args[args.index("--tokens"):args.index("--tokens") + 2]     # the job's budget decides the training
+    assert main(args + ["--job-minutes", "0.05"]) == 0
+    err = capsys.readouterr().err
+    assert "s of the job's budget, fewer rows for the later blocks if it needs more (at least 2)" in err
+    assert "rows cut to fit the time budget: blocks 1: 4 rows, 2: 2" in err
+    evals = json.loads((out / "evals.json").read_text())
+    assert evals["blocks_rows"] == [4, 2]
 
 
 def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tmp_path, monkeypatch, capsys):

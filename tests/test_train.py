@@ -522,6 +522,29 @@ def test_job_budget_sets_aside_the_final_evaluation():
     assert cached == pytest.approx(got + 5.0 * 8)
 
 
+def test_job_block_budget_leaves_the_evaluations_and_a_share_of_training():
+    from types import SimpleNamespace
+
+    from rabit.cli.quantize import JOB_BLOCK_TRAIN_SHARE, JOB_SAVE_SECONDS, job_block_seconds
+    from rabit.job import JobSpec
+
+    spec = JobSpec(job_minutes=10)
+    spec.eval.windows, spec.eval.ood_windows, spec.eval.seq_len = 16, 8, 2048
+    spec.data.val_sequences, spec.data.seq_len = 8, 512
+    scorer = SimpleNamespace(window_seconds=5.0, stage_windows=4, final_windows=lambda: 16)
+    # 600 s: 100 used, 5 s per window x (4 block-stage windows + 16 final + 2 x 8 out of domain + 4 held-out),
+    # saving, and 30 % kept for training
+    reserve = 5.0 * (16 + 16 + 4) + JOB_SAVE_SECONDS
+    assert JOB_BLOCK_TRAIN_SHARE == 0.3
+    assert job_block_seconds(spec, 100.0, scorer) == pytest.approx(600 - 100 - 5.0 * 4 - reserve - 180)
+    # stages scored on all windows, the block-stage score skipped, or the budget spent
+    every = SimpleNamespace(window_seconds=5.0, stage_windows=None, final_windows=lambda: 16)
+    assert job_block_seconds(spec, 100.0, every) == pytest.approx(600 - 100 - 5.0 * 16 - reserve - 180)
+    spec.eval.skip_init = True
+    assert job_block_seconds(spec, 100.0, scorer) == pytest.approx(600 - 100 - reserve - 180)
+    assert job_block_seconds(spec, 500.0, scorer) == 0.0
+
+
 def test_job_budget_knows_whether_the_fp_out_of_domain_figure_is_cached(tmp_path, monkeypatch):
     from rabit.cli.quantize import _out_of_domain, ood_fp_windows_to_run
     from rabit.job import JobSpec

@@ -93,7 +93,7 @@ _OPTIONS = [
     Option("--no-blocks", "block_stage", "block-wise stage", "skip the block-wise stage (refinement and block "
            "training) between initialization and end-to-end distillation", "false"),
     Option("--block-samples", "blocks.samples", "block-wise stage", "calibration sequences of the block stage "
-           "(drawn from --train-data)", type=int),
+           "(drawn from --train-data; --job-minutes cuts the later blocks' to what its budget affords)", type=int),
     Option("--block-seq-len", "blocks.seq_len", "block-wise stage", "their length", type=int),
     Option("--block-epochs", "blocks.epochs", "block-wise stage", "training passes over the samples per block "
            "(0: closed-form refinement only)", type=int),

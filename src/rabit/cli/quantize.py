@@ -330,6 +330,8 @@ JOB_MIN_TRAIN_SHARE = 0.10
 JOB_MIN_TRAIN_SECONDS = 60.0
 JOB_SAVE_SECONDS = 15.0          # saving both formats and the plots (the default model, 2 cores)
 JOB_UNKNOWN_RESERVE = 0.10       # the share of the budget set aside when no evaluation has been timed
+# the share of the budget the block stage leaves to training: its rows shrink when the stage would take more
+JOB_BLOCK_TRAIN_SHARE = 0.30
 
 
 def job_training_seconds(spec: JobSpec, evals: dict, elapsed: float, window_seconds: float | None,
@@ -345,17 +347,35 @@ def job_training_seconds(spec: JobSpec, evals: dict, elapsed: float, window_seco
     if "job_train_seconds" in evals:
         return float(evals["job_train_seconds"])
     budget = 60.0 * spec.job_minutes
-    ev, d = spec.eval, spec.data
-    if window_seconds:
-        val_windows = 2 * d.val_sequences * d.seq_len / max(ev.seq_len, 1)
-        fp_windows = ev.ood_windows if ood_fp_windows is None else ood_fp_windows
-        reserve = window_seconds * (final_windows + ev.ood_windows + fp_windows + val_windows) + JOB_SAVE_SECONDS
-    else:
-        reserve = JOB_UNKNOWN_RESERVE * budget
+    reserve = job_reserve_seconds(spec, window_seconds, final_windows, ood_fp_windows)
     seconds = max(budget - elapsed - reserve, job_min_train_seconds(budget))
     evals["job_train_seconds"] = seconds
     evals["job_reserve_seconds"] = reserve
     return seconds
+
+
+def job_reserve_seconds(spec: JobSpec, window_seconds: float | None, final_windows: int,
+                        ood_fp_windows: int | None = None) -> float:
+    """The seconds --job-minutes keeps for what follows training (job_training_seconds)."""
+    ev, d = spec.eval, spec.data
+    if not window_seconds:
+        return JOB_UNKNOWN_RESERVE * 60.0 * spec.job_minutes
+    val_windows = 2 * d.val_sequences * d.seq_len / max(ev.seq_len, 1)
+    fp_windows = ev.ood_windows if ood_fp_windows is None else ood_fp_windows
+    return window_seconds * (final_windows + ev.ood_windows + fp_windows + val_windows) + JOB_SAVE_SECONDS
+
+
+def job_block_seconds(spec: JobSpec, elapsed: float, scorer: "JobPerplexity",
+                      ood_fp_windows: int | None = None) -> float:
+    """--job-minutes: the block stage's time budget (BlockReconstruction's time_budget; its rows shrink to fit):
+    what the job leaves after its evaluations (the block stage's own and the final ones) and JOB_BLOCK_TRAIN_SHARE
+    of the budget kept for training."""
+    budget = 60.0 * spec.job_minutes
+    windows = 0 if spec.eval.skip_init else (scorer.stage_windows or scorer.final_windows())
+    stage_eval = (scorer.window_seconds or 0.0) * windows
+    reserve = job_reserve_seconds(spec, scorer.window_seconds, scorer.final_windows(), ood_fp_windows)
+    train = max(JOB_BLOCK_TRAIN_SHARE * budget, job_min_train_seconds(budget))
+    return max(budget - elapsed - reserve - stage_eval - train, 0.0)
 
 
 def job_min_train_seconds(budget_s: float) -> float:
@@ -538,7 +558,10 @@ def run_job(spec: JobSpec) -> int:
         atomic_write_json(evals_path, evals)
     student.to(device)
     if spec.block_stage and ck_path is None:
-        _block_stage(spec, teacher, student, tok, out, evals, scorer.stage, progress, train_bos.use)
+        block_budget = (job_block_seconds(spec, time.time() - wall0, scorer,
+                                          ood_fp_windows_to_run(spec, teacher, tok, bos, eval_autocast))
+                        if spec.job_minutes else None)
+        _block_stage(spec, teacher, student, tok, out, evals, scorer.stage, progress, train_bos.use, block_budget)
 
     if spec.job_minutes:
         elapsed = time.time() - wall0
@@ -582,10 +605,11 @@ def run_job(spec: JobSpec) -> int:
 
 
 def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, ppl, progress: bool,
-                 add_bos: bool = False) -> None:
-    """Block-wise refinement / reconstruction of the initialized student, in place (resumes from <out>/blocks)."""
+                 add_bos: bool = False, time_budget: float | None = None) -> None:
+    """Block-wise refinement / reconstruction of the initialized student, in place (resumes from <out>/blocks).
+    time_budget: its seconds (--job-minutes: job_block_seconds), its rows cut to fit; None: no limit."""
     from ..data import calibration_batch
-    from ..train.blockwise import BlockReconstruction, refine_rows
+    from ..train.blockwise import MIN_BUDGET_ROWS, BlockReconstruction, refine_rows
     from ..train.checkpoint import atomic_write_json
 
     b = spec.blocks
@@ -601,9 +625,17 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
         subset = f" (the refinement on {refined} of them)"
     elif b.refine_rounds and refined < b.refine_samples:
         subset = f" (--refine-samples {b.refine_samples} capped by --block-samples)"
-    _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens{subset} ...")
-    records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress).run()
+    limit = ""
+    if time_budget is not None and b.epochs == 0:
+        limit = (f"; {time_budget:.0f} s of the job's budget, fewer rows for the later blocks if it needs more "
+                 f"(at least {min(MIN_BUDGET_ROWS, b.samples)})")
+    _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens{subset}{limit} ...")
+    records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress,
+                                  time_budget=time_budget).run()
     evals["blocks_seconds"] = sum(r.seconds for r in records)
+    evals["blocks_rows"] = [r.rows for r in records]
+    if any(r.rows is not None and r.rows < b.samples for r in records):
+        _say(f"block-wise stage: rows cut to fit the time budget: {rows_summary([r.rows for r in records])}")
     evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records],
                             "after_median": [r.loss_after_median for r in records]}
     before = sum(evals['blocks_loss']['before']) / len(records)
@@ -618,6 +650,21 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
         evals["blocks"] = ppl(student, f"{spec.rabit.num_paths}-bit after the block stage")
         _say(f"{spec.rabit.num_paths}-bit after the block stage: perplexity {evals['blocks']:.3f}")
     atomic_write_json(out / "evals.json", evals)
+
+
+def rows_summary(rows: list[int | None]) -> str:
+    """Per-block rows as runs: [128, 128, 96, 96, 96] -> "blocks 1-2: 128 rows, 3-5: 96"."""
+    runs: list[list] = []
+    for i, r in enumerate(rows, 1):
+        if runs and runs[-1][2] == r:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, r])
+    parts = []
+    for first, last, r in runs:
+        parts.append(f"{first}-{last}: {r}" if first != last else f"{first}: {r}")
+        parts[0] += " rows" if len(parts) == 1 else ""
+    return "blocks " + ", ".join(parts)
 
 
 def _ood_plan(spec: JobSpec, teacher, tok, bos: int | None = None, autocast: bool = False) -> dict | None:

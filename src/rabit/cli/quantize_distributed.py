@@ -205,7 +205,12 @@ def _run_quantize(spec: JobSpec, env) -> int:
                 evals["init"] = score.stage(student, f"{rc.num_paths}-bit initialized")
                 _say0(env, f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
             if spec.block_stage:  # on rank 0 only, before the student is sharded
-                single._block_stage(spec, teacher, student, tok, out, evals, score.stage, progress, info["bos"]["train"]["use"])
+                block_budget = (single.job_block_seconds(
+                    spec, time.time() - wall0, score,
+                    single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"],
+                                                 local["eval_autocast"])) if spec.job_minutes else None)
+                single._block_stage(spec, teacher, student, tok, out, evals, score.stage, progress,
+                                    info["bos"]["train"]["use"], block_budget)
         budget_s = None
         if spec.job_minutes:   # decided here, where the evaluations were timed; every rank trains to it
             elapsed = time.time() - wall0

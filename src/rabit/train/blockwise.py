@@ -54,12 +54,32 @@ def refine_rows(cfg: "BlockConfig") -> int:
     return min(-(-cfg.refine_samples // bs) * bs, cfg.samples)
 
 
+# A time budget never takes the rows below this (docs/RESULTS.md sections 13 and 40: 16 rows overfitted the
+# refinement, 32 gave 100.5 after the block stage against 74.0 with 128), nor below the configured rows.
+MIN_BUDGET_ROWS = 32
+
+
+def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: float, per_row: float,
+                batch_size: int, floor: int = MIN_BUDGET_ROWS) -> int:
+    """The rows (whole batches, at most `rows`) that the remaining blocks can use so that they finish within
+    seconds_left, for a block taking fixed + per_row x rows seconds; never fewer than `floor` rows (rounded up to a
+    batch, at most `rows`): below it the refinement overfits, and the budget is overrun instead."""
+    floor = min(-(-floor // batch_size) * batch_size, rows)
+    if remaining_blocks <= 0 or per_row <= 0:
+        return rows
+    affordable = (seconds_left / remaining_blocks - fixed) / per_row
+    if affordable >= rows:
+        return rows
+    return max(int(affordable // batch_size) * batch_size, floor)
+
+
 @dataclass
 class BlockConfig:
-    # Defaults are `rabit quantize`'s (sized for ~15 minutes on 2 CPU cores, docs/RESULTS.md section 7): the
-    # closed-form refinement only. Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
+    # Defaults are `rabit quantize`'s: the closed-form refinement only, on 256 rows, which `--job-minutes` cuts to
+    # what its budget affords (BlockReconstruction's time_budget; ~180 rows in a 13-minute job on an AMX Xeon,
+    # docs/RESULTS.md section 41). Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
     # Block-AP) costs about as much as end-to-end training on samples x seq_len x epochs tokens.
-    samples: int = 128            # calibration sequences the blocks are reconstructed on
+    samples: int = 256            # calibration sequences the blocks are reconstructed on
     seq_len: int = 512
     epochs: int = 0               # passes over the samples per block; 0 = closed-form refinement only
     batch_size: int = 4
@@ -78,7 +98,7 @@ class BlockConfig:
     # descent and a bias the refinement fits its rows harder, and more rows pay far more: after the block stage
     # 100.5 (32 rows) -> 78.3 (64) -> 74.0 (128) -> 72.2 (256), after 40,960 frozen-latent tokens 51.8 -> 47.3 ->
     # 45.3 -> 43.9 on WikiText-2, for a block stage of 187 -> 204 -> 269 -> 505 s on an AMX Xeon (section 40)
-    refine_samples: int = 128
+    refine_samples: int = 256
     # whose inputs the refinement fits on: "fp" (H of the full-precision block's inputs, target W x),
     # "quantized" (GPTQ's sequential rule: H of the student's own inputs, from the quantized prefix and the
     # block's already-refined layers, target W x~) or "corrected" (the same H, target the teacher's W x on
@@ -180,17 +200,30 @@ class BlockRecord:
     # the median over tokens of the loss after: a few tokens whose massive activation the student puts one position
     # off carry relative errors of 10^2-10^3 and can double the mean of 16k tokens (docs/RESULTS.md section 36)
     loss_after_median: float | None = None
+    # calibration rows the block was refined and measured on: fewer than BlockConfig.samples when the stage's time
+    # budget cut them (BlockReconstruction's time_budget)
+    rows: int | None = None
 
 
 class BlockReconstruction:
     """Runs the block stage on `student` (a RaBiT-quantized copy of `teacher`) in place.
 
     calibration: (samples, seq_len) token ids. run_dir: where per-block results go (resume); None keeps
-    nothing (no resume)."""
+    nothing (no resume). time_budget: seconds the stage should take (from run()'s start); after each block the
+    remaining blocks' rows are cut to what fits (budget_rows, from the block's measured time: its refinement's
+    solves, which do not depend on the rows, and the rest, which grows with them). Rows only shrink, so every
+    block's inputs come from the already-refined prefix; the budget applies to the refinement-only stage (epochs
+    0: block training keeps its rows). None: every block uses all rows."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, calibration: torch.Tensor, config: BlockConfig,
-                 run_dir: str | os.PathLike | None = None, progress: bool = True):
+                 run_dir: str | os.PathLike | None = None, progress: bool = True,
+                 time_budget: float | None = None):
         config.validate()
+        if time_budget is not None and not time_budget >= 0:
+            raise ValueError(f"the block stage's time budget must be >= 0 seconds, got {time_budget}")
+        self.time_budget = time_budget if config.epochs == 0 else None
+        # rows the current block's passes and refinement use (budget_rows shrinks it between blocks)
+        self.rows = config.samples
         if calibration.ndim != 2 or calibration.shape[0] < config.samples:
             raise ValueError(f"block reconstruction needs ({config.samples}, seq_len) calibration tokens, got "
                              f"{tuple(calibration.shape)}")
@@ -211,10 +244,15 @@ class BlockReconstruction:
         # student block outputs the refinement already computed for the current block (first row of a batch ->
         # output), used by run()'s pass that writes the next block's inputs
         self._known_outputs: dict[int, torch.Tensor] = {}
+        self._solve_seconds = 0.0
 
     def _autocast(self):
         """The stage's precision for a forward pass (its passes and block training alike)."""
         return autocast_context(self.device, self.autocast)
+
+    def refine_rows(self) -> int:
+        """The rows the current block's refinement uses: refine_rows(cfg), at most the rows the budget left."""
+        return min(refine_rows(self.cfg), self.rows)
 
     # ------------------------------------------------------------------------------------ resume state
     def _progress_path(self) -> Path | None:
@@ -257,6 +295,8 @@ class BlockReconstruction:
                 raise CheckpointError(f"{file} does not fit block {i}: missing {missing[:3]}, unexpected "
                                       f"{unexpected[:3]}")
             self.records.append(BlockRecord(**rec))
+            if rec.get("rows"):
+                self.rows = min(self.rows, int(rec["rows"]))
         return len(records)
 
     def _save_block(self, i: int) -> None:
@@ -302,9 +342,9 @@ class BlockReconstruction:
 
         handles = [layer.get_submodule(n).register_forward_pre_hook(make(n)) for n in (inputs or {})]
         try:
-            for j in range(0, self.cfg.samples, bs):
+            for j in range(0, self.rows, bs):
                 if cov is not None:
-                    cov.enabled = j < self.cfg.refine_samples
+                    cov.enabled = j < self.refine_rows()
                     cov.next_batch()
                 batch_inputs.clear()
                 capturing["on"] = j + bs <= input_rows
@@ -326,6 +366,15 @@ class BlockReconstruction:
 
     def _refine_layer(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor, preferred: torch.Tensor) -> float:
         """Refine one layer's paths towards w in the metric H; returns output error after / before."""
+        t0 = time.perf_counter()
+        try:
+            return self._refine_layer_timed(layer, w, H, preferred)
+        finally:
+            # the part of a block's time that does not grow with its rows (the time budget's model)
+            self._solve_seconds += time.perf_counter() - t0
+
+    def _refine_layer_timed(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor,
+                            preferred: torch.Tensor) -> float:
         new, errors = refine_paths(w, layer.paths(), H, rounds=self.cfg.refine_rounds,
                                    damp=self.cfg.metric_damp, act_order=self.cfg.act_order,
                                    descent=self.cfg.descent_passes)
@@ -350,7 +399,7 @@ class BlockReconstruction:
         layers = _rabit_modules(s_block)
         names = list(layers)
         bs = cfg.batch_size
-        batches = [(j, j + bs) for j in range(0, refine_rows(self.cfg), bs)]
+        batches = [(j, j + bs) for j in range(0, self.refine_rows(), bs)]
         corrected = cfg.refine_inputs in _CORRECTED
         ratios = []
         x0 = x_q.data[0:bs].to(self.device)
@@ -490,7 +539,7 @@ class BlockReconstruction:
     def _keep_fits(self, x_q: ActivationStore, layer) -> bool:
         """Whether the refinement rows' last-layer inputs and the rest of the block's output (what run() reuses
         instead of a second pass) fit in a quarter of max_memory_gb."""
-        rows = refine_rows(self.cfg)
+        rows = self.refine_rows()
         tokens = rows * x_q.data.shape[1]
         per_token = 4 * (x_q.data.shape[2] * 2 + getattr(layer, "in_features", x_q.data.shape[2]))
         return tokens * per_token <= 0.25 * self.cfg.max_memory_gb * 2**30
@@ -553,9 +602,19 @@ class BlockReconstruction:
                 p.requires_grad_(flag)
         return steps
 
+    def _fit_budget(self, rec: BlockRecord, remaining: int, seconds_left: float) -> None:
+        """Cut the rows of the remaining blocks to what seconds_left affords, from the block just done (the
+        latest measure of the machine's speed): its solves take the same time for any rows, the rest (passes,
+        input captures and sums, all over its rows) grows in proportion."""
+        fixed = min(self._solve_seconds, rec.seconds)
+        per_row = (rec.seconds - fixed) / max(rec.rows or self.rows, 1)
+        self.rows = budget_rows(self.rows, remaining, seconds_left, fixed, per_row, self.cfg.batch_size,
+                                floor=MIN_BUDGET_ROWS)
+
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> list[BlockRecord]:
         cfg = self.cfg
+        start = time.perf_counter()
         done = self._load_done()
         n = len(self.s_layers)
         if done >= n:
@@ -576,6 +635,7 @@ class BlockReconstruction:
                          dynamic_ncols=True, initial=done, total=n)
             for i in outer:
                 t0 = time.perf_counter()
+                self._solve_seconds = 0.0
                 kw = kwargs[i]
                 refine = cfg.refine_rounds > 0 and cfg.refine_samples > 0
                 fp_metric = refine and cfg.refine_inputs == "fp"
@@ -586,7 +646,7 @@ class BlockReconstruction:
                 with torch.no_grad():
                     try:
                         self._forward_all(self.t_layers[i], kw, x_fp, y_fp, cov=cov, inputs=fp_inputs,
-                                          input_rows=refine_rows(self.cfg))
+                                          input_rows=self.refine_rows())
                     finally:
                         if cov is not None:
                             cov.remove()
@@ -610,10 +670,12 @@ class BlockReconstruction:
                 rec = BlockRecord(block=i, loss_before=before, loss_after=after,
                                   refine_ratio=sum(ratios) / len(ratios) if ratios else None,
                                   seconds=time.perf_counter() - t0, steps=steps,
-                                  loss_after_median=float(self._token_losses.median()))
+                                  loss_after_median=float(self._token_losses.median()), rows=self.rows)
                 self.records.append(rec)
                 self._save_block(i)
-                outer.set_postfix(loss=f"{before:.3g}->{after:.3g}", refresh=False)
+                if self.time_budget is not None:
+                    self._fit_budget(rec, n - i - 1, self.time_budget - (time.perf_counter() - start))
+                outer.set_postfix(loss=f"{before:.3g}->{after:.3g}", rows=self.rows, refresh=False)
             outer.close()
         finally:
             for s in (x_fp, x_q, y_fp):

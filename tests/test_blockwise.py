@@ -330,6 +330,8 @@ def test_the_refinement_takes_whole_batches_of_the_stage_samples(refine_samples,
 
 @pytest.mark.parametrize("rows, remaining, seconds_left, fixed, per_row, floor, expect", [
     (256, 29, 29 * (4 + 0.05 * 256), 4, 0.05, 32, 256),    # fits exactly: every row
+    (256, 29, 29 * (4 + 0.05 * 256) / 1.04, 4, 0.05, 32, 256),   # 4 % over: within the slack, kept
+    (256, 29, 29 * (4 + 0.05 * 256) / 1.10, 4, 0.05, 32, 224),   # 10 % over: cut to fit (225.5 rows)
     (256, 29, 29 * (4 + 0.05 * 130), 4, 0.05, 32, 128),    # cut to whole batches of 4
     (256, 29, 29 * (4 + 0.05 * 10), 4, 0.05, 32, 32),      # not below the floor: the budget is overrun instead
     (256, 29, 0, 4, 0.05, 30, 32),                          # the floor rounded up to a whole batch
@@ -498,8 +500,17 @@ def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_pat
 
     from rabit.cli import main
 
+    from rabit import data
+
     monkeypatch.setattr(blockwise, "MIN_BUDGET_ROWS", 2)
     monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    avoided, real = [], data.calibration_batch
+
+    def spy(*a, avoid=None, **k):
+        avoided.append(avoid)
+        return real(*a, avoid=avoid, **k)
+
+    monkeypatch.setattr(data, "calibration_batch", spy)
     out = tmp_path / "run"
     # 3 s: spent before the block stage starts, so the second block takes the floor's rows
     args = [str(a) for a in quantize_args(tiny_files, out, "--refine-samples", "4", "--ood-windows", "0")]
@@ -510,6 +521,8 @@ def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_pat
     assert "rows cut to fit the time budget: blocks 1: 4 rows, 2: 2" in err
     evals = json.loads((out / "evals.json").read_text())
     assert evals["blocks_rows"] == [4, 2]
+    # the block stage's windows avoid the one held-out row (--val-sequences 1) the job measures its loss on
+    assert [None if a is None else tuple(a.shape) for a in avoided][-1] == (1, 32)
 
 
 def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tmp_path, monkeypatch, capsys):

@@ -320,6 +320,39 @@ def test_calibration_batch(tok, corpus, cache):
     assert bos.shape == (2, 32) and (bos[:, 0] == tok.bos_token_id).all()
 
 
+@pytest.mark.parametrize("first", ["stream", "bos"])      # a held-out row starting in the stream, or with a BOS
+def test_overlapping_starts_mark_exactly_the_windows_touching_a_row(first):
+    tokens = torch.randperm(500, generator=torch.Generator().manual_seed(0))
+    body, m = 40, 25
+    positions = [0, 130, 470]
+    rows = torch.stack([tokens[p:p + m] for p in positions])
+    if first == "bos":
+        rows = torch.cat([torch.full((3, 1), 999), rows[:, 1:]], 1)
+    blocked = data.overlapping_starts(tokens, rows, body)
+    assert blocked.shape == (500 - body + 1,)
+    for s in range(blocked.numel()):
+        # the row's span [p, p + m) (a BOS-led row: its tokens from p + 1, and the position its BOS stands for)
+        touches = any(s < p + m and s + body > p for p in positions)
+        assert bool(blocked[s]) == touches, s
+    assert not data.overlapping_starts(tokens, torch.full((1, 10), 999), body).any()   # not in the stream
+
+
+def test_calibration_windows_avoid_the_held_out_rows(tok, corpus, cache):
+    train, val = data.training_sequences(tok, str(corpus), 32, val_fraction=0.2, seed=0, cache_dir=cache)
+    held_out = val[:3]
+    free = data.calibration_batch(tok, str(corpus), n_samples=64, seq_len=48, seed=1, cache_dir=cache)
+    batch = data.calibration_batch(tok, str(corpus), n_samples=64, seq_len=48, seed=1, cache_dir=cache,
+                                   avoid=held_out)
+
+    def shares_a_run(row, ref, n=8):          # n consecutive tokens of ref inside the window
+        return bool((row.unfold(0, n, 1)[:, None, :] == ref.unfold(0, n, 1)[None]).all(-1).any())
+
+    assert any(shares_a_run(r, v) for r in free for v in held_out)    # the unrestricted draw does overlap
+    assert not any(shares_a_run(r, v) for r in batch for v in held_out)
+    assert torch.equal(batch, data.calibration_batch(tok, str(corpus), n_samples=64, seq_len=48, seed=1,
+                                                     cache_dir=cache, avoid=held_out))
+
+
 def test_real_corpora_with_tiny_tokenizer(tok, cache):
     batch = data.calibration_batch(tok, n_samples=4, seq_len=64, cache_dir=cache)  # wikitext2-valid
     assert batch.shape == (4, 64)

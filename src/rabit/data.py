@@ -556,6 +556,29 @@ def training_sequences(
     return rows[perm[n_val:]], rows[perm[:n_val]]
 
 
+def overlapping_starts(tokens: torch.Tensor, rows: torch.Tensor, body: int) -> torch.Tensor:
+    """Bool mask over the start positions of ``body``-token windows of the 1-D stream ``tokens``: True where the
+    window would share a position with one of ``rows`` (2-D token ids), each located in the stream by its
+    tokens after the first (the first may be a BOS the stream lacks; every occurrence counts)."""
+    t = tokens.reshape(-1).to(torch.long)
+    blocked = torch.zeros(max(t.numel() - body + 1, 0), dtype=torch.bool)
+    for row in rows.reshape(rows.shape[0], -1).to(torch.long):
+        seg = row[1:] if row.numel() > 1 else row
+        m = seg.numel()
+        if m > t.numel():
+            continue
+        cand = (t[: t.numel() - m + 1] == seg[0]).nonzero().flatten()
+        if cand.numel() and m > 1:
+            hits = cand[(t[cand[:, None] + torch.arange(1, m)] == seg[1:]).all(1)]
+        else:
+            hits = cand
+        for p in hits.tolist():
+            # the row spans [p - 1, p + m) (its first token may sit just before p): windows starting in
+            # [p - body, p + m - 1] touch it
+            blocked[max(p - body, 0): p + m] = True
+    return blocked
+
+
 def calibration_batch(
     tokenizer,
     source: str | Sequence[str] = "wikitext2-valid",
@@ -565,12 +588,16 @@ def calibration_batch(
     add_bos: bool = False,
     cache_dir: str | os.PathLike | None = None,
     mix: str = "size",
+    avoid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens (``torch.long [n_samples, seq_len]``),
     start positions drawn with ``torch.Generator().manual_seed(seed)``. With ``add_bos`` each row
     is BOS plus ``seq_len - 1`` tokens. Several sources: mix "size" draws from their concatenation
     (in proportion to their sizes), "equal" draws the same number of windows from each (the first
-    sources get one more when n_samples does not divide). Evaluation-only sources are refused."""
+    sources get one more when n_samples does not divide). Evaluation-only sources are refused.
+    avoid: rows of token ids (e.g. the held-out rows a run measures its loss on) that no window may
+    share a token position with: each is found in the stream by its tokens after the first (which
+    may be a BOS the stream lacks), and the windows are drawn from the other starts."""
     sources = _as_list(source)
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -581,7 +608,8 @@ def calibration_batch(
     if mix == "equal" and len(sources) > 1:
         k = len(sources)
         counts = [n_samples // k + (i < n_samples % k) for i in range(k)]
-        parts = [calibration_batch(tokenizer, s, c, seq_len, seed=seed + i, add_bos=add_bos, cache_dir=cache_dir)
+        parts = [calibration_batch(tokenizer, s, c, seq_len, seed=seed + i, add_bos=add_bos, cache_dir=cache_dir,
+                                   avoid=avoid)
                  for i, (s, c) in enumerate(zip(sources, counts)) if c]
         return torch.cat(parts)
     tokens = _stream(tokenizer, sources, cache_dir)
@@ -592,7 +620,14 @@ def calibration_batch(
             f"the {body} needed for one sequence of length {seq_len}"
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - body + 1, (n_samples,), generator=g)
+    if avoid is None or not avoid.numel():
+        starts = torch.randint(0, tokens.numel() - body + 1, (n_samples,), generator=g)
+    else:
+        allowed = (~overlapping_starts(tokens, avoid, body)).nonzero().flatten()
+        if not allowed.numel():
+            raise ValueError(f"corpus {', '.join(repr(s) for s in sources)} has no window of {body} tokens that "
+                             "avoids the held-out rows")
+        starts = allowed[torch.randint(0, allowed.numel(), (n_samples,), generator=g)]
     rows = tokens[starts[:, None] + torch.arange(body)]
     if add_bos:
         rows = torch.cat([torch.full((n_samples, 1), _bos_id(tokenizer), dtype=torch.long), rows], dim=1)

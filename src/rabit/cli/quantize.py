@@ -561,7 +561,8 @@ def run_job(spec: JobSpec) -> int:
         block_budget = (job_block_seconds(spec, time.time() - wall0, scorer,
                                           ood_fp_windows_to_run(spec, teacher, tok, bos, eval_autocast))
                         if spec.job_minutes else None)
-        _block_stage(spec, teacher, student, tok, out, evals, scorer.stage, progress, train_bos.use, block_budget)
+        _block_stage(spec, teacher, student, tok, out, evals, scorer.stage, progress, train_bos.use, block_budget,
+                     avoid=held_out_rows(spec, val))
 
     if spec.job_minutes:
         elapsed = time.time() - wall0
@@ -575,7 +576,7 @@ def run_job(spec: JobSpec) -> int:
         trainer.resume(verify=False)  # verified above
         _say(f"resumed at step {trainer.step} of "
              + ("a time budget still timing its first steps" if trainer.budget_pending() else f"{trainer.cfg.steps}"))
-    val_rows = val[: d.val_sequences] if d.val_sequences and val.shape[0] else None
+    val_rows = held_out_rows(spec, val)
     if val_rows is not None and "val_before" not in evals:
         evals["val_before"] = trainer.evaluate(val_rows)
         atomic_write_json(evals_path, evals)
@@ -604,18 +605,25 @@ def run_job(spec: JobSpec) -> int:
                       extra={"bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}})
 
 
+def held_out_rows(spec: JobSpec, val: torch.Tensor | None) -> torch.Tensor | None:
+    """The validation rows the job measures its held-out loss on (--val-sequences of them), or None."""
+    d = spec.data
+    return val[: d.val_sequences] if val is not None and d.val_sequences and val.shape[0] else None
+
+
 def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, ppl, progress: bool,
-                 add_bos: bool = False, time_budget: float | None = None) -> None:
+                 add_bos: bool = False, time_budget: float | None = None, avoid: torch.Tensor | None = None) -> None:
     """Block-wise refinement / reconstruction of the initialized student, in place (resumes from <out>/blocks).
-    time_budget: its seconds (--job-minutes: job_block_seconds), its rows cut to fit; None: no limit."""
+    time_budget: its seconds (--job-minutes: job_block_seconds), its rows cut to fit; None: no limit. avoid: the
+    held-out rows, which its calibration windows do not overlap (the refinement fits its rows closely)."""
     from ..data import calibration_batch
     from ..train.blockwise import MIN_BUDGET_ROWS, BlockReconstruction, refine_rows
     from ..train.checkpoint import atomic_write_json
 
     b = spec.blocks
-    # drawn from the whole training mix, with another seed than the initialization's calibration
+    # drawn from the training mix (apart from the held-out rows), with another seed than the initialization's
     rows = calibration_batch(tok, spec.data.sources, b.samples, b.seq_len, seed=spec.train.seed + 1, add_bos=add_bos,
-                             mix=spec.data.mix)
+                             mix=spec.data.mix, avoid=avoid)
     descent = f" + {b.descent_passes} sign-descent pass(es)" if b.descent_passes else ""
     what = (f"refinement ({b.refine_rounds} round(s){descent})" if b.refine_rounds else "") + \
         (f"{' + ' if b.refine_rounds else ''}training ({b.epochs} epoch(s))" if b.epochs else "")

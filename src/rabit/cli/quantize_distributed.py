@@ -210,7 +210,8 @@ def _run_quantize(spec: JobSpec, env) -> int:
                     single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"],
                                                  local["eval_autocast"])) if spec.job_minutes else None)
                 single._block_stage(spec, teacher, student, tok, out, evals, score.stage, progress,
-                                    info["bos"]["train"]["use"], block_budget)
+                                    info["bos"]["train"]["use"], block_budget,
+                                    avoid=single.held_out_rows(spec, local["val"]))
         budget_s = None
         if spec.job_minutes:   # decided here, where the evaluations were timed; every rank trains to it
             elapsed = time.time() - wall0
@@ -242,8 +243,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
     if ck is not None:
         trainer.resume(verify=spec.run.verify)
         _say0(env, f"resumed at step {trainer.step} of {trainer.cfg.steps} from {ck}")
-    val_rows = broadcast_object(local["val"][: d.val_sequences] if env.is_main and d.val_sequences
-                                and local["val"].shape[0] else None)
+    val_rows = broadcast_object(single.held_out_rows(spec, local["val"]) if env.is_main else None)
     evals = local.get("evals", {})
     if broadcast_object(val_rows is not None and "val_before" not in evals):
         vb = trainer.evaluate(val_rows)

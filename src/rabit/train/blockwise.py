@@ -59,13 +59,21 @@ def refine_rows(cfg: "BlockConfig") -> int:
 MIN_BUDGET_ROWS = 32
 
 
+# rows are only cut when the remaining blocks would overrun the seconds left by more than this share: the blocks'
+# times wander by a few percent, and rows once cut never come back
+BUDGET_SLACK = 0.05
+
+
 def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: float, per_row: float,
                 batch_size: int, floor: int = MIN_BUDGET_ROWS) -> int:
     """The rows (whole batches, at most `rows`) that the remaining blocks can use so that they finish within
-    seconds_left, for a block taking fixed + per_row x rows seconds; never fewer than `floor` rows (rounded up to a
-    batch, at most `rows`): below it the refinement overfits, and the budget is overrun instead."""
+    seconds_left, for a block taking fixed + per_row x rows seconds: `rows` while that overruns by at most
+    BUDGET_SLACK, else cut to fit; never fewer than `floor` rows (rounded up to a batch, at most `rows`): below it
+    the refinement overfits, and the budget is overrun instead."""
     floor = min(-(-floor // batch_size) * batch_size, rows)
     if remaining_blocks <= 0 or per_row <= 0:
+        return rows
+    if remaining_blocks * (fixed + per_row * rows) <= (1 + BUDGET_SLACK) * seconds_left:
         return rows
     affordable = (seconds_left / remaining_blocks - fixed) / per_row
     if affordable >= rows:

@@ -668,10 +668,8 @@ def rows_summary(rows: list[int | None]) -> str:
             runs[-1][1] = i
         else:
             runs.append([i, i, r])
-    parts = []
-    for first, last, r in runs:
-        parts.append(f"{first}-{last}: {r}" if first != last else f"{first}: {r}")
-        parts[0] += " rows" if len(parts) == 1 else ""
+    parts = [(f"{first}-{last}" if first != last else f"{first}") + f": {r}" for first, last, r in runs]
+    parts[0] += " rows"
     return "blocks " + ", ".join(parts)
 
 

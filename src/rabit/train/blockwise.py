@@ -54,8 +54,8 @@ def refine_rows(cfg: "BlockConfig") -> int:
     return min(-(-cfg.refine_samples // bs) * bs, cfg.samples)
 
 
-# A time budget never takes the rows below this (docs/RESULTS.md sections 13 and 40: 16 rows overfitted the
-# refinement, 32 gave 100.5 after the block stage against 74.0 with 128), nor below the configured rows.
+# A time budget never cuts the rows below this, or below the configured rows where those are fewer (docs/RESULTS.md
+# sections 13 and 40: 16 rows overfitted the refinement, 32 gave 100.5 after the block stage against 74.0 with 128).
 MIN_BUDGET_ROWS = 32
 
 
@@ -84,7 +84,7 @@ def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: fl
 @dataclass
 class BlockConfig:
     # Defaults are `rabit quantize`'s: the closed-form refinement only, on 256 rows, which `--job-minutes` cuts to
-    # what its budget affords (BlockReconstruction's time_budget; ~180 rows in a 13-minute job on an AMX Xeon,
+    # what its budget affords (BlockReconstruction's time_budget; 176-256 per block in a 13-minute job on an AMX Xeon,
     # docs/RESULTS.md section 41). Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
     # Block-AP) costs about as much as end-to-end training on samples x seq_len x epochs tokens.
     samples: int = 256            # calibration sequences the blocks are reconstructed on

@@ -557,17 +557,16 @@ def run_job(spec: JobSpec) -> int:
             _say(f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
         atomic_write_json(evals_path, evals)
     student.to(device)
+    # the job's budget sets aside the FP out-of-domain windows the end of the job will run (none once cached)
+    ood_fp = ood_fp_windows_to_run(spec, teacher, tok, bos, eval_autocast) if spec.job_minutes else None
     if spec.block_stage and ck_path is None:
-        block_budget = (job_block_seconds(spec, time.time() - wall0, scorer,
-                                          ood_fp_windows_to_run(spec, teacher, tok, bos, eval_autocast))
-                        if spec.job_minutes else None)
+        block_budget = job_block_seconds(spec, time.time() - wall0, scorer, ood_fp) if spec.job_minutes else None
         _block_stage(spec, teacher, student, tok, out, evals, scorer.stage, progress, train_bos.use, block_budget,
                      avoid=held_out_rows(spec, val))
 
     if spec.job_minutes:
         elapsed = time.time() - wall0
-        budget_s = job_training_seconds(spec, evals, elapsed, scorer.window_seconds, scorer.final_windows(),
-                                        ood_fp_windows_to_run(spec, teacher, tok, bos, eval_autocast))
+        budget_s = job_training_seconds(spec, evals, elapsed, scorer.window_seconds, scorer.final_windows(), ood_fp)
         atomic_write_json(evals_path, evals)
         say_job_budget(spec, evals, elapsed)
         tcfg = spec.train_config(autocast, budget_s=budget_s)
@@ -633,13 +632,13 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
         subset = f" (the refinement on {refined} of them)"
     elif b.refine_rounds and refined < b.refine_samples:
         subset = f" (--refine-samples {b.refine_samples} capped by --block-samples)"
+    stage = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress, time_budget=time_budget)
     limit = ""
-    if time_budget is not None and b.epochs == 0:
+    if stage.time_budget is not None:   # the stage takes no budget when its blocks train
         limit = (f"; {time_budget:.0f} s of the job's budget, fewer rows for the later blocks if it needs more "
                  f"(at least {min(MIN_BUDGET_ROWS, b.samples)})")
     _say(f"block-wise stage: {what or 'nothing to do'} on {b.samples} x {b.seq_len} tokens{subset}{limit} ...")
-    records = BlockReconstruction(teacher, student, rows, b, run_dir=out, progress=progress,
-                                  time_budget=time_budget).run()
+    records = stage.run()
     evals["blocks_seconds"] = sum(r.seconds for r in records)
     evals["blocks_rows"] = [r.rows for r in records]
     if any(r.rows is not None and r.rows < b.samples for r in records):

@@ -204,21 +204,20 @@ def _run_quantize(spec: JobSpec, env) -> int:
             if not ev.skip_init and "init" not in evals:
                 evals["init"] = score.stage(student, f"{rc.num_paths}-bit initialized")
                 _say0(env, f"{rc.num_paths}-bit after initialization: perplexity {evals['init']:.3f}")
-            if spec.block_stage:  # on rank 0 only, before the student is sharded
-                block_budget = (single.job_block_seconds(
-                    spec, time.time() - wall0, score,
-                    single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"],
-                                                 local["eval_autocast"])) if spec.job_minutes else None)
-                single._block_stage(spec, teacher, student, tok, out, evals, score.stage, progress,
-                                    info["bos"]["train"]["use"], block_budget,
-                                    avoid=single.held_out_rows(spec, local["val"]))
+        # the job's budget sets aside the FP out-of-domain windows the end of the job will run (none once cached)
+        ood_fp = (single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"],
+                                               local["eval_autocast"]) if spec.job_minutes else None)
+        if ck is None and spec.block_stage:  # on rank 0 only, before the student is sharded
+            block_budget = (single.job_block_seconds(spec, time.time() - wall0, score, ood_fp)
+                            if spec.job_minutes else None)
+            single._block_stage(spec, teacher, student, tok, out, evals, score.stage, progress,
+                                info["bos"]["train"]["use"], block_budget,
+                                avoid=single.held_out_rows(spec, local["val"]))
         budget_s = None
         if spec.job_minutes:   # decided here, where the evaluations were timed; every rank trains to it
             elapsed = time.time() - wall0
-            budget_s = single.job_training_seconds(
-                spec, evals, elapsed, score.window_seconds, score.final_windows(),
-                single.ood_fp_windows_to_run(spec, teacher, tok, info["bos"]["eval"]["token_id"],
-                                             local["eval_autocast"]))
+            budget_s = single.job_training_seconds(spec, evals, elapsed, score.window_seconds, score.final_windows(),
+                                                   ood_fp)
             single.say_job_budget(spec, evals, elapsed, say=lambda msg: _say0(env, msg))
         atomic_write_json(evals_path, evals)
         local.update(student=student, evals=evals)

@@ -75,9 +75,8 @@ def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: fl
         return rows
     if remaining_blocks * (fixed + per_row * rows) <= (1 + BUDGET_SLACK) * seconds_left:
         return rows
+    # past the check above, fewer than `rows` are affordable
     affordable = (seconds_left / remaining_blocks - fixed) / per_row
-    if affordable >= rows:
-        return rows
     return max(int(affordable // batch_size) * batch_size, floor)
 
 
@@ -375,14 +374,6 @@ class BlockReconstruction:
     def _refine_layer(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor, preferred: torch.Tensor) -> float:
         """Refine one layer's paths towards w in the metric H; returns output error after / before."""
         t0 = time.perf_counter()
-        try:
-            return self._refine_layer_timed(layer, w, H, preferred)
-        finally:
-            # the part of a block's time that does not grow with its rows (the time budget's model)
-            self._solve_seconds += time.perf_counter() - t0
-
-    def _refine_layer_timed(self, layer: RaBiTLinear, w: torch.Tensor, H: torch.Tensor,
-                            preferred: torch.Tensor) -> float:
         new, errors = refine_paths(w, layer.paths(), H, rounds=self.cfg.refine_rounds,
                                    damp=self.cfg.metric_damp, act_order=self.cfg.act_order,
                                    descent=self.cfg.descent_passes)
@@ -393,6 +384,8 @@ class BlockReconstruction:
                 with torch.no_grad():
                     layer.latent.copy_(coupled_latent(new, preferred=preferred))
                 layer._cache = None
+        # the part of a block's time that does not grow with its rows (the time budget's model)
+        self._solve_seconds += time.perf_counter() - t0
         return errors[-1] / errors[0] if errors[0] > 0 else 1.0
 
     @torch.no_grad()
@@ -615,7 +608,7 @@ class BlockReconstruction:
         latest measure of the machine's speed): its solves take the same time for any rows, the rest (passes,
         input captures and sums, all over its rows) grows in proportion."""
         fixed = min(self._solve_seconds, rec.seconds)
-        per_row = (rec.seconds - fixed) / max(rec.rows or self.rows, 1)
+        per_row = (rec.seconds - fixed) / rec.rows
         self.rows = budget_rows(self.rows, remaining, seconds_left, fixed, per_row, self.cfg.batch_size,
                                 floor=MIN_BUDGET_ROWS)
 

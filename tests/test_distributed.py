@@ -159,6 +159,8 @@ def test_stopped_two_process_run_resumes_with_one_process(runs, monkeypatch):
     try:
         assert env.world_size == 1
         teacher, student = _models(root)  # initial weights: the checkpoint must replace them
+        # the frozen embedding comes from the checkpoint's fixed folder, not from the student it resumes into
+        student.get_input_embeddings().weight.data.mul_(-1.0)
         trainer = D.DistributedTrainer(teacher, student, torch.load(root / "train.pt"), _config(), run, env,
                                        progress=False)
         assert trainer.resume() and trainer.step == 2 and trainer.sampler.state_dict()["index"] == 16
@@ -171,6 +173,83 @@ def test_stopped_two_process_run_resumes_with_one_process(runs, monkeypatch):
     assert resumed[2:] == pytest.approx(two[2:], rel=REL)  # the same continuation as the uninterrupted run
     assert resumed[2:] == pytest.approx(ref[2:], rel=REL)
     assert StepLog.read(run / "log.jsonl")[-1]["world_size"] == 1
+
+
+def _checkpoint_keys(folder: Path) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def test_checkpoints_write_the_parameters_that_do_not_train_once(runs):
+    dcp = runs["root"] / "two" / "dcp"
+    steps = [json.loads((dcp / s / "state.json").read_text()) for s in ("step-000002", "step-000004")]
+    assert [(st["version"], st["fixed"]) for st in steps] == [(2, "fixed-000002")] * 2
+    assert sorted(p.name for p in dcp.iterdir() if p.is_dir()) == ["fixed-000002", "step-000002", "step-000004"]
+    fixed = json.loads((dcp / "fixed-000002" / "state.json").read_text())
+    assert fixed["format"] == D.DCP_FIXED_FORMAT
+    embed = "model.embed_tokens.weight"   # frozen (latents train here); DCP prefixes the "model" entry
+    assert embed in fixed["keys"] and all("latent" not in k for k in fixed["keys"])
+    assert "model." + embed in _checkpoint_keys(dcp / "fixed-000002")
+    in_step = _checkpoint_keys(dcp / "step-000004")
+    assert "model." + embed not in in_step and any(k.startswith("model.") and "latent" in k for k in in_step)
+    # `rabit verify` checks the fixed folder with the checkpoints, and finds a damaged file in it
+    from rabit.integrity_checkpoints import verify_path
+
+    reports = verify_path(runs["root"] / "two")
+    assert {Path(r.path).name for r in reports} >= {"fixed-000002", "step-000002", "step-000004"}
+    assert all(not r.problems for r in reports)
+
+
+def _one_process_group(monkeypatch):
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()), RANK="0", WORLD_SIZE="1",
+                     LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    return D.init_distributed("cpu")
+
+
+def test_a_version_1_checkpoint_with_every_parameter_still_resumes(runs, tmp_path, monkeypatch):
+    root, run = runs["root"], tmp_path / "v1"
+    train = torch.load(root / "train.pt")
+    env = _one_process_group(monkeypatch)
+    try:
+        with monkeypatch.context() as m:   # the writer as it was before the fixed folders
+            m.setattr(D, "DCP_VERSION", 1)
+            m.setattr(D.DistributedTrainer, "_save_fixed", lambda self: None)
+            whole = D.DistributedTrainer._state_dicts
+            m.setattr(D.DistributedTrainer, "_state_dicts", lambda self, model="all": whole(self, "all"))
+            D.DistributedTrainer(*_models(root), train, _config(), run, env, progress=False).train(stop_at=2)
+        state = json.loads((run / "dcp" / "step-000002" / "state.json").read_text())
+        assert state["version"] == 1 and state["fixed"] is None
+        assert "model.model.embed_tokens.weight" in _checkpoint_keys(run / "dcp" / "step-000002")
+        teacher, student = _models(root)
+        student.get_input_embeddings().weight.data.mul_(-1.0)
+        trainer = D.DistributedTrainer(teacher, student, train, _config(), run, env, progress=False)
+        assert trainer.resume() and trainer.step == 2
+        trainer.train()
+        # the continuation writes version 2, its fixed folder beside the version-1 checkpoint
+        assert json.loads((run / "dcp" / "step-000004" / "state.json").read_text())["fixed"] == "fixed-000004"
+    finally:
+        D.destroy_distributed()
+    assert _losses(run) == pytest.approx(_losses(root / "ref"), rel=REL)
+
+
+def test_a_missing_fixed_folder_is_reported(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from rabit.train.checkpoint import CheckpointError
+
+    run = tmp_path / "copy"
+    shutil.copytree(runs["root"] / "stopped", run)
+    shutil.rmtree(run / "dcp" / "fixed-000002")
+    env = _one_process_group(monkeypatch)
+    try:
+        trainer = D.DistributedTrainer(*_models(runs["root"]), torch.load(runs["root"] / "train.pt"), _config(),
+                                       run, env, progress=False)
+        with pytest.raises(CheckpointError, match="fixed-000002.*the parameters that do not train.*missing"):
+            trainer.resume()
+    finally:
+        D.destroy_distributed()
 
 
 def test_one_process_run_resumes_with_two_processes(runs):

@@ -631,6 +631,14 @@ def test_cli_job_budget_run(cli, tiny_run_files, tmp_path, capsys):
     assert run["tokens"] is None   # no token budget: the steps are chosen as it runs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["steps"] == saved["steps"] >= 3
+    # what followed training, part by part, next to what the budget kept for it (in the log too)
+    end, stages = summary["stages"]["end_seconds"], summary["stages"]
+    assert set(end) == {"held_out", "final", "ood", "save"} and all(v >= 0 for v in end.values())
+    assert 0 < sum(end.values()) < summary["wall_seconds"]
+    assert end["final"] > 0 and end["save"] > 0
+    assert stages["job_reserve_seconds"] == pytest.approx(evals["job_reserve_seconds"])
+    assert f"job budget: {sum(end.values()):.0f} s after training ({evals['job_reserve_seconds']:.0f} s kept" \
+        in said.err
     # a resumed run keeps the training time its first session decided (not a new one from its own clock), so its
     # checkpoint's settings match and it trains nothing again
     from safetensors.torch import load_file

@@ -188,7 +188,7 @@ def verify_path(path: str | os.PathLike) -> list[Report]:
             else "rabit-train-checkpoint"
     if fmt == "rabit-train-checkpoint":
         return [verify_checkpoint_folder(path)]
-    if fmt == "rabit-dcp-checkpoint":
+    if fmt in ("rabit-dcp-checkpoint", "rabit-dcp-fixed"):
         return [verify_dcp_folder(path)]
     if _is_model_folder(path):
         return [verify_model_folder(path)]
@@ -199,7 +199,10 @@ def verify_path(path: str | os.PathLike) -> list[Report]:
             steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
             if not steps:
                 reports.append(Report(root, "checkpoints", problems=[Problem(str(root), "no checkpoint in it")]))
-            reports += [verify(p) for p in steps]
+            # a DCP run's parameters that do not train sit in fixed-N folders the checkpoints share
+            fixed = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("fixed-")) \
+                if sub == "dcp" else []
+            reports += [verify(p) for p in steps + fixed]
     if reports or (path / "run.json").is_file():
         if (path / WEIGHTS_NAME).is_file():
             reports.append(verify_state_dict_file(path / WEIGHTS_NAME))

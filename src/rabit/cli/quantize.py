@@ -400,6 +400,7 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
     from ..train.report import plot_losses, summary_markdown
     from ..train.trainer import StepLog
 
+    t = time.time()
     written = save_student(student, out, tokenizer, spec.model, keep_fp32=spec.run.keep_fp32,
                            embed_bits=spec.run.embed_bits, embed_group_size=spec.run.embed_group_size)
     rows = StepLog.read(out / "log.jsonl")
@@ -407,6 +408,8 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
     rc = spec.rabit
     plot_losses(rows, out / "loss.png", gamma=spec.train.gamma,
                 title=f"RaBiT {rc.mode} k={rc.num_paths}: {spec.model}{procs}")
+    end = evals.setdefault("end_seconds", {})
+    end["save"] = time.time() - t
     train_seconds = sum(r.get("seconds", 0.0) for r in rows)
     summary = {
         "model": spec.model, "mode": rc.mode, "num_paths": rc.num_paths, "out": str(out),
@@ -420,7 +423,9 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
         "stages": {"init_seconds": evals.get("init_seconds"), "blocks_seconds": evals.get("blocks_seconds"),
                    "e2e_seconds": train_seconds,
                    "scale_seconds": (evals.get("scale_phase") or {}).get("seconds"),
-                   "scale_tokens": (evals.get("scale_phase") or {}).get("tokens")},
+                   "scale_tokens": (evals.get("scale_phase") or {}).get("tokens"),
+                   # after training: each part's seconds, and what --job-minutes kept for them
+                   "end_seconds": end, "job_reserve_seconds": evals.get("job_reserve_seconds")},
         "train": {"steps": result.steps, "tokens": result.tokens, "seconds": train_seconds,
                   "tokens_per_second": result.tokens / train_seconds if train_seconds else None,
                   "session_tokens_per_second": result.tokens_per_second, "resumed_from": result.resumed_from,
@@ -432,6 +437,9 @@ def finish_run(spec: JobSpec, out: Path, student, tokenizer, evals: dict, eval_d
         "files": [str(p) for p in written] + [str(out / "loss.png"), str(out / "log.jsonl")],
     }
     atomic_write_json(out / "summary.json", summary)
+    if "job_reserve_seconds" in evals:
+        _say(f"job budget: {sum(end.values()):.0f} s after training ({evals['job_reserve_seconds']:.0f} s kept: "
+             + ", ".join(f"{k.replace('_', '-')} {v:.0f} s" for k, v in end.items()) + ")")
     md = summary_markdown(summary)
     (out / "summary.md").write_text(md)
     print(md)
@@ -593,12 +601,18 @@ def run_job(spec: JobSpec) -> int:
         evals["scale_phase"] = dataclasses.asdict(scales.train())
         atomic_write_json(evals_path, evals)
         trainer.teacher_run, last = None, scales
+    # the seconds of each part of what follows training: the job's budget keeps a reserve for them
+    end, t = {}, time.time()
     val_after = last.evaluate(val_rows) if val_rows is not None else None
     last.teacher_run = None  # free the bf16 teacher copy before evaluation
+    end["held_out"], t = time.time() - t, time.time()
 
     final, evals["final_stage"] = scorer.full(student, f"{rc.num_paths}-bit distilled")
     _say(f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
+    end["final"], t = time.time() - t, time.time()
     _out_of_domain(spec, teacher, student, tok, evals, progress, bos, eval_autocast)
+    end["ood"] = time.time() - t
+    evals["end_seconds"] = end
     atomic_write_json(evals_path, evals)
     return finish_run(spec, out, student, tok, evals, eval_desc, final, result, val_after, autocast, wall0,
                       extra={"bos": {"train": train_bos.to_dict(), "eval": eval_bos.to_dict()}})

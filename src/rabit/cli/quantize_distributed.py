@@ -250,7 +250,9 @@ def _run_quantize(spec: JobSpec, env) -> int:
             evals["val_before"] = vb
             atomic_write_json(out / "evals.json", evals)
     result = trainer.train()
+    t = time.time()
     val_after = trainer.evaluate(val_rows) if val_rows is not None else None
+    end = {"held_out": time.time() - t}   # seconds after training, as in single.run_job
     mem = trainer.memory_report()
     if env.is_main:
         atomic_write_json(out / "memory.json", mem)
@@ -271,12 +273,16 @@ def _run_quantize(spec: JobSpec, env) -> int:
                            f"unexpected {unexpected[:5]}")
     del full
     final_student.to(env.device).eval()
+    end["gather"], t = time.time() - t, time.time()   # includes the memory report and rebuilding the student
     final, evals["final_stage"] = scorer().full(final_student, f"{rc.num_paths}-bit distilled")
     _say0(env, f"{rc.num_paths}-bit after distillation: perplexity {final:.3f}")
+    end["final"], t = time.time() - t, time.time()
     # the reloaded model is the teacher again: the out-of-domain score, as a one-process run gives it
     single._out_of_domain(spec, base.to(env.device).eval(), final_student, tok, evals, progress,
                           info["bos"]["eval"]["token_id"], local["eval_autocast"])
     del base
+    end["ood"] = time.time() - t
+    evals["end_seconds"] = end
     atomic_write_json(out / "evals.json", evals)
     memory = {"peak_bytes_per_rank": [r["peak_bytes"] for r in mem["ranks"]],
               "optimizer_state_bytes_total": mem["optimizer_state_bytes_total"]}

@@ -27,7 +27,11 @@ What is distributed, and how:
 * Checkpoints: `torch.distributed.checkpoint` (DCP) of the model and optimizer state dicts
   (`get_state_dict`/`set_state_dict` style, per optimizer), written to run_dir/dcp/.tmp-step-N by all ranks, then
   renamed to run_dir/dcp/step-N by rank 0 after state.json (step, scheduler, data position, RNG, config) is
-  written, and pointed to by run_dir/dcp/latest. DCP reshards on load, so any world size can resume.
+  written, and pointed to by run_dir/dcp/latest. DCP reshards on load, so any world size can resume. The
+  parameters that do not train (frozen latents, embeddings) go once into run_dir/dcp/fixed-N (a DCP folder with
+  its own state.json and checksums), which each checkpoint's state.json names: with frozen latents a checkpoint
+  holds only the scales, norms and biases and their optimizer state (the one-process trainer's FixedTensors, for
+  the same reason: docs/RESULTS.md section 39).
 * Only rank 0 prints progress and writes log.jsonl; other ranks silence warnings. An exception on any rank ends
   that process; the launcher (rabit.train.launch, torchrun, or torch.multiprocessing in `spawn`) then stops the
   other ranks and reports the error.
@@ -41,6 +45,7 @@ from __future__ import annotations
 import base64
 import io
 import gc
+import json
 import os
 import random
 import shutil
@@ -70,7 +75,9 @@ from .trainer import SequenceSampler, StepLog, TrainConfig, check_train_settings
 TEACHER_MODES = ("shard", "bf16", "replicate")
 MUON_MODES = ("owner", "dtensor")
 DCP_FORMAT = "rabit-dcp-checkpoint"
-DCP_VERSION = 1
+DCP_FIXED_FORMAT = "rabit-dcp-fixed"
+# 2: the parameters that do not train are in the fixed folder the state names; version-1 checkpoints still load
+DCP_VERSION = 2
 
 
 @dataclass
@@ -167,6 +174,7 @@ class DistributedTrainer(DistillLoop):
         self.log = StepLog(self.run_dir / "log.jsonl")
         self.resumed_from: int | None = None
         self.last_saved = -1
+        self.fixed_dir: str | None = None   # the dcp/fixed-N folder of the parameters that do not train
         self.collective = ProcessGroupCollective(env)
         self._last_good = _LastGood() if config.keep_last_good else None
         torch.manual_seed(config.seed)
@@ -218,17 +226,54 @@ class DistributedTrainer(DistillLoop):
 
     checkpoint_root = dcp_root
 
-    def _state_dicts(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    def _model_state(self, part: str) -> dict:
+        """The student's sharded state dict: "all", "trained" (without the parameters that do not train) or
+        "fixed" (only those)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return {"model": get_model_state_dict(self.student),
+        if part == "all":
+            return get_model_state_dict(self.student)
+        trained = get_model_state_dict(self.student, options=StateDictOptions(ignore_frozen_params=True))
+        if part == "trained":
+            return trained
+        return {k: v for k, v in get_model_state_dict(self.student).items() if k not in trained}
+
+    def _state_dicts(self, model: str = "trained") -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"model": self._model_state(model),
                 "optim": {k: get_optimizer_state_dict(self.student, opt) for k, opt in self.optim.named().items()}}
+
+    def _save_fixed(self) -> None:
+        """Write the parameters that do not train to dcp/fixed-<step> (collective), once per trainer: they do not
+        change while it trains (no optimizer holds them). A resumed trainer keeps its checkpoint's folder."""
+        import torch.distributed.checkpoint as dcp
+
+        fixed = self._model_state("fixed")
+        name = f"fixed-{self.step:06d}"
+        final, tmp = self.dcp_root / name, self.dcp_root / f".tmp-{name}"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        if fixed:
+            dcp.save({"model": fixed}, checkpoint_id=str(tmp))
+        _barrier()
+        checksums = dcp_checksums(tmp)
+        if self.env.is_main:
+            atomic_write_json(tmp / "state.json", {"format": DCP_FIXED_FORMAT, "version": 1,
+                                                   "keys": sorted(fixed), "checksums": checksums})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        _barrier()
+        self.fixed_dir = name
 
     def _json_state(self) -> dict:
         buf = io.BytesIO()
         buf.write(torch.get_rng_state().numpy().tobytes())
         version, internal, gauss = random.getstate()
-        return {"format": DCP_FORMAT, "version": DCP_VERSION, "step": self.step,
+        return {"format": DCP_FORMAT, "version": DCP_VERSION, "step": self.step, "fixed": self.fixed_dir,
                 "scheduler": self.optim.scheduler_state(), "data": self.sampler.state_dict(),
                 "config": self.cfg.to_dict(), "tokens": self.step * self.tokens_per_step,
                 "world_size": self.env.world_size, "teacher": self.teacher_mode, "muon": self.dcfg.muon,
@@ -242,6 +287,8 @@ class DistributedTrainer(DistillLoop):
 
         if self.train_peak_bytes is None:  # the peak of the training steps alone (DCP staging comes on top)
             self.train_peak_bytes = self._peak()
+        if self.fixed_dir is None:
+            self._save_fixed()
         name = f"step-{self.step:06d}"
         final = self.dcp_root / name
         tmp = self.dcp_root / f".tmp-{name}"
@@ -263,6 +310,7 @@ class DistributedTrainer(DistillLoop):
             for old in kept[:-self.cfg.keep_checkpoints]:
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
+            _remove_unnamed_fixed(self.dcp_root)
         _barrier()
         self.last_saved = self.step
         return final
@@ -275,7 +323,8 @@ class DistributedTrainer(DistillLoop):
         """Load the newest checkpoint of run_dir: a DCP one (any world size wrote it) or a single-process one
         (checkpoints/); False if there is none. verify=False skips the checksums of its files."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
         found = latest_any(self.run_dir)
         if found is None:
@@ -294,12 +343,29 @@ class DistributedTrainer(DistillLoop):
         if set(st["scheduler"]["base_lr"]) != set(self.optim.named()):
             raise CheckpointError(f"checkpoint {path} has optimizers {sorted(st['scheduler']['base_lr'])}, "
                                   f"this run {sorted(self.optim.named())}")
-        state = self._state_dicts()
+        fixed = st.get("fixed") if int(st.get("version", 1)) >= 2 else None
+        if fixed is not None:
+            fixed_path = path.parent / str(fixed)
+            if not (fixed_path / "state.json").exists():
+                raise CheckpointError(f"checkpoint {path} names {fixed_path} (the parameters that do not train), "
+                                      "which is missing")
+            if verify:
+                check_dcp_folder(fixed_path)
+        # version 1 holds every parameter; version 2 the trained ones, the others in its fixed folder
+        state = self._state_dicts("all" if int(st.get("version", 1)) < 2 else "trained")
         try:
             dcp.load(state, checkpoint_id=str(path))
+            if fixed is not None:
+                fixed_state = {"model": self._model_state("fixed")}
+                if fixed_state["model"]:
+                    dcp.load(fixed_state, checkpoint_id=str(fixed_path))
         except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException and others
             raise CheckpointError(f"cannot load {path}: {e}") from None
-        set_model_state_dict(self.student, state["model"])
+        strict = StateDictOptions(strict=fixed is None)
+        set_model_state_dict(self.student, state["model"], options=strict)
+        if fixed is not None and fixed_state["model"]:
+            set_model_state_dict(self.student, fixed_state["model"], options=StateDictOptions(strict=False))
+        self.fixed_dir = fixed
         for key, opt in self.optim.named().items():
             set_optimizer_state_dict(self.student, opt, state["optim"][key])
         self._load_position(path, st)
@@ -389,3 +455,17 @@ class DistributedTrainer(DistillLoop):
                 "teacher": self.teacher_mode, "muon": self.dcfg.muon, "ranks": rows,
                 "optimizer_state_bytes_total": opt_total,
                 "latent_param_bytes_total": sum(r["latent_param_bytes"] for r in rows)}
+
+
+def _remove_unnamed_fixed(root: Path) -> None:
+    """Remove the dcp/fixed-N folders that no checkpoint in root names any more (rank 0, after pruning)."""
+    named = set()
+    for step in root.iterdir():
+        if step.is_dir() and step.name.startswith("step-"):
+            try:
+                named.add(json.loads((step / "state.json").read_text()).get("fixed"))
+            except (OSError, ValueError, AttributeError):
+                return   # a checkpoint that cannot be read: keep every fixed folder rather than guess
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith("fixed-") and d.name not in named:
+            shutil.rmtree(d, ignore_errors=True)

@@ -10,7 +10,8 @@ from rabit.train import make_student
 from rabit.ops.refine import corrected_target, output_target
 from rabit.train.activations import layer_groups
 from rabit.train import blockwise
-from rabit.train.blockwise import (BlockConfig, BlockReconstruction, block_loss, budget_rows, refine_rows,
+from rabit.train.blockwise import (BlockConfig, BlockReconstruction, block_loss, block_time_model, budget_rows,
+                                   refine_rows,
                                     token_losses)
 from rabit.train.checkpoint import CheckpointError
 
@@ -341,6 +342,18 @@ def test_the_refinement_takes_whole_batches_of_the_stage_samples(refine_samples,
 def test_budget_rows_fit_the_remaining_blocks_in_the_seconds_left(rows, remaining, seconds_left, fixed, per_row,
                                                                   floor, expect):
     assert budget_rows(rows, remaining, seconds_left, fixed, per_row, 4, floor=floor) == expect
+
+
+def test_the_block_time_model_is_the_median_of_the_blocks_so_far():
+    # (solve seconds, seconds, rows): per row (12 - 3) / 180 = 0.05 twice, then one block run on a busy machine
+    timings = [(3.0, 12.0, 180), (3.0, 12.0, 180), (4.0, 19.2, 180)]
+    assert block_time_model(timings[:1]) == pytest.approx((3.0, 0.05))
+    assert block_time_model(timings) == pytest.approx((3.0, 0.05))
+    assert block_time_model(timings[1:]) == pytest.approx((3.5, (0.05 + 15.2 / 180) / 2))   # even count: the mean
+    # what the budget makes of it: 27 blocks left, 27 x 12 s; the slow block alone would have cut the rows for good
+    left = 27 * 12.0
+    assert budget_rows(180, 27, left, *block_time_model(timings), 4) == 180
+    assert budget_rows(180, 27, left, 4.0, 15.2 / 180, 4) == 92
 
 
 def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -78,6 +79,14 @@ def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: fl
     # past the check above, fewer than `rows` are affordable
     affordable = (seconds_left / remaining_blocks - fixed) / per_row
     return max(int(affordable // batch_size) * batch_size, floor)
+
+
+def block_time_model(timings: list[tuple[float, float, int]]) -> tuple[float, float]:
+    """(fixed seconds, seconds per row) of a block from measured (solve seconds, seconds, rows) of blocks: the
+    median of each, so that one block run on a busy or slow machine moves neither."""
+    fixed = statistics.median(solve for solve, _, _ in timings)
+    per_row = statistics.median((seconds - solve) / rows for solve, seconds, rows in timings)
+    return fixed, per_row
 
 
 @dataclass
@@ -252,6 +261,8 @@ class BlockReconstruction:
         # output), used by run()'s pass that writes the next block's inputs
         self._known_outputs: dict[int, torch.Tensor] = {}
         self._solve_seconds = 0.0
+        # (solve seconds, seconds, rows) of each block this session ran: the time budget's measurements
+        self._timings: list[tuple[float, float, int]] = []
 
     def _autocast(self):
         """The stage's precision for a forward pass (its passes and block training alike)."""
@@ -604,11 +615,13 @@ class BlockReconstruction:
         return steps
 
     def _fit_budget(self, rec: BlockRecord, remaining: int, seconds_left: float) -> None:
-        """Cut the rows of the remaining blocks to what seconds_left affords, from the block just done (the
-        latest measure of the machine's speed): its solves take the same time for any rows, the rest (passes,
-        input captures and sums, all over its rows) grows in proportion."""
-        fixed = min(self._solve_seconds, rec.seconds)
-        per_row = (rec.seconds - fixed) / rec.rows
+        """Cut the rows of the remaining blocks to what seconds_left affords, from the blocks done so far: a
+        block's solves take the same time for any rows, the rest (passes, input captures and sums, all over its
+        rows) grows in proportion. Each is the median over the blocks this session ran: one slow block (the
+        machine's speed wanders by a quarter from block to block) does not cut the rows for good."""
+        solve = min(self._solve_seconds, rec.seconds)
+        self._timings.append((solve, rec.seconds, rec.rows))
+        fixed, per_row = block_time_model(self._timings)
         self.rows = budget_rows(self.rows, remaining, seconds_left, fixed, per_row, self.cfg.batch_size,
                                 floor=MIN_BUDGET_ROWS)
 

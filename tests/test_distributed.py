@@ -250,6 +250,11 @@ def test_a_missing_fixed_folder_is_reported(runs, tmp_path, monkeypatch):
             trainer.resume()
     finally:
         D.destroy_distributed()
+    # `rabit verify` on the checkpoint alone says so too
+    from rabit.integrity_checkpoints import verify_path
+
+    problems = [str(p) for r in verify_path(run / "dcp" / "step-000002") for p in r.problems]
+    assert len(problems) == 1 and "fixed-000002" in problems[0] and "missing (named by step-000002)" in problems[0]
 
 
 def test_one_process_run_resumes_with_two_processes(runs):

@@ -172,6 +172,21 @@ def verify_state_dict_file(file: Path) -> Report:
     return report
 
 
+def _named_fixed_folder(step: Path) -> list[Report]:
+    """The report of the fixed-N folder (the parameters that do not train) a DCP checkpoint's state.json names,
+    a problem if it is missing; nothing for a checkpoint that names none (version 1)."""
+    try:
+        fixed = json.loads((step / "state.json").read_text()).get("fixed")
+    except (OSError, ValueError, AttributeError):
+        return []   # verify_dcp_folder reports the damaged state.json
+    if not fixed:
+        return []
+    folder = step.parent / str(fixed)
+    if not (folder / "state.json").is_file():
+        return [Report(folder, "DCP checkpoint", problems=[Problem(str(folder), f"missing (named by {step.name})")])]
+    return [verify_dcp_folder(folder)]
+
+
 def verify_path(path: str | os.PathLike) -> list[Report]:
     """Verify a model folder, a checkpoint folder, or a run folder (every checkpoint, the final state dict and the
     packed model in it). FileNotFoundError / ValueError if `path` is none of these."""
@@ -188,7 +203,9 @@ def verify_path(path: str | os.PathLike) -> list[Report]:
             else "rabit-train-checkpoint"
     if fmt == "rabit-train-checkpoint":
         return [verify_checkpoint_folder(path)]
-    if fmt in ("rabit-dcp-checkpoint", "rabit-dcp-fixed"):
+    if fmt == "rabit-dcp-checkpoint":
+        return [verify_dcp_folder(path)] + _named_fixed_folder(path)
+    if fmt == "rabit-dcp-fixed":
         return [verify_dcp_folder(path)]
     if _is_model_folder(path):
         return [verify_model_folder(path)]

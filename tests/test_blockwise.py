@@ -356,34 +356,55 @@ def test_the_block_time_model_is_the_median_of_the_blocks_so_far():
     assert budget_rows(180, 27, left, 4.0, 15.2 / 180, 4) == 92
 
 
+def test_the_first_block_warms_up_and_only_decides_when_it_is_all_there_is():
+    from rabit.train.blockwise import BlockRecord
+
+    def fit(stage, block, solve, seconds, rows, remaining, left):
+        stage._solve_seconds = solve
+        stage._fit_budget(BlockRecord(block=block, loss_before=0, loss_after=0, seconds=seconds, rows=rows),
+                          remaining, left)
+        return stage.rows
+
+    stage = BlockReconstruction.__new__(BlockReconstruction)   # only the budget's state
+    stage.cfg, stage.rows, stage._timings = BlockConfig(batch_size=4), 256, []
+    # the measurements of section 42's 13-minute job: 17.7 s for the first block of 256 rows, then 14.5 s at 256
+    # rows would have been its per-row rate; 28 blocks left with 14.5 s each
+    assert fit(stage, 0, 3.0, 17.7, 256, 29, 29 * 14.5) == 256       # no cut after the first block alone
+    assert fit(stage, 1, 3.0, 14.5, 256, 28, 28 * 14.5) == 256       # the second block's rate fits: no cut
+    # the first block's rate would have cut the rows to 200
+    assert budget_rows(256, 28, 28 * 14.5, *block_time_model(stage._timings), 4) < 256
+    assert budget_rows(256, 28, 28 * 14.5, 3.0, 14.7 / 256, 4) == 200
+
+
 def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(tmp_path, monkeypatch):
     monkeypatch.setattr(blockwise, "MIN_BUDGET_ROWS", 2)
-    teacher, student, calib = setup()
+    teacher, student, calib = setup(layers=4)
     init = copy.deepcopy(student)
     c = cfg(epochs=0, refine_rounds=1, refine_samples=8)
     free = BlockReconstruction(teacher, copy.deepcopy(init), calib, c, progress=False).run()
     roomy = copy.deepcopy(init)
     ample = BlockReconstruction(teacher, roomy, calib, c, progress=False, time_budget=1e9).run()
-    assert [r.rows for r in ample] == [r.rows for r in free] == [8, 8, 8]
+    assert [r.rows for r in ample] == [r.rows for r in free] == [8, 8, 8, 8]
     assert [r.loss_after for r in ample] == [r.loss_after for r in free]
 
     spent = copy.deepcopy(init)
     cut = BlockReconstruction(teacher, spent, calib, c, progress=False, time_budget=0).run()
-    assert [r.rows for r in cut] == [8, 2, 2]           # the first block measures the machine, the rest fit
-    assert cut[0].loss_after == free[0].loss_after
-    assert cut[1].loss_after != free[1].loss_after      # refined on 2 rows, measured on them
+    assert blockwise.FIRST_CUT_AFTER_BLOCKS == 2
+    assert [r.rows for r in cut] == [8, 8, 2, 2]        # the first two blocks measure the machine, the rest fit
+    assert [r.loss_after for r in cut[:2]] == [r.loss_after for r in free[:2]]
+    assert cut[2].loss_after != free[2].loss_after      # refined on 2 rows, measured on them
     for (n, a), (_, b) in zip(roomy.state_dict().items(), spent.state_dict().items()):
-        if ".layers.0." in n:
+        if ".layers.0." in n or ".layers.1." in n:
             assert torch.equal(a, b), n
 
-    # killed after block 1, resumed without a budget: the rows stay cut, the result is the uninterrupted run's
+    # killed after block 2, resumed without a budget: the rows stay cut, the result is the uninterrupted run's
     killed = copy.deepcopy(init)
     stage = BlockReconstruction(teacher, killed, calib, c, run_dir=tmp_path, progress=False, time_budget=0)
     real = stage._save_block
 
     def save_then_die(i):
         real(i)
-        if i == 1:
+        if i == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(stage, "_save_block", save_then_die)
@@ -391,13 +412,13 @@ def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(
         stage.run()
     resumed = copy.deepcopy(init)
     again = BlockReconstruction(teacher, resumed, calib, c, run_dir=tmp_path, progress=False).run()
-    assert [r.rows for r in again] == [8, 2, 2]
+    assert [r.rows for r in again] == [8, 8, 2, 2]
     for (n, a), (_, b) in zip(spent.state_dict().items(), resumed.state_dict().items()):
-        if ".layers.2." not in n:     # loaded from the files
+        if ".layers.3." not in n:     # loaded from the files
             assert torch.equal(a, b), n
-    # block 2's inputs now come from a pass through blocks 0-1, not from the refinement's kept outputs: equal up
+    # block 3's inputs now come from a pass through blocks 0-2, not from the refinement's kept outputs: equal up
     # to rounding (which can move a latent entry that sits at a sign's boundary)
-    assert again[2].loss_after == pytest.approx(cut[2].loss_after, rel=1e-4)
+    assert again[3].loss_after == pytest.approx(cut[3].loss_after, rel=1e-4)
 
 
 def test_block_training_keeps_its_rows_under_a_time_budget(monkeypatch):
@@ -516,6 +537,7 @@ def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_pat
     from rabit import data
 
     monkeypatch.setattr(blockwise, "MIN_BUDGET_ROWS", 2)
+    monkeypatch.setattr(blockwise, "FIRST_CUT_AFTER_BLOCKS", 1)   # the tiny model has 2 blocks
     monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
     avoided, real = [], data.calibration_batch
 

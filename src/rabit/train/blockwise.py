@@ -60,6 +60,11 @@ def refine_rows(cfg: "BlockConfig") -> int:
 MIN_BUDGET_ROWS = 32
 
 
+# the rows are first cut after this many blocks of a session: the first block's time includes one-time costs (its
+# measurements over-predicted the later blocks by 15-30 %), the second gives the time model a clean measurement
+FIRST_CUT_AFTER_BLOCKS = 2
+
+
 # rows are only cut when the remaining blocks would overrun the seconds left by more than this share: the blocks'
 # times wander by a few percent, and rows once cut never come back
 BUDGET_SLACK = 0.05
@@ -617,11 +622,15 @@ class BlockReconstruction:
     def _fit_budget(self, rec: BlockRecord, remaining: int, seconds_left: float) -> None:
         """Cut the rows of the remaining blocks to what seconds_left affords, from the blocks done so far: a
         block's solves take the same time for any rows, the rest (passes, input captures and sums, all over its
-        rows) grows in proportion. Each is the median over the blocks this session ran: one slow block (the
-        machine's speed wanders by a quarter from block to block) does not cut the rows for good."""
+        rows) grows in proportion. Each is the median over the blocks this session ran after its first: one slow
+        block (the machine's speed wanders by a quarter from block to block) does not cut the rows for good, and
+        the first block, which also pays one-time costs (1.5-3 s more than the next at the same rows on an AMX
+        Xeon, docs/RESULTS.md section 42), only decides when it is all there is."""
         solve = min(self._solve_seconds, rec.seconds)
         self._timings.append((solve, rec.seconds, rec.rows))
-        fixed, per_row = block_time_model(self._timings)
+        if len(self._timings) < FIRST_CUT_AFTER_BLOCKS:
+            return
+        fixed, per_row = block_time_model(self._timings[1:] or self._timings)
         self.rows = budget_rows(self.rows, remaining, seconds_left, fixed, per_row, self.cfg.batch_size,
                                 floor=MIN_BUDGET_ROWS)
 

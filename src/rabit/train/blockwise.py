@@ -60,9 +60,11 @@ def refine_rows(cfg: "BlockConfig") -> int:
 MIN_BUDGET_ROWS = 32
 
 
-# the rows are first cut after this many blocks of a session: the first block's time includes one-time costs (its
-# measurements over-predicted the later blocks by 15-30 %), the second gives the time model a clean measurement
-FIRST_CUT_AFTER_BLOCKS = 2
+# one decision cuts at most this share of the rows, the next blocks' times deciding whether to cut further: a
+# block's time per row grows with its rows (0.087 s per row at 256 rows, 0.073 at 128, the same blocks on one
+# machine state: docs/RESULTS.md section 42) and the machine's speed wanders, so one measurement cut 256 rows to 80
+# where a replay of that run's block times affords ~110
+BUDGET_MAX_CUT = 0.25
 
 
 # rows are only cut when the remaining blocks would overrun the seconds left by more than this share: the blocks'
@@ -71,11 +73,13 @@ BUDGET_SLACK = 0.05
 
 
 def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: float, per_row: float,
-                batch_size: int, floor: int = MIN_BUDGET_ROWS) -> int:
+                batch_size: int, floor: int = MIN_BUDGET_ROWS, max_cut: float = BUDGET_MAX_CUT) -> int:
     """The rows (whole batches, at most `rows`) that the remaining blocks can use so that they finish within
     seconds_left, for a block taking fixed + per_row x rows seconds: `rows` while that overruns by at most
-    BUDGET_SLACK, else cut to fit; never fewer than `floor` rows (rounded up to a batch, at most `rows`): below it
-    the refinement overfits, and the budget is overrun instead."""
+    BUDGET_SLACK, else cut to fit, by at most max_cut of `rows` at once (rounded down to whole batches, so that a
+    cut removes at least one); never fewer than `floor`
+    rows (rounded up to a batch, at most `rows`): below it the refinement overfits, and the budget is overrun
+    instead."""
     floor = min(-(-floor // batch_size) * batch_size, rows)
     if remaining_blocks <= 0 or per_row <= 0:
         return rows
@@ -83,7 +87,8 @@ def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: fl
         return rows
     # past the check above, fewer than `rows` are affordable
     affordable = (seconds_left / remaining_blocks - fixed) / per_row
-    return max(int(affordable // batch_size) * batch_size, floor)
+    least = int(rows * (1 - max_cut)) // batch_size * batch_size   # rounded down: each cut removes a batch
+    return min(max(int(affordable // batch_size) * batch_size, least, floor), rows)
 
 
 def block_time_model(timings: list[tuple[float, float, int]]) -> tuple[float, float]:
@@ -320,6 +325,8 @@ class BlockReconstruction:
             self.records.append(BlockRecord(**rec))
             if rec.get("rows"):
                 self.rows = min(self.rows, int(rec["rows"]))
+        if state.get("next_rows"):   # the time budget's decision after the last block saved
+            self.rows = min(self.rows, int(state["next_rows"]))
         return len(records)
 
     def _save_block(self, i: int) -> None:
@@ -330,7 +337,7 @@ class BlockReconstruction:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.s_layers[i].state_dict().items()}
         atomic_save_safetensors(state, self.run_dir / f"block_{i:03d}.safetensors")
-        atomic_write_json(self._progress_path(), {"identity": self._identity(),
+        atomic_write_json(self._progress_path(), {"identity": self._identity(), "next_rows": self.rows,
                                                   "records": [asdict(r) for r in self.records]})
 
     # ----------------------------------------------------------------------------------------- pieces
@@ -622,15 +629,12 @@ class BlockReconstruction:
     def _fit_budget(self, rec: BlockRecord, remaining: int, seconds_left: float) -> None:
         """Cut the rows of the remaining blocks to what seconds_left affords, from the blocks done so far: a
         block's solves take the same time for any rows, the rest (passes, input captures and sums, all over its
-        rows) grows in proportion. Each is the median over the blocks this session ran after its first: one slow
-        block (the machine's speed wanders by a quarter from block to block) does not cut the rows for good, and
-        the first block, which also pays one-time costs (1.5-3 s more than the next at the same rows on an AMX
-        Xeon, docs/RESULTS.md section 42), only decides when it is all there is."""
+        rows) grows in proportion. Each is the median over the blocks this session ran at the current rows (the
+        time per row grows with the rows): one slow block (the machine's speed wanders by a quarter from block to
+        block) does not cut the rows for good, nor does one decision cut more than BUDGET_MAX_CUT of them."""
         solve = min(self._solve_seconds, rec.seconds)
         self._timings.append((solve, rec.seconds, rec.rows))
-        if len(self._timings) < FIRST_CUT_AFTER_BLOCKS:
-            return
-        fixed, per_row = block_time_model(self._timings[1:] or self._timings)
+        fixed, per_row = block_time_model([t for t in self._timings if t[2] == rec.rows])
         self.rows = budget_rows(self.rows, remaining, seconds_left, fixed, per_row, self.cfg.batch_size,
                                 floor=MIN_BUDGET_ROWS)
 
@@ -695,9 +699,9 @@ class BlockReconstruction:
                                   seconds=time.perf_counter() - t0, steps=steps,
                                   loss_after_median=float(self._token_losses.median()), rows=self.rows)
                 self.records.append(rec)
-                self._save_block(i)
-                if self.time_budget is not None:
+                if self.time_budget is not None:   # decided before the save, which keeps the decision
                     self._fit_budget(rec, n - i - 1, self.time_budget - (time.perf_counter() - start))
+                self._save_block(i)
                 outer.set_postfix(loss=f"{before:.3g}->{after:.3g}", rows=self.rows, refresh=False)
             outer.close()
         finally:

@@ -1,0 +1,45 @@
+"""A block's time against its calibration rows: the block stage (BlockConfig defaults, the job's rotation) on the
+first --blocks decoder blocks of the default model at each of --rows, alternating, --rounds times. Prints one JSON
+line per stage run: each block's seconds and the seconds in its refinement's solves (the time budget's "fixed"
+part, BlockReconstruction._solve_seconds). The time budget models a block as fixed + per-row x rows
+(rabit.train.blockwise.block_time_model); this checks that model on one machine state.
+
+    python benchmarks/block_rows_time.py --rows 256 128 64 --rounds 2 --blocks 4    (docs/RESULTS.md section 42)
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import time
+
+from rabit.cli.quantize import _initialized_student, load_teacher
+from rabit.data import calibration_batch
+from rabit.job import JobSpec
+from rabit.train.blockwise import BlockReconstruction
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--rows", type=int, nargs="+", default=[256, 128, 64])
+ap.add_argument("--rounds", type=int, default=2)
+ap.add_argument("--blocks", type=int, default=4, help="decoder blocks to run")
+args = ap.parse_args()
+
+spec = JobSpec()
+teacher, tok = load_teacher(spec, "cpu")
+d = spec.data
+calib = None
+if spec.rabit.precondition:
+    calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed)
+student, _ = _initialized_student(teacher, spec.rabit, calib, False, False, True)
+teacher.model.layers = teacher.model.layers[:args.blocks]
+student.model.layers = student.model.layers[:args.blocks]
+pool = calibration_batch(tok, d.sources, max(args.rows), spec.blocks.seq_len, seed=spec.train.seed + 1)
+for rnd in range(args.rounds):
+    for rows in args.rows:
+        cfg = dataclasses.replace(spec.blocks, samples=rows, refine_samples=rows)
+        stage = BlockReconstruction(teacher, copy.deepcopy(student), pool[:rows], cfg, run_dir=None, progress=False,
+                                    time_budget=1e9)   # a budget never cut: it records the blocks' timings
+        t0 = time.time()
+        stage.run()
+        print(json.dumps({"round": rnd, "rows": rows, "stage_seconds": round(time.time() - t0, 2),
+                          "block_seconds": [round(t, 2) for _, t, _ in stage._timings],
+                          "solve_seconds": [round(s, 2) for s, _, _ in stage._timings]}), flush=True)

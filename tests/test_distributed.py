@@ -201,6 +201,20 @@ def test_checkpoints_write_the_parameters_that_do_not_train_once(runs):
     assert all(not r.problems for r in reports)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_frozen_parameters_of_a_tied_model_are_named_once_and_left_out_under_each_name(tied):
+    from rabit.train.optim import prepare_student
+
+    student = make_student(make_tiny_llama(tied=tied), RaBiTConfig(**RCFG), initialize=False)
+    prepare_student(student, train_latents=False)
+    every, once = D.frozen_parameter_names(student)
+    heads = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert heads <= every and (len(heads & once) == 1 if tied else heads <= once)
+    latents = {n for n in every if n.endswith(".latent")}
+    assert len(latents) == 7 * 2 and latents <= once      # 7 layers a block, 2 blocks
+    assert not any(n.endswith((".scale_in.0", ".scale_out.1")) for n in every)
+
+
 def _one_process_group(monkeypatch):
     for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()), RANK="0", WORLD_SIZE="1",
                      LOCAL_RANK="0").items():

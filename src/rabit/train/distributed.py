@@ -28,7 +28,7 @@ What is distributed, and how:
   (`get_state_dict`/`set_state_dict` style, per optimizer), written to run_dir/dcp/.tmp-step-N by all ranks, then
   renamed to run_dir/dcp/step-N by rank 0 after state.json (step, scheduler, data position, RNG, config) is
   written, and pointed to by run_dir/dcp/latest. DCP reshards on load, so any world size can resume. The
-  parameters that do not train (frozen latents, embeddings) go once into run_dir/dcp/fixed-N (a DCP folder with
+  parameters that do not train (frozen latents, embeddings; a tied one once) go once into run_dir/dcp/fixed-N (a DCP folder with
   its own state.json and checksums), which each checkpoint's state.json names: with frozen latents a checkpoint
   holds only the scales, norms and biases and their optimizer state (the one-process trainer's FixedTensors, for
   the same reason: docs/RESULTS.md section 39).
@@ -228,15 +228,16 @@ class DistributedTrainer(DistillLoop):
 
     def _model_state(self, part: str) -> dict:
         """The student's sharded state dict: "all", "trained" (without the parameters that do not train) or
-        "fixed" (only those)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        "fixed" (only those, a tied one once)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+        full = get_model_state_dict(self.student)
         if part == "all":
-            return get_model_state_dict(self.student)
-        trained = get_model_state_dict(self.student, options=StateDictOptions(ignore_frozen_params=True))
+            return full
+        every, once = frozen_parameter_names(self.student)
         if part == "trained":
-            return trained
-        return {k: v for k, v in get_model_state_dict(self.student).items() if k not in trained}
+            return {k: v for k, v in full.items() if k not in every}
+        return {k: v for k, v in full.items() if k in once}
 
     def _state_dicts(self, model: str = "trained") -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -455,6 +456,15 @@ class DistributedTrainer(DistillLoop):
                 "teacher": self.teacher_mode, "muon": self.dcfg.muon, "ranks": rows,
                 "optimizer_state_bytes_total": opt_total,
                 "latent_param_bytes_total": sum(r["latent_param_bytes"] for r in rows)}
+
+
+def frozen_parameter_names(model: nn.Module) -> tuple[set[str], set[str]]:
+    """(every name, one name per tensor) of the parameters that do not train. A tied head is one parameter under
+    two names; get_model_state_dict(ignore_frozen_params=True) drops only the first and would write the tied
+    embedding (113 MB for the default model) into every checkpoint."""
+    every = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    once = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return every, once
 
 
 def _remove_unnamed_fixed(root: Path) -> None:

@@ -61,8 +61,8 @@ MIN_BUDGET_ROWS = 32
 
 
 # one decision cuts at most this share of the rows, the next blocks' times deciding whether to cut further: a
-# block's time per row grows with its rows (0.087 s per row at 256 rows, 0.073 at 128, the same blocks on one
-# machine state: docs/RESULTS.md section 42) and the machine's speed wanders, so one measurement cut 256 rows to 80
+# block's time per row grows with its rows (0.087-0.089 s per row at 256 rows, 0.074-0.081 at 128, the same blocks
+# alternately on one machine: docs/RESULTS.md section 42) and the machine's speed wanders, so one measurement cut 256 rows to 80
 # where a replay of that run's block times affords ~110
 BUDGET_MAX_CUT = 0.25
 

@@ -62,8 +62,8 @@ MIN_BUDGET_ROWS = 32
 
 # one decision cuts at most this share of the rows, the next blocks' times deciding whether to cut further: a
 # block's time per row grows with its rows (0.087-0.089 s per row at 256 rows, 0.074-0.081 at 128, the same blocks
-# alternately on one machine: docs/RESULTS.md section 42) and the machine's speed wanders, so one measurement cut 256 rows to 80
-# where a replay of that run's block times affords ~110
+# alternately on one machine: docs/RESULTS.md section 42) and the machine's speed wanders, so one measurement cut
+# 256 rows to 80 where a replay of that run's block times affords ~110
 BUDGET_MAX_CUT = 0.25
 
 
@@ -77,9 +77,8 @@ def budget_rows(rows: int, remaining_blocks: int, seconds_left: float, fixed: fl
     """The rows (whole batches, at most `rows`) that the remaining blocks can use so that they finish within
     seconds_left, for a block taking fixed + per_row x rows seconds: `rows` while that overruns by at most
     BUDGET_SLACK, else cut to fit, by at most max_cut of `rows` at once (rounded down to whole batches, so that a
-    cut removes at least one); never fewer than `floor`
-    rows (rounded up to a batch, at most `rows`): below it the refinement overfits, and the budget is overrun
-    instead."""
+    cut removes at least one); never fewer than `floor` rows (rounded up to a batch, at most `rows`): below it the
+    refinement overfits, and the budget is overrun instead."""
     floor = min(-(-floor // batch_size) * batch_size, rows)
     if remaining_blocks <= 0 or per_row <= 0:
         return rows

@@ -28,10 +28,10 @@ What is distributed, and how:
   (`get_state_dict`/`set_state_dict` style, per optimizer), written to run_dir/dcp/.tmp-step-N by all ranks, then
   renamed to run_dir/dcp/step-N by rank 0 after state.json (step, scheduler, data position, RNG, config) is
   written, and pointed to by run_dir/dcp/latest. DCP reshards on load, so any world size can resume. The
-  parameters that do not train (frozen latents, embeddings; a tied one once) go once into run_dir/dcp/fixed-N (a DCP folder with
-  its own state.json and checksums), which each checkpoint's state.json names: with frozen latents a checkpoint
-  holds only the scales, norms and biases and their optimizer state (the one-process trainer's FixedTensors, for
-  the same reason: docs/RESULTS.md section 39).
+  parameters that do not train (frozen latents, embeddings; a tied one once) go once into run_dir/dcp/fixed-N (a
+  DCP folder with its own state.json and checksums), which each checkpoint's state.json names: with frozen latents
+  a checkpoint holds only the scales, norms and biases and their optimizer state (the one-process trainer's
+  FixedTensors, for the same reason: docs/RESULTS.md sections 39 and 42).
 * Only rank 0 prints progress and writes log.jsonl; other ranks silence warnings. An exception on any rank ends
   that process; the launcher (rabit.train.launch, torchrun, or torch.multiprocessing in `spawn`) then stops the
   other ranks and reports the error.

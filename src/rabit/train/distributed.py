@@ -245,28 +245,35 @@ class DistributedTrainer(DistillLoop):
         return {"model": self._model_state(model),
                 "optim": {k: get_optimizer_state_dict(self.student, opt) for k, opt in self.optim.named().items()}}
 
-    def _save_fixed(self) -> None:
-        """Write the parameters that do not train to dcp/fixed-<step> (collective), once per trainer: they do not
-        change while it trains (no optimizer holds them). A resumed trainer keeps its checkpoint's folder."""
+    def _write_folder(self, name: str, state: dict, json_state: dict) -> Path:
+        """Write `state` with DCP into dcp/.tmp-<name>, then (rank 0) its state.json (json_state and the checksums of
+        every file, each rank hashing the files it wrote) and rename it to dcp/<name> (collective: every rank calls
+        it). A crash mid-write leaves no dcp/<name> behind."""
         import torch.distributed.checkpoint as dcp
 
-        fixed = self._model_state("fixed")
-        name = f"fixed-{self.step:06d}"
         final, tmp = self.dcp_root / name, self.dcp_root / f".tmp-{name}"
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        if fixed:
-            dcp.save({"model": fixed}, checkpoint_id=str(tmp))
+        if state:
+            dcp.save(state, checkpoint_id=str(tmp))
         _barrier()
-        checksums = dcp_checksums(tmp)
+        checksums = dcp_checksums(tmp)  # collective
         if self.env.is_main:
-            atomic_write_json(tmp / "state.json", {"format": DCP_FIXED_FORMAT, "version": 1,
-                                                   "keys": sorted(fixed), "checksums": checksums})
+            atomic_write_json(tmp / "state.json", {**json_state, "checksums": checksums})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+        return final
+
+    def _save_fixed(self) -> None:
+        """Write the parameters that do not train to dcp/fixed-<step> (collective), once per trainer: they do not
+        change while it trains (no optimizer holds them). A resumed trainer keeps its checkpoint's folder."""
+        fixed = self._model_state("fixed")
+        name = f"fixed-{self.step:06d}"
+        self._write_folder(name, {"model": fixed} if fixed else {},
+                           {"format": DCP_FIXED_FORMAT, "version": 1, "keys": sorted(fixed)})
         _barrier()
         self.fixed_dir = name
 
@@ -284,27 +291,13 @@ class DistributedTrainer(DistillLoop):
 
     def save(self) -> Path:
         """Write a DCP checkpoint of the current step (collective: every rank calls it)."""
-        import torch.distributed.checkpoint as dcp
-
         if self.train_peak_bytes is None:  # the peak of the training steps alone (DCP staging comes on top)
             self.train_peak_bytes = self._peak()
         if self.fixed_dir is None:
             self._save_fixed()
         name = f"step-{self.step:06d}"
-        final = self.dcp_root / name
-        tmp = self.dcp_root / f".tmp-{name}"
+        final = self._write_folder(name, self._state_dicts(), self._json_state())
         if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
-        _barrier()
-        checksums = dcp_checksums(tmp)  # of every file, each rank hashing the files it wrote (collective)
-        if self.env.is_main:
-            atomic_write_json(tmp / "state.json", {**self._json_state(), "checksums": checksums})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             atomic_write_json(self.dcp_root / "latest", {"step": self.step, "dir": name})
             kept = sorted((d for d in self.dcp_root.iterdir() if d.is_dir() and d.name.startswith("step-")),
                           key=lambda d: d.name)

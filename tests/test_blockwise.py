@@ -8,7 +8,7 @@ from conftest import make_tiny_llama
 from rabit import RaBiTConfig, rabit_layers
 from rabit.train import make_student
 from rabit.ops.refine import corrected_target, output_target
-from rabit.train.activations import layer_groups
+from rabit.train.activations import layer_groups, module_returns_layer, product_sum
 from rabit.train import blockwise
 from rabit.train.blockwise import (BlockConfig, BlockReconstruction, block_loss, block_time_model, budget_rows,
                                    refine_rows,
@@ -616,8 +616,10 @@ def test_block_stage_forward_passes_follow_its_autocast_setting(bf16):
             layer.mlp.down_proj.register_forward_hook(lambda m, a, out: seen.update([out.dtype]))
     # (no sign descent: on 8 x 16 tokens its moves follow bf16's rounding of the inputs, which this test bounds
     # for the refinement's solves)
+    # (fp32 sums: the bf16 ones are tested on their own below)
     records = BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=2, autocast=bf16,
-                                                               descent_passes=0), progress=False).run()
+                                                               descent_passes=0, sums_bf16=False),
+                                  progress=False).run()
     if bf16:   # fp32 only in the one-batch probes of the block's structure (call order, what adds to the output)
         assert seen[torch.bfloat16] > 3 * seen[torch.float32]
     else:
@@ -629,6 +631,126 @@ def test_block_stage_forward_passes_follow_its_autocast_setting(bf16):
         assert r.loss_after == pytest.approx(ref.loss_after, rel=0.1 if bf16 else 1e-6)
     for p in student.parameters():
         assert p.dtype == torch.float32
+
+
+def _normalized_like(tokens, width, seed):
+    """Inputs like a normalized residual stream: a direction shared by every token carrying about half the energy."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(width, generator=g)
+    return 0.8 * torch.randn(tokens, width, generator=g) + shared
+
+
+def test_product_sum_fp32_is_the_plain_product():
+    a, b = _normalized_like(512, 24, 0), _normalized_like(512, 40, 1)
+    exact = a.double().T @ b.double()
+    for x, y, ref in ((a, b, exact), (a, a, a.double().T @ a.double())):
+        got = product_sum(x, y, bf16=False)
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_product_sum_bf16_keeps_the_centered_sums_accurate():
+    """The refinement centers H (a layer with a bias fits its inputs' deviations from their mean): in bf16 the
+    means' part is taken apart in fp32, so that rounding follows the deviations. A plain bf16 product rounds each
+    entry relative to the shared direction's part and leaves the centered H far off."""
+    n, width = 2048, 96
+    x = _normalized_like(n, width, 2)
+    s = x.sum(0)
+    exact = x.double().T @ x.double() - torch.outer(s.double(), s.double()) / n
+    ours = product_sum(x, x, bf16=True).double() - torch.outer(s.double(), s.double()) / n
+    plain = (x.bfloat16().T @ x.bfloat16()).double() - torch.outer(s.double(), s.double()) / n
+    err_ours = float((ours - exact).norm() / exact.norm())
+    err_plain = float((plain - exact).norm() / exact.norm())
+    assert err_ours < 5e-3
+    assert err_plain > 5 * err_ours
+    # the centered metric stays positive definite, with its smallest eigenvalue within 2 % of the exact one
+    lo_exact = float(torch.linalg.eigvalsh(exact).min())
+    assert lo_exact > 0
+    assert float(torch.linalg.eigvalsh(ours).min()) == pytest.approx(lo_exact, rel=0.02)
+    # a product of two different inputs (C = sum x_T x~^T) too
+    y = x + 0.05 * _normalized_like(n, width, 3)
+    exact_c = x.double().T @ y.double()
+    assert float((product_sum(x, y, bf16=True).double() - exact_c).norm() / exact_c.norm()) < 5e-3
+
+
+@pytest.mark.parametrize("setting, autocast, expect", [(None, False, False), (None, True, True), (True, False, True),
+                                                       (False, True, False)])
+def test_block_stage_sums_in_bf16_follow_the_passes_unless_set(monkeypatch, setting, autocast, expect):
+    teacher, student, calib = setup(layers=2)
+    flags = []
+    real = blockwise.product_sum
+
+    def spy(a, b, bf16=False):
+        flags.append(bf16)
+        return real(a, b, bf16)
+
+    monkeypatch.setattr(blockwise, "product_sum", spy)
+    stage = BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=1, autocast=autocast,
+                                                             sums_bf16=setting), progress=False)
+    assert stage.sums_bf16 is expect
+    records = stage.run()
+    assert flags and set(flags) == {expect}
+    assert all(r.refine_ratio < 1 for r in records)
+
+
+@pytest.mark.parametrize("inputs, last_captured", [("block", False), ("residual", False), ("corrected", True)])
+def test_teacher_pass_captures_only_the_inputs_the_targets_use(monkeypatch, inputs, last_captured):
+    """With "block" / "residual" the block's last layer (down_proj) is refined against the teacher block's
+    output, so the teacher pass keeps no copy of its inputs (1536 values a token for the default model)."""
+    teacher, student, calib = setup(layers=2)
+    captured = []
+    real = BlockReconstruction._forward_all
+
+    def spy(self, layer, kw, src, dst, **kwargs):
+        if kwargs.get("inputs"):
+            captured.append(set(kwargs["inputs"]))
+        return real(self, layer, kw, src, dst, **kwargs)
+
+    monkeypatch.setattr(BlockReconstruction, "_forward_all", spy)
+    BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=1, refine_inputs=inputs),
+                        progress=False).run()
+    assert len(captured) == 2
+    every = set(rabit_layers(student.model.layers[0]))
+    for names in captured:
+        assert ("mlp.down_proj" in names) is last_captured
+        assert names | {"mlp.down_proj"} == every
+
+
+def test_module_returns_layer_finds_the_layers_that_end_their_module():
+    teacher = make_tiny_llama(layers=1, seed=4)
+    block = teacher.model.layers[0]
+    x = torch.randn(2, 8, teacher.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    kw = {"position_embeddings": teacher.model.rotary_emb(x, torch.arange(8)[None])}
+    assert module_returns_layer(block, kw, x, "self_attn", "self_attn.o_proj") == 1      # (output, weights=None)
+    assert module_returns_layer(block, kw, x, "mlp", "mlp.down_proj") == 0               # the bare tensor
+    assert module_returns_layer(block, kw, x, "self_attn", "self_attn.q_proj") is None   # attention follows it
+    assert module_returns_layer(block, kw, x, "mlp", "mlp.up_proj") is None
+
+
+def test_refinement_reuses_attention_after_o_proj_with_the_same_result(monkeypatch):
+    """After o_proj is refined, the passes for gate/up and down take the attention's output from o_proj's kept
+    inputs instead of running q/k/v and attention again: the stage's result is bitwise the one without reuse."""
+    teacher, student, calib = setup(layers=2)
+    plain_student = copy.deepcopy(student)
+    config = cfg(epochs=0, refine_rounds=1)
+
+    def count_q_calls(model):
+        calls = []
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.register_forward_hook(lambda m, a, out: calls.append(1))
+        return calls
+
+    reused_calls = count_q_calls(student)
+    reused = BlockReconstruction(teacher, student, calib, config, progress=False).run()
+    monkeypatch.setattr(blockwise, "module_returns_layer", lambda *a: None)
+    plain_calls = count_q_calls(plain_student)
+    plain = BlockReconstruction(teacher, plain_student, calib, config, progress=False).run()
+    assert [r.loss_after for r in reused] == [r.loss_after for r in plain]
+    for (name, p), q in zip(student.named_parameters(), plain_student.parameters()):
+        assert torch.equal(p, q), name
+    # per block, 2 batches of refinement rows: 2 passes fewer through q_proj for each (gate/up's and down's), less
+    # the one pass that checks, once per block class, that the attention returns o_proj's output as it is
+    assert len(plain_calls) - len(reused_calls) == 2 * 2 * 2 - 1
 
 
 def test_layers_with_a_bias_fit_the_deviations_and_the_bias_takes_the_mean_error():

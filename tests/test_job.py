@@ -80,6 +80,10 @@ def test_a_job_spec_survives_the_round_trip_through_flags():
     assert _parse(*job_to_argv(spec)) == spec
     spec.blocks.autocast = True
     assert "--block-bf16" in job_to_argv(spec) and _parse(*job_to_argv(spec)) == spec
+    for value, flag in ((False, "--no-block-bf16-sums"), (True, "--block-bf16-sums")):
+        spec.blocks.sums_bf16 = value
+        assert flag in job_to_argv(spec) and _parse(*job_to_argv(spec)) == spec
+    assert _parse("--no-block-bf16-sums").blocks.sums_bf16 is False and _parse().blocks.sums_bf16 is None
     # a sequence length given on the command line stays given, even when it equals its mode's default
     given = _parse("--seq-len", "256")
     assert not given.auto_seq_len and job_to_argv(given) == ["--seq-len", "256"] and _parse(*job_to_argv(given)) == given

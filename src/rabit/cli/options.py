@@ -223,7 +223,8 @@ _AUTO = {"--batch-size": "auto_split", "--grad-accum": "auto_split", "--seq-len"
 # means "as the job decides" (bf16 where the device has it, BOS as the tokenizer, rotation where supported), except
 # for the flags in _AUTO, whose JobSpec field records that neither was given.
 _PAIRS = [Option("--bf16", "train.autocast", "", ""), Option("--bos", "data.bos", "", ""),
-          Option("--block-bf16", "blocks.autocast", "", ""), Option("--rotate", "rotate", "", ""),
+          Option("--block-bf16", "blocks.autocast", "", ""), Option("--block-bf16-sums", "blocks.sums_bf16", "", ""),
+          Option("--rotate", "rotate", "", ""),
           Option("--precondition", "rabit.precondition", "", "")]
 _PATHS = {o.flag: o.path for o in _OPTIONS + _PAIRS}
 
@@ -281,6 +282,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         "--block-bf16", dest="blocks.autocast", action=_argparse.BooleanOptionalAction, default=None,
         help="the block stage's forward passes (and block training) under bf16 autocast; its refinement's solves "
              "stay fp32 (default: on where the device has native bf16)")
+    groups["block-wise stage"].add_argument(
+        "--block-bf16-sums", dest="blocks.sums_bf16", action=_argparse.BooleanOptionalAction, default=None,
+        help="the refinement's sums over tokens (H, targets) as bf16 products of the deviations from each batch's "
+             "means, summed in fp32 (default: when the stage's passes run in bf16)")
 
 
 def job_from_args(args: argparse.Namespace) -> JobSpec:

@@ -128,6 +128,29 @@ def no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def product_sum(a: torch.Tensor, b: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """a^T b in fp32 for a (tokens, m) and b (tokens, n): the block stage's sums over tokens (H = x^T x, C, T).
+
+    With bf16 the product of the deviations from the batch's means runs in bf16 (fp32 accumulation, rounded once to
+    bf16: ~4x faster where the CPU has native bf16) and the means' part, n m_a m_b^T, in fp32. Exact algebra; the
+    split keeps the rounding relative to how the tokens vary: the normalized inputs share a mean direction with about
+    half their energy (RESULTS.md section 36), and products rounded with it left the centered H of a 576-input
+    layer indefinite. The caller sums the batches' products in fp32."""
+    with no_autocast(a):
+        if not bf16:
+            return a.float().T @ b.float()
+        a = a.float()
+        ma = a.mean(0)
+        da = (a - ma).to(torch.bfloat16)
+        if b is a:
+            mb, db = ma, da
+        else:
+            b = b.float()
+            mb = b.mean(0)
+            db = (b - mb).to(torch.bfloat16)
+        return torch.addr((da.T @ db).float(), ma, mb, alpha=a.shape[0])
+
+
 def flat_input(cache: dict[int, tuple], x: torch.Tensor) -> torch.Tensor:
     """x as (tokens, in) fp32, one copy per tensor for the layers fed the same input (q/k/v, gate/up). The cache
     keeps x itself alive in the entry, so that its id cannot be reused by another tensor meanwhile."""
@@ -160,6 +183,52 @@ def run_capturing(block: nn.Module, kw: dict, x: torch.Tensor, names: list[str],
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def module_returns_layer(block: nn.Module, kw: dict, x: torch.Tensor, parent_name: str, name: str) -> int | None:
+    """Whether the block's module parent_name returns its layer `name`'s output as it is: alone (then 0), or first
+    in a tuple whose other items are None (then their count), as an attention module returns its output
+    projection's result (Llama, Qwen, Mistral, Gemma, with SDPA). None otherwise, or when the layer is not called
+    once per pass. Checked on x by object identity: the parent adds nothing after the layer."""
+    parent, layer = block.get_submodule(parent_name), block.get_submodule(name)
+    seen: dict[str, list] = {"layer": [], "parent": []}
+    handles = [layer.register_forward_hook(lambda m, a, out: seen["layer"].append(out)),
+               parent.register_forward_hook(lambda m, a, out: seen["parent"].append(out))]
+    try:
+        block(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen["layer"]) != 1 or len(seen["parent"]) != 1:
+        return None
+    out, last = seen["parent"][0], seen["layer"][0]
+    if out is last:
+        return 0
+    if isinstance(out, tuple) and out and out[0] is last and all(item is None for item in out[1:]):
+        return len(out) - 1
+    return None
+
+
+class forward_from_layer:
+    """A context (re-entrant, entered once per batch) within which parent(...) skips everything before its last
+    layer and returns layer(inputs[key["j"]]) (followed by `rest` Nones, module_returns_layer's count): the block's
+    passes over the same rows reuse what that part computed before, e.g. attention when only the output projection
+    has changed since."""
+
+    def __init__(self, parent: nn.Module, layer: nn.Module, rest: int, inputs: dict, key: dict):
+        self.parent, self.layer, self.rest, self.inputs, self.key = parent, layer, rest, inputs, key
+
+    def _forward(self, *args, **kwargs):
+        out = self.layer(self.inputs[self.key["j"]])
+        return (out,) + (None,) * self.rest if self.rest else out
+
+    def __enter__(self):
+        self.parent.forward = self._forward
+
+    def __exit__(self, *exc):
+        del self.parent.forward
+        return False
 
 
 def layer_groups(block: nn.Module, kw: dict, x: torch.Tensor, names: list[str]) -> list[list[str]]:

@@ -18,6 +18,7 @@ was in, recomputing the prefix's activations (forward passes only) and losing no
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,8 @@ from ..ops.refine import (centered_sums, corrected_target, coupled_latent, fitte
                           refine_paths)
 from ..ops.svid import reconstruct
 from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, flat_input, layer_groups,
-                          layer_output, no_autocast, run_capturing, to_device)
+                          forward_from_layer, layer_output, module_returns_layer, no_autocast, product_sum,
+                          run_capturing, to_device)
 from .losses import autocast_context, decoder_layers
 from .optim import OptimConfig, Optimizers, prepare_student, split_parameters
 
@@ -154,9 +156,12 @@ class BlockConfig:
     descent_passes: int = 4
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     # bf16 autocast for the stage's forward passes (teacher and student blocks, the refinement's input captures)
-    # and its training; None = where the device has native bf16. The refinement's H, targets and solves stay fp32
-    # (its inputs are captured as fp32 copies of what the bf16 passes give).
+    # and its training; None = where the device has native bf16. The refinement's solves stay fp32.
     autocast: bool | None = None
+    # the refinement's sums over tokens (H, C, T) as bf16 products of each batch's deviations from its means, the
+    # means' part in fp32 (activations.product_sum), summed in fp32; None = when the passes run under bf16 autocast.
+    # Equal perplexity after the stage on 128 rows (74.00 against 73.97, docs/RESULTS.md section 43)
+    sums_bf16: bool | None = None
     max_memory_gb: float = 4.0    # above this the activations are memory-mapped files instead of tensors
     seed: int = 0
 
@@ -260,12 +265,15 @@ class BlockReconstruction:
         from .trainer import native_bf16
 
         self.autocast = native_bf16(self.device) if config.autocast is None else bool(config.autocast)
+        self.sums_bf16 = self.autocast if config.sums_bf16 is None else bool(config.sums_bf16)
         self.t_layers = decoder_layers(teacher)
         self.s_layers = decoder_layers(student)
         if len(self.t_layers) != len(self.s_layers):
             raise ValueError("teacher and student have different numbers of decoder blocks")
         self.records: list[BlockRecord] = []
         self._adds_cache: dict[tuple[str, str], bool] = {}
+        # _layer_plan's answer per student block (kept with the block, whose id it is keyed by)
+        self._plans: dict[int, tuple] = {}
         # student block outputs the refinement already computed for the current block (first row of a batch ->
         # output), used by run()'s pass that writes the next block's inputs
         self._known_outputs: dict[int, torch.Tensor] = {}
@@ -420,18 +428,28 @@ class BlockReconstruction:
         cfg = self.cfg
         t_block, s_block = self.t_layers[i], self.s_layers[i]
         layers = _rabit_modules(s_block)
-        names = list(layers)
         bs = cfg.batch_size
         batches = [(j, j + bs) for j in range(0, self.refine_rows(), bs)]
         corrected = cfg.refine_inputs in _CORRECTED
+        low = self.sums_bf16
         ratios = []
         x0 = x_q.data[0:bs].to(self.device)
-        groups = layer_groups(s_block, kw, x0, names)
+        groups, to_output = self._layer_plan(s_block, kw, x_q)
+        # Once the layer that ends a sub-module (the attention's o_proj) is refined, the later groups' passes over
+        # these rows take that module's output from its kept inputs instead of running it again (q/k/v, RoPE and
+        # attention do not change any more): forward_from_layer
+        key = {"j": 0}
+        kept: dict[int, torch.Tensor] = {}
+        reuse = contextlib.nullcontext()
         for g, group in enumerate(groups):
-            if (cfg.refine_inputs in ("block", "residual") and g == len(groups) - 1 and len(group) == 1
-                    and self._adds_to_output(s_block, kw, x0, group[0])):
-                ratios.append(self._refine_to_block_output(t_block, s_block, kw, group[0], x_q, y_fp, batches))
+            if to_output and g == len(groups) - 1:
+                with reuse:
+                    ratios.append(self._refine_to_block_output(t_block, s_block, kw, group[0], x_q, y_fp, batches,
+                                                               key))
                 continue
+            ends = None
+            if not kept and len(group) == 1 and g < len(groups) - 1:
+                ends = self._ends_module(s_block, kw, x0, group[0])
             # "residual": a single layer whose output joins the block's input stream inside the block also takes
             # up the stream's error, x_T - x_S, on top of its corrected target W a_T (E = sum (x_T - x_S) a_S^T)
             stream = (cfg.refine_inputs == "residual" and g < len(groups) - 1 and len(group) == 1
@@ -443,20 +461,27 @@ class BlockReconstruction:
                 def accumulate(name, xq, b=b, j0=j0, j1=j1):
                     nonlocal H, C, E
                     with no_autocast(xq):   # called inside the (bf16) pass: the sums stay fp32
-                        h = xq.T @ xq
+                        h = product_sum(xq, xq, low)
                         H = h if H is None else H + h
                         sums["n"] += xq.shape[0]
                         sums["q"] = sums["q"] + xq.float().sum(0)
                         if corrected:
-                            c = fp_inputs[name][b].T @ xq
+                            c = product_sum(fp_inputs[name][b], xq, low)
                             C = c if C is None else C + c
                             sums["fp"] = sums["fp"] + fp_inputs[name][b].float().sum(0)
                         if stream:
                             d = (x_fp.data[j0:j1] - x_q.data[j0:j1]).to(self.device).float()
-                            e = d.reshape(-1, d.shape[-1]).T @ xq
+                            e = product_sum(d.reshape(-1, d.shape[-1]), xq, low)
                             E = e if E is None else E + e
-                with self._autocast():
-                    run_capturing(s_block, kw, x_q.data[j0:j1].to(self.device), group[:1], accumulate)
+                key["j"] = j0
+                keep = (ends.layer.register_forward_pre_hook(lambda m, a, j0=j0: kept.__setitem__(j0, a[0].detach()))
+                        if ends is not None else None)
+                try:
+                    with reuse, self._autocast():
+                        run_capturing(s_block, kw, x_q.data[j0:j1].to(self.device), group[:1], accumulate)
+                finally:
+                    if keep is not None:
+                        keep.remove()
             # with a bias the layers fit their inputs' deviations from the mean, and the bias the mean
             center = E is None and all(layers[name].bias is not None for name in group)
             s_ref = sums["fp"] if C is not None else sums["q"]   # the sum of the inputs the targets are W of
@@ -478,7 +503,40 @@ class BlockReconstruction:
                         s_t = s_t + sums["n"] * source_bias.detach().float()
                     self._fit_bias(layers[name], sums["q"], s_t, sums["n"])
                 fp_inputs.pop(name, None)
+            if ends is not None:
+                reuse = forward_from_layer(ends.parent, ends.layer, ends.rest, kept, key)
         return ratios
+
+    def _ends_module(self, s_block: nn.Module, kw: dict, x0: torch.Tensor, name: str) -> _EndsModule | None:
+        """The sub-module that the named layer ends (module_returns_layer), checked once per block class and layer
+        name, when keeping that layer's inputs over the refinement rows fits in a quarter of max_memory_gb."""
+        if "." not in name:
+            return None
+        parent_name = name.rsplit(".", 1)[0]
+        key = (type(s_block).__qualname__, name, "ends")
+        if key not in self._adds_cache:
+            self._adds_cache[key] = module_returns_layer(s_block, kw, x0, parent_name, name)
+        rest = self._adds_cache[key]
+        layer = s_block.get_submodule(name)
+        width = getattr(layer, "in_features", x0.shape[-1])
+        need = self.refine_rows() * x0.shape[1] * width * (2 if self.autocast else 4)
+        if rest is None or need > 0.25 * self.cfg.max_memory_gb * 2**30:
+            return None
+        return _EndsModule(s_block.get_submodule(parent_name), layer, rest)
+
+    def _layer_plan(self, s_block: nn.Module, kw: dict, x_q: ActivationStore) -> tuple[list[list[str]], bool]:
+        """The block's quantized layers in the order it calls them, grouped by shared input (q/k/v, then o, gate/up,
+        down), and whether the last group (one layer whose output is added to the block's output) is refined
+        against the teacher block's output ("block" and "residual"), which needs no teacher inputs for it."""
+        hit = self._plans.get(id(s_block))
+        if hit is not None and hit[0] is s_block:
+            return hit[1]
+        x0 = x_q.data[0:self.cfg.batch_size].to(self.device)
+        groups = layer_groups(s_block, kw, x0, list(_rabit_modules(s_block)))
+        to_output = (self.cfg.refine_inputs in ("block", "residual") and len(groups[-1]) == 1
+                     and self._adds_to_output(s_block, kw, x0, groups[-1][0]))
+        self._plans[id(s_block)] = (s_block, (groups, to_output))
+        return groups, to_output
 
     @staticmethod
     @torch.no_grad()
@@ -504,7 +562,7 @@ class BlockReconstruction:
 
     @torch.no_grad()
     def _refine_to_block_output(self, t_block, s_block, kw, name: str, x_q: ActivationStore, y_fp: ActivationStore,
-                                batches) -> float:
+                                batches, key: dict | None = None) -> float:
         """Refine the block's last layer L (block output = rest + L(m)) so that the student block's output
         matches the teacher block's: each token's target is t = y_teacher - (y_student - L(m~)), what L must
         output for the block to land on the teacher's output (the rest carries the residual stream's error)."""
@@ -516,6 +574,8 @@ class BlockReconstruction:
         keep = self.cfg.epochs == 0 and self._keep_fits(x_q, layer)
         kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Size]] = {}
         for j0, j1 in batches:
+            if key is not None:
+                key["j"] = j0
             cap = {}
 
             def pre(module, args):
@@ -538,8 +598,9 @@ class BlockReconstruction:
             rest = y_s - cap["d"]
             t = y_t - rest
             m = cap["m"]
-            H = m.T @ m if H is None else H + m.T @ m
-            T = t.T @ m if T is None else T + t.T @ m
+            h, tm = product_sum(m, m, self.sums_bf16), product_sum(t, m, self.sums_bf16)
+            H = h if H is None else H + h
+            T = tm if T is None else T + tm
             sums["n"] += m.shape[0]
             sums["m"] = sums["m"] + m.sum(0)
             sums["t"] = sums["t"] + t.sum(0)
@@ -667,8 +728,12 @@ class BlockReconstruction:
                 fp_metric = refine and cfg.refine_inputs == "fp"
                 cov = LayerCovariance(self.t_layers[i], list(_rabit_modules(self.s_layers[i]))) if fp_metric else None
                 # the corrected targets need the teacher block's layer inputs: captured in its pass
-                fp_inputs = ({name: [] for name in _rabit_modules(self.s_layers[i])}
-                             if refine and cfg.refine_inputs in _CORRECTED else None)
+                fp_inputs = None
+                if refine and cfg.refine_inputs in _CORRECTED:
+                    groups, to_output = self._layer_plan(self.s_layers[i], kw, x_q)
+                    # the last layer's teacher inputs are not needed when it fits the block's output (for the
+                    # default model's down_proj: 1536 values a token, ~0.8 GB at 256 rows of 512 tokens)
+                    fp_inputs = {name: [] for group in (groups[:-1] if to_output else groups) for name in group}
                 with torch.no_grad():
                     try:
                         self._forward_all(self.t_layers[i], kw, x_fp, y_fp, cov=cov, inputs=fp_inputs,
@@ -766,6 +831,13 @@ def _adds_to_stream(block: nn.Module, kw: dict, x: torch.Tensor, name: str) -> b
         for h in handles:
             h.remove()
     return seen["hit"]
+
+
+@dataclass
+class _EndsModule:
+    parent: nn.Module     # e.g. the attention module
+    layer: nn.Module      # its last layer (o_proj), whose output it returns as it is
+    rest: int             # the Nones after it in the parent's output tuple (0: a bare tensor)
 
 
 def _rabit_modules(block: nn.Module) -> dict[str, RaBiTLinear]:

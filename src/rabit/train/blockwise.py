@@ -271,7 +271,9 @@ class BlockReconstruction:
         if len(self.t_layers) != len(self.s_layers):
             raise ValueError("teacher and student have different numbers of decoder blocks")
         self.records: list[BlockRecord] = []
-        self._adds_cache: dict[tuple[str, str], bool] = {}
+        # the structure checks' answers per (block class, layer name[, kind]): _adds_to_output, _adds_to_stream,
+        # _ends_module
+        self._adds_cache: dict[tuple, bool | int | None] = {}
         # _layer_plan's answer per student block (kept with the block, whose id it is keyed by)
         self._plans: dict[int, tuple] = {}
         # student block outputs the refinement already computed for the current block (first row of a batch ->

@@ -8,7 +8,7 @@ from conftest import make_tiny_llama
 from rabit import RaBiTConfig, rabit_layers
 from rabit.train import make_student
 from rabit.ops.refine import corrected_target, output_target
-from rabit.train.activations import layer_groups, module_returns_layer, product_sum
+from rabit.train.activations import forward_from_layer, layer_groups, module_returns_layer, product_sum
 from rabit.train import blockwise
 from rabit.train.blockwise import (BlockConfig, BlockReconstruction, block_loss, block_time_model, budget_rows,
                                    refine_rows,
@@ -725,6 +725,25 @@ def test_module_returns_layer_finds_the_layers_that_end_their_module():
     assert module_returns_layer(block, kw, x, "mlp", "mlp.down_proj") == 0               # the bare tensor
     assert module_returns_layer(block, kw, x, "self_attn", "self_attn.q_proj") is None   # attention follows it
     assert module_returns_layer(block, kw, x, "mlp", "mlp.up_proj") is None
+
+
+def test_forward_from_layer_returns_the_layer_on_kept_inputs_and_restores_the_forward():
+    teacher = make_tiny_llama(layers=1, seed=5)
+    attn = teacher.model.layers[0].self_attn
+    kept = {0: torch.randn(2, 8, attn.o_proj.in_features), 2: torch.randn(2, 8, attn.o_proj.in_features)}
+    key = {"j": 2}
+    reuse = forward_from_layer(attn, attn.o_proj, 1, kept, key)
+    for _ in range(2):   # entered once per batch
+        with reuse:
+            out = attn(hidden_states=None, position_embeddings=None, attention_mask=None)
+        assert torch.equal(out[0], attn.o_proj(kept[2])) and out[1] is None
+    assert "forward" not in attn.__dict__
+    # a forward already set on the instance comes back
+    wrapped = attn.forward
+    attn.forward = wrapped
+    with reuse:
+        assert attn.forward == reuse._forward
+    assert attn.__dict__["forward"] is wrapped
 
 
 def test_refinement_reuses_attention_after_o_proj_with_the_same_result(monkeypatch):

@@ -224,10 +224,15 @@ class forward_from_layer:
         return (out,) + (None,) * self.rest if self.rest else out
 
     def __enter__(self):
+        # a forward set on the instance (e.g. accelerate's hooks wrap it there) comes back on exit
+        self._saved = self.parent.__dict__.get("forward")
         self.parent.forward = self._forward
 
     def __exit__(self, *exc):
-        del self.parent.forward
+        if self._saved is None:
+            del self.parent.forward
+        else:
+            self.parent.forward = self._saved
         return False
 
 

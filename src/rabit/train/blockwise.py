@@ -274,8 +274,6 @@ class BlockReconstruction:
         # the structure checks' answers per (block class, layer name[, kind]): _adds_to_output, _adds_to_stream,
         # _ends_module
         self._adds_cache: dict[tuple, bool | int | None] = {}
-        # _layer_plan's answer per student block (kept with the block, whose id it is keyed by)
-        self._plans: dict[int, tuple] = {}
         # student block outputs the refinement already computed for the current block (first row of a batch ->
         # output), used by run()'s pass that writes the next block's inputs
         self._known_outputs: dict[int, torch.Tensor] = {}
@@ -422,11 +420,13 @@ class BlockReconstruction:
 
     @torch.no_grad()
     def _refine_sequential(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore,
-                           fp_inputs: dict[str, list[torch.Tensor]], x_fp: ActivationStore) -> list[float]:
+                           fp_inputs: dict[str, list[torch.Tensor]], x_fp: ActivationStore,
+                           plan: tuple[list[list[str]], bool]) -> list[float]:
         """GPTQ-order refinement of block i: each group of layers fed one tensor (q/k/v, then o, gate/up, down)
         is refined on the inputs the student block gives it now (quantized prefix, earlier groups already
         refined); with refine_inputs == "corrected" its target is the teacher's output on the FP inputs
-        (fp_inputs: the teacher block's layer inputs per batch of the refinement rows, captured by run())."""
+        (fp_inputs: the teacher block's layer inputs per batch of the refinement rows, captured by run()).
+        plan: _layer_plan's groups and whether the last one fits the block's output."""
         cfg = self.cfg
         t_block, s_block = self.t_layers[i], self.s_layers[i]
         layers = _rabit_modules(s_block)
@@ -436,7 +436,7 @@ class BlockReconstruction:
         low = self.sums_bf16
         ratios = []
         x0 = x_q.data[0:bs].to(self.device)
-        groups, to_output = self._layer_plan(s_block, kw, x_q)
+        groups, to_output = plan
         # Once the layer that ends a sub-module (the attention's o_proj) is refined, the later groups' passes over
         # these rows take that module's output from its kept inputs instead of running it again (q/k/v, RoPE and
         # attention do not change any more): forward_from_layer
@@ -521,8 +521,8 @@ class BlockReconstruction:
         rest = self._adds_cache[key]
         layer = s_block.get_submodule(name)
         width = getattr(layer, "in_features", x0.shape[-1])
-        need = self.refine_rows() * x0.shape[1] * width * (2 if self.autocast else 4)
-        if rest is None or need > 0.25 * self.cfg.max_memory_gb * 2**30:
+        nbytes = self.refine_rows() * x0.shape[1] * width * (2 if self.autocast else 4)
+        if rest is None or not self._fits_quarter(nbytes):
             return None
         return _EndsModule(s_block.get_submodule(parent_name), layer, rest)
 
@@ -530,14 +530,10 @@ class BlockReconstruction:
         """The block's quantized layers in the order it calls them, grouped by shared input (q/k/v, then o, gate/up,
         down), and whether the last group (one layer whose output is added to the block's output) is refined
         against the teacher block's output ("block" and "residual"), which needs no teacher inputs for it."""
-        hit = self._plans.get(id(s_block))
-        if hit is not None and hit[0] is s_block:
-            return hit[1]
         x0 = x_q.data[0:self.cfg.batch_size].to(self.device)
         groups = layer_groups(s_block, kw, x0, list(_rabit_modules(s_block)))
         to_output = (self.cfg.refine_inputs in ("block", "residual") and len(groups[-1]) == 1
                      and self._adds_to_output(s_block, kw, x0, groups[-1][0]))
-        self._plans[id(s_block)] = (s_block, (groups, to_output))
         return groups, to_output
 
     @staticmethod
@@ -628,7 +624,12 @@ class BlockReconstruction:
         rows = self.refine_rows()
         tokens = rows * x_q.data.shape[1]
         per_token = 4 * (x_q.data.shape[2] * 2 + getattr(layer, "in_features", x_q.data.shape[2]))
-        return tokens * per_token <= 0.25 * self.cfg.max_memory_gb * 2**30
+        return self._fits_quarter(tokens * per_token)
+
+    def _fits_quarter(self, nbytes: int) -> bool:
+        """Whether tensors the refinement keeps over its rows (instead of another pass) fit in a quarter of
+        max_memory_gb."""
+        return nbytes <= 0.25 * self.cfg.max_memory_gb * 2**30
 
     def _refine(self, i: int, cov: LayerCovariance) -> list[float]:
         """Refinement in the metric of the full-precision inputs (refine_inputs == "fp")."""
@@ -731,8 +732,9 @@ class BlockReconstruction:
                 cov = LayerCovariance(self.t_layers[i], list(_rabit_modules(self.s_layers[i]))) if fp_metric else None
                 # the corrected targets need the teacher block's layer inputs: captured in its pass
                 fp_inputs = None
-                if refine and cfg.refine_inputs in _CORRECTED:
-                    groups, to_output = self._layer_plan(self.s_layers[i], kw, x_q)
+                plan = self._layer_plan(self.s_layers[i], kw, x_q) if refine and not fp_metric else None
+                if plan is not None and cfg.refine_inputs in _CORRECTED:
+                    groups, to_output = plan
                     # the last layer's teacher inputs are not needed when it fits the block's output (for the
                     # default model's down_proj: 1536 values a token, ~0.8 GB at 256 rows of 512 tokens)
                     fp_inputs = {name: [] for group in (groups[:-1] if to_output else groups) for name in group}
@@ -746,7 +748,7 @@ class BlockReconstruction:
                 if fp_metric:
                     ratios = self._refine(i, cov)
                 else:
-                    ratios = self._refine_sequential(i, kw, x_q, y_fp, fp_inputs or {}, x_fp) if refine else []
+                    ratios = self._refine_sequential(i, kw, x_q, y_fp, fp_inputs or {}, x_fp, plan) if refine else []
                 del cov, fp_inputs
                 steps = 0
                 if cfg.epochs > 0:

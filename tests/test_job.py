@@ -35,9 +35,10 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     assert _parse("--seq-len", "384").data.seq_len == _parse("--train-latents", "--seq-len", "384").data.seq_len == 384
     assert _parse("--train-latents", "--seq-len", "256").data.seq_len == 256
     assert _parse().tokens_per_step == 256 and _parse("--train-latents").tokens_per_step == 4 * 512
-    # ... and, rotated, a smaller scale learning rate, whether or not the latents train
-    assert JobSpec().train.optim.scale_lr == _parse().train.optim.scale_lr == _parse("--rotate").train.optim.scale_lr == 3e-4
-    assert _parse("--train-latents").train.optim.scale_lr == 3e-4
+    # ... and, rotated, a smaller scale learning rate, smaller still with frozen latents (section 44)
+    assert JobSpec().train.optim.scale_lr == _parse().train.optim.scale_lr == _parse("--rotate").train.optim.scale_lr == 1.5e-4
+    assert _parse("--train-latents").train.optim.scale_lr == _parse("--rotate", "--train-latents").train.optim.scale_lr == 3e-4
+    assert job_to_argv(_parse("--train-latents")) == ["--train-latents"]
     assert _parse("--no-rotate").train.optim.scale_lr == _parse("--no-rotate", "--train-latents").train.optim.scale_lr == 1e-3
     # ... and latents that train from the block stage's refined start a smaller Muon rate than from a plain init
     assert _parse("--train-latents").train.optim.latent_lr == 1e-4
@@ -177,7 +178,7 @@ def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_pat
     spec = _parse("--model", str(tmp_path / "llama"))
     load_teacher(spec, "cpu", said.append)
     assert spec.rotate is True and said == ["rotating the residual stream and the attention values (seed 0) ..."]
-    assert spec.train.optim.scale_lr == 3e-4 and spec.rabit.precondition is False
+    assert spec.train.optim.scale_lr == 1.5e-4 and spec.rabit.precondition is False
 
 
 def test_validate_names_the_flag():

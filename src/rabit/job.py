@@ -147,15 +147,23 @@ FROZEN_GRAD_ACCUM = 1
 # Xeon (section 39; rotated, 47-49 steps of 2,048 tokens), latent lr 1e-3 with scale lr 1e-3 sent the KL from 0.61
 # to 1.13 within 7 steps and ended at 69.9 / 82.8 (held-out loss 0.593 -> 0.723), where 1e-4 with scale lr 3e-4
 # stayed below it and ended at 50.1 / 57.7 (0.593 -> 0.513; the frozen-latent demo: 50.9-51.4 / 57.6-57.7). The
-# two rates were changed together; rotated, the scales take 3e-4 whether or not the latents train.
+# two rates were changed together; rotated, the scales take 3e-4 when the latents train.
+# With frozen latents, from the block stage of today's 13-minute job (AMX Xeon, 256 block rows, bias, sign descent;
+# benchmarks/train_from_blocks.py), half that rate won: 200 steps of 256 tokens at 1.5e-4 reached 44.10 / 56.52 and
+# 42.29 / 54.74 where 3e-4 reached 44.34 / 56.93 and 42.77 / 55.18 (seeds 0 / 1; 6e-4 45.30 / 58.43 and 1e-4
+# 42.76 / 54.81), and at 60 steps the two tied (44.42 / 56.59 against 44.51 / 56.55, seed 1), the held-out loss
+# lower at 1.5e-4 in every pair: docs/RESULTS.md section 44.
 SCALE_LR = 1e-3
 ROTATED_SCALE_LR = 3e-4
+ROTATED_FROZEN_SCALE_LR = 1.5e-4
 REFINED_LATENT_LR = 1e-4
 
 
-def default_scale_lr(rotated: bool) -> float:
-    """AdamW learning rate of scales and norms when --scale-lr is left unset (whether or not the latents train)."""
-    return ROTATED_SCALE_LR if rotated else SCALE_LR
+def default_scale_lr(rotated: bool, train_latents: bool = False) -> float:
+    """AdamW learning rate of scales and norms when --scale-lr is left unset."""
+    if not rotated:
+        return SCALE_LR
+    return ROTATED_SCALE_LR if train_latents else ROTATED_FROZEN_SCALE_LR
 
 
 def default_latent_lr(train_latents: bool, block_stage: bool) -> float:
@@ -304,7 +312,8 @@ class JobSpec:
             self.data.seq_len = default_seq_len(self.train.train_latents)
         if self.auto_scale_lr:
             self.train.optim = dataclasses.replace(self.train.optim,
-                                                   scale_lr=default_scale_lr(self.rotate is not False))
+                                                   scale_lr=default_scale_lr(self.rotate is not False,
+                                                                             self.train.train_latents))
         if self.auto_latent_lr:
             self.train.optim = dataclasses.replace(self.train.optim,
                                                    latent_lr=default_latent_lr(self.train.train_latents,

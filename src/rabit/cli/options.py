@@ -153,8 +153,8 @@ _OPTIONS = [
     Option("--latent-lr", "train.optim.latent_lr", "distillation",
            "Muon learning rate of the latent weights, AdamW-matched RMS (default: 1e-4 after the block stage, "
            "else 3e-3)", type=float),
-    Option("--scale-lr", "train.optim.scale_lr", "distillation", "AdamW learning rate of scales and norms (default: "
-           "3e-4 on a rotated model, else 1e-3)", type=float),
+    Option("--scale-lr", "train.optim.scale_lr", "distillation", "AdamW learning rate of scales and norms (default on a "
+           "rotated model: 1.5e-4 with frozen latents, 3e-4 with --train-latents; else 1e-3)", type=float),
     Option("--weight-decay", "train.optim.weight_decay", "distillation", "AdamW weight decay", type=float),
     Option("--latent-weight-decay", "train.optim.latent_weight_decay", "distillation", "Muon weight decay",
            type=float),

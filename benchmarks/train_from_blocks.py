@@ -80,8 +80,11 @@ spec.train = dataclasses.replace(spec.train, seed=args.seed)
 teacher, tok = job.load_teacher(spec, "cpu")
 d = spec.data
 seq_len = args.seq_len or d.seq_len
-train, _ = training_sequences(tok, d.sources, seq_len, val_fraction=d.val_fraction, seed=args.seed, mix=d.mix)
-_, val = training_sequences(tok, d.sources, d.seq_len, val_fraction=d.val_fraction, seed=args.seed, mix=d.mix)
+# the held-out rows (and the block stage's rows, which avoid them) are the job's, at its sequence length; the corpus
+# is split again only for another --seq-len (whose training rows may then overlap those held-out rows)
+train, val = training_sequences(tok, d.sources, d.seq_len, val_fraction=d.val_fraction, seed=args.seed, mix=d.mix)
+if seq_len != d.seq_len:
+    train, _ = training_sequences(tok, d.sources, seq_len, val_fraction=d.val_fraction, seed=args.seed, mix=d.mix)
 held_out = job.held_out_rows(spec, val)
 student, _ = job._initialized_student(teacher, spec.rabit, None, True, False, True)
 

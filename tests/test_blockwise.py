@@ -451,6 +451,8 @@ def test_bad_settings_are_refused():
         for name in ("target_damp", "metric_damp"):
             with pytest.raises(ValueError, match=name):
                 BlockConfig(**{name: bad}).validate()
+    with pytest.raises(ValueError, match="damp_reference"):
+        BlockConfig(damp_reference="median").validate()
     teacher, student, calib = setup(layers=1)
     with pytest.raises(ValueError, match="calibration"):
         BlockReconstruction(teacher, student, calib[:2], cfg(), progress=False)

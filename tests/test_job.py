@@ -169,6 +169,15 @@ def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_pat
     assert "stages.blocks.descent_passes: 0 -> 4" in message and "--resume --refine-descent 0;" in message
     assert different_run_error(tmp_path, record, _parse("--no-rotate", "--refine-descent", "0").run_record(
         "/m", 100, autocast=False)) is None
+    # a run from before the dampings' reference existed damped relative to the mean, today's default; a run with
+    # the clipped reference is continued by naming it
+    record = _parse("--no-rotate").run_record("/m", 100, autocast=False)
+    del record["stages"]["blocks"]["damp_reference"]
+    assert different_run_error(tmp_path, record, _parse("--no-rotate").run_record("/m", 100, autocast=False)) is None
+    record = _parse("--no-rotate", "--refine-damp-reference", "clipped").run_record("/m", 100, autocast=False)
+    message = str(different_run_error(tmp_path, record, _parse("--no-rotate").run_record("/m", 100, autocast=False)))
+    assert "stages.blocks.damp_reference: 'clipped' -> 'mean'" in message
+    assert "--resume --refine-damp-reference clipped;" in message
     from conftest import make_tiny_llama
     from rabit.testing import tiny_tokenizer
 

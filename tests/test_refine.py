@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rabit.ops.refine import (coupled_latent, damped, gptq_signs, mismatches, output_error, refine_paths,
+from rabit.ops.refine import (DAMP_CLIP, coupled_latent, damp_scale, damped, gptq_signs, mismatches, output_error, refine_paths,
                               refit_column_scales, refit_row_scales, refit_scales)
 from rabit.ops.svid import coupled_signs, iterative_residual_svid, path_matrix, reconstruct
 
@@ -196,3 +196,46 @@ def test_centered_sums_and_fitted_bias_solve_the_fit_with_a_bias():
         assert loss(best) < loss(best + 0.05 * torch.randn(out, generator=gen))
     with pytest.raises(ValueError, match="s_t"):
         centered_sums(H, x.sum(0), n, T)
+
+
+def massive_channel_problem(out=32, n=48, tokens=512, seed=0):
+    """(w, x): correlated inputs of similar energy per channel, but channel 0 carries a massive activation on
+    tokens 0 and 1 (as a decoder's down_proj input where its attention-sink activation is made), which gives that
+    channel ~10^5 times the energy of the others."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g) * (torch.rand(n, generator=g) + 0.2)
+    mix = torch.eye(n) + 0.3 * torch.randn(n, n, generator=g)
+    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 0.5 + 0.75)
+    x[:2, 0] = 1e4
+    return w, x
+
+
+def test_clipped_damping_reference_ignores_massive_channels():
+    _, H = problem(24, 20)
+    d = H.diagonal()
+    assert float(d.max() / d.median()) < DAMP_CLIP   # no channel stands out: the two references agree
+    assert torch.equal(damp_scale(H, "clipped"), damp_scale(H, "mean"))
+    torch.testing.assert_close(damped(H, 0.1, "clipped"), H + 0.1 * d.mean() * torch.eye(20))
+    _, x = massive_channel_problem()
+    M = x.T @ x
+    d = M.diagonal()
+    ordinary = float(d[1:].mean())
+    assert float(damp_scale(M, "mean")) > 1000 * ordinary      # one channel sets the mean alone
+    clipped = float(damp_scale(M, "clipped"))
+    assert ordinary <= clipped <= ordinary + DAMP_CLIP * float(d.median()) / len(d)
+    torch.testing.assert_close(damped(M, 0.1, "clipped"), M + 0.1 * clipped * torch.eye(len(d)))
+    with pytest.raises(ValueError, match="reference"):
+        damp_scale(M, "median")
+
+
+def test_refinement_with_a_massive_channel_stays_output_aware_only_with_the_clipped_reference():
+    # damped relative to the mean, the ridge swamps every ordinary channel's energy and the fit becomes a weight
+    # fit; relative to the clipped mean it stays output-aware: a lower output error on the tokens without the
+    # massive activation (all but two)
+    w, x = massive_channel_problem()
+    start = iterative_residual_svid(w, 2, 4)
+    errors = {}
+    for ref in ("mean", "clipped"):
+        paths, _ = refine_paths(w, start, x.T @ x, rounds=3, damp=0.1, act_order=True, descent=2, damp_reference=ref)
+        errors[ref] = output_error(w, paths, x[2:].T @ x[2:])
+    assert errors["clipped"] < 0.9 * errors["mean"], errors

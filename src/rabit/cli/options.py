@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..config import INITS, LATENT_INITS, MODES, STES
 from ..data import MIXES
+from ..ops.refine import DAMP_REFERENCES
 from ..train.blockwise import BLOCK_LOSSES, REFINE_INPUTS
 from ..job import EVAL_DTYPES, JobSpec
 
@@ -115,6 +116,11 @@ _OPTIONS = [
     Option("--refine-metric-damp", "blocks.metric_damp", "block-wise stage", "damping of the refinement's output "
            "metric H (signs and scales), relative to the mean input energy (larger: nearer a plain weight-space "
            "fit)", type=float),
+    Option("--refine-damp-reference", "blocks.damp_reference", "block-wise stage", "what both dampings are "
+           "relative to: the mean input energy (mean), or that mean with each channel's energy clipped at 10x the "
+           "median channel's (clipped: a few massive-activation channels do not set the damping of all the others; "
+           "measured worse on the default model)",
+           choices=DAMP_REFERENCES),
     Option("--refine-descent", "blocks.descent_passes", "block-wise stage", "passes of coordinate descent on the "
            "signs after the refinement's rounds, each weight moved to the level that lowers its row's output error "
            "most (0: none)", type=int),

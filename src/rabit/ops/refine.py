@@ -30,6 +30,15 @@ import torch
 from ..kernels import gptq_cpu, sign_descent_cpu
 from .svid import coupled_signs, path_matrix, reconstruct
 
+# The references a damping is relative to (damped): "mean", GPTQ's mean of diag H, or "clipped", that mean with each
+# entry clipped at DAMP_CLIP x the median entry. A few massive-activation channels set the mean alone where they
+# exist (SmolLM2's twelfth down_proj: mean 651x its median, one channel 890,000x), so that a ridge relative to the
+# mean swamps every other channel and the output-aware fit becomes nearly a plain weight fit there; where no channel
+# stands out by DAMP_CLIP (q/k/v, gate/up) the two are the same. The block stage measured "clipped" worse on that
+# model (docs/RESULTS.md section 45): the heavy ridge of that one layer is a regularization that pays.
+DAMP_REFERENCES = ("mean", "clipped")
+DAMP_CLIP = 10.0
+
 # Above this many unknowns the column scales are refit one path at a time (an in x in solve each) instead of
 # jointly ((k * in) x (k * in)).
 JOINT_SOLVE_LIMIT = 2048
@@ -41,13 +50,25 @@ def output_error(w: torch.Tensor, paths, H: torch.Tensor) -> float:
     return float(((e @ H) * e).sum())
 
 
-def damped(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """H + damp * mean(diag H) * I: positive definite even where calibration never excited a channel."""
+def damp_scale(H: torch.Tensor, reference: str = "mean") -> torch.Tensor:
+    """What a damping of H is relative to: the mean of its diagonal, or ("clipped") that mean with each entry
+    clipped at DAMP_CLIP times the median entry (DAMP_REFERENCES)."""
+    d = H.diagonal().to(torch.float32)
+    if reference == "clipped":
+        d = torch.minimum(d, DAMP_CLIP * d.median())
+    elif reference != "mean":
+        raise ValueError(f"damping reference must be one of {DAMP_REFERENCES}, got {reference!r}")
+    return d.mean()
+
+
+def damped(H: torch.Tensor, damp: float = 0.01, reference: str = "mean") -> torch.Tensor:
+    """H + damp * s * I, s = damp_scale(H, reference): positive definite even where calibration never excited a
+    channel."""
     H = H.to(torch.float32).clone()
-    mean = H.diagonal().mean()
-    if not mean > 0:
-        mean = torch.ones((), dtype=H.dtype)
-    H.diagonal().add_(damp * mean)
+    scale = damp_scale(H, reference)
+    if not scale > 0:
+        scale = torch.ones((), dtype=H.dtype)
+    H.diagonal().add_(damp * scale)
     return H
 
 
@@ -57,14 +78,14 @@ def _sign_combinations(k: int, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False):
+def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False, damp_reference: str = "mean"):
     """What gptq_signs needs of the metric alone, (perm, U): the column order (None = natural; with act_order,
     decreasing H diagonal) and the upper Cholesky factor of the damped H^-1 in that order, rows contiguous.
     The same for every call with the same H: refine_paths computes it once per layer, not once per round (the
     factorizations are most of a native gptq_signs call)."""
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     Hp = H if perm is None else H[perm][:, perm]
-    L = torch.linalg.cholesky(damped(Hp, damp))
+    L = torch.linalg.cholesky(damped(Hp, damp, damp_reference))
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).contiguous()  # rows contiguous (native loop)
     return perm, U
 
@@ -72,14 +93,14 @@ def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False):
 @torch.no_grad()
 def gptq_signs(w: torch.Tensor, g: list[torch.Tensor], h: list[torch.Tensor], H: torch.Tensor,
                block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-               factor: tuple | None = None) -> list[torch.Tensor]:
+               factor: tuple | None = None, damp_reference: str = "mean") -> list[torch.Tensor]:
     """Sign planes for fixed scales, chosen column by column with GPTQ error feedback in the metric H.
 
     act_order: round the columns in order of decreasing H diagonal (GPTQ's "act order"): the inputs that carry
     the most energy are rounded first, while the most columns remain to absorb their error.
-    factor: gptq_factor(H, damp, act_order), when the caller already has it (H, damp and act_order are then
-    not used)."""
-    perm, U = gptq_factor(H, damp, act_order) if factor is None else factor
+    factor: gptq_factor(H, damp, act_order, damp_reference), when the caller already has it (H, damp, act_order
+    and damp_reference are then not used)."""
+    perm, U = gptq_factor(H, damp, act_order, damp_reference) if factor is None else factor
     if perm is not None:
         signs = gptq_signs(w[:, perm], g, [hi[perm] for hi in h], H, block_size, damp, factor=(None, U))
         inv = torch.argsort(perm)
@@ -232,17 +253,19 @@ def refit_scales(w: torch.Tensor, paths, H: torch.Tensor, WH: torch.Tensor | Non
 
 @torch.no_grad()
 def refine_paths(w: torch.Tensor, paths, H: torch.Tensor, rounds: int = 2, damp: float = 0.01,
-                 block_size: int = 128, act_order: bool = False, descent: int = 0, descent_cycles: int = 1):
+                 block_size: int = 128, act_order: bool = False, descent: int = 0, descent_cycles: int = 1,
+                 damp_reference: str = "mean"):
     """Alternate scale refits and GPTQ sign choices for `rounds` rounds, keeping the best paths by output
     error. Returns (paths, errors): errors[0] is the starting output error, then one per round (the best so
     far, so the sequence never increases). descent: passes of sign_descent after the rounds, then a refit of the
     scales (one more entry in errors); descent_cycles: that many (passes, refit) cycles, each from the last one's
-    refitted scales, stopping early when a cycle does not lower the error (one entry each)."""
+    refitted scales, stopping early when a cycle does not lower the error (one entry each). The metric is
+    damped(H, damp, damp_reference)."""
     w = w.to(torch.float32)
-    Hd = damped(H, damp)
+    Hd = damped(H, damp, damp_reference)
     best = [(g.float(), B.float(), h.float()) for g, B, h in paths]
     errors = [output_error(w, best, Hd)]
-    factor = gptq_factor(H, damp, act_order) if rounds > 0 else None
+    factor = gptq_factor(H, damp, act_order, damp_reference) if rounds > 0 else None
     WH = w @ Hd if rounds > 0 or descent > 0 else None
 
     def keep(cand) -> bool:
@@ -335,20 +358,22 @@ def _sign_descent_reference(g, h, H, order, choice, G) -> torch.Tensor:
 
 
 @torch.no_grad()
-def output_target(w: torch.Tensor, H: torch.Tensor, T: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def output_target(w: torch.Tensor, H: torch.Tensor, T: torch.Tensor, damp: float = 0.01,
+                  damp_reference: str = "mean") -> torch.Tensor:
     """The weight W_t whose outputs on inputs x~ best match targets t in least squares: W_t H = T with
     H = sum x~ x~^T and T = sum t x~^T. Written W + (T - W H) H^-1 around a reference weight W, so that the
     damping of H shrinks only the correction, never W itself."""
-    L = torch.linalg.cholesky(damped(H, damp))
+    L = torch.linalg.cholesky(damped(H, damp, damp_reference))
     return w + torch.cholesky_solve((T - w @ H).T.contiguous(), L).T
 
 
 @torch.no_grad()
-def corrected_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def corrected_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01,
+                     damp_reference: str = "mean") -> torch.Tensor:
     """The weight W_t whose output on inputs x~ (a quantized model's) best matches, in least squares, what W
     gives on the inputs x the full-precision model sees: output_target with t = W x, i.e. T = W C with
     C = sum x x~^T. It is W exactly when the inputs carry no error."""
-    return output_target(w, H, w @ C, damp)
+    return output_target(w, H, w @ C, damp, damp_reference)
 
 
 @torch.no_grad()

@@ -34,8 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layer import RaBiTLinear
-from ..ops.refine import (centered_sums, corrected_target, coupled_latent, fitted_bias, output_target,
-                          refine_paths)
+from ..ops.refine import (DAMP_REFERENCES, centered_sums, corrected_target, coupled_latent, fitted_bias,
+                          output_target, refine_paths)
 from ..ops.svid import reconstruct
 from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, flat_input, layer_groups,
                           forward_from_layer, layer_output, module_returns_layer, no_autocast, product_sum,
@@ -143,8 +143,17 @@ class BlockConfig:
     target_damp: float = 0.1
     # damping of H itself in the refinement's output metric (signs and scales), relative to mean(diag H): GPTQ's
     # 0.01 before; on 32 rows (target_damp 0.1) 0.1 gave 102.2 / 86.1 against 111.8 / 89.3 (docs/RESULTS.md
-    # section 15)
+    # section 15). At 128 rows (section 45) 0.3 gave 44.79 / 56.51 against 46.23 / 56.77 on seed 0, a tie on seed
+    # 1, and on seed 2 a collapse from the twelfth block on (732.8 after the stage, 156.3 after training); 1.0 was
+    # worse on seed 0 (46.11 / 57.99)
     metric_damp: float = 0.1
+    # what both dampings are relative to (rabit.ops.refine.damp_scale): "mean" of diag H (GPTQ's) or "clipped",
+    # that mean with each entry clipped at 10x the median entry. A few massive-activation channels set the mean
+    # of SmolLM2's twelfth down_proj (651x its median), so "mean" damps its ordinary channels ~65x harder than
+    # their own energy; "clipped" undoes that, and was worse: after training 53.10 against 46.23 (seed 0) and
+    # 48.27 against 45.52 (seed 2) at 128 rows, block 12's loss 2-4x higher and carried down the stack (docs/
+    # RESULTS.md section 45): the heavy damping of that one layer is a regularization that pays
+    damp_reference: str = "mean"
     # GPTQ's act order for the refinement's sign choice: columns rounded by decreasing H diagonal, the inputs
     # with the most energy first, while the most columns remain to absorb their error. On 32 rows it took the
     # refined start from 107.9 / 97.1 to 99.9 / 82.2 (in / out of domain) at no cost, 74.0 / 73.2 -> 67.7 / 70.3
@@ -152,7 +161,8 @@ class BlockConfig:
     act_order: bool = True
     # passes of coordinate descent on the signs after the refinement's rounds (rabit.ops.refine.sign_descent), then
     # a refit of the scales: each weight moves to the level that lowers its row's output error most, given all the
-    # others. 0 = none (before section 37 of docs/RESULTS.md)
+    # others. 0 = none (before section 37 of docs/RESULTS.md). 8 passes at 128 rows fitted the rows harder (mean
+    # block loss 0.048 against 0.059) and tied after training (46.44 / 56.39 against 46.23 / 56.77; section 45)
     descent_passes: int = 4
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     # bf16 autocast for the stage's forward passes (teacher and student blocks, the refinement's input captures)
@@ -187,6 +197,9 @@ class BlockConfig:
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"blocks.{name} must be a finite number > 0, got {v}")
+        if self.damp_reference not in DAMP_REFERENCES:
+            raise ValueError(f"unknown blocks.damp_reference {self.damp_reference!r}; choose one of "
+                             f"{', '.join(DAMP_REFERENCES)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"blocks.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not self.max_memory_gb > 0:
@@ -406,7 +419,7 @@ class BlockReconstruction:
         t0 = time.perf_counter()
         new, errors = refine_paths(w, layer.paths(), H, rounds=self.cfg.refine_rounds,
                                    damp=self.cfg.metric_damp, act_order=self.cfg.act_order,
-                                   descent=self.cfg.descent_passes)
+                                   descent=self.cfg.descent_passes, damp_reference=self.cfg.damp_reference)
         if errors[-1] < errors[0]:
             layer.load_paths(new, preferred)
             if layer.mode == "coupled":
@@ -492,9 +505,9 @@ class BlockReconstruction:
             for name in group:
                 w = t_block.get_submodule(name).weight.detach().float()
                 if E is not None:
-                    target = output_target(w, H, w @ C + E, cfg.target_damp)
+                    target = output_target(w, H, w @ C + E, cfg.target_damp, cfg.damp_reference)
                 elif C is not None:
-                    target = corrected_target(w, H, C, cfg.target_damp)
+                    target = corrected_target(w, H, C, cfg.target_damp, cfg.damp_reference)
                 else:
                     target = w
                 ratios.append(self._refine_layer(layers[name], target, H, preferred=target))
@@ -607,7 +620,7 @@ class BlockReconstruction:
         w = t_block.get_submodule(name).weight.detach().float()
         if layer.bias is not None:   # fit the deviations from the means, the bias the means (as _refine_sequential)
             H, T = centered_sums(H, sums["m"], sums["n"], T, sums["t"])
-        target = output_target(w, H, T, self.cfg.target_damp)
+        target = output_target(w, H, T, self.cfg.target_damp, self.cfg.damp_reference)
         ratio = self._refine_layer(layer, target, H, preferred=target)
         if layer.bias is not None:
             self._fit_bias(layer, sums["m"], sums["t"], sums["n"])

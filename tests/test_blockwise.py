@@ -1,5 +1,6 @@
 """Block-wise reconstruction (rabit.train.blockwise) on tiny random Llama models."""
 import copy
+import json
 
 import pytest
 import torch
@@ -310,6 +311,24 @@ def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
     with pytest.raises(CheckpointError, match="block_001"):
         BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(epochs=1), run_dir=tmp_path,
                             progress=False).run()
+
+
+def test_a_stage_saved_before_a_setting_existed_resumes_at_the_value_it_used(tmp_path):
+    teacher, student, calib = setup(layers=2)
+    init = copy.deepcopy(student)
+    BlockReconstruction(teacher, student, calib, cfg(), run_dir=tmp_path, progress=False).run()
+    progress = tmp_path / "blocks" / "progress.json"
+    state = json.loads(progress.read_text())
+    del state["identity"]["config"]["damp_reference"]   # as written before the field existed (it damped by the mean)
+    progress.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="other settings"):
+        BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(damp_reference="clipped"), run_dir=tmp_path,
+                            progress=False).run()
+    resumed = copy.deepcopy(init)
+    records = BlockReconstruction(teacher, resumed, calib, cfg(), run_dir=tmp_path, progress=False).run()
+    assert [r.block for r in records] == [0, 1]
+    for (n, a), (_, b) in zip(student.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n   # loaded, not refined again
 
 
 def test_memory_mapped_activations_give_the_same_result(tmp_path):

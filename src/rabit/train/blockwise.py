@@ -49,6 +49,11 @@ REFINE_INPUTS = ("fp", "quantized", "corrected", "block", "residual")
 _CORRECTED = ("corrected", "block", "residual")
 
 
+# BlockConfig fields added after block stages were first saved, with the value the code before each used: a saved
+# stage without the field resumes when this run's value is that one (a stage killed before an upgrade is not lost)
+BLOCK_FIELDS_ADDED = {"damp_reference": "mean"}
+
+
 def refine_rows(cfg: "BlockConfig") -> int:
     """The rows the sequential refinement uses: whole batches (the captured keyword arguments, e.g. attention
     masks, are shaped for batch_size rows) covering refine_samples, at most all samples (the rows are drawn from
@@ -326,7 +331,10 @@ class BlockReconstruction:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path} is unreadable ({e}); remove the folder {self.run_dir} to redo the "
                                   "block stage") from None
-        if state.get("identity") != json.loads(json.dumps(self._identity())):
+        saved = state.get("identity")
+        if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+            saved["config"] = {**BLOCK_FIELDS_ADDED, **saved["config"]}
+        if saved != json.loads(json.dumps(self._identity())):
             raise CheckpointError(f"{self.run_dir} holds a block stage with other settings or calibration data; "
                                   "remove it (or use another run folder) to start the block stage over")
         records = state.get("records", [])

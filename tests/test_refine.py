@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rabit.ops.refine import (DAMP_CLIP, coupled_latent, damp_scale, damped, gptq_signs, mismatches, output_error, refine_paths,
-                              refit_column_scales, refit_row_scales, refit_scales)
+from rabit.ops.refine import (DAMP_CLIP, coupled_latent, damp_scale, damped, gptq_signs, mismatches, output_error,
+                              refine_paths, refit_column_scales, refit_row_scales, refit_scales)
 from rabit.ops.svid import coupled_signs, iterative_residual_svid, path_matrix, reconstruct
 
 

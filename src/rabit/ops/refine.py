@@ -34,8 +34,8 @@ from .svid import coupled_signs, path_matrix, reconstruct
 # entry clipped at DAMP_CLIP x the median entry. A few massive-activation channels set the mean alone where they
 # exist (SmolLM2's twelfth down_proj: mean 651x its median, one channel 890,000x), so that a ridge relative to the
 # mean swamps every other channel and the output-aware fit becomes nearly a plain weight fit there; where no channel
-# stands out by DAMP_CLIP the two are the same. The block stage measured "clipped" worse on that
-# model (docs/RESULTS.md section 45): the heavy ridge of that one layer is a regularization that pays.
+# stands out by DAMP_CLIP the two are the same. The block stage measured "clipped" worse on that model
+# (docs/RESULTS.md section 45): the heavy ridge of that one layer is a regularization that pays.
 DAMP_REFERENCES = ("mean", "clipped")
 DAMP_CLIP = 10.0
 

@@ -11,9 +11,8 @@ from rabit.train import make_student
 from rabit.ops.refine import corrected_target, output_target
 from rabit.train.activations import forward_from_layer, layer_groups, module_returns_layer, product_sum
 from rabit.train import blockwise
-from rabit.train.blockwise import (BlockConfig, BlockReconstruction, block_loss, block_time_model, budget_rows,
-                                   refine_rows,
-                                    token_losses)
+from rabit.train.blockwise import (BLOCK_FIELDS_ADDED, BlockConfig, BlockReconstruction, block_loss,
+                                   block_time_model, budget_rows, refine_rows, token_losses)
 from rabit.train.checkpoint import CheckpointError
 
 
@@ -103,6 +102,63 @@ def test_refinement_alone_lowers_block_losses_and_keeps_coupled_signs():
     with torch.no_grad():
         t = teacher(x).logits
         assert (student(x).logits - t).pow(2).mean() < (plain(x).logits - t).pow(2).mean()
+
+
+def _blown_up_refinement(w, paths, H, **kw):
+    """A refinement that reports a lower error but whose scales are 30x too large: the layer takes it, the block
+    gets far worse (as the block stage's collapse at a metric ridge of 0.3 did, docs/RESULTS.md section 45)."""
+    return [(g * 30.0, B, h) for g, B, h in paths], [1.0, 0.5]
+
+
+@pytest.mark.parametrize("inputs", ["block", "fp"])
+def test_a_refinement_that_raises_the_blocks_loss_is_undone(monkeypatch, inputs):
+    monkeypatch.setattr(blockwise, "refine_paths", _blown_up_refinement)
+    teacher, student, calib = setup(layers=2)
+    init = copy.deepcopy(student)
+    unguarded = copy.deepcopy(student)
+    kept = BlockReconstruction(teacher, unguarded, calib, cfg(epochs=0, guard_rows=0, refine_inputs=inputs),
+                               progress=False).run()
+    guarded = BlockReconstruction(teacher, student, calib, cfg(epochs=0, guard_rows=4, refine_inputs=inputs),
+                                  progress=False).run()
+    assert [r.reverted for r in kept] == [False, False]
+    assert [r.reverted for r in guarded] == [True, True]
+    # undone: every block is exactly its unrefined start, and its measured loss is far below the kept failure's
+    for (n, a), (_, b) in zip(init.state_dict().items(), student.state_dict().items()):
+        assert torch.equal(a, b), n
+    for g, k in zip(guarded, kept):
+        assert g.loss_after < 0.5 * k.loss_after
+
+
+def test_the_guard_keeps_a_refinement_that_helps_and_changes_nothing_then():
+    teacher, student, calib = setup()
+    unguarded = copy.deepcopy(student)
+    off = BlockReconstruction(teacher, unguarded, calib, cfg(epochs=0, guard_rows=0), progress=False).run()
+    on = BlockReconstruction(teacher, student, calib, cfg(epochs=0, guard_rows=8), progress=False).run()
+    assert not any(r.reverted for r in on)
+    assert [r.loss_after for r in on] == [r.loss_after for r in off]
+    for (n, a), (_, b) in zip(unguarded.state_dict().items(), student.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_the_refinements_native_kernels_are_built_before_the_first_block_is_timed(monkeypatch):
+    """A first build compiles them (seconds): inside the first block's time it made the time budget cut every later
+    block's rows. Fresh (unloaded) libraries: they must be loaded when the first block starts."""
+    from rabit.kernels import gptq_cpu, native_build, sign_descent_cpu
+
+    fresh = {m: native_build.LazyLibrary(m._library._build, m._library._what) for m in (gptq_cpu, sign_descent_cpu)}
+    for m, lib in fresh.items():
+        monkeypatch.setattr(m, "_library", lib)
+    loaded_at_start = []
+    real = BlockReconstruction._refine_sequential
+
+    def spy(self, *a, **k):
+        loaded_at_start.append([lib.lib is not None or lib.error is not None for lib in fresh.values()])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(BlockReconstruction, "_refine_sequential", spy)
+    teacher, student, calib = setup(layers=2)
+    BlockReconstruction(teacher, student, calib, cfg(epochs=0, descent_passes=2), progress=False).run()
+    assert loaded_at_start == [[True, True], [True, True]]
 
 
 def test_corrected_target_is_the_least_squares_weight_on_the_students_inputs():
@@ -313,19 +369,33 @@ def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
                             progress=False).run()
 
 
-def test_a_stage_saved_before_a_setting_existed_resumes_at_the_value_it_used(tmp_path):
+# a value other than the one a stage saved before the field existed used, per field of BLOCK_FIELDS_ADDED
+OTHER_VALUES = {"refine_inputs": "block", "target_damp": 0.1, "metric_damp": 0.1, "act_order": True,
+                "descent_passes": 4, "damp_reference": "clipped", "guard_rows": 8}
+
+
+def test_every_field_added_to_the_block_stage_is_in_the_run_records_table():
+    """The block stage's table is the run record's stages.blocks.* entries, and names only real fields."""
+    assert set(BLOCK_FIELDS_ADDED) == set(OTHER_VALUES)
+    assert set(BLOCK_FIELDS_ADDED) <= set(BlockConfig().to_dict())
+
+
+@pytest.mark.parametrize("field", sorted(OTHER_VALUES))
+def test_a_stage_saved_before_a_setting_existed_resumes_at_the_value_it_used(tmp_path, field):
+    then = BLOCK_FIELDS_ADDED[field]
     teacher, student, calib = setup(layers=2)
     init = copy.deepcopy(student)
-    BlockReconstruction(teacher, student, calib, cfg(), run_dir=tmp_path, progress=False).run()
+    BlockReconstruction(teacher, student, calib, cfg(**{field: then}), run_dir=tmp_path, progress=False).run()
     progress = tmp_path / "blocks" / "progress.json"
     state = json.loads(progress.read_text())
-    del state["identity"]["config"]["damp_reference"]   # as written before the field existed (it damped by the mean)
+    del state["identity"]["config"][field]   # as written before the field existed
     progress.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="other settings"):
-        BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(damp_reference="clipped"), run_dir=tmp_path,
-                            progress=False).run()
+        BlockReconstruction(teacher, copy.deepcopy(init), calib, cfg(**{field: OTHER_VALUES[field]}),
+                            run_dir=tmp_path, progress=False).run()
     resumed = copy.deepcopy(init)
-    records = BlockReconstruction(teacher, resumed, calib, cfg(), run_dir=tmp_path, progress=False).run()
+    records = BlockReconstruction(teacher, resumed, calib, cfg(**{field: then}), run_dir=tmp_path,
+                                  progress=False).run()
     assert [r.block for r in records] == [0, 1]
     for (n, a), (_, b) in zip(student.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n   # loaded, not refined again
@@ -588,6 +658,24 @@ def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_pat
     assert evals["blocks_rows"] == [4, 2]
     # the block stage's windows avoid the one held-out row (--val-sequences 1) the job measures its loss on
     assert [None if a is None else tuple(a.shape) for a in avoided][-1] == (1, 32)
+
+
+def test_the_job_says_where_the_block_stage_undid_a_refinement(tiny_files, tmp_path, monkeypatch, capsys):
+    import json
+
+    from rabit.cli import main
+
+    monkeypatch.setattr(blockwise, "refine_paths", _blown_up_refinement)
+    monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
+    for guard, undone in (("4", [1, 2]), ("0", [])):
+        out = tmp_path / f"run{guard}"
+        args = [str(a) for a in quantize_args(tiny_files, out, "--refine-samples", "4", "--ood-windows", "0",
+                                              "--refine-guard-rows", guard)]
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        said = "refinement undone at block(s) 1, 2: it raised the block's loss on the guard rows" in err
+        assert said == bool(undone)
+        assert json.loads((out / "evals.json").read_text())["blocks_reverted"] == undone
 
 
 def test_quantize_scores_the_intermediate_stages_on_fewer_windows(tiny_files, tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ ADDED_SETTINGS = {"train.hidden_loss": "mse", "train.train_latents": True, "trai
                   "stages.blocks.refine_inputs": "fp",   # runs before it existed refined on FP inputs
                   "stages.blocks.target_damp": 0.01, "stages.blocks.metric_damp": 0.01,
                   "stages.blocks.act_order": False, "stages.blocks.descent_passes": 0,
-                  "stages.blocks.damp_reference": "mean",
+                  "stages.blocks.damp_reference": "mean", "stages.blocks.guard_rows": 0,
                   "train.time_budget_s": 0.0, "train.budget_warmup": 0.05,
                   "train.budget_refined": False, "train.budget_checks": 0,
                   "data.bos": False, "data.mix": "size", "rotation": "none",

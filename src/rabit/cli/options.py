@@ -124,6 +124,9 @@ _OPTIONS = [
     Option("--refine-descent", "blocks.descent_passes", "block-wise stage", "passes of coordinate descent on the "
            "signs after the refinement's rounds, each weight moved to the level that lowers its row's output error "
            "most (0: none)", type=int),
+    Option("--refine-guard-rows", "blocks.guard_rows", "block-wise stage", "rows (the first of the stage's, whole "
+           "batches) on which each block's refinement is checked against the unrefined block: undone when it raised "
+           "both the mean and the median block loss there (0: no check)", type=int),
     Option("--no-refine-act-order", "blocks.act_order", "block-wise stage", "round the refinement's signs in the "
            "columns' natural order instead of GPTQ's act order (decreasing input energy)", "false"),
     Option("--refine-inputs", "blocks.refine_inputs", "block-wise stage", "inputs and targets of the refinement: "

@@ -663,6 +663,11 @@ def _block_stage(spec: JobSpec, teacher, student, tok, out: Path, evals: dict, p
     evals["blocks_rows"] = [r.rows for r in records]
     if any(r.rows is not None and r.rows < b.samples for r in records):
         _say(f"block-wise stage: rows cut to fit the time budget: {rows_summary([r.rows for r in records])}")
+    undone = [r.block + 1 for r in records if r.reverted]
+    evals["blocks_reverted"] = undone
+    if undone:
+        _say(f"block-wise stage: refinement undone at block(s) {', '.join(map(str, undone))}: it raised the "
+             "block's loss on the guard rows (--refine-guard-rows)")
     evals["blocks_loss"] = {"before": [r.loss_before for r in records], "after": [r.loss_after for r in records],
                             "after_median": [r.loss_after_median for r in records]}
     before = sum(evals['blocks_loss']['before']) / len(records)

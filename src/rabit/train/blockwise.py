@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels import gptq_cpu, sign_descent_cpu
 from ..layer import RaBiTLinear
 from ..ops.refine import (DAMP_REFERENCES, centered_sums, corrected_target, coupled_latent, fitted_bias,
                           output_target, refine_paths)
 from ..ops.svid import reconstruct
+from ..run_identity import ADDED_SETTINGS
 from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, flat_input, layer_groups,
                           forward_from_layer, layer_output, module_returns_layer, no_autocast, product_sum,
                           run_capturing, to_device)
@@ -50,8 +52,10 @@ _CORRECTED = ("corrected", "block", "residual")
 
 
 # BlockConfig fields added after block stages were first saved, with the value the code before each used: a saved
-# stage without the field resumes when this run's value is that one (a stage killed before an upgrade is not lost)
-BLOCK_FIELDS_ADDED = {"damp_reference": "mean"}
+# stage without the field resumes when this run's value is that one (a stage killed before an upgrade is not lost).
+# The run's own record (run.json) names the same fields as "stages.blocks.<field>": one table serves both.
+BLOCK_FIELDS_ADDED = {key.removeprefix("stages.blocks."): value for key, value in ADDED_SETTINGS.items()
+                      if key.startswith("stages.blocks.")}
 
 
 def refine_rows(cfg: "BlockConfig") -> int:
@@ -169,6 +173,12 @@ class BlockConfig:
     # others. 0 = none (before section 37 of docs/RESULTS.md). 8 passes at 128 rows fitted the rows harder (mean
     # block loss 0.048 against 0.059) and tied after training (46.44 / 56.39 against 46.23 / 56.77; section 45)
     descent_passes: int = 4
+    # rows (whole batches, the first of the stage's) on which a block's refinement is checked against the block's
+    # unrefined start: when the refined block has both a higher mean and a higher median per-token block loss there,
+    # its refinement is undone (0: no check). A failed refinement is otherwise carried down the stack: at a metric
+    # ridge of 0.3 one seed's twelfth block ended at a median relative error of 2.47 against 0.045 and the job at
+    # 156 against 45.5 (docs/RESULTS.md section 45), although each layer's own damped error fell
+    guard_rows: int = 8
     train_norms: bool = True      # the block's norm weights train too (AdamW)
     # bf16 autocast for the stage's forward passes (teacher and student blocks, the refinement's input captures)
     # and its training; None = where the device has native bf16. The refinement's solves stay fp32.
@@ -184,7 +194,7 @@ class BlockConfig:
         for name in ("samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"blocks.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "refine_rounds", "refine_samples", "descent_passes"):
+        for name in ("epochs", "refine_rounds", "refine_samples", "descent_passes", "guard_rows"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"blocks.{name} must be >= 0, got {getattr(self, name)}")
         if self.samples % self.batch_size:
@@ -251,6 +261,8 @@ class BlockRecord:
     # calibration rows the block was refined and measured on: fewer than BlockConfig.samples when the stage's time
     # budget cut them (BlockReconstruction's time_budget)
     rows: int | None = None
+    # the refinement was undone: it raised the block's loss on the guard rows (BlockConfig.guard_rows)
+    reverted: bool = False
 
 
 class BlockReconstruction:
@@ -652,6 +664,17 @@ class BlockReconstruction:
         max_memory_gb."""
         return nbytes <= 0.25 * self.cfg.max_memory_gb * 2**30
 
+    def _build_native_kernels(self) -> None:
+        """Build (or load) the refinement's native CPU kernels before the first block's clock starts: compiled on
+        first use, they took ~4 s of the first block's time in a fresh install (15.2 s at 256 rows against ~11 for the
+        rows' recurring cost), and the time budget, deciding after that block alone, cut every later block to 192
+        rows of the 256 it had time for, leaving 77 of its 352 s unused (docs/RESULTS.md section 46)."""
+        if self.device.type != "cpu" or self.cfg.refine_rounds <= 0 or self.cfg.refine_samples <= 0:
+            return
+        gptq_cpu.is_available()   # a library that cannot be built is the same: the refinement falls back
+        if self.cfg.descent_passes > 0:
+            sign_descent_cpu.is_available()
+
     def _refine(self, i: int, cov: LayerCovariance) -> list[float]:
         """Refinement in the metric of the full-precision inputs (refine_inputs == "fp")."""
         ratios = []
@@ -662,6 +685,38 @@ class BlockReconstruction:
                 w = teacher_block.get_submodule(name).weight.detach().float()
                 ratios.append(self._refine_layer(layer, w, H, preferred=w))
         return ratios
+
+    @torch.no_grad()
+    def _guard_losses(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore) -> tuple[float, float]:
+        """(mean, median) per-token block loss of student block i on the guard rows (the first whole batches)."""
+        bs = self.cfg.batch_size
+        rows = min(-(-self.cfg.guard_rows // bs) * bs, self.rows)
+        losses = []
+        for j in range(0, rows, bs):
+            with self._autocast():
+                out = layer_output(self.s_layers[i](x_q.data[j:j + bs].to(self.device), **kw)).float()
+            losses.append(token_losses(out, y_fp.data[j:j + bs].to(self.device), self.cfg.loss))
+        losses = torch.cat(losses)
+        return float(losses.mean()), float(losses.median())
+
+    def _guard(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore) -> tuple:
+        """The unrefined block's state (a copy) and its guard-row losses, for _undo_if_worse."""
+        state = {k: v.detach().clone() for k, v in self.s_layers[i].state_dict().items()}
+        return state, self._guard_losses(i, kw, x_q, y_fp)
+
+    def _undo_if_worse(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore, guard: tuple) -> bool:
+        """Put block i back to its unrefined state when the refinement raised both the mean and the median of its
+        loss on the guard rows (either alone can move with a few tokens whose massive activation the student puts
+        one position off, section 36 of docs/RESULTS.md); returns whether it did."""
+        state, (mean0, median0) = guard
+        mean1, median1 = self._guard_losses(i, kw, x_q, y_fp)
+        if not (mean1 > mean0 and median1 > median0):
+            return False
+        self.s_layers[i].load_state_dict(state)
+        self._known_outputs.clear()   # the refined block's outputs
+        tqdm.write(f"block {i + 1}: refinement undone (loss on the guard rows {mean0:.4g} -> {mean1:.4g}, median "
+                       f"{median0:.4g} -> {median1:.4g})")
+        return True
 
     def _train_block(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore) -> int:
         cfg = self.cfg
@@ -732,6 +787,7 @@ class BlockReconstruction:
             return self.records
         self.teacher.eval()
         self.student.eval()
+        self._build_native_kernels()
         x_fp, x_q, y_fp = self._store("x_fp"), self._store("x_q"), self._store("y_fp")
         try:
             with torch.no_grad():
@@ -766,11 +822,13 @@ class BlockReconstruction:
                     finally:
                         if cov is not None:
                             cov.remove()
+                guard = self._guard(i, kw, x_q, y_fp) if refine and cfg.guard_rows > 0 else None
                 if fp_metric:
                     ratios = self._refine(i, cov)
                 else:
                     ratios = self._refine_sequential(i, kw, x_q, y_fp, fp_inputs or {}, x_fp, plan) if refine else []
                 del cov, fp_inputs
+                reverted = guard is not None and self._undo_if_worse(i, kw, x_q, y_fp, guard)
                 steps = 0
                 if cfg.epochs > 0:
                     with torch.no_grad():
@@ -786,7 +844,8 @@ class BlockReconstruction:
                 rec = BlockRecord(block=i, loss_before=before, loss_after=after,
                                   refine_ratio=sum(ratios) / len(ratios) if ratios else None,
                                   seconds=time.perf_counter() - t0, steps=steps,
-                                  loss_after_median=float(self._token_losses.median()), rows=self.rows)
+                                  loss_after_median=float(self._token_losses.median()), rows=self.rows,
+                                  reverted=reverted)
                 self.records.append(rec)
                 if self.time_budget is not None:   # decided before the save, which keeps the decision
                     self._fit_budget(rec, n - i - 1, self.time_budget - (time.perf_counter() - start))

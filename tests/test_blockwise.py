@@ -161,6 +161,21 @@ def test_the_refinements_native_kernels_are_built_before_the_first_block_is_time
     assert loaded_at_start == [[True, True], [True, True]]
 
 
+def test_the_warm_up_before_the_first_block_changes_no_result(monkeypatch):
+    teacher, student, calib = setup(layers=2)
+    cold = copy.deepcopy(student)
+    warmed = []
+    real = BlockReconstruction._warm_up
+    monkeypatch.setattr(BlockReconstruction, "_warm_up", lambda self, *a: (warmed.append(a[0]), real(self, *a)))
+    a = BlockReconstruction(teacher, student, calib, cfg(epochs=0), progress=False).run()
+    monkeypatch.setattr(BlockReconstruction, "_warm_up", lambda self, *a: None)
+    b = BlockReconstruction(teacher, cold, calib, cfg(epochs=0), progress=False).run()
+    assert warmed == [0]
+    assert [r.loss_after for r in a] == [r.loss_after for r in b]
+    for (n, x), (_, y) in zip(student.state_dict().items(), cold.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
 def test_corrected_target_is_the_least_squares_weight_on_the_students_inputs():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(6, 5, generator=gen)

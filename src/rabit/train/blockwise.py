@@ -664,11 +664,21 @@ class BlockReconstruction:
         max_memory_gb."""
         return nbytes <= 0.25 * self.cfg.max_memory_gb * 2**30
 
+    @torch.no_grad()
+    def _warm_up(self, i: int, kw: dict, x_fp: ActivationStore) -> None:
+        """One batch through teacher and student block i, the outputs discarded, before the first block's clock
+        starts: the first matmuls at the stage's shapes pay one-time costs (oneDNN builds its kernels for each new
+        shape), 1.3-1.5 s of the first block's ~5 s of passes at 256 rows on a Zen 5 core pair where later blocks
+        took 4.9-5.3 (docs/RESULTS.md section 46), and the time budget's first decision rests on that block alone."""
+        x = x_fp.data[0:self.cfg.batch_size].to(self.device)
+        with self._autocast():
+            self.t_layers[i](x, **kw)
+            self.s_layers[i](x, **kw)
+
     def _build_native_kernels(self) -> None:
         """Build (or load) the refinement's native CPU kernels before the first block's clock starts: compiled on
-        first use, they took ~4 s of the first block's time in a fresh install (15.2 s at 256 rows against ~11 for the
-        rows' recurring cost), and the time budget, deciding after that block alone, cut every later block to 192
-        rows of the 256 it had time for, leaving 77 of its 352 s unused (docs/RESULTS.md section 46)."""
+        first use in a fresh install, they would count in the first block's time, on which the time budget's first
+        decision rests alone."""
         if self.device.type != "cpu" or self.cfg.refine_rounds <= 0 or self.cfg.refine_samples <= 0:
             return
         gptq_cpu.is_available()   # a library that cannot be built is the same: the refinement falls back
@@ -798,6 +808,8 @@ class BlockReconstruction:
                 for i in range(done):
                     self._forward_all(self.t_layers[i], kwargs[i], x_fp, x_fp)
                     self._forward_all(self.s_layers[i], kwargs[i], x_q, x_q)
+                if done < n:
+                    self._warm_up(done, kwargs[done], x_fp)
             outer = tqdm(range(done, n), desc="blocks", unit="block", disable=not self.progress,
                          dynamic_ncols=True, initial=done, total=n)
             for i in outer:

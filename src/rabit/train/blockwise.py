@@ -667,9 +667,10 @@ class BlockReconstruction:
     @torch.no_grad()
     def _warm_up(self, i: int, kw: dict, x_fp: ActivationStore) -> None:
         """One batch through teacher and student block i, the outputs discarded, before the first block's clock
-        starts: the first matmuls at the stage's shapes pay one-time costs (oneDNN builds its kernels for each new
-        shape), 1.3-1.5 s of the first block's ~5 s of passes at 256 rows on a Zen 5 core pair where later blocks
-        took 4.9-5.3 (docs/RESULTS.md section 46), and the time budget's first decision rests on that block alone."""
+        starts: the first passes at the stage's shapes pay one-time costs (the first matmuls at a new shape,
+        presumably oneDNN creating its kernels): the first block's passes took 6.5-6.7 s at 256 rows on a Zen 5 core
+        pair where later blocks' took 4.9-5.3, 5.95 after this warm-up (docs/RESULTS.md section 46), and the time
+        budget's first decision rests on that block alone."""
         x = x_fp.data[0:self.cfg.batch_size].to(self.device)
         with self._autocast():
             self.t_layers[i](x, **kw)
@@ -725,7 +726,7 @@ class BlockReconstruction:
         self.s_layers[i].load_state_dict(state)
         self._known_outputs.clear()   # the refined block's outputs
         tqdm.write(f"block {i + 1}: refinement undone (loss on the guard rows {mean0:.4g} -> {mean1:.4g}, median "
-                       f"{median0:.4g} -> {median1:.4g})")
+                   f"{median0:.4g} -> {median1:.4g})")
         return True
 
     def _train_block(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore) -> int:

@@ -141,8 +141,9 @@ def test_the_guard_keeps_a_refinement_that_helps_and_changes_nothing_then():
 
 
 def test_the_refinements_native_kernels_are_built_before_the_first_block_is_timed(monkeypatch):
-    """A first build compiles them (seconds): inside the first block's time it made the time budget cut every later
-    block's rows. Fresh (unloaded) libraries: they must be loaded when the first block starts."""
+    """A first build compiles them: inside the first block's time that would count in the time budget's first
+    measurement, which decides the later blocks' rows. Fresh (unloaded) libraries: loaded when the first block
+    starts."""
     from rabit.kernels import gptq_cpu, native_build, sign_descent_cpu
 
     fresh = {m: native_build.LazyLibrary(m._library._build, m._library._what) for m in (gptq_cpu, sign_descent_cpu)}

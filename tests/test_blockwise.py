@@ -312,7 +312,7 @@ def test_outputs_kept_from_the_refinement_equal_a_pass_through_the_refined_block
     checked, passes = [], []
     real = BlockReconstruction._forward_all
 
-    def spy(self, layer, kw, src, dst, target=None, cov=None, inputs=None, input_rows=0, known=None):
+    def spy(self, layer, kw, src, dst, target=None, cov=None, inputs=None, input_rows=0, known=None, rows=None):
         if known:
             for j, out in known.items():
                 with torch.no_grad():
@@ -321,7 +321,7 @@ def test_outputs_kept_from_the_refinement_equal_a_pass_through_the_refined_block
                 assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
                 checked.append(j)
             passes.append(self.cfg.samples // self.cfg.batch_size - len(known))
-        return real(self, layer, kw, src, dst, target, cov, inputs, input_rows, known)
+        return real(self, layer, kw, src, dst, target, cov, inputs, input_rows, known, rows)
 
     monkeypatch.setattr(BlockReconstruction, "_forward_all", spy)
     BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=1, refine_samples=refine_samples),

@@ -44,6 +44,14 @@ DAMP_CLIP = 10.0
 JOINT_SOLVE_LIMIT = 2048
 
 
+def load_native_kernels(descent: bool = True) -> None:
+    """Build (on first use: a compile) and load the native CPU kernels refine_paths calls, now rather than inside
+    its first call; with descent, sign_descent's too. One that cannot be built is left to the fallback."""
+    gptq_cpu.is_available()
+    if descent:
+        sign_descent_cpu.is_available()
+
+
 def output_error(w: torch.Tensor, paths, H: torch.Tensor) -> float:
     """trace((W - Q) H (W - Q)^T) for Q = sum of the paths."""
     e = w.to(torch.float32) - reconstruct(paths)

@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..kernels import gptq_cpu, sign_descent_cpu
 from ..layer import RaBiTLinear
 from ..ops.refine import (DAMP_REFERENCES, centered_sums, corrected_target, coupled_latent, fitted_bias,
-                          output_target, refine_paths)
+                          load_native_kernels, output_target, refine_paths)
 from ..ops.svid import reconstruct
 from ..run_identity import ADDED_SETTINGS
 from .activations import (ActivationStore, LayerCovariance, capture_block_inputs, flat_input, layer_groups,
@@ -392,9 +391,9 @@ class BlockReconstruction:
     def _forward_all(self, layer, kw, src: ActivationStore, dst: ActivationStore | None,
                      target: ActivationStore | None = None, cov: LayerCovariance | None = None,
                      inputs: dict[str, list[torch.Tensor]] | None = None, input_rows: int = 0,
-                     known: dict[int, torch.Tensor] | None = None) -> float:
-        """dst[j] = layer(src[j]) for every batch; returns the mean block loss against target (if given), and keeps
-        the tokens' losses in self._token_losses.
+                     known: dict[int, torch.Tensor] | None = None, rows: int | None = None) -> float:
+        """dst[j] = layer(src[j]) for every batch (of the first `rows` rows; None: all the current rows); returns the
+        mean block loss against target (if given), and keeps the tokens' losses in self._token_losses.
         With `inputs` ({layer name: []}), the named layers' inputs of the batches within the first input_rows
         rows are appended to it as (tokens, in) fp32 (one copy for layers fed the same tensor), so that the
         refinement needs no second pass for them. known: {first row of a batch: layer's output on it}, already
@@ -412,7 +411,7 @@ class BlockReconstruction:
 
         handles = [layer.get_submodule(n).register_forward_pre_hook(make(n)) for n in (inputs or {})]
         try:
-            for j in range(0, self.rows, bs):
+            for j in range(0, self.rows if rows is None else rows, bs):
                 if cov is not None:
                     cov.enabled = j < self.refine_rows()
                     cov.next_batch()
@@ -682,9 +681,7 @@ class BlockReconstruction:
         decision rests alone."""
         if self.device.type != "cpu" or self.cfg.refine_rounds <= 0 or self.cfg.refine_samples <= 0:
             return
-        gptq_cpu.is_available()   # a library that cannot be built is the same: the refinement falls back
-        if self.cfg.descent_passes > 0:
-            sign_descent_cpu.is_available()
+        load_native_kernels(descent=self.cfg.descent_passes > 0)
 
     def _refine(self, i: int, cov: LayerCovariance) -> list[float]:
         """Refinement in the metric of the full-precision inputs (refine_inputs == "fp")."""
@@ -702,13 +699,8 @@ class BlockReconstruction:
         """(mean, median) per-token block loss of student block i on the guard rows (the first whole batches)."""
         bs = self.cfg.batch_size
         rows = min(-(-self.cfg.guard_rows // bs) * bs, self.rows)
-        losses = []
-        for j in range(0, rows, bs):
-            with self._autocast():
-                out = layer_output(self.s_layers[i](x_q.data[j:j + bs].to(self.device), **kw)).float()
-            losses.append(token_losses(out, y_fp.data[j:j + bs].to(self.device), self.cfg.loss))
-        losses = torch.cat(losses)
-        return float(losses.mean()), float(losses.median())
+        mean = self._forward_all(self.s_layers[i], kw, x_q, None, target=y_fp, rows=rows)
+        return mean, float(self._token_losses.median())
 
     def _guard(self, i: int, kw: dict, x_q: ActivationStore, y_fp: ActivationStore) -> tuple:
         """The unrefined block's state (a copy) and its guard-row losses, for _undo_if_worse."""

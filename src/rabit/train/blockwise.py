@@ -601,7 +601,7 @@ class BlockReconstruction:
         sums = {"n": 0, "m": 0.0, "t": 0.0}
         # The block's output after L is refined is rest + L_new(m) on the same rows: keep rest and m (L's input as
         # the block gave it) when they fit, so that run() need not pass these rows through the block again.
-        keep = self.cfg.epochs == 0 and self._keep_fits(x_q, layer)
+        keep = self.cfg.epochs == 0
         kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Size]] = {}
         for j0, j1 in batches:
             if key is not None:
@@ -634,6 +634,8 @@ class BlockReconstruction:
             sums["n"] += m.shape[0]
             sums["m"] = sums["m"] + m.sum(0)
             sums["t"] = sums["t"] + t.sum(0)
+            if keep and not kept:   # decided on the first batch, from the tensors as the block gives them
+                keep = self._keep_fits(rest, cap["x"], j1 - j0)
             if keep:
                 kept[j0] = (rest, cap["x"], shape)
         w = t_block.get_submodule(name).weight.detach().float()
@@ -644,19 +646,20 @@ class BlockReconstruction:
         if layer.bias is not None:
             self._fit_bias(layer, sums["m"], sums["t"], sums["n"])
         with torch.no_grad():
-            for j0, (rest, x, shape) in kept.items():
+            while kept:     # each batch's kept tensors freed as its output is made: never both sets at once
+                j0, (rest, x, shape) = kept.popitem()
                 with self._autocast():
                     d = layer(x)
                 self._known_outputs[j0] = (rest + d.reshape(-1, d.shape[-1]).float()).reshape(shape)
         return ratio
 
-    def _keep_fits(self, x_q: ActivationStore, layer) -> bool:
+    def _keep_fits(self, rest: torch.Tensor, x: torch.Tensor, batch_rows: int) -> bool:
         """Whether the refinement rows' last-layer inputs and the rest of the block's output (what run() reuses
-        instead of a second pass) fit in a quarter of max_memory_gb."""
-        rows = self.refine_rows()
-        tokens = rows * x_q.data.shape[1]
-        per_token = 4 * (x_q.data.shape[2] * 2 + getattr(layer, "in_features", x_q.data.shape[2]))
-        return self._fits_quarter(tokens * per_token)
+        instead of a second pass), at the sizes and dtypes of one batch's (under bf16 autocast the inputs are bf16),
+        fit in a quarter of max_memory_gb. The outputs made from them replace them batch by batch, so they are
+        never all held beside them."""
+        per_row = (rest.untyped_storage().nbytes() + x.untyped_storage().nbytes()) / batch_rows
+        return self._fits_quarter(per_row * self.refine_rows())
 
     def _fits_quarter(self, nbytes: int) -> bool:
         """Whether tensors the refinement keeps over its rows (instead of another pass) fit in a quarter of

@@ -499,17 +499,39 @@ def test_one_slow_block_cuts_a_quarter_and_the_next_blocks_decide_the_rest():
 
     stage = BlockReconstruction.__new__(BlockReconstruction)   # only the budget's state
     stage.cfg, stage.rows, stage._timings = BlockConfig(batch_size=4), 256, []
-    # section 42's demo: 354 s for 30 blocks; the first block of 256 rows took 21.9 s on a slow stretch. Alone it
-    # affords (327 / 29 - 3) / (18.9 / 256) = 112 rows; the decision takes a quarter
-    assert fit(stage, 21.9, 256, 29, 354 - 5 - 21.9) == 192
-    # the machine back to speed (0.05 s per row at 192 rows): the next cut is to what fits at that speed, 164 rows
-    # (not to the 112 the slow block predicted)
-    left = 354 - 5 - 21.9 - 12.6
-    assert fit(stage, 3 + 0.05 * 192, 192, 28, left) == 164
+    # the session's first block decides nothing, however slow (its one-time costs), and stays out of the model
+    assert fit(stage, 60.0, 256, 29, 354 - 5 - 60.0) == 256
+    # section 42's demo: 354 s for 30 blocks; after a first block of 13 s, a block of 256 rows took 21.9 s on a slow
+    # stretch. Alone it affords (314.1 / 28 - 3) / (18.9 / 256) = 111 rows; the decision takes a quarter
+    stage.rows, stage._timings = 256, []
+    fit(stage, 13.0, 256, 29, 354 - 5 - 13.0)
+    left = 354 - 5 - 13.0 - 21.9
+    assert fit(stage, 21.9, 256, 28, left) == 192
+    # the machine back to speed (0.05 s per row at 192 rows): the next cut is to what fits at that speed,
+    # (301.5 / 27 - 3) / 0.05 = 163 -> 160 rows (not to the 111 the slow block predicted)
+    assert fit(stage, 3 + 0.05 * 192, 192, 27, left - 12.6) == 160
     # still slow: the next decision cuts another quarter
     stage.rows, stage._timings = 256, []
-    fit(stage, 21.9, 256, 29, 354 - 5 - 21.9)
-    assert fit(stage, 3 + 18.9 / 256 * 192, 192, 28, 354 - 5 - 21.9 - 17.2) == 144
+    fit(stage, 13.0, 256, 29, 354 - 5 - 13.0)
+    fit(stage, 21.9, 256, 28, left)
+    assert fit(stage, 3 + 18.9 / 256 * 192, 192, 27, left - 17.2) == 144
+
+
+def test_the_first_block_is_left_out_of_the_time_model():
+    from rabit.train.blockwise import BlockRecord
+
+    def fit(stage, seconds, remaining, left):
+        stage._solve_seconds = 3.0
+        stage._fit_budget(BlockRecord(block=0, loss_before=0, loss_after=0, seconds=seconds, rows=256),
+                          remaining, left)
+        return stage.rows
+
+    stage = BlockReconstruction.__new__(BlockReconstruction)
+    stage.cfg, stage.rows, stage._timings = BlockConfig(batch_size=4), 256, []
+    # a fast first block, then one at 21.9 s: with both (the median of 5 and 21.9: 13.45 s) 28 blocks would fit
+    # 370 s within the 5 % slack (376.6 <= 388.5); the second alone does not (613 s), so a quarter goes
+    assert fit(stage, 5.0, 29, 375.0) == 256
+    assert fit(stage, 21.9, 28, 370.0) == 192
 
 
 def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(tmp_path, monkeypatch):
@@ -525,12 +547,13 @@ def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(
 
     spent = copy.deepcopy(init)
     cut = BlockReconstruction(teacher, spent, calib, c, progress=False, time_budget=0).run()
-    # the first block measures the machine; each later decision takes at most a quarter (rounded down to a batch)
-    assert [r.rows for r in cut] == [8, 6, 4, 2]
-    assert cut[0].loss_after == free[0].loss_after
-    assert cut[1].loss_after != free[1].loss_after      # refined on 6 rows, measured on them
+    # the first block decides nothing (one-time costs); each later decision takes at most a quarter (rounded down
+    # to a batch)
+    assert [r.rows for r in cut] == [8, 8, 6, 4]
+    assert cut[1].loss_after == free[1].loss_after
+    assert cut[2].loss_after != free[2].loss_after      # refined on 6 rows, measured on them
     for (n, a), (_, b) in zip(roomy.state_dict().items(), spent.state_dict().items()):
-        if ".layers.0." in n:
+        if ".layers.0." in n or ".layers.1." in n:
             assert torch.equal(a, b), n
 
     # killed after block 2, resumed without a budget: the decision taken after block 2 is kept, the result is the
@@ -549,7 +572,7 @@ def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(
         stage.run()
     resumed = copy.deepcopy(init)
     again = BlockReconstruction(teacher, resumed, calib, c, run_dir=tmp_path, progress=False).run()
-    assert [r.rows for r in again] == [8, 6, 4, 2]
+    assert [r.rows for r in again] == [8, 8, 6, 4]
     for (n, a), (_, b) in zip(spent.state_dict().items(), resumed.state_dict().items()):
         if ".layers.3." not in n:     # loaded from the files
             assert torch.equal(a, b), n
@@ -676,7 +699,7 @@ def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_pat
     from rabit import data
 
     monkeypatch.setattr(blockwise, "MIN_BUDGET_ROWS", 2)
-    monkeypatch.setattr(blockwise, "BUDGET_MAX_CUT", 1.0)   # one decision, on the tiny model's 2 blocks
+    monkeypatch.setattr(blockwise, "BUDGET_MAX_CUT", 1.0)   # one decision, after the second of 3 blocks
     monkeypatch.setenv("RABIT_CACHE", str(tmp_path / "cache"))
     avoided, real = [], data.calibration_batch
 
@@ -686,15 +709,23 @@ def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_pat
 
     monkeypatch.setattr(data, "calibration_batch", spy)
     out = tmp_path / "run"
-    # 3 s: spent before the block stage starts, so the second block takes the floor's rows
-    args = [str(a) for a in quantize_args(tiny_files, out, "--refine-samples", "4", "--ood-windows", "0")]
+    # three blocks: the first decides nothing (its one-time costs), the second's decision cuts the third's rows
+    from rabit.testing import tiny_tokenizer
+
+    files = tmp_path / "files"
+    make_tiny_llama(vocab_size=512, layers=3).save_pretrained(files / "model")
+    tiny_tokenizer().save_pretrained(files / "model")
+    for name in ("train.txt", "eval.txt"):
+        (files / name).write_text((tiny_files / name).read_text())
+    # 3 s: spent before the block stage starts, so the third block takes the floor's rows
+    args = [str(a) for a in quantize_args(files, out, "--refine-samples", "4", "--ood-windows", "0")]
     del args[args.index("--tokens"):args.index("--tokens") + 2]     # the job's budget decides the training
     assert main(args + ["--job-minutes", "0.05"]) == 0
     err = capsys.readouterr().err
     assert "s of the job's budget, fewer rows for the later blocks if it needs more (at least 2)" in err
-    assert "rows cut to fit the time budget: blocks 1: 4 rows, 2: 2" in err
+    assert "rows cut to fit the time budget: blocks 1-2: 4 rows, 3: 2" in err
     evals = json.loads((out / "evals.json").read_text())
-    assert evals["blocks_rows"] == [4, 2]
+    assert evals["blocks_rows"] == [4, 4, 2]
     # the block stage's windows avoid the one held-out row (--val-sequences 1) the job measures its loss on
     assert [None if a is None else tuple(a.shape) for a in avoided][-1] == (1, 32)
 

@@ -671,8 +671,8 @@ class BlockReconstruction:
         """One batch through teacher and student block i, the outputs discarded, before the first block's clock
         starts: the first passes at the stage's shapes pay one-time costs (the first matmuls at a new shape,
         presumably oneDNN creating its kernels): the first block's passes took 6.5-6.7 s at 256 rows on a Zen 5 core
-        pair where later blocks' took 4.9-5.3, 5.95 after this warm-up (docs/RESULTS.md section 46), and the time
-        budget's first decision rests on that block alone."""
+        pair where later blocks' took 4.9-5.3, 5.95 after this warm-up (docs/RESULTS.md section 46); what remains of them
+        keeps the time budget from deciding on that block (_fit_budget)."""
         x = x_fp.data[0:self.cfg.batch_size].to(self.device)
         with self._autocast():
             self.t_layers[i](x, **kw)
@@ -680,8 +680,7 @@ class BlockReconstruction:
 
     def _build_native_kernels(self) -> None:
         """Build (or load) the refinement's native CPU kernels before the first block's clock starts: compiled on
-        first use in a fresh install, they would count in the first block's time, on which the time budget's first
-        decision rests alone."""
+        first use in a fresh install, they would count in the first block's time."""
         if self.device.type != "cpu" or self.cfg.refine_rounds <= 0 or self.cfg.refine_samples <= 0:
             return
         load_native_kernels(descent=self.cfg.descent_passes > 0)
@@ -776,10 +775,17 @@ class BlockReconstruction:
         block's solves take the same time for any rows, the rest (passes, input captures and sums, all over its
         rows) grows in proportion. Each is the median over the blocks this session ran at the current rows (the
         time per row grows with the rows): one slow block (the machine's speed wanders by a quarter from block to
-        block) does not cut the rows for good, nor does one decision cut more than BUDGET_MAX_CUT of them."""
+        block) does not cut the rows for good, nor does one decision cut more than BUDGET_MAX_CUT of them.
+        The session's first block decides nothing and is left out of the model: it carries the one-time costs
+        of the first passes and solves at the stage's shapes (12.4-13.3 s against 10-11 s for the next blocks at
+        the same 256 rows in the demo's job on Zen 5, docs/RESULTS.md section 47: alone it cut the rows to 224 where
+        256 fitted), and waiting one block costs at most that block's excess over the budget."""
+        first = not self._timings
         solve = min(self._solve_seconds, rec.seconds)
         self._timings.append((solve, rec.seconds, rec.rows))
-        fixed, per_row = block_time_model([t for t in self._timings if t[2] == rec.rows])
+        if first:
+            return
+        fixed, per_row = block_time_model([t for t in self._timings[1:] if t[2] == rec.rows])
         self.rows = budget_rows(self.rows, remaining, seconds_left, fixed, per_row, self.cfg.batch_size,
                                 floor=MIN_BUDGET_ROWS)
 

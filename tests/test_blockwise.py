@@ -331,40 +331,36 @@ def test_outputs_kept_from_the_refinement_equal_a_pass_through_the_refined_block
     assert passes == [(8 - refine_samples) // 2] * 2
 
 
+def _kept_output_passes(monkeypatch, config, **kw) -> list[bool]:
+    """For each of a 2-block stage's passes: whether it took outputs kept from the refinement."""
+    teacher, student, calib = setup(layers=2)
+    seen = []
+    real = BlockReconstruction._forward_all
+
+    def spy(self, *a, known=None, **k):
+        seen.append(bool(known))
+        return real(self, *a, known=known, **k)
+
+    monkeypatch.setattr(BlockReconstruction, "_forward_all", spy)
+    BlockReconstruction(teacher, student, calib, config, progress=False, **kw).run()
+    return seen
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("room, kept", [(1.0, True), (0.999, False)])
 def test_outputs_are_kept_when_their_real_bytes_fit_a_quarter_of_the_memory_limit(monkeypatch, tmp_path, autocast,
                                                                                    room, kept):
     # what the refinement keeps per token: the rest of the block's output (fp32, hidden 32) and the last layer's
     # input (intermediate 64; bf16 under autocast): a limit of exactly 4x their bytes keeps them, a hair less not
-    teacher, student, calib = setup(layers=2)
     tokens = 4 * 16                       # refine_samples x seq_len
     need = tokens * (32 * 4 + 64 * (2 if autocast else 4))
-    seen = []
-    real = BlockReconstruction._forward_all
-
-    def spy(self, *a, known=None, **k):
-        seen.append(bool(known))
-        return real(self, *a, known=known, **k)
-
-    monkeypatch.setattr(BlockReconstruction, "_forward_all", spy)
-    BlockReconstruction(teacher, student, calib, cfg(epochs=0, refine_rounds=1, autocast=autocast,
-                                                     max_memory_gb=room * 4 * need / 2**30),
-                        run_dir=tmp_path, progress=False).run()
+    seen = _kept_output_passes(monkeypatch, cfg(epochs=0, refine_rounds=1, autocast=autocast,
+                                                max_memory_gb=room * 4 * need / 2**30), run_dir=tmp_path)
     assert sum(seen) == (2 if kept else 0)     # one pass per block takes the kept outputs, or none does
 
 
 def test_no_outputs_are_kept_when_the_block_trains_after_the_refinement(monkeypatch):
-    teacher, student, calib = setup(layers=2)
-    seen = []
-    real = BlockReconstruction._forward_all
-
-    def spy(self, *a, known=None, **k):
-        seen.append(bool(known))
-        return real(self, *a, known=known, **k)
-
-    monkeypatch.setattr(BlockReconstruction, "_forward_all", spy)
-    BlockReconstruction(teacher, student, calib, cfg(epochs=1, refine_rounds=1), progress=False).run()
+    seen = _kept_output_passes(monkeypatch, cfg(epochs=1, refine_rounds=1))
     assert seen and not any(seen)
 
 

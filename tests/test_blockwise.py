@@ -484,50 +484,43 @@ def test_the_block_time_model_is_the_median_of_the_blocks_so_far():
     assert budget_rows(180, 27, left, 4.0, 15.2 / 180, 4, max_cut=1.0) == 92
 
 
-def test_one_slow_block_cuts_a_quarter_and_the_next_blocks_decide_the_rest():
+def budget_after(stage, seconds, rows, remaining, left, solve=3.0):
+    """The budget's decision after a block of `seconds` on `rows` rows, `remaining` blocks and `left` s to go."""
     from rabit.train.blockwise import BlockRecord
 
-    def fit(stage, seconds, rows, remaining, left, solve=3.0):
-        stage._solve_seconds = solve
-        stage._fit_budget(BlockRecord(block=0, loss_before=0, loss_after=0, seconds=seconds, rows=rows),
-                          remaining, left)
-        return stage.rows
+    stage._solve_seconds = solve
+    stage._fit_budget(BlockRecord(block=0, loss_before=0, loss_after=0, seconds=seconds, rows=rows), remaining, left)
+    return stage.rows
 
+
+def test_one_slow_block_cuts_a_quarter_and_the_next_blocks_decide_the_rest():
     stage = BlockReconstruction.__new__(BlockReconstruction)   # only the budget's state
     stage.cfg, stage.rows, stage._timings = BlockConfig(batch_size=4), 256, []
     # the session's first block decides nothing, however slow (its one-time costs), and stays out of the model
-    assert fit(stage, 60.0, 256, 29, 354 - 5 - 60.0) == 256
+    assert budget_after(stage, 60.0, 256, 29, 354 - 5 - 60.0) == 256
     # section 42's demo: 354 s for 30 blocks; after a first block of 13 s, a block of 256 rows took 21.9 s on a slow
     # stretch. Alone it affords (314.1 / 28 - 3) / (18.9 / 256) = 111 rows; the decision takes a quarter
     stage.rows, stage._timings = 256, []
-    fit(stage, 13.0, 256, 29, 354 - 5 - 13.0)
+    budget_after(stage, 13.0, 256, 29, 354 - 5 - 13.0)
     left = 354 - 5 - 13.0 - 21.9
-    assert fit(stage, 21.9, 256, 28, left) == 192
+    assert budget_after(stage, 21.9, 256, 28, left) == 192
     # the machine back to speed (0.05 s per row at 192 rows): the next cut is to what fits at that speed,
     # (301.5 / 27 - 3) / 0.05 = 163 -> 160 rows (not to the 111 the slow block predicted)
-    assert fit(stage, 3 + 0.05 * 192, 192, 27, left - 12.6) == 160
+    assert budget_after(stage, 3 + 0.05 * 192, 192, 27, left - 12.6) == 160
     # still slow: the next decision cuts another quarter
     stage.rows, stage._timings = 256, []
-    fit(stage, 13.0, 256, 29, 354 - 5 - 13.0)
-    fit(stage, 21.9, 256, 28, left)
-    assert fit(stage, 3 + 18.9 / 256 * 192, 192, 27, left - 17.2) == 144
+    budget_after(stage, 13.0, 256, 29, 354 - 5 - 13.0)
+    budget_after(stage, 21.9, 256, 28, left)
+    assert budget_after(stage, 3 + 18.9 / 256 * 192, 192, 27, left - 17.2) == 144
 
 
 def test_the_first_block_is_left_out_of_the_time_model():
-    from rabit.train.blockwise import BlockRecord
-
-    def fit(stage, seconds, remaining, left):
-        stage._solve_seconds = 3.0
-        stage._fit_budget(BlockRecord(block=0, loss_before=0, loss_after=0, seconds=seconds, rows=256),
-                          remaining, left)
-        return stage.rows
-
     stage = BlockReconstruction.__new__(BlockReconstruction)
     stage.cfg, stage.rows, stage._timings = BlockConfig(batch_size=4), 256, []
     # a fast first block, then one at 21.9 s: with both (the median of 5 and 21.9: 13.45 s) 28 blocks would fit
     # 370 s within the 5 % slack (376.6 <= 388.5); the second alone does not (613 s), so a quarter goes
-    assert fit(stage, 5.0, 29, 375.0) == 256
-    assert fit(stage, 21.9, 28, 370.0) == 192
+    assert budget_after(stage, 5.0, 256, 29, 375.0) == 256
+    assert budget_after(stage, 21.9, 256, 28, 370.0) == 192
 
 
 def test_a_spent_time_budget_cuts_the_later_blocks_rows_and_a_resume_keeps_them(tmp_path, monkeypatch):
@@ -619,13 +612,16 @@ def test_scale_only_blocks_leave_latents_untouched():
 # ------------------------------------------------------------------------------------ rabit quantize stages
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
+    return write_tiny_files(tmp_path_factory.mktemp("tiny_stages"))
+
+
+def write_tiny_files(root, layers=2):
+    """A tiny Llama with its tokenizer (root/model) and small training and evaluation texts."""
+    from rabit.data import CORPORA_DIR
     from rabit.testing import tiny_tokenizer
 
-    root = tmp_path_factory.mktemp("tiny_stages")
-    make_tiny_llama(vocab_size=512).save_pretrained(root / "model")
+    make_tiny_llama(vocab_size=512, layers=layers).save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
-    from rabit.data import CORPORA_DIR
-
     (root / "train.txt").write_text((CORPORA_DIR / "austen" / "emma.txt").read_text(encoding="utf-8")[:20000])
     (root / "eval.txt").write_text((CORPORA_DIR / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:6000])
     return root
@@ -706,13 +702,7 @@ def test_a_job_budget_cuts_the_block_stages_rows_and_says_so(tiny_files, tmp_pat
     monkeypatch.setattr(data, "calibration_batch", spy)
     out = tmp_path / "run"
     # three blocks: the first decides nothing (its one-time costs), the second's decision cuts the third's rows
-    from rabit.testing import tiny_tokenizer
-
-    files = tmp_path / "files"
-    make_tiny_llama(vocab_size=512, layers=3).save_pretrained(files / "model")
-    tiny_tokenizer().save_pretrained(files / "model")
-    for name in ("train.txt", "eval.txt"):
-        (files / name).write_text((tiny_files / name).read_text())
+    files = write_tiny_files(tmp_path / "files", layers=3)
     # 3 s: spent before the block stage starts, so the third block takes the floor's rows
     args = [str(a) for a in quantize_args(files, out, "--refine-samples", "4", "--ood-windows", "0")]
     del args[args.index("--tokens"):args.index("--tokens") + 2]     # the job's budget decides the training

@@ -671,8 +671,8 @@ class BlockReconstruction:
         """One batch through teacher and student block i, the outputs discarded, before the first block's clock
         starts: the first passes at the stage's shapes pay one-time costs (the first matmuls at a new shape,
         presumably oneDNN creating its kernels): the first block's passes took 6.5-6.7 s at 256 rows on a Zen 5 core
-        pair where later blocks' took 4.9-5.3, 5.95 after this warm-up (docs/RESULTS.md section 46); what remains of them
-        keeps the time budget from deciding on that block (_fit_budget)."""
+        pair where later blocks' took 4.9-5.3, 5.95 after this warm-up (docs/RESULTS.md section 46); what remains of
+        them keeps the time budget from deciding on that block (_fit_budget)."""
         x = x_fp.data[0:self.cfg.batch_size].to(self.device)
         with self._autocast():
             self.t_layers[i](x, **kw)

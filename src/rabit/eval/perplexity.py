@@ -6,6 +6,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..kernels.attention import fast_attention
+
 
 def perplexity(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: int | None = None,
                max_windows: int | None = None, batch_size: int = 1, progress: bool = False,
@@ -65,18 +67,20 @@ def window_nlls(model, tokens: torch.Tensor, seq_len: int = 2048, bos_token_id: 
     model.eval()
     nll_sums: list[float] = []
     counts: list[int] = []
-    try:
-        for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
-            batch = batch.to(device)
-            if bos_token_id is not None:
-                batch = torch.cat([batch.new_full((batch.shape[0], 1), bos_token_id), batch], dim=1)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
-                logits = model(input_ids=batch, use_cache=False).logits
-            # With BOS every real token is scored (the first one given BOS); without, all but the first.
-            target = batch[:, 1:]
-            nll_sums += [summed_nll(row[:-1], t) for row, t in zip(logits, target)]
-            counts += [target.shape[1]] * target.shape[0]
-    finally:
-        model.train(was_training)
+    # no gradient here: causal attention on the native kernel where it applies (rabit.kernels.attention)
+    with fast_attention():
+        try:
+            for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
+                batch = batch.to(device)
+                if bos_token_id is not None:
+                    batch = torch.cat([batch.new_full((batch.shape[0], 1), bos_token_id), batch], dim=1)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):
+                    logits = model(input_ids=batch, use_cache=False).logits
+                # With BOS every real token is scored (the first one given BOS); without, all but the first.
+                target = batch[:, 1:]
+                nll_sums += [summed_nll(row[:-1], t) for row, t in zip(logits, target)]
+                counts += [target.shape[1]] * target.shape[0]
+        finally:
+            model.train(was_training)
     return nll_sums, counts

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels.attention import fast_attention
 from ..layer import RaBiTLinear
 from ..ops.refine import (DAMP_REFERENCES, centered_sums, corrected_target, coupled_latent, fitted_bias,
                           load_native_kernels, output_target, refine_paths)
@@ -791,6 +792,12 @@ class BlockReconstruction:
 
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> list[BlockRecord]:
+        # every pass here but block training's needs no gradient: causal attention on the native kernel where it
+        # applies (rabit.kernels.attention; ~19 % of the stage's time on torch's kernel, docs/RESULTS.md section 48)
+        with fast_attention():
+            return self._run()
+
+    def _run(self) -> list[BlockRecord]:
         cfg = self.cfg
         start = time.perf_counter()
         done = self._load_done()

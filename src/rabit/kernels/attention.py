@@ -1,0 +1,111 @@
+"""Causal self-attention for the forward passes that need no gradient, through transformers' attention registry.
+
+``fast_attention()`` (a context manager; nestable) puts ``attention_forward`` in place of transformers' "sdpa"
+attention function while it is open, so that every model loaded with SDPA attention (transformers' default) uses it
+without a change to its config (nothing of it is saved with a model). Each call takes the native kernel
+(``attention_cpu``) when it applies and otherwise calls transformers' own SDPA function with the same arguments:
+
+- the kernel: bf16 CPU tensors, or fp32 ones under bf16 autocast (cast as autocast casts them for SDPA), a CPU with AVX-512 BF16, no gradient wanted, no attention
+  mask (transformers leaves it out when plain causal attention is meant), as many queries as keys, no dropout, a
+  head size that is a multiple of 32 up to 256, none of softcap, position bias or attention sinks;
+- everything else (training the student, fp32 models, padding or sliding-window masks, decoding steps, GPUs):
+  torch's ``scaled_dot_product_attention`` as before.
+
+``RABIT_ATTENTION=torch`` turns the kernel off (for A/B measurements).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from . import attention_cpu
+
+ENV_VAR = "RABIT_ATTENTION"
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
+_lock = threading.Lock()
+_depth = 0
+_original = None
+_usable: bool | None = None
+
+
+def kernel_usable() -> bool:
+    """Whether the native kernel is built and this CPU runs its AVX-512 BF16 path (its portable path is slower than
+    torch's), and RABIT_ATTENTION does not say "torch"."""
+    global _usable
+    if os.environ.get(ENV_VAR, "").strip().lower() == "torch":
+        return False
+    if _usable is None:
+        _usable = attention_cpu.is_available() and attention_cpu.isa() == "avx512bf16"
+    return _usable
+
+
+def takes(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float = 0.0,
+          is_causal: bool | None = None, **kwargs) -> bool:
+    """Whether attention_forward runs the native kernel for these arguments (see the module's docstring)."""
+    if attention_mask is not None or dropout != 0.0 or kwargs.get("output_attentions"):
+        return False
+    if any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
+        return False
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    t = query.shape[2]
+    window = kwargs.get("sliding_window")
+    if not causal or t < 2 or (window is not None and t > window):
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False
+    return attention_cpu.supports(query, key, value) and kernel_usable()
+
+
+def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                      dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: (attention output (batch, T, heads, head_dim), None)."""
+    q, k, v = (_autocast_cast(t) for t in (query, key, value))
+    if takes(module, q, k, v, attention_mask, dropout, is_causal, **kwargs):
+        return attention_cpu.causal_attention(q, k, v, scale=scaling), None
+    return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                   **kwargs)
+
+
+def _autocast_cast(t: torch.Tensor) -> torch.Tensor:
+    """What CPU autocast to bf16 hands torch's SDPA (an op it runs in bf16): under bf16 autocast the queries and keys
+    arrive in fp32 (rotary embeddings multiply the bf16 projections by fp32 tables), and SDPA would cast them."""
+    if (t.device.type == "cpu" and t.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return t.to(torch.bfloat16)
+    return t
+
+
+def _registry():
+    from transformers.modeling_utils import AttentionInterface
+    return AttentionInterface
+
+
+def _sdpa():
+    if _original is not None:
+        return _original
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward
+
+
+@contextlib.contextmanager
+def fast_attention():
+    """While open, models with SDPA attention run causal forward passes without gradient on the native kernel
+    where it applies (see the module's docstring). Nestable; restores transformers' function on the outermost exit."""
+    global _depth, _original
+    registry = _registry()
+    with _lock:
+        if _depth == 0:
+            _original = registry._global_mapping["sdpa"]
+            registry.register("sdpa", attention_forward)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                registry.register("sdpa", _original)
+                _original = None

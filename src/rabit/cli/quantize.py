@@ -328,9 +328,9 @@ def _calibrate_and_initialize(teacher, rcfg: RaBiTConfig, calib, autocast: bool,
 # --job-minutes: training gets at least a tenth of the budget, at most a minute of it, even past the budget
 JOB_MIN_TRAIN_SHARE = 0.10
 JOB_MIN_TRAIN_SECONDS = 60.0
-# saving both formats and the plots: 3 s for the default model on an AMX Xeon (docs/RESULTS.md section 42), the
-# rest a slack
-JOB_SAVE_SECONDS = 15.0
+# saving both formats and the plots: 3 s for the default model on an AMX Xeon (docs/RESULTS.md section 42), 1-2 s on
+# Zen 5 (sections 47, 48); twice the slowest, the rest of the old 15 s goes to training
+JOB_SAVE_SECONDS = 6.0
 # the evaluations after training ran at 1.05-1.7x the seconds per window the block stage's evaluation took (the
 # machine's slow stretches; docs/RESULTS.md section 42): the reserve takes a quarter more, so that the job ends on time
 JOB_EVAL_MARGIN = 1.25

@@ -1,0 +1,66 @@
+"""Causal attention's forward without gradient: torch's SDPA (its CPU flash kernel) against the native kernel
+(rabit.kernels.attention_cpu), on the default model's attention shapes (9 query heads, 3 key heads, head size 64) at
+the lengths the job uses: one 2048-token perplexity window, and 16 rows of 512 tokens (a block-stage batch). Then one
+2048-token forward of the whole default model under bf16 autocast, without and with rabit.kernels.attention's
+fast_attention(). Medians of --reps calls after one warm-up; each variant alternates with the other.
+
+    python benchmarks/attention_time.py [--reps 7] [--threads 2]     (docs/RESULTS.md section 48)
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rabit.kernels import attention, attention_cpu
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--reps", type=int, default=7)
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--no-model", action="store_true", help="only the attention calls, not the default model's forward")
+args = ap.parse_args()
+torch.set_num_threads(args.threads)
+print(f"native kernel path: {attention_cpu.isa()}; {args.threads} threads")
+
+
+def medians(fns: dict) -> dict:
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+gen = torch.Generator().manual_seed(0)
+print("| shape (batch, heads / key heads, T, head size) | torch SDPA ms | native ms | speed-up |")
+print("|---|---|---|---|")
+for b, t in ((1, 2048), (16, 512)):
+    q = torch.randn(b, t, 9, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(b, t, 3, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    v = torch.randn(b, t, 3, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    m = medians({"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                 "native": lambda: attention_cpu.causal_attention(q, k, v)})
+    print(f"| ({b}, 9 / 3, {t}, 64) | {m['torch']:.1f} | {m['native']:.1f} | {m['torch'] / m['native']:.2f}x |")
+
+if not args.no_model:
+    from rabit.models import load_model
+
+    model, _ = load_model()
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 2048), generator=gen)
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, use_cache=False)
+
+    def fast():
+        with attention.fast_attention():
+            forward()
+    m = medians({"torch": forward, "native": fast})
+    print(f"| the default model, one 2048-token window | {m['torch']:.0f} | {m['native']:.0f} | "
+          f"{m['torch'] / m['native']:.2f}x |")

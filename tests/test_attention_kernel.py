@@ -180,3 +180,27 @@ def test_the_registry_is_restored_after_nested_use():
     with pytest.raises(KeyError), attention.fast_attention():
         raise KeyError("an error inside")
     assert AttentionInterface._global_mapping["sdpa"] is before
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF16")
+def test_distillation_runs_the_teacher_on_the_kernel_and_the_student_on_sdpa(monkeypatch):
+    from rabit.train.losses import batch_distillation_loss
+    teacher, student = tiny_model(), make_tiny_llama(hidden=128, heads=4, kv_heads=2, intermediate=128, layers=2,
+                                                     seed=1)
+    ids = torch.randint(0, 96, (2, 100), generator=torch.Generator().manual_seed(3))
+
+    def loss(grad):
+        return batch_distillation_loss(teacher, student, ids, 0.0, 1.0, 64, autocast=True, need_grad=grad).total
+    monkeypatch.setenv(attention.ENV_VAR, "torch")
+    ref = loss(True)
+    monkeypatch.delenv(attention.ENV_VAR)
+    calls = counting(monkeypatch)
+    got = loss(True)
+    assert calls == [(2, 4, 100, 32)] * 2       # the teacher's two layers; the student needs gradients: SDPA
+    got.backward()
+    assert student.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert abs(got.item() - ref.item()) < 0.02 * abs(ref.item())
+    calls.clear()
+    with torch.no_grad():
+        loss(False)                             # evaluation: both models on the kernel
+    assert len(calls) == 4

@@ -34,6 +34,8 @@
 #define QB 64   /* queries per task */
 #define KB 64   /* keys per block: S is QB x KB fp32 (16 KB) */
 #define DMAX 256
+/* equal blocks: a task's last key block starts at its first query, so no query's block is wholly masked */
+_Static_assert(QB == KB, "the online softmax assumes QB == KB");
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX512BF16 = 2 };
 

@@ -63,6 +63,17 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
         given = _parse(*argv)
         assert given.rabit.precondition is value and not given.auto_precondition
         assert job_to_argv(given) == argv and _parse(*job_to_argv(given)) == given
+    # ... and the refinement on all the block stage's rows unless --refine-samples says fewer (rows past the
+    # refinement's only cost time when blocks do not train)
+    assert _parse().blocks.refine_samples == _parse().blocks.samples == 256
+    more = _parse("--block-samples", "352")
+    assert more.blocks.refine_samples == 352 and more.auto_refine_samples
+    assert job_to_argv(more) == ["--block-samples", "352"] and _parse(*job_to_argv(more)) == more
+    fewer = _parse("--block-samples", "352", "--refine-samples", "128")
+    assert fewer.blocks.refine_samples == 128 and not fewer.auto_refine_samples
+    assert _parse(*job_to_argv(fewer)) == fewer
+    given = _parse("--refine-samples", "256")      # the default value, given: kept when the rows change
+    assert not given.auto_refine_samples and "--refine-samples" in job_to_argv(given)
 
 
 def test_a_job_spec_survives_the_round_trip_through_flags():

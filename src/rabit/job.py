@@ -226,6 +226,10 @@ class JobSpec:
     # by channel importance only on an unrotated model (rotated, the block stage's refinement ends at the same output
     # error from a plain ISVID start, and the calibration pass the importance needs is most of the init's time)
     auto_precondition: bool = True
+    # True when --refine-samples was left unset: the refinement uses all the block stage's rows (with blocks that do
+    # not train, rows beyond the refinement's only cost time: --block-samples 352 alone once ran 46 s longer for an
+    # identical model, docs/RESULTS.md section 49)
+    auto_refine_samples: bool = True
     rabit: RaBiTConfig = field(default_factory=_default_rabit)
     train: TrainConfig = field(default_factory=_default_train)  # steps/warmup_steps/autocast are resolved here
     data: DataSpec = field(default_factory=DataSpec)
@@ -304,8 +308,9 @@ class JobSpec:
         --scale-lr unset (auto_scale_lr) follows the rotation (rotate None counts as rotated until the
         model is loaded), as does the initialization's preconditioning with neither --precondition nor
         --no-precondition (auto_precondition); the latents' learning rate with --latent-lr unset (auto_latent_lr)
-        follows whether they train after the block stage: call after changing train.train_latents, rotate or
-        block_stage."""
+        follows whether they train after the block stage; the refinement's rows with --refine-samples unset
+        (auto_refine_samples) are the block stage's: call after changing train.train_latents, rotate,
+        block_stage or blocks.samples."""
         if self.auto_split:
             self.train.grad_accum = default_grad_accum(self.train.train_latents)
         if self.auto_seq_len:
@@ -320,6 +325,8 @@ class JobSpec:
                                                                                self.block_stage))
         if self.auto_precondition:
             self.rabit.precondition = self.rotate is False
+        if self.auto_refine_samples:
+            self.blocks.refine_samples = self.blocks.samples
 
     # --------------------------------------------------------------------------------------- derived
     @property

@@ -109,7 +109,7 @@ _OPTIONS = [
     Option("--refine-rounds", "blocks.refine_rounds", "block-wise stage", "rounds of output-aware refinement "
            "(GPTQ-style signs + least-squares scales) per layer (0: none)", type=int),
     Option("--refine-samples", "blocks.refine_samples", "block-wise stage", "sequences whose activations form the "
-           "refinement's output metric (drawn from the --block-samples ones: at most that many)", type=int),
+           "refinement's output metric (drawn from the --block-samples ones; default: all of them)", type=int),
     Option("--refine-damp", "blocks.target_damp", "block-wise stage", "ridge of the refinement's least-squares "
            "targets, relative to the mean input energy (larger: targets nearer the original weight, less fitted to "
            "the calibration tokens)", type=float),
@@ -223,11 +223,12 @@ _OPTIONS = [
 OPTIONS = {o.flag: o for o in _OPTIONS}
 # Flags whose default JobSpec.resolve_batch fills in when they are left unset, and the JobSpec field that says so:
 # the batch flags let a multi-process run regroup the rows of a step (auto_split); the training sequence length
-# follows whether the latents train, the latents' learning rate whether they train from the block stage's start, and
-# the scales' learning rate and the preconditioning follow the rotation. argparse gives them None, so that "unset"
+# follows whether the latents train, the latents' learning rate whether they train from the block stage's start,
+# the scales' learning rate and the preconditioning follow the rotation, and the refinement's rows the block stage's. argparse gives them None, so that "unset"
 # can be told from the default.
 _AUTO = {"--batch-size": "auto_split", "--grad-accum": "auto_split", "--seq-len": "auto_seq_len",
-         "--scale-lr": "auto_scale_lr", "--latent-lr": "auto_latent_lr", "--precondition": "auto_precondition"}
+         "--scale-lr": "auto_scale_lr", "--latent-lr": "auto_latent_lr", "--precondition": "auto_precondition",
+         "--refine-samples": "auto_refine_samples"}
 # Settings turned on and off by a --x / --no-x pair (added to the parser by add_job_arguments, default None): None
 # means "as the job decides" (bf16 where the device has it, BOS as the tokenizer, rotation where supported), except
 # for the flags in _AUTO, whose JobSpec field records that neither was given.
@@ -324,6 +325,7 @@ def job_to_argv(spec: JobSpec) -> list[str]:
     # what job_from_args gives a resolved flag left unset, for this spec's latents and rotation
     resolved = JobSpec(rotate=spec.rotate)
     resolved.train.train_latents, resolved.block_stage = spec.train.train_latents, spec.block_stage
+    resolved.blocks.samples = spec.blocks.samples
     resolved.resolve_batch()
     argv: list[str] = []
     for o in _OPTIONS:

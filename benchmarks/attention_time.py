@@ -2,9 +2,10 @@
 (rabit.kernels.attention_cpu), on the default model's attention shapes (9 query heads, 3 key heads, head size 64) at
 the lengths the job uses: one 2048-token perplexity window, and 16 rows of 512 tokens (a block-stage batch). Then one
 2048-token forward of the whole default model under bf16 autocast, without and with rabit.kernels.attention's
-fast_attention(). Medians of --reps calls after one warm-up; each variant alternates with the other.
+fast_attention(). Medians of --reps calls after one warm-up; the variants alternate. The attention calls time
+every native path this CPU runs (AVX-512 BF16, AVX2; --isa picks), the model's forward the one fast_attention() takes.
 
-    python benchmarks/attention_time.py [--reps 7] [--threads 2]     (docs/RESULTS.md section 48)
+    python benchmarks/attention_time.py [--reps 7] [--threads 2] [--isa avx2]     (docs/RESULTS.md sections 48-49)
 """
 import argparse
 import statistics
@@ -19,9 +20,11 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--reps", type=int, default=7)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--no-model", action="store_true", help="only the attention calls, not the default model's forward")
+ap.add_argument("--isa", action="append", help="native paths to time (default: all but scalar that this CPU runs)")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
-print(f"native kernel path: {attention_cpu.isa()}; {args.threads} threads")
+isas = args.isa or [i for i in attention_cpu.available_isas() if i != "scalar"]
+print(f"native kernel paths: {', '.join(isas)} (fast_attention takes {attention_cpu.isa()}); {args.threads} threads")
 
 
 def medians(fns: dict) -> dict:
@@ -37,15 +40,19 @@ def medians(fns: dict) -> dict:
 
 
 gen = torch.Generator().manual_seed(0)
-print("| shape (batch, heads / key heads, T, head size) | torch SDPA ms | native ms | speed-up |")
-print("|---|---|---|---|")
+print("| shape (batch, heads / key heads, T, head size) | torch SDPA ms | " +
+      " | ".join(f"{i} ms | speed-up" for i in isas) + " |")
+print("|---|---|" + "---|---|" * len(isas))
 for b, t in ((1, 2048), (16, 512)):
     q = torch.randn(b, t, 9, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)
     k = torch.randn(b, t, 3, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)
     v = torch.randn(b, t, 3, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)
-    m = medians({"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                 "native": lambda: attention_cpu.causal_attention(q, k, v)})
-    print(f"| ({b}, 9 / 3, {t}, 64) | {m['torch']:.1f} | {m['native']:.1f} | {m['torch'] / m['native']:.2f}x |")
+    fns = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    for i in isas:
+        fns[i] = lambda i=i: attention_cpu.causal_attention(q, k, v, isa=i)
+    m = medians(fns)
+    print(f"| ({b}, 9 / 3, {t}, 64) | {m['torch']:.1f} | " +
+          " | ".join(f"{m[i]:.1f} | {m['torch'] / m[i]:.2f}x" for i in isas) + " |")
 
 if not args.no_model:
     from rabit.models import load_model

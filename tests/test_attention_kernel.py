@@ -10,8 +10,10 @@ from rabit.kernels import attention, attention_cpu
 from conftest import make_tiny_llama
 
 pytestmark = pytest.mark.skipif(not attention_cpu.is_available(), reason="no C compiler for the native kernel")
-HAS_BF16 = attention_cpu.is_available() and attention_cpu.isa() == "avx512bf16"
-ISAS = ["scalar"] + (["avx512bf16"] if HAS_BF16 else [])
+ISAS = attention_cpu.available_isas() if attention_cpu.is_available() else ["scalar"]
+HAS_BF16 = "avx512bf16" in ISAS
+FAST_ISAS = [i for i in ISAS if i != "scalar"]
+USABLE = attention_cpu.is_available() and any(i in attention.KERNEL_ISAS for i in ISAS)
 
 
 def qkv(b, hq, hk, t, d, seed, spread=1.0, layout="bthd"):
@@ -69,11 +71,11 @@ def test_scale_and_out_are_honoured():
     assert not torch.allclose(default.float(), out.float(), atol=1e-2)   # 1/sqrt(64) != 0.3: the scale mattered
 
 
-@pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF16")
-def test_the_two_paths_agree_and_threads_change_nothing():
+@pytest.mark.parametrize("isa", FAST_ISAS or [pytest.param("none", marks=pytest.mark.skip("no SIMD path here"))])
+def test_the_paths_agree_and_threads_change_nothing(isa):
     q, k, v = qkv(2, 9, 3, 300, 64, seed=11)
     scalar = attention_cpu.causal_attention(q, k, v, isa="scalar")
-    runs = [attention_cpu.causal_attention(q, k, v, isa="avx512bf16", threads=n) for n in (1, 2, 3)]
+    runs = [attention_cpu.causal_attention(q, k, v, isa=isa, threads=n) for n in (1, 2, 3)]
     torch.testing.assert_close(runs[0].float(), scalar.float(), **bf16_tolerance(scalar))
     for r in runs[1:]:
         assert torch.equal(r, runs[0])   # each query block is one task: the thread count changes no bit
@@ -122,7 +124,7 @@ def counting(monkeypatch):
     return calls
 
 
-@pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF16")
+@pytest.mark.skipif(not USABLE, reason="the CPU runs none of the kernel's fast paths")
 def test_a_model_under_bf16_autocast_runs_the_kernel_and_matches_sdpa(monkeypatch):
     model, ids = tiny_model(), torch.randint(0, 96, (2, 150), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -155,7 +157,7 @@ def test_sdpa_runs_where_the_kernel_does_not_apply(monkeypatch):
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
 
 
-@pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF16")
+@pytest.mark.skipif(not USABLE, reason="the CPU runs none of the kernel's fast paths")
 def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
     model, ids = tiny_model(), torch.randint(0, 96, (1, 70), generator=torch.Generator().manual_seed(2))
     calls = counting(monkeypatch)
@@ -167,6 +169,34 @@ def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
     with torch.no_grad(), attention.fast_attention():
         logits(model, ids)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("setting", ["scalar", *FAST_ISAS])
+def test_the_environment_variable_picks_a_path(monkeypatch, setting):
+    model, ids = tiny_model(), torch.randint(0, 96, (1, 70), generator=torch.Generator().manual_seed(2))
+    picked = []
+    real = attention_cpu.causal_attention
+
+    def spy(*a, **k):
+        picked.append(k.get("isa"))
+        return real(*a, **k)
+    monkeypatch.setattr(attention_cpu, "causal_attention", spy)
+    monkeypatch.setenv(attention.ENV_VAR, setting)
+    with torch.no_grad():
+        ref = logits(model, ids)
+        with attention.fast_attention():
+            got = logits(model, ids)
+    assert picked == [setting] * 2
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    monkeypatch.setenv(attention.ENV_VAR, "auto")
+    assert attention.kernel_isa() == next((i for i in attention.KERNEL_ISAS if i in ISAS), None)
+
+
+@pytest.mark.parametrize("setting", ["avx9", "sdpa", *(["avx512bf16"] if not HAS_BF16 else [])])
+def test_a_bad_environment_variable_is_refused(monkeypatch, setting):
+    monkeypatch.setenv(attention.ENV_VAR, setting)
+    with pytest.raises(ValueError, match=attention.ENV_VAR):
+        attention.kernel_isa()
 
 
 def test_the_registry_is_restored_after_nested_use():
@@ -182,7 +212,7 @@ def test_the_registry_is_restored_after_nested_use():
     assert AttentionInterface._global_mapping["sdpa"] is before
 
 
-@pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF16")
+@pytest.mark.skipif(not USABLE, reason="the CPU runs none of the kernel's fast paths")
 def test_distillation_runs_the_teacher_on_the_kernel_and_the_student_on_sdpa(monkeypatch):
     from rabit.train.losses import batch_distillation_loss
     teacher, student = tiny_model(), make_tiny_llama(hidden=128, heads=4, kv_heads=2, intermediate=128, layers=2,

@@ -285,6 +285,9 @@ class FakeClock:
         self.now += 0.25
         return self.now
 
+    def monotonic(self):   # checkpoint writes (timed with monotonic) take no time on this clock
+        return self.now
+
 
 def budgeted_config(**kw):
     from rabit.train.loop import PROVISIONAL_STEPS
@@ -392,6 +395,32 @@ def test_time_budget_is_not_overrun_when_some_steps_are_slow(tmp_path, monkeypat
     assert 30.0 - 2.25 < spent <= 30.0
     assert result.steps == tr.cfg.steps == len(log) < 36
     assert log[-1]["lr_latent"] < 0.15 * 3e-3   # the cosine still ends near min_lr_ratio, at the new last step
+
+
+class SavingClock(FakeClock):
+    """Steps of 0.75 s (FakeClock), and every checkpoint write takes 1.5 s."""
+
+    writes = 0
+
+    def monotonic(self):          # called before and after each write
+        self.writes += 1
+        if self.writes % 2 == 0:
+            self.now += 1.5
+        return self.now
+
+
+def test_time_budget_counts_the_checkpoint_writes(tmp_path, monkeypatch):
+    clock = SavingClock()
+    tr, result = train_under(clock, tmp_path, monkeypatch)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    writes = clock.writes // 2
+    assert writes == len([s for s in range(1, result.steps + 1) if s % 3 == 0 or s == result.steps])
+    # the steps alone were timed at 0.75 s (40 of them would fit), a write every third step adds 0.5 s a step; the
+    # checks bring the steps and the writes together within the 30 s, less than one step and write short of it
+    assert sum(r["seconds"] for r in log) == pytest.approx(0.75 * result.steps)   # the log: the steps' own time
+    spent = 0.75 * result.steps + 1.5 * writes
+    assert 30.0 - 2.25 < spent <= 30.0 + 0.01
+    assert result.steps < 30 and tr.cfg.steps == result.steps
 
 
 def test_time_budget_resume_keeps_the_steps_the_first_session_chose(tmp_path, monkeypatch):

@@ -13,8 +13,10 @@
  * Grouped-query attention: query head h reads key head h / (Hq / Hkv).  Padded keys (T rounded up to the key
  * block) are zero and masked.
  *
- * Paths: AVX-512 BF16 (chosen when the CPU has it) and portable C with the same blocking and rounding points (for
- * tests, and for `isa` 1).  The caller checks the shapes (head size a multiple of 32).  OpenMP threads over the
+ * Paths: AVX-512 BF16 (chosen when the CPU has it), AVX2 + FMA (CPUs without it, e.g. Zen 3: the same packed keys
+ * and values, each bf16 pair widened to two fp32 vectors by a shift and a mask, the queries widened once per task,
+ * P kept as fp32 values rounded to bf16 in place of S) and portable C with the same blocking and rounding points
+ * (for tests, and for `isa` 1).  The caller checks the shapes (head size a multiple of 32).  OpenMP threads over the
  * (batch, head, query block) tasks, the longest (last) query blocks first.  Returns 0, or -1 when out of memory.
  */
 #include <math.h>
@@ -28,6 +30,7 @@
 #include <immintrin.h>
 #define ATT_X86 1
 #define BF16_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+#define AVX2_ATTR __attribute__((target("avx2,fma")))
 #endif
 
 #define ATT_API __attribute__((visibility("default")))
@@ -37,7 +40,7 @@
 /* equal blocks: a task's last key block starts at its first query, so no query's block is wholly masked */
 _Static_assert(QB == KB, "the online softmax assumes QB == KB");
 
-enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX512BF16 = 2 };
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX512BF16 = 2, ISA_AVX2 = 3 };
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -256,11 +259,149 @@ static BF16_ATTR void pv_bf16(const Attn *a, const uint16_t *P, int64_t rows, co
         }
     }
 }
+
+/* ---- AVX2 + FMA: 8-lane fp32 vectors on the same packed keys and values ---- */
+
+static AVX2_ATTR inline __m256 exp_nonpos256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LE_OQ);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* bf16 pairs in 32-bit lanes as fp32: the element at the lower address (low half), the one above it (high half) */
+static AVX2_ATTR inline __m256 pair_lo(__m256i x) { return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)); }
+static AVX2_ATTR inline __m256 pair_hi(__m256i x) {
+    return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static AVX2_ATTR inline float hmax256(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static AVX2_ATTR inline float hsum256(__m256 v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* S = scale * Q K^T from the fp32 queries Qf (rows x D): 4 queries x 16 keys a tile, 8 accumulators */
+static AVX2_ATTR void scores_avx2(const Attn *a, const float *Qf, int64_t rows, const uint16_t *kblk, float *S) {
+    const int64_t D = a->D, H = D / 2;
+    const __m256 sc = _mm256_set1_ps(a->scale);
+    for (int64_t i0 = 0; i0 < rows; i0 += 4) {
+        const int64_t nr = rows - i0 < 4 ? rows - i0 : 4;
+        const float *qr[4];
+        for (int r = 0; r < 4; r++) qr[r] = Qf + (i0 + (r < nr ? r : 0)) * D;
+        for (int c = 0; c < KB / 16; c++) {
+            __m256 acc[4][2];
+            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            const uint16_t *kc = kblk + c * H * 32;
+            for (int64_t dp = 0; dp < H; dp++) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(kc + dp * 32));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(kc + dp * 32 + 16));
+                const __m256 k0e = pair_lo(x0), k0o = pair_hi(x0), k1e = pair_lo(x1), k1o = pair_hi(x1);
+                for (int r = 0; r < 4; r++) {
+                    const __m256 qe = _mm256_broadcast_ss(qr[r] + 2 * dp), qo = _mm256_broadcast_ss(qr[r] + 2 * dp + 1);
+                    acc[r][0] = _mm256_fmadd_ps(qo, k0o, _mm256_fmadd_ps(qe, k0e, acc[r][0]));
+                    acc[r][1] = _mm256_fmadd_ps(qo, k1o, _mm256_fmadd_ps(qe, k1e, acc[r][1]));
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                _mm256_storeu_ps(S + (i0 + r) * KB + c * 16, _mm256_mul_ps(acc[r][0], sc));
+                _mm256_storeu_ps(S + (i0 + r) * KB + c * 16 + 8, _mm256_mul_ps(acc[r][1], sc));
+            }
+        }
+    }
+}
+
+/* The online softmax (as softmax_block), P written over S as fp32 values rounded to bf16 */
+static AVX2_ATTR void softmax_avx2(const Attn *a, float *S, int64_t rows, int64_t j0, int64_t q0, float *m, float *l,
+                                   float *O) {
+    const int64_t D = a->D;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t i = 0; i < rows; i++) {
+        float *s = S + i * KB;
+        const int64_t last = q0 + i - j0;
+        const int n = (int)(last + 1 < KB ? last + 1 : KB);
+        __m256 v[KB / 8];
+        __m256 vmx = _mm256_set1_ps(m[i]);
+        for (int c = 0; c < KB / 8; c++) {
+            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8 * c), lane));
+            v[c] = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + 8 * c), keep);
+            vmx = _mm256_max_ps(vmx, v[c]);
+        }
+        const float mx = hmax256(vmx);
+        const float alpha = m[i] == -INFINITY ? 0.0f : exp_nonpos(m[i] - mx);
+        const __m256 vm = _mm256_set1_ps(mx);
+        const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+        const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
+        __m256 vs = _mm256_setzero_ps();
+        for (int c = 0; c < KB / 8; c++) {
+            /* round to nearest even bf16 (p is finite and in [0, 1]), kept as fp32 */
+            __m256i u = _mm256_castps_si256(exp_nonpos256(_mm256_sub_ps(v[c], vm)));
+            u = _mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+            const __m256 p = _mm256_castsi256_ps(_mm256_and_si256(u, top));
+            _mm256_storeu_ps(s + 8 * c, p);
+            vs = _mm256_add_ps(vs, p);
+        }
+        l[i] = l[i] * alpha + hsum256(vs);
+        m[i] = mx;
+        if (alpha != 1.0f) {
+            const __m256 va = _mm256_set1_ps(alpha);
+            for (int64_t d = 0; d < D; d += 8)
+                _mm256_storeu_ps(O + i * D + d, _mm256_mul_ps(_mm256_loadu_ps(O + i * D + d), va));
+        }
+    }
+}
+
+/* O += P V for `rows` queries over KB keys, P the fp32 weights softmax_avx2 left in S: 4 queries x 16 d a tile */
+static AVX2_ATTR void pv_avx2(const Attn *a, const float *P, int64_t rows, const uint16_t *vblk, float *O) {
+    const int64_t D = a->D, D16 = D / 16;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        for (int64_t i0 = 0; i0 < rows; i0 += 4) {
+            const int64_t nr = rows - i0 < 4 ? rows - i0 : 4;
+            const float *pr[4];
+            for (int r = 0; r < 4; r++) pr[r] = P + (i0 + (r < nr ? r : 0)) * KB;
+            __m256 acc[4][2];
+            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            for (int64_t jp = 0; jp < KB / 2; jp++) {
+                const uint16_t *vb = vblk + (jp * D16 + d0 / 16) * 32;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)vb);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(vb + 16));
+                const __m256 v0e = pair_lo(x0), v0o = pair_hi(x0), v1e = pair_lo(x1), v1o = pair_hi(x1);
+                for (int r = 0; r < 4; r++) {
+                    const __m256 pe = _mm256_broadcast_ss(pr[r] + 2 * jp), po = _mm256_broadcast_ss(pr[r] + 2 * jp + 1);
+                    acc[r][0] = _mm256_fmadd_ps(po, v0o, _mm256_fmadd_ps(pe, v0e, acc[r][0]));
+                    acc[r][1] = _mm256_fmadd_ps(po, v1o, _mm256_fmadd_ps(pe, v1e, acc[r][1]));
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                float *o = O + (i0 + r) * D + d0;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][0]));
+                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[r][1]));
+            }
+        }
+    }
+}
 #endif
 
 /* One task: queries q0 .. q0 + rows - 1 of (batch b, query head h). */
 static void attend(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, float *S, uint16_t *P, float *O,
-                   float *m, float *l) {
+                   float *Qf, float *m, float *l) {
     const int64_t D = a->D, rows = a->T - q0 < QB ? a->T - q0 : QB;
     const int64_t hk = h / (a->Hq / a->Hkv);
     const uint16_t *q = a->q + b * a->qsb + h * a->qsh + q0 * a->qst;
@@ -271,9 +412,18 @@ static void attend(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, flo
     }
     memset(O, 0, (size_t)(rows * D) * sizeof(float));
     const int64_t j_end = q0 + rows;   /* keys 0 .. q0 + rows - 1 */
+    if (isa == ISA_AVX2)
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t d = 0; d < D; d++) Qf[i * D + d] = bf16_to_f32(q[i * a->qst + d]);
     for (int64_t j0 = 0; j0 < j_end; j0 += KB) {
         const uint16_t *kblk = kp + j0 * D, *vblk = vp + j0 * D;
 #ifdef ATT_X86
+        if (isa == ISA_AVX2) {
+            scores_avx2(a, Qf, rows, kblk, S);
+            softmax_avx2(a, S, rows, j0, q0, m, l, O);
+            pv_avx2(a, S, rows, vblk, O);
+            continue;
+        }
         if (isa == ISA_AVX512BF16) {
             scores_bf16(a, q, rows, kblk, S);
             softmax_bf16(a, S, rows, j0, q0, m, l, O, P);
@@ -292,17 +442,27 @@ static void attend(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, flo
     }
 }
 
-static int cpu_isa(void) {
+/* Whether this CPU runs a path */
+static int cpu_has(int isa) {
+    if (isa == ISA_SCALAR) return 1;
 #ifdef ATT_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
-        return ISA_AVX512BF16;
+    if (isa == ISA_AVX512BF16)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
-    return ISA_SCALAR;
+    return 0;
+}
+
+/* The best path: AVX-512 BF16, else AVX2 + FMA, else portable C */
+static int cpu_isa(void) {
+    return cpu_has(ISA_AVX512BF16) ? ISA_AVX512BF16 : cpu_has(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
 }
 
 ATT_API int att_cpu_isa(void) { return cpu_isa(); }
+
+ATT_API int att_cpu_has(int isa) { return cpu_has(isa); }
 
 /* out[b, h, t, :] = softmax(scale * q[b, h, t] . k[b, h', :t+1]) v[b, h', :t+1] for every query t < T; q, k, v, out
  * bf16 with unit stride along the head dimension and the given (batch, head, position) strides. */
@@ -312,7 +472,8 @@ ATT_API int att_causal_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t
                             int64_t T, int64_t D, float scale, int isa, int threads) {
     if (D % 32 != 0 || D > DMAX || Hkv < 1 || Hq % Hkv != 0 || T < 1 || B < 1) return -2;
     if (isa == ISA_AUTO) isa = cpu_isa();
-    if (isa == ISA_AVX512BF16 && cpu_isa() != ISA_AVX512BF16) return -3;
+    if (isa < ISA_SCALAR || isa > ISA_AVX2) return -2;
+    if (!cpu_has(isa)) return -3;
     Attn a = {q, k, v, out, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, osb, osh, ost,
               B, Hq, Hkv, T, D, (T + KB - 1) / KB * KB, scale, NULL, NULL};
     const size_t packed = (size_t)(B * Hkv * a.Tpad * D) * sizeof(uint16_t);
@@ -332,22 +493,24 @@ ATT_API int att_causal_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t
         float *S = aligned_alloc(64, QB * KB * sizeof(float));
         uint16_t *P = aligned_alloc(64, QB * KB * sizeof(uint16_t));
         float *O = aligned_alloc(64, (size_t)(QB * D) * sizeof(float));
+        float *Qf = aligned_alloc(64, (size_t)(QB * D) * sizeof(float));   /* the AVX2 path's fp32 queries */
         float *m = malloc(QB * sizeof(float)), *l = malloc(QB * sizeof(float));
-        if (!S || !P || !O || !m || !l) {
+        if (!S || !P || !O || !Qf || !m || !l) {
 #pragma omp atomic write
             failed = 1;
         }
         /* the last query blocks (most keys) first, then the shorter ones fill the gaps */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; t++) {
-            if (S && P && O && m && l) {
+            if (S && P && O && Qf && m && l) {
                 const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
-                attend(&a, isa, bh / Hq, bh % Hq, qb * QB, S, P, O, m, l);
+                attend(&a, isa, bh / Hq, bh % Hq, qb * QB, S, P, O, Qf, m, l);
             }
         }
         free(S);
         free(P);
         free(O);
+        free(Qf);
         free(m);
         free(l);
     }

@@ -6,13 +6,14 @@ without a change to its config (nothing of it is saved with a model). Each call 
 (``attention_cpu``) when it applies and otherwise calls transformers' own SDPA function with the same arguments:
 
 - the kernel: bf16 CPU tensors, or fp32 ones under bf16 autocast (cast as autocast casts them for SDPA), a CPU
-  with AVX-512 BF16, no gradient wanted, no attention mask (transformers leaves it out when plain causal attention
+  with AVX-512 BF16 or AVX2 + FMA (KERNEL_ISAS), no gradient wanted, no attention mask (transformers leaves it out when plain causal attention
   is meant), as many queries as keys, no dropout, a head size that is a multiple of 32 up to 256, none of softcap,
   position bias or attention sinks;
 - everything else (training the student, fp32 models, padding or sliding-window masks, decoding steps, GPUs):
   torch's ``scaled_dot_product_attention`` as before.
 
-``RABIT_ATTENTION=torch`` turns the kernel off (for A/B measurements).
+``RABIT_ATTENTION=torch`` turns the kernel off, ``RABIT_ATTENTION=avx2`` (or another of the kernel's paths) picks
+a path (for A/B measurements); unset or ``auto``: the CPU's best path, where it is one of KERNEL_ISAS.
 """
 from __future__ import annotations
 
@@ -25,22 +26,37 @@ import torch
 from . import attention_cpu
 
 ENV_VAR = "RABIT_ATTENTION"
+# the native paths faster than torch's kernel (docs/RESULTS.md sections 48-49); the portable C one is slower
+KERNEL_ISAS = ("avx512bf16", "avx2")
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 _lock = threading.Lock()
 _depth = 0
 _original = None
-_usable: bool | None = None
+_paths: list[str] | None = None
+
+
+def kernel_isa() -> str | None:
+    """The native kernel's path that fast_attention() runs, or None (torch's SDPA): RABIT_ATTENTION's choice ("torch":
+    none; a path's name: that one), else the CPU's best path where it is one of KERNEL_ISAS."""
+    global _paths
+    setting = os.environ.get(ENV_VAR, "").strip().lower()
+    if setting == "torch":
+        return None
+    if setting not in ("", "auto") and setting not in attention_cpu.ISA_CODES:
+        raise ValueError(f"{ENV_VAR}={setting!r}: expected torch, auto or one of the kernel's paths "
+                         f"{sorted(n for n in attention_cpu.ISA_CODES if n != 'auto')}")
+    if _paths is None:
+        _paths = attention_cpu.available_isas() if attention_cpu.is_available() else []
+    if setting in ("", "auto"):
+        return next((p for p in KERNEL_ISAS if p in _paths), None)
+    if setting not in _paths:
+        raise ValueError(f"{ENV_VAR}={setting}: this CPU (or build) cannot run that path; it runs {_paths or 'none'}")
+    return setting
 
 
 def kernel_usable() -> bool:
-    """Whether the native kernel is built and this CPU runs its AVX-512 BF16 path (its portable path is slower than
-    torch's), and RABIT_ATTENTION does not say "torch"."""
-    global _usable
-    if os.environ.get(ENV_VAR, "").strip().lower() == "torch":
-        return False
-    if _usable is None:
-        _usable = attention_cpu.is_available() and attention_cpu.isa() == "avx512bf16"
-    return _usable
+    """Whether fast_attention() runs the native kernel at all (kernel_isa)."""
+    return kernel_isa() is not None
 
 
 def kernel_inputs(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -59,7 +75,7 @@ def kernel_inputs(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return None
-    if not kernel_usable():
+    if kernel_isa() is None:
         return None
     q, k, v = (_autocast_cast(x) for x in (query, key, value))
     return (q, k, v) if attention_cpu.supports(q, k, v) else None
@@ -70,7 +86,7 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     """transformers' attention-function signature: (attention output (batch, T, heads, head_dim), None)."""
     qkv = kernel_inputs(module, query, key, value, attention_mask, dropout, is_causal, **kwargs)
     if qkv is not None:
-        return attention_cpu.causal_attention(*qkv, scale=scaling), None
+        return attention_cpu.causal_attention(*qkv, scale=scaling, isa=kernel_isa()), None
     return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                    **kwargs)
 

@@ -1,10 +1,11 @@
 """Native CPU kernel of causal self-attention's forward on bf16 inputs (``rabit/csrc/attention_cpu.c``): flash-
-attention order, AVX-512 BF16 dot products, OpenMP threads over (batch, head, block of 64 queries). For passes that
+attention order, AVX-512 BF16 dot products (AVX2 + FMA on CPUs without them), OpenMP threads over (batch, head,
+block of 64 queries). For passes that
 need no gradient (perplexity windows, the block stage's forward passes), where torch's CPU kernel was more than half of
 a 2048-token forward of the default model (docs/RESULTS.md section 48).
 
 ``causal_attention_reference`` is its plain PyTorch twin (fp32 scores and softmax on the bf16 inputs); the tests
-compare the two, and the native portable-C path with the AVX-512 BF16 one, on random shapes.
+compare the two, and the native portable-C path with the AVX-512 BF16 and AVX2 ones, on random shapes.
 ``rabit.kernels.attention`` decides per call whether the kernel applies and otherwise calls transformers' SDPA.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from . import native_build
 
 _SRC = Path(__file__).resolve().parent.parent / "csrc" / "attention_cpu.c"
-ISA_CODES = {"auto": 0, "scalar": 1, "avx512bf16": 2}
+ISA_CODES = {"auto": 0, "scalar": 1, "avx512bf16": 2, "avx2": 3}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 HEAD_DIM_MULTIPLE = 32
 MAX_HEAD_DIM = 256
@@ -31,6 +32,8 @@ def _build():
     lib.att_causal_bf16.restype = i32
     lib.att_causal_bf16.argtypes = [vp, i64, i64, i64] * 4 + [i64] * 5 + [f32, i32, i32]
     lib.att_cpu_isa.restype = i32
+    lib.att_cpu_has.restype = i32
+    lib.att_cpu_has.argtypes = [i32]
     return lib
 
 
@@ -42,8 +45,15 @@ def is_available() -> bool:
 
 
 def isa() -> str:
-    """The best path this CPU runs: "avx512bf16", or "scalar" (portable C, slower than torch's kernel)."""
+    """The best path this CPU runs: "avx512bf16", "avx2" (AVX2 + FMA) or "scalar" (portable C, slower than torch's
+    kernel)."""
     return ISA_NAMES[_library.load().att_cpu_isa()]
+
+
+def available_isas() -> list[str]:
+    """The paths this CPU runs ("scalar" always)."""
+    lib = _library.load()
+    return [name for name, code in ISA_CODES.items() if code and lib.att_cpu_has(code)]
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -65,7 +75,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """softmax(scale * q k^T + causal mask) v for (batch, heads, T, head_dim) bf16 tensors (``supports``); key and
     value may have fewer heads (grouped-query attention). Returns (batch, T, heads, head_dim) bf16, the layout
     transformers' attention functions return; `out` may give it (any strides with unit stride along head_dim).
-    scale: default 1 / sqrt(head_dim). isa: "auto", "scalar" or "avx512bf16"."""
+    scale: default 1 / sqrt(head_dim). isa: "auto", "scalar", "avx2" or "avx512bf16"."""
     if not supports(query, key, value):
         raise ValueError("expected bf16 CPU tensors (batch, heads, T, head_dim), queries and keys of one length, "
                          f"head_dim a multiple of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM}, got "
@@ -87,7 +97,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     args += [out.data_ptr(), out.stride(0), out.stride(2), out.stride(1)]
     rc = _library.load().att_causal_bf16(*args, b, hq, key.shape[1], t, d, scale, ISA_CODES[isa], max(1, int(nt)))
     if rc == -3:
-        raise RuntimeError("the avx512bf16 path needs a CPU with AVX-512 BF16")
+        raise RuntimeError(f"this CPU cannot run the {isa} path (it runs {available_isas()})")
     if rc != 0:
         raise RuntimeError(f"att_causal_bf16 failed (code {rc}{': out of memory' if rc == -1 else ''})")
     return out

@@ -115,7 +115,10 @@ class BlockConfig:
     # what its budget affords (BlockReconstruction's time_budget; 176-256 per block in a 13-minute job on an AMX Xeon,
     # docs/RESULTS.md section 41). Block training (epochs > 0, e.g. 64 samples x 4 epochs as in EfficientQAT's
     # Block-AP) costs about as much as end-to-end training on samples x seq_len x epochs tokens.
-    samples: int = 256            # calibration sequences the blocks are reconstructed on
+    # calibration sequences the blocks are reconstructed on. In the 13-minute job on Zen 5 (docs/RESULTS.md section
+    # 49), 192 and 352 rows at equal time (the rest to training) gave +0.70-0.92 and +0.10-0.19 perplexity in domain
+    # against 256, out of domain within seed noise
+    samples: int = 256
     seq_len: int = 512
     epochs: int = 0               # passes over the samples per block; 0 = closed-form refinement only
     batch_size: int = 4
@@ -134,7 +137,7 @@ class BlockConfig:
     # descent and a bias the refinement fits its rows harder, and more rows pay far more: after the block stage
     # 100.5 (32 rows) -> 78.3 (64) -> 74.0 (128) -> 72.2 (256), after 40,960 frozen-latent tokens 51.8 -> 47.3 ->
     # 45.3 -> 43.9 on WikiText-2, for a block stage of 187 -> 204 -> 269 -> 505 s on an AMX Xeon (section 40)
-    refine_samples: int = 256
+    refine_samples: int = 256     # `rabit quantize` sets it to `samples` unless --refine-samples is given
     # whose inputs the refinement fits on: "fp" (H of the full-precision block's inputs, target W x),
     # "quantized" (GPTQ's sequential rule: H of the student's own inputs, from the quantized prefix and the
     # block's already-refined layers, target W x~) or "corrected" (the same H, target the teacher's W x on

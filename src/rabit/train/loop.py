@@ -324,6 +324,11 @@ class DistillLoop:
                    disable=not self.progress, dynamic_ncols=True)
         train_seconds, session_tokens, last = 0.0, 0, None
         step_times: list[float] = []
+        # what the time budget counts: each step with the checkpoint written after it (a run whose latents train
+        # writes ~1 GB every save_every steps: 35 checkpoints took ~84 s of a 60-minute job, which ended 58 s late,
+        # docs/RESULTS.md section 49); the log's seconds and tokens/s stay the steps' own
+        budget_times: list[float] = []
+        budget_seconds = 0.0
         params = [p for _, p in self.split.latents + self.split.others]
         if col.is_main:
             self.log.truncate_after(self.step)  # drop steps a killed session logged after its last checkpoint
@@ -360,6 +365,8 @@ class DistillLoop:
                 dt = time.perf_counter() - t0
                 train_seconds += dt
                 step_times.append(dt)
+                budget_seconds += dt
+                budget_times.append(dt)
                 session_tokens += self.tokens_per_step
                 tok_s = session_tokens / max(train_seconds, 1e-9)
                 last = {"step": step_no, "loss": loss, "kl": kl, "mse": mse, "grad_norm": grad_norm,
@@ -372,20 +379,24 @@ class DistillLoop:
                 bar.set_postfix(loss=f"{loss:.4g}", kl=f"{kl:.4g}", mse=f"{mse:.4g}", tok_s=f"{tok_s:.0f}",
                                 refresh=False)
                 chosen = None
-                if self.budget_pending() and len(step_times) >= BUDGET_PROBE_STEPS:
-                    chosen = self._choose_budgeted_steps(step_times, train_seconds)
-                elif self.budget_pending() and len(step_times) == 1 and self.resumed_from is None:
-                    self._provisional_schedule(step_times, train_seconds)
+                if self.budget_pending() and len(budget_times) >= BUDGET_PROBE_STEPS:
+                    chosen = self._choose_budgeted_steps(budget_times, budget_seconds)
+                elif self.budget_pending() and len(budget_times) == 1 and self.resumed_from is None:
+                    self._provisional_schedule(budget_times, budget_seconds)
                 elif self.budget_to_refine():
-                    chosen = self._refine_budgeted_steps(step_times, train_seconds)
+                    chosen = self._refine_budgeted_steps(budget_times, budget_seconds)
                 elif self.budget_to_check():
-                    chosen = self._check_budgeted_steps(step_times, train_seconds)
+                    chosen = self._check_budgeted_steps(budget_times, budget_seconds)
                 if chosen is not None:
                     total = chosen if stop_at is None else min(chosen, int(stop_at))
                     bar.total = chosen
                     bar.refresh()
                 if self.step % cfg.save_every == 0 or self.step == total:
+                    t_save = time.monotonic()
                     self.save()
+                    t_save = time.monotonic() - t_save
+                    budget_seconds += t_save
+                    budget_times[-1] += t_save
             if self.last_saved != self.step:
                 self.save()
         finally:

@@ -205,7 +205,7 @@ class JobSpec:
     # less with bf16 AMX.
     tokens: int = 40_960
     # or a time budget: end-to-end training takes about this many minutes of steps, whatever the machine (the steps
-    # are chosen from the first steps' measured time; checkpoint writes and evaluations are not counted)
+    # are chosen from the first steps' measured time; evaluations are not counted, checkpoint writes are)
     train_minutes: float | None = None
     # or a budget for the whole job: end-to-end training gets the minutes that loading, initialization, the block
     # stage and an estimate of the final evaluation leave (decided once, after the block stage; see

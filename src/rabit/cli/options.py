@@ -224,8 +224,8 @@ OPTIONS = {o.flag: o for o in _OPTIONS}
 # Flags whose default JobSpec.resolve_batch fills in when they are left unset, and the JobSpec field that says so:
 # the batch flags let a multi-process run regroup the rows of a step (auto_split); the training sequence length
 # follows whether the latents train, the latents' learning rate whether they train from the block stage's start,
-# the scales' learning rate and the preconditioning follow the rotation, and the refinement's rows the block stage's. argparse gives them None, so that "unset"
-# can be told from the default.
+# the scales' learning rate and the preconditioning follow the rotation, and the refinement's rows the block
+# stage's. argparse gives them None, so that "unset" can be told from the default.
 _AUTO = {"--batch-size": "auto_split", "--grad-accum": "auto_split", "--seq-len": "auto_seq_len",
          "--scale-lr": "auto_scale_lr", "--latent-lr": "auto_latent_lr", "--precondition": "auto_precondition",
          "--refine-samples": "auto_refine_samples"}

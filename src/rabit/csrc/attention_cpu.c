@@ -28,6 +28,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include "rabit_simd.h"
 #define ATT_X86 1
 #define BF16_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 #define AVX2_ATTR __attribute__((target("avx2,fma")))
@@ -286,18 +287,6 @@ static AVX2_ATTR inline __m256 pair_hi(__m256i x) {
     return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-static AVX2_ATTR inline float hmax256(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-static AVX2_ATTR inline float hsum256(__m256 v) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-}
-
 /* S = scale * Q K^T from the fp32 queries Qf (rows x D): 4 queries x 16 keys a tile, 8 accumulators */
 static AVX2_ATTR void scores_avx2(const Attn *a, const float *Qf, int64_t rows, const uint16_t *kblk, float *S) {
     const int64_t D = a->D, H = D / 2;
@@ -344,7 +333,7 @@ static AVX2_ATTR void softmax_avx2(const Attn *a, float *S, int64_t rows, int64_
             v[c] = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + 8 * c), keep);
             vmx = _mm256_max_ps(vmx, v[c]);
         }
-        const float mx = hmax256(vmx);
+        const float mx = hmax8(vmx);
         const float alpha = m[i] == -INFINITY ? 0.0f : exp_nonpos(m[i] - mx);
         const __m256 vm = _mm256_set1_ps(mx);
         const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
@@ -358,7 +347,7 @@ static AVX2_ATTR void softmax_avx2(const Attn *a, float *S, int64_t rows, int64_
             _mm256_storeu_ps(s + 8 * c, p);
             vs = _mm256_add_ps(vs, p);
         }
-        l[i] = l[i] * alpha + hsum256(vs);
+        l[i] = l[i] * alpha + hsum8(vs);
         m[i] = mx;
         if (alpha != 1.0f) {
             const __m256 va = _mm256_set1_ps(alpha);

@@ -6,9 +6,9 @@ without a change to its config (nothing of it is saved with a model). Each call 
 (``attention_cpu``) when it applies and otherwise calls transformers' own SDPA function with the same arguments:
 
 - the kernel: bf16 CPU tensors, or fp32 ones under bf16 autocast (cast as autocast casts them for SDPA), a CPU
-  with AVX-512 BF16 or AVX2 + FMA (KERNEL_ISAS), no gradient wanted, no attention mask (transformers leaves it out when plain causal attention
-  is meant), as many queries as keys, no dropout, a head size that is a multiple of 32 up to 256, none of softcap,
-  position bias or attention sinks;
+  with AVX-512 BF16 or AVX2 + FMA (KERNEL_ISAS), no gradient wanted, no attention mask (transformers leaves it out
+  when plain causal attention is meant), as many queries as keys, no dropout, a head size that is a multiple of 32
+  up to 256, none of softcap, position bias or attention sinks;
 - everything else (training the student, fp32 models, padding or sliding-window masks, decoding steps, GPUs):
   torch's ``scaled_dot_product_attention`` as before.
 
@@ -54,16 +54,11 @@ def kernel_isa() -> str | None:
     return setting
 
 
-def kernel_usable() -> bool:
-    """Whether fast_attention() runs the native kernel at all (kernel_isa)."""
-    return kernel_isa() is not None
-
-
 def kernel_inputs(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                   dropout: float = 0.0, is_causal: bool | None = None, **kwargs):
-    """The (query, key, value) the native kernel runs for these arguments (cast as autocast would), or None where it
-    does not apply (see the module's docstring). The checks that need no cast come first: the student's training
-    forward (gradients wanted) is turned away before any copy is made."""
+    """(path, query, key, value): the kernel's path (kernel_isa) and the tensors it runs for these arguments (cast as
+    autocast would), or None where it does not apply (see the module's docstring). The checks that need no cast come
+    first: the student's training forward (gradients wanted) is turned away before any copy is made."""
     if attention_mask is not None or dropout != 0.0 or kwargs.get("output_attentions"):
         return None
     if any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
@@ -75,18 +70,20 @@ def kernel_inputs(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return None
-    if kernel_isa() is None:
+    isa = kernel_isa()
+    if isa is None:
         return None
     q, k, v = (_autocast_cast(x) for x in (query, key, value))
-    return (q, k, v) if attention_cpu.supports(q, k, v) else None
+    return (isa, q, k, v) if attention_cpu.supports(q, k, v) else None
 
 
 def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                       dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: (attention output (batch, T, heads, head_dim), None)."""
-    qkv = kernel_inputs(module, query, key, value, attention_mask, dropout, is_causal, **kwargs)
-    if qkv is not None:
-        return attention_cpu.causal_attention(*qkv, scale=scaling, isa=kernel_isa()), None
+    inputs = kernel_inputs(module, query, key, value, attention_mask, dropout, is_causal, **kwargs)
+    if inputs is not None:
+        isa, q, k, v = inputs
+        return attention_cpu.causal_attention(q, k, v, scale=scaling, isa=isa), None
     return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                    **kwargs)
 

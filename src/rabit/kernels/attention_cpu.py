@@ -1,8 +1,7 @@
 """Native CPU kernel of causal self-attention's forward on bf16 inputs (``rabit/csrc/attention_cpu.c``): flash-
 attention order, AVX-512 BF16 dot products (AVX2 + FMA on CPUs without them), OpenMP threads over (batch, head,
-block of 64 queries). For passes that
-need no gradient (perplexity windows, the block stage's forward passes), where torch's CPU kernel was more than half of
-a 2048-token forward of the default model (docs/RESULTS.md section 48).
+block of 64 queries). For passes that need no gradient (perplexity windows, the block stage's forward passes), where
+torch's CPU kernel was more than half of a 2048-token forward of the default model (docs/RESULTS.md section 48).
 
 ``causal_attention_reference`` is its plain PyTorch twin (fp32 scores and softmax on the bf16 inputs); the tests
 compare the two, and the native portable-C path with the AVX-512 BF16 and AVX2 ones, on random shapes.

@@ -323,7 +323,6 @@ class DistillLoop:
         bar = tqdm(total=None if self.budget_pending() else cfg.steps, initial=self.step, unit="step", desc=desc,
                    disable=not self.progress, dynamic_ncols=True)
         train_seconds, session_tokens, last = 0.0, 0, None
-        step_times: list[float] = []
         # what the time budget counts: each step with the checkpoint written after it (a run whose latents train
         # writes ~1 GB every save_every steps: 35 checkpoints took ~84 s of a 60-minute job, which ended 58 s late,
         # docs/RESULTS.md section 49); the log's seconds and tokens/s stay the steps' own
@@ -364,7 +363,6 @@ class DistillLoop:
                 self.step = step_no
                 dt = time.perf_counter() - t0
                 train_seconds += dt
-                step_times.append(dt)
                 budget_seconds += dt
                 budget_times.append(dt)
                 session_tokens += self.tokens_per_step

@@ -18,6 +18,11 @@
  * P kept as fp32 values rounded to bf16 in place of S) and portable C with the same blocking and rounding points
  * (for tests, and for `isa` 1).  The caller checks the shapes (head size a multiple of 32).  OpenMP threads over the
  * (batch, head, query block) tasks, the longest (last) query blocks first.  Returns 0, or -1 when out of memory.
+ *
+ * fp32 inputs (att_causal_f32: CPUs without native bf16 run the job's passes in fp32) have their own packing (K as
+ * [key/16][d][16 keys], V as rows), fp32 throughout with no rounding to bf16, on AVX2 + FMA (4 queries x 16 keys,
+ * then 4 queries x 16 d a tile) or portable C; the blocking, online softmax and task order are the bf16 paths'.
+ * An AVX-512 F version (4 x 64 tiles) was slower than this AVX2 one on Zen 5 (docs/RESULTS.md section 50).
  */
 #include <math.h>
 #include <stdint.h>
@@ -65,6 +70,7 @@ typedef struct {
     int64_t B, Hq, Hkv, T, D, Tpad;
     float scale;
     uint16_t *kp, *vp;   /* packed keys and values, Tpad * D each per (batch, key head) */
+    int f32;             /* fp32 inputs and output: q, k, v, out, kp and vp point to floats (the fp32 paths) */
 } Attn;
 
 /* Repacks one (batch, key head)'s keys and values into the layouts above; rows past T are zero. */
@@ -83,6 +89,24 @@ static void pack_kv(const Attn *a, int64_t b, int64_t h) {
         /* V: pair j/2, element (d16, lane, e) at ((j/2) * D/16 + d/16) * 32 + (d%16) * 2 + j%2 */
         uint16_t *vb = vp + (j / 2) * 2 * D + (j % 2);
         for (int64_t d = 0; d < D; d++) vb[(d / 16) * 32 + (d % 16) * 2] = vr ? vr[d] : 0;
+    }
+}
+
+/* The fp32 paths' packing of one (batch, key head): K as [key/16][D][16 keys] (S: 16 keys per vector, one query
+ * element broadcast), V as rows [key][D] (O: D values per row, one P value broadcast); rows past T are zero. */
+static void pack_kv_f32(const Attn *a, int64_t b, int64_t h) {
+    const int64_t D = a->D, Tp = a->Tpad;
+    float *kp = (float *)a->kp + (b * a->Hkv + h) * Tp * D, *vp = (float *)a->vp + (b * a->Hkv + h) * Tp * D;
+    const float *k = (const float *)a->k + b * a->ksb + h * a->ksh, *v = (const float *)a->v + b * a->vsb + h * a->vsh;
+    for (int64_t j = 0; j < Tp; j++) {
+        float *kb = kp + (j / 16) * 16 * D + (j % 16);
+        if (j < a->T) {
+            for (int64_t d = 0; d < D; d++) kb[d * 16] = k[j * a->kst + d];
+            memcpy(vp + j * D, v + j * a->vst, (size_t)D * sizeof(float));
+        } else {
+            for (int64_t d = 0; d < D; d++) kb[d * 16] = 0.0f;
+            memset(vp + j * D, 0, (size_t)D * sizeof(float));
+        }
     }
 }
 
@@ -120,7 +144,8 @@ static void pv_c(const Attn *a, const uint16_t *P, int64_t rows, const uint16_t 
 }
 
 /* The online softmax over one key block: keys past `limit[i]` (the query's own position) are masked.  m, l: the
- * running maximum and sum; O's row is rescaled when the maximum grows.  P: exp(S - m) in bf16. */
+ * running maximum and sum; O's row is rescaled when the maximum grows.  P: exp(S - m) in bf16, or (P NULL, the
+ * fp32 paths) left in S in fp32. */
 static void softmax_block(const Attn *a, float *S, int64_t rows, int64_t j0, int64_t q0, float *m, float *l,
                           float *O, uint16_t *P) {
     const int64_t D = a->D;
@@ -134,15 +159,42 @@ static void softmax_block(const Attn *a, float *S, int64_t rows, int64_t j0, int
         float sum = 0.0f;
         for (int64_t j = 0; j < KB; j++) {
             float p = j < n ? exp_nonpos(s[j] - mx) : 0.0f;
-            uint16_t pb = f32_to_bf16(p);
-            P[i * KB + j] = pb;
-            sum += bf16_to_f32(pb);   /* the sum of what O adds up: the weights normalize exactly */
+            if (P) {
+                uint16_t pb = f32_to_bf16(p);
+                P[i * KB + j] = pb;
+                p = bf16_to_f32(pb);   /* the sum of what O adds up: the weights normalize exactly */
+            } else {
+                s[j] = p;
+            }
+            sum += p;
         }
         l[i] = l[i] * alpha + sum;
         m[i] = mx;
         if (alpha != 1.0f)
             for (int64_t d = 0; d < D; d++) O[i * D + d] *= alpha;
     }
+}
+
+/* ---- portable C on fp32 inputs: the fp32 paths' blocking, no rounding to bf16 anywhere ---- */
+
+static void scores_f32_c(const Attn *a, const float *q, int64_t rows, const float *kblk, float *S) {
+    const int64_t D = a->D;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < KB; j++) {
+            const float *kb = kblk + (j / 16) * 16 * D + (j % 16);
+            float s = 0.0f;
+            for (int64_t d = 0; d < D; d++) s += q[i * a->qst + d] * kb[d * 16];
+            S[i * KB + j] = s * a->scale;
+        }
+}
+
+static void pv_f32_c(const Attn *a, const float *P, int64_t rows, const float *vblk, float *O) {
+    const int64_t D = a->D;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < KB; j++) {
+            const float p = P[i * KB + j];
+            for (int64_t d = 0; d < D; d++) O[i * D + d] += p * vblk[j * D + d];
+        }
 }
 
 #ifdef ATT_X86
@@ -317,9 +369,10 @@ static AVX2_ATTR void scores_avx2(const Attn *a, const float *Qf, int64_t rows, 
     }
 }
 
-/* The online softmax (as softmax_block), P written over S as fp32 values rounded to bf16 */
+/* The online softmax (as softmax_block), P written over S as fp32 values, rounded to bf16 where `round_p` (the bf16
+ * path, as torch's bf16 kernel) and left in fp32 otherwise (the fp32 path) */
 static AVX2_ATTR void softmax_avx2(const Attn *a, float *S, int64_t rows, int64_t j0, int64_t q0, float *m, float *l,
-                                   float *O) {
+                                   float *O, int round_p) {
     const int64_t D = a->D;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t i = 0; i < rows; i++) {
@@ -340,10 +393,12 @@ static AVX2_ATTR void softmax_avx2(const Attn *a, float *S, int64_t rows, int64_
         const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
         __m256 vs = _mm256_setzero_ps();
         for (int c = 0; c < KB / 8; c++) {
-            /* round to nearest even bf16 (p is finite and in [0, 1]), kept as fp32 */
-            __m256i u = _mm256_castps_si256(exp_nonpos256(_mm256_sub_ps(v[c], vm)));
-            u = _mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-            const __m256 p = _mm256_castsi256_ps(_mm256_and_si256(u, top));
+            __m256 p = exp_nonpos256(_mm256_sub_ps(v[c], vm));
+            if (round_p) {   /* round to nearest even bf16 (p is finite and in [0, 1]), kept as fp32 */
+                __m256i u = _mm256_castps_si256(p);
+                u = _mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+                p = _mm256_castsi256_ps(_mm256_and_si256(u, top));
+            }
             _mm256_storeu_ps(s + 8 * c, p);
             vs = _mm256_add_ps(vs, p);
         }
@@ -357,6 +412,22 @@ static AVX2_ATTR void softmax_avx2(const Attn *a, float *S, int64_t rows, int64_
     }
 }
 
+/* A P V tile of up to 4 queries (nr) x 16 d: the rows of P (the last repeated past nr) and zeroed sums */
+static AVX2_ATTR inline void start_tile_avx2(const float *P, int64_t nr, const float *pr[4], __m256 acc[4][2]) {
+    for (int r = 0; r < 4; r++) {
+        pr[r] = P + (r < nr ? r : 0) * KB;
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    }
+}
+
+/* O[r][0:16] += the tile's sums, for its nr queries (O's rows D floats apart) */
+static AVX2_ATTR inline void add_tile_avx2(float *O, int64_t D, int64_t nr, __m256 acc[4][2]) {
+    for (int r = 0; r < nr; r++) {
+        _mm256_storeu_ps(O + r * D, _mm256_add_ps(_mm256_loadu_ps(O + r * D), acc[r][0]));
+        _mm256_storeu_ps(O + r * D + 8, _mm256_add_ps(_mm256_loadu_ps(O + r * D + 8), acc[r][1]));
+    }
+}
+
 /* O += P V for `rows` queries over KB keys, P the fp32 weights softmax_avx2 left in S: 4 queries x 16 d a tile */
 static AVX2_ATTR void pv_avx2(const Attn *a, const float *P, int64_t rows, const uint16_t *vblk, float *O) {
     const int64_t D = a->D, D16 = D / 16;
@@ -364,9 +435,8 @@ static AVX2_ATTR void pv_avx2(const Attn *a, const float *P, int64_t rows, const
         for (int64_t i0 = 0; i0 < rows; i0 += 4) {
             const int64_t nr = rows - i0 < 4 ? rows - i0 : 4;
             const float *pr[4];
-            for (int r = 0; r < 4; r++) pr[r] = P + (i0 + (r < nr ? r : 0)) * KB;
             __m256 acc[4][2];
-            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            start_tile_avx2(P + i0 * KB, nr, pr, acc);
             for (int64_t jp = 0; jp < KB / 2; jp++) {
                 const uint16_t *vb = vblk + (jp * D16 + d0 / 16) * 32;
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)vb);
@@ -378,15 +448,73 @@ static AVX2_ATTR void pv_avx2(const Attn *a, const float *P, int64_t rows, const
                     acc[r][1] = _mm256_fmadd_ps(po, v1o, _mm256_fmadd_ps(pe, v1e, acc[r][1]));
                 }
             }
+            add_tile_avx2(O + i0 * D + d0, D, nr, acc);
+        }
+    }
+}
+
+/* ---- AVX2 + FMA on fp32 inputs (CPUs without native bf16 run the job's passes in fp32) ---- */
+
+/* S = scale * Q K^T from fp32 queries and keys packed by pack_kv_f32: 4 queries x 16 keys a tile */
+static AVX2_ATTR void scores_f32_avx2(const Attn *a, const float *q, int64_t rows, const float *kblk, float *S) {
+    const int64_t D = a->D;
+    const __m256 sc = _mm256_set1_ps(a->scale);
+    for (int64_t i0 = 0; i0 < rows; i0 += 4) {
+        const int64_t nr = rows - i0 < 4 ? rows - i0 : 4;
+        const float *qr[4];
+        for (int r = 0; r < 4; r++) qr[r] = q + (i0 + (r < nr ? r : 0)) * a->qst;
+        for (int c = 0; c < KB / 16; c++) {
+            __m256 acc[4][2];
+            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            const float *kc = kblk + c * 16 * D;
+            for (int64_t d = 0; d < D; d++) {
+                const __m256 k0 = _mm256_loadu_ps(kc + d * 16), k1 = _mm256_loadu_ps(kc + d * 16 + 8);
+                for (int r = 0; r < 4; r++) {
+                    const __m256 qb = _mm256_broadcast_ss(qr[r] + d);
+                    acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
+                }
+            }
             for (int r = 0; r < nr; r++) {
-                float *o = O + (i0 + r) * D + d0;
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][0]));
-                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[r][1]));
+                _mm256_storeu_ps(S + (i0 + r) * KB + c * 16, _mm256_mul_ps(acc[r][0], sc));
+                _mm256_storeu_ps(S + (i0 + r) * KB + c * 16 + 8, _mm256_mul_ps(acc[r][1], sc));
             }
         }
     }
 }
+
+/* O += P V for `rows` queries over KB keys, V rows of D floats: 4 queries x 16 d a tile */
+static AVX2_ATTR void pv_f32_avx2(const Attn *a, const float *P, int64_t rows, const float *vblk, float *O) {
+    const int64_t D = a->D;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        for (int64_t i0 = 0; i0 < rows; i0 += 4) {
+            const int64_t nr = rows - i0 < 4 ? rows - i0 : 4;
+            const float *pr[4];
+            __m256 acc[4][2];
+            start_tile_avx2(P + i0 * KB, nr, pr, acc);
+            for (int64_t j = 0; j < KB; j++) {
+                const __m256 v0 = _mm256_loadu_ps(vblk + j * D + d0), v1 = _mm256_loadu_ps(vblk + j * D + d0 + 8);
+                for (int r = 0; r < 4; r++) {
+                    const __m256 pb = _mm256_broadcast_ss(pr[r] + j);
+                    acc[r][0] = _mm256_fmadd_ps(pb, v0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(pb, v1, acc[r][1]);
+                }
+            }
+            add_tile_avx2(O + i0 * D + d0, D, nr, acc);
+        }
+    }
+}
+
 #endif
+
+/* A task's running maxima, sums and outputs before its first key block */
+static void start_task(float *m, float *l, float *O, int64_t rows, int64_t D) {
+    for (int64_t i = 0; i < rows; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    memset(O, 0, (size_t)(rows * D) * sizeof(float));
+}
 
 /* One task: queries q0 .. q0 + rows - 1 of (batch b, query head h). */
 static void attend(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, float *S, uint16_t *P, float *O,
@@ -395,11 +523,7 @@ static void attend(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, flo
     const int64_t hk = h / (a->Hq / a->Hkv);
     const uint16_t *q = a->q + b * a->qsb + h * a->qsh + q0 * a->qst;
     const uint16_t *kp = a->kp + (b * a->Hkv + hk) * a->Tpad * D, *vp = a->vp + (b * a->Hkv + hk) * a->Tpad * D;
-    for (int64_t i = 0; i < rows; i++) {
-        m[i] = -INFINITY;
-        l[i] = 0.0f;
-    }
-    memset(O, 0, (size_t)(rows * D) * sizeof(float));
+    start_task(m, l, O, rows, D);
     const int64_t j_end = q0 + rows;   /* keys 0 .. q0 + rows - 1 */
     if (isa == ISA_AVX2)
         for (int64_t i = 0; i < rows; i++)
@@ -409,7 +533,7 @@ static void attend(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, flo
 #ifdef ATT_X86
         if (isa == ISA_AVX2) {
             scores_avx2(a, Qf, rows, kblk, S);
-            softmax_avx2(a, S, rows, j0, q0, m, l, O);
+            softmax_avx2(a, S, rows, j0, q0, m, l, O, 1);
             pv_avx2(a, S, rows, vblk, O);
             continue;
         }
@@ -431,6 +555,36 @@ static void attend(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, flo
     }
 }
 
+/* One task on fp32 inputs (attend's order): queries q0 .. q0 + rows - 1 of (batch b, query head h). */
+static void attend_f32(const Attn *a, int isa, int64_t b, int64_t h, int64_t q0, float *S, float *O, float *m,
+                       float *l) {
+    const int64_t D = a->D, rows = a->T - q0 < QB ? a->T - q0 : QB;
+    const int64_t hk = h / (a->Hq / a->Hkv);
+    const float *q = (const float *)a->q + b * a->qsb + h * a->qsh + q0 * a->qst;
+    const float *kp = (const float *)a->kp + (b * a->Hkv + hk) * a->Tpad * D;
+    const float *vp = (const float *)a->vp + (b * a->Hkv + hk) * a->Tpad * D;
+    start_task(m, l, O, rows, D);
+    for (int64_t j0 = 0; j0 < q0 + rows; j0 += KB) {
+        const float *kblk = kp + j0 * D, *vblk = vp + j0 * D;
+#ifdef ATT_X86
+        if (isa == ISA_AVX2) {
+            scores_f32_avx2(a, q, rows, kblk, S);
+            softmax_avx2(a, S, rows, j0, q0, m, l, O, 0);
+            pv_f32_avx2(a, S, rows, vblk, O);
+            continue;
+        }
+#endif
+        scores_f32_c(a, q, rows, kblk, S);
+        softmax_block(a, S, rows, j0, q0, m, l, O, NULL);
+        pv_f32_c(a, S, rows, vblk, O);
+    }
+    float *out = (float *)a->out + b * a->osb + h * a->osh + q0 * a->ost;
+    for (int64_t i = 0; i < rows; i++) {
+        const float inv = 1.0f / l[i];
+        for (int64_t d = 0; d < D; d++) out[i * a->ost + d] = O[i * D + d] * inv;
+    }
+}
+
 /* Whether this CPU runs a path */
 static int cpu_has(int isa) {
     if (isa == ISA_SCALAR) return 1;
@@ -444,33 +598,23 @@ static int cpu_has(int isa) {
     return 0;
 }
 
-/* The best path: AVX-512 BF16, else AVX2 + FMA, else portable C */
-static int cpu_isa(void) {
-    return cpu_has(ISA_AVX512BF16) ? ISA_AVX512BF16 : cpu_has(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
+/* The best path: AVX-512 BF16 (bf16 inputs only), else AVX2 + FMA, else portable C */
+static int cpu_isa(int f32) {
+    return !f32 && cpu_has(ISA_AVX512BF16) ? ISA_AVX512BF16 : cpu_has(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
 }
-
-ATT_API int att_cpu_isa(void) { return cpu_isa(); }
 
 ATT_API int att_cpu_has(int isa) { return cpu_has(isa); }
 
-/* out[b, h, t, :] = softmax(scale * q[b, h, t] . k[b, h', :t+1]) v[b, h', :t+1] for every query t < T; q, k, v, out
- * bf16 with unit stride along the head dimension and the given (batch, head, position) strides. */
-ATT_API int att_causal_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t qst, const uint16_t *k, int64_t ksb,
-                            int64_t ksh, int64_t kst, const uint16_t *v, int64_t vsb, int64_t vsh, int64_t vst,
-                            uint16_t *out, int64_t osb, int64_t osh, int64_t ost, int64_t B, int64_t Hq, int64_t Hkv,
-                            int64_t T, int64_t D, float scale, int isa, int threads) {
-    if (D % 32 != 0 || D > DMAX || Hkv < 1 || Hq % Hkv != 0 || T < 1 || B < 1) return -2;
-    if (isa == ISA_AUTO) isa = cpu_isa();
-    if (isa < ISA_SCALAR || isa > ISA_AVX2) return -2;
-    if (!cpu_has(isa)) return -3;
-    Attn a = {q, k, v, out, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, osb, osh, ost,
-              B, Hq, Hkv, T, D, (T + KB - 1) / KB * KB, scale, NULL, NULL};
-    const size_t packed = (size_t)(B * Hkv * a.Tpad * D) * sizeof(uint16_t);
-    a.kp = aligned_alloc(64, packed);
-    a.vp = aligned_alloc(64, packed);
-    if (!a.kp || !a.vp) {
-        free(a.kp);
-        free(a.vp);
+/* Packs the keys and values, then runs every (batch, head, query block) task on `threads` OpenMP threads. */
+static int run(Attn *a, int isa, int threads) {
+    const int64_t B = a->B, Hq = a->Hq, Hkv = a->Hkv, D = a->D, T = a->T;
+    const size_t esize = a->f32 ? sizeof(float) : sizeof(uint16_t);
+    const size_t packed = (size_t)(B * Hkv * a->Tpad * D) * esize;
+    a->kp = aligned_alloc(64, packed);
+    a->vp = aligned_alloc(64, packed);
+    if (!a->kp || !a->vp) {
+        free(a->kp);
+        free(a->vp);
         return -1;
     }
     const int64_t nqb = (T + QB - 1) / QB, tasks = B * Hq * nqb;
@@ -478,23 +622,31 @@ ATT_API int att_causal_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
 #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * Hkv; bh++) pack_kv(&a, bh / Hkv, bh % Hkv);
+        for (int64_t bh = 0; bh < B * Hkv; bh++) {
+            if (a->f32)
+                pack_kv_f32(a, bh / Hkv, bh % Hkv);
+            else
+                pack_kv(a, bh / Hkv, bh % Hkv);
+        }
         float *S = aligned_alloc(64, QB * KB * sizeof(float));
         uint16_t *P = aligned_alloc(64, QB * KB * sizeof(uint16_t));
         float *O = aligned_alloc(64, (size_t)(QB * D) * sizeof(float));
-        float *Qf = aligned_alloc(64, (size_t)(QB * D) * sizeof(float));   /* the AVX2 path's fp32 queries */
+        float *Qf = aligned_alloc(64, (size_t)(QB * D) * sizeof(float));   /* the bf16 AVX2 path's fp32 queries */
         float *m = malloc(QB * sizeof(float)), *l = malloc(QB * sizeof(float));
-        if (!S || !P || !O || !Qf || !m || !l) {
+        const int ok = S && P && O && Qf && m && l;
+        if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
         /* the last query blocks (most keys) first, then the shorter ones fill the gaps */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; t++) {
-            if (S && P && O && Qf && m && l) {
-                const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
-                attend(&a, isa, bh / Hq, bh % Hq, qb * QB, S, P, O, Qf, m, l);
-            }
+            if (!ok) continue;
+            const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
+            if (a->f32)
+                attend_f32(a, isa, bh / Hq, bh % Hq, qb * QB, S, O, m, l);
+            else
+                attend(a, isa, bh / Hq, bh % Hq, qb * QB, S, P, O, Qf, m, l);
         }
         free(S);
         free(P);
@@ -503,7 +655,37 @@ ATT_API int att_causal_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t
         free(m);
         free(l);
     }
-    free(a.kp);
-    free(a.vp);
+    free(a->kp);
+    free(a->vp);
     return failed ? -1 : 0;
+}
+
+/* out[b, h, t, :] = softmax(scale * q[b, h, t] . k[b, h', :t+1]) v[b, h', :t+1] for every query t < T; q, k, v, out
+ * bf16 with unit stride along the head dimension and the given (batch, head, position) strides. */
+ATT_API int att_causal_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t qst, const uint16_t *k, int64_t ksb,
+                            int64_t ksh, int64_t kst, const uint16_t *v, int64_t vsb, int64_t vsh, int64_t vst,
+                            uint16_t *out, int64_t osb, int64_t osh, int64_t ost, int64_t B, int64_t Hq, int64_t Hkv,
+                            int64_t T, int64_t D, float scale, int isa, int threads) {
+    if (D % 32 != 0 || D > DMAX || Hkv < 1 || Hq % Hkv != 0 || T < 1 || B < 1) return -2;
+    if (isa == ISA_AUTO) isa = cpu_isa(0);
+    if (isa < ISA_SCALAR || isa > ISA_AVX2) return -2;
+    if (!cpu_has(isa)) return -3;
+    Attn a = {q, k, v, out, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, osb, osh, ost,
+              B, Hq, Hkv, T, D, (T + KB - 1) / KB * KB, scale, NULL, NULL, 0};
+    return run(&a, isa, threads);
+}
+
+/* att_causal_bf16 on fp32 q, k, v and out (element strides); paths: AVX2 + FMA and portable C (isa 2, AVX-512 BF16,
+ * is a bf16 path: refused). fp32 scores, softmax and sums throughout, as torch's fp32 kernel. */
+ATT_API int att_causal_f32(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const float *k, int64_t ksb,
+                           int64_t ksh, int64_t kst, const float *v, int64_t vsb, int64_t vsh, int64_t vst, float *out,
+                           int64_t osb, int64_t osh, int64_t ost, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
+                           int64_t D, float scale, int isa, int threads) {
+    if (D % 32 != 0 || D > DMAX || Hkv < 1 || Hq % Hkv != 0 || T < 1 || B < 1) return -2;
+    if (isa == ISA_AUTO) isa = cpu_isa(1);
+    if (isa != ISA_SCALAR && isa != ISA_AVX2) return -2;
+    if (!cpu_has(isa)) return -3;
+    Attn a = {(const uint16_t *)q, (const uint16_t *)k, (const uint16_t *)v, (uint16_t *)out, qsb, qsh, qst, ksb, ksh,
+              kst, vsb, vsh, vst, osb, osh, ost, B, Hq, Hkv, T, D, (T + KB - 1) / KB * KB, scale, NULL, NULL, 1};
+    return run(&a, isa, threads);
 }

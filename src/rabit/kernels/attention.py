@@ -5,15 +5,17 @@ attention function while it is open, so that every model loaded with SDPA attent
 without a change to its config (nothing of it is saved with a model). Each call takes the native kernel
 (``attention_cpu``) when it applies and otherwise calls transformers' own SDPA function with the same arguments:
 
-- the kernel: bf16 CPU tensors, or fp32 ones under bf16 autocast (cast as autocast casts them for SDPA), a CPU
-  with AVX-512 BF16 or AVX2 + FMA (KERNEL_ISAS), no gradient wanted, no attention mask (transformers leaves it out
-  when plain causal attention is meant), as many queries as keys, no dropout, a head size that is a multiple of 32
-  up to 256, none of softcap, position bias or attention sinks;
-- everything else (training the student, fp32 models, padding or sliding-window masks, decoding steps, GPUs):
+- the kernel: bf16 CPU tensors, or fp32 ones under bf16 autocast (cast as autocast casts them for SDPA), on a CPU
+  with AVX-512 BF16 or AVX2 + FMA; fp32 CPU tensors otherwise (the passes of CPUs without native bf16), on a CPU
+  with AVX2 + FMA (KERNEL_ISAS gives the paths per dtype); no gradient wanted, no attention mask
+  (transformers leaves it out when plain causal attention is meant), as many queries as keys, no dropout, a head
+  size that is a multiple of 32 up to 256, none of softcap, position bias or attention sinks;
+- everything else (training the student, padding or sliding-window masks, decoding steps, fp16, GPUs):
   torch's ``scaled_dot_product_attention`` as before.
 
 ``RABIT_ATTENTION=torch`` turns the kernel off, ``RABIT_ATTENTION=avx2`` (or another of the kernel's paths) picks
-a path (for A/B measurements); unset or ``auto``: the CPU's best path, where it is one of KERNEL_ISAS.
+a path (for A/B measurements; ``avx512bf16``, a bf16 instruction set, leaves fp32 inputs to torch); unset or
+``auto``: the CPU's best path for the inputs' dtype, where it is one of KERNEL_ISAS.
 """
 from __future__ import annotations
 
@@ -26,32 +28,43 @@ import torch
 from . import attention_cpu
 
 ENV_VAR = "RABIT_ATTENTION"
-# the native paths faster than torch's kernel (docs/RESULTS.md sections 48-49); the portable C one is slower
-KERNEL_ISAS = ("avx512bf16", "avx2")
+# the native paths faster than torch's kernel, per input dtype, best first (docs/RESULTS.md sections 48-50); the
+# portable C ones are slower
+KERNEL_ISAS = {torch.bfloat16: ("avx512bf16", "avx2"), torch.float32: ("avx2",)}
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 _lock = threading.Lock()
 _depth = 0
 _original = None
-_paths: list[str] | None = None
+_paths: dict[torch.dtype, list[str]] = {}
 
 
-def kernel_isa() -> str | None:
-    """The native kernel's path that fast_attention() runs, or None (torch's SDPA): RABIT_ATTENTION's choice ("torch":
-    none; a path's name: that one), else the CPU's best path where it is one of KERNEL_ISAS."""
-    global _paths
+def kernel_isa(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """The native kernel's path that fast_attention() runs for inputs of `dtype`, or None (torch's SDPA):
+    RABIT_ATTENTION's choice ("torch": none; a path's name: that one, or none where it has no version for `dtype`),
+    else the CPU's best path where it is one of KERNEL_ISAS[dtype]."""
     setting = os.environ.get(ENV_VAR, "").strip().lower()
     if setting == "torch":
         return None
     if setting not in ("", "auto") and setting not in attention_cpu.ISA_CODES:
         raise ValueError(f"{ENV_VAR}={setting!r}: expected torch, auto or one of the kernel's paths "
                          f"{sorted(n for n in attention_cpu.ISA_CODES if n != 'auto')}")
-    if _paths is None:
-        _paths = attention_cpu.available_isas() if attention_cpu.is_available() else []
+    if dtype not in KERNEL_ISAS:
+        return None
+    paths = _runnable(dtype)
     if setting in ("", "auto"):
-        return next((p for p in KERNEL_ISAS if p in _paths), None)
-    if setting not in _paths:
-        raise ValueError(f"{ENV_VAR}={setting}: this CPU (or build) cannot run that path; it runs {_paths or 'none'}")
+        return next((p for p in KERNEL_ISAS[dtype] if p in paths), None)
+    if setting not in paths:
+        runnable = sorted({p for dt in KERNEL_ISAS for p in _runnable(dt)})
+        if setting in runnable:   # a path of the other dtype (avx512bf16 for fp32 inputs): torch's kernel runs these
+            return None
+        raise ValueError(f"{ENV_VAR}={setting}: this CPU (or build) cannot run that path; it runs {runnable or 'none'}")
     return setting
+
+
+def _runnable(dtype: torch.dtype) -> list[str]:
+    if dtype not in _paths:
+        _paths[dtype] = attention_cpu.available_isas(dtype) if attention_cpu.is_available() else []
+    return _paths[dtype]
 
 
 def kernel_inputs(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -70,7 +83,8 @@ def kernel_inputs(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
         return None
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return None
-    isa = kernel_isa()
+    # fp32 under bf16 autocast runs as bf16 (cast as autocast casts them for SDPA)
+    isa = kernel_isa(torch.bfloat16 if query.dtype == torch.float32 and _autocast_bf16(query) else query.dtype)
     if isa is None:
         return None
     q, k, v = (_autocast_cast(x) for x in (query, key, value))
@@ -91,10 +105,12 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
 def _autocast_cast(t: torch.Tensor) -> torch.Tensor:
     """What CPU autocast to bf16 hands torch's SDPA (an op it runs in bf16): under bf16 autocast the queries and keys
     arrive in fp32 (rotary embeddings multiply the bf16 projections by fp32 tables), and SDPA would cast them."""
-    if (t.device.type == "cpu" and t.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-        return t.to(torch.bfloat16)
-    return t
+    return t.to(torch.bfloat16) if t.dtype == torch.float32 and _autocast_bf16(t) else t
+
+
+def _autocast_bf16(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def _registry():

@@ -227,19 +227,19 @@ class DistillLoop:
         when the budget is already spent)."""
         return self.step + int((self.cfg.time_budget_s - spent) / max(per_step, 1e-9))
 
-    def _choose_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
+    def _choose_budgeted_steps(self, step_times: list[float]) -> int:
         """Steps that fit the time budget, from this session's step times (every rank agrees: means of all)."""
         times = step_times[1:] or step_times
-        per_step, spent = self.collective.mean([statistics.median(times), train_seconds])
+        per_step, spent = self.collective.mean([statistics.median(times), sum(step_times)])
         steps = max(self.step, self._steps_that_fit(per_step, spent))
         self.set_total_steps(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
         return steps
 
-    def _provisional_schedule(self, step_times: list[float], train_seconds: float) -> None:
+    def _provisional_schedule(self, step_times: list[float]) -> None:
         """After the first timed step: the learning-rate schedule of the steps that fit the budget at that step's
         pace, for the rest of the timed steps. The run's length stays pending, and checkpoints store the pending
         schedule (a session resumed before the length is chosen times its steps again, at near-zero rates)."""
-        per_step, spent = self.collective.mean([step_times[0], train_seconds])
+        per_step, spent = self.collective.mean([step_times[0], sum(step_times)])
         steps = max(BUDGET_PROBE_STEPS, self._steps_that_fit(per_step, spent))
         self.optim.set_provisional_schedule(steps, warmup_steps_for(self.cfg.budget_warmup, steps))
 
@@ -250,7 +250,7 @@ class DistillLoop:
         return (self.cfg.time_budget_s > 0 and not self.cfg.budget_refined and not self.budget_pending()
                 and self.step >= self.cfg.optim.warmup_steps)
 
-    def _refine_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
+    def _refine_budgeted_steps(self, step_times: list[float]) -> int:
         """The step count from the steps after the timed ones (a resumed session: its own steps, and the earlier
         sessions' steps counted at that pace)."""
         times = step_times[BUDGET_PROBE_STEPS:] if self.resumed_from is None else step_times
@@ -258,7 +258,7 @@ class DistillLoop:
         if self.cfg.optim.warmup_steps > BUDGET_PROBE_STEPS and times and self.step < self.cfg.steps:
             per_step = statistics.median(times)
             before = (self.resumed_from or 0) * per_step
-            per_step, spent = self.collective.mean([per_step, train_seconds + before])
+            per_step, spent = self.collective.mean([per_step, sum(step_times) + before])
             steps = max(self.step, self._steps_that_fit(per_step, spent))
             self.set_total_steps(steps, self.cfg.optim.warmup_steps)
         self.cfg.budget_refined = True
@@ -271,11 +271,11 @@ class DistillLoop:
         return (cfg.time_budget_s > 0 and cfg.budget_refined and self.resumed_from is None
                 and done < len(BUDGET_CHECKS) and self.step >= BUDGET_CHECKS[done] * cfg.steps)
 
-    def _check_budgeted_steps(self, step_times: list[float], train_seconds: float) -> int:
+    def _check_budgeted_steps(self, step_times: list[float]) -> int:
         """The step count from the mean of the later half of this session's step times; kept unless it is more
         than BUDGET_TOLERANCE above the planned one or BUDGET_OVERRUN_TOLERANCE below it."""
         per_step = statistics.fmean(step_times[len(step_times) // 2:])
-        per_step, spent = self.collective.mean([per_step, train_seconds])
+        per_step, spent = self.collective.mean([per_step, sum(step_times)])
         steps = max(self.step + 1, self._steps_that_fit(per_step, spent))
         planned = self.cfg.steps
         if steps > planned * (1 + BUDGET_TOLERANCE) or steps < planned * (1 - BUDGET_OVERRUN_TOLERANCE):
@@ -323,11 +323,10 @@ class DistillLoop:
         bar = tqdm(total=None if self.budget_pending() else cfg.steps, initial=self.step, unit="step", desc=desc,
                    disable=not self.progress, dynamic_ncols=True)
         train_seconds, session_tokens, last = 0.0, 0, None
-        # what the time budget counts: each step with the checkpoint written after it (a run whose latents train
-        # writes ~1 GB every save_every steps: 35 checkpoints took ~84 s of a 60-minute job, which ended 58 s late,
-        # docs/RESULTS.md section 49); the log's seconds and tokens/s stay the steps' own
+        # what the time budget counts (its seconds spent are their sum): each step with the checkpoint written after
+        # it (a run whose latents train writes ~1 GB every save_every steps: 35 checkpoints took ~84 s of a 60-minute
+        # job, which ended 58 s late, docs/RESULTS.md section 49); the log's seconds and tokens/s stay the steps' own
         budget_times: list[float] = []
-        budget_seconds = 0.0
         params = [p for _, p in self.split.latents + self.split.others]
         if col.is_main:
             self.log.truncate_after(self.step)  # drop steps a killed session logged after its last checkpoint
@@ -363,7 +362,6 @@ class DistillLoop:
                 self.step = step_no
                 dt = time.perf_counter() - t0
                 train_seconds += dt
-                budget_seconds += dt
                 budget_times.append(dt)
                 session_tokens += self.tokens_per_step
                 tok_s = session_tokens / max(train_seconds, 1e-9)
@@ -378,13 +376,13 @@ class DistillLoop:
                                 refresh=False)
                 chosen = None
                 if self.budget_pending() and len(budget_times) >= BUDGET_PROBE_STEPS:
-                    chosen = self._choose_budgeted_steps(budget_times, budget_seconds)
+                    chosen = self._choose_budgeted_steps(budget_times)
                 elif self.budget_pending() and len(budget_times) == 1 and self.resumed_from is None:
-                    self._provisional_schedule(budget_times, budget_seconds)
+                    self._provisional_schedule(budget_times)
                 elif self.budget_to_refine():
-                    chosen = self._refine_budgeted_steps(budget_times, budget_seconds)
+                    chosen = self._refine_budgeted_steps(budget_times)
                 elif self.budget_to_check():
-                    chosen = self._check_budgeted_steps(budget_times, budget_seconds)
+                    chosen = self._check_budgeted_steps(budget_times)
                 if chosen is not None:
                     total = chosen if stop_at is None else min(chosen, int(stop_at))
                     bar.total = chosen
@@ -392,9 +390,7 @@ class DistillLoop:
                 if self.step % cfg.save_every == 0 or self.step == total:
                     t_save = time.monotonic()
                     self.save()
-                    t_save = time.monotonic() - t_save
-                    budget_seconds += t_save
-                    budget_times[-1] += t_save
+                    budget_times[-1] += time.monotonic() - t_save
             if self.last_saved != self.step:
                 self.save()
         finally:

@@ -189,6 +189,10 @@ def test_rotation_is_on_where_supported_and_a_resume_hint_names_its_flag(tmp_pat
     message = str(different_run_error(tmp_path, record, _parse("--no-rotate").run_record("/m", 100, autocast=False)))
     assert "stages.blocks.damp_reference: 'clipped' -> 'mean'" in message
     assert "--resume --refine-damp-reference clipped;" in message
+    # runs from before the equal mix became the default mixed by size: the hint continues them
+    record = _parse("--no-rotate", "--data-mix", "size").run_record("/m", 100, autocast=False)
+    message = str(different_run_error(tmp_path, record, _parse("--no-rotate").run_record("/m", 100, autocast=False)))
+    assert "data.mix: 'size' -> 'equal'" in message and "--resume --data-mix size;" in message
     from conftest import make_tiny_llama
     from rabit.testing import tiny_tokenizer
 

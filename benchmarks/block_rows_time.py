@@ -16,10 +16,9 @@ import json
 import os
 import time
 
-from rabit.cli.quantize import _initialized_student, load_teacher
-from rabit.data import calibration_batch
-from rabit.job import JobSpec
 from rabit.train.blockwise import BlockReconstruction
+
+from _job_blocks import job_blocks
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--rows", type=int, nargs="+", default=[256, 128, 64])
@@ -29,16 +28,7 @@ ap.add_argument("--attention", nargs="+", default=[None], help="RABIT_ATTENTION 
 ap.add_argument("--fp32", action="store_true", help="no bf16 autocast in the stage's passes")
 args = ap.parse_args()
 
-spec = JobSpec()
-teacher, tok = load_teacher(spec, "cpu")
-d = spec.data
-calib = None
-if spec.rabit.precondition:
-    calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed)
-student, _ = _initialized_student(teacher, spec.rabit, calib, False, False, True)
-teacher.model.layers = teacher.model.layers[:args.blocks]
-student.model.layers = student.model.layers[:args.blocks]
-pool = calibration_batch(tok, d.sources, max(args.rows), spec.blocks.seq_len, seed=spec.train.seed + 1)
+spec, teacher, student, pool = job_blocks(args.blocks, max(args.rows))
 for rnd in range(args.rounds):
     for rows in args.rows:
         for setting in args.attention:

@@ -13,10 +13,9 @@ import dataclasses
 import json
 import time
 
-from rabit.cli.quantize import _initialized_student, load_teacher
-from rabit.data import calibration_batch
-from rabit.job import JobSpec
 from rabit.train.blockwise import BlockReconstruction
+
+from _job_blocks import job_blocks
 
 
 def setting(text: str) -> tuple[int, float, float]:
@@ -33,16 +32,7 @@ ap.add_argument("--blocks", type=int, default=4, help="decoder blocks to run")
 ap.add_argument("--rows", type=int, default=256, help="calibration rows of the stage (trained and refined on)")
 args = ap.parse_args()
 
-spec = JobSpec()
-teacher, tok = load_teacher(spec, "cpu")
-d = spec.data
-calib = None
-if spec.rabit.precondition:
-    calib = calibration_batch(tok, d.calib_sources, d.calib_samples, d.calib_len, seed=spec.train.seed)
-student, _ = _initialized_student(teacher, spec.rabit, calib, False, False, True)
-teacher.model.layers = teacher.model.layers[:args.blocks]
-student.model.layers = student.model.layers[:args.blocks]
-pool = calibration_batch(tok, d.sources, args.rows, spec.blocks.seq_len, seed=spec.train.seed + 1)
+spec, teacher, student, pool = job_blocks(args.blocks, args.rows)
 for epochs, latent_lr, scale_lr in args.settings:
     cfg = dataclasses.replace(spec.blocks, samples=args.rows, refine_samples=args.rows, epochs=epochs,
                               latent_lr=latent_lr, scale_lr=scale_lr)

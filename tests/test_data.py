@@ -380,3 +380,33 @@ def test_equal_mix_takes_as_many_rows_from_each_corpus(tok, tmp_path, cache):
     assert in_small == [True, True, True, False, False]
     with pytest.raises(ValueError, match="mix"):
         data.training_sequences(tok, [str(small)], 32, mix="proportional", cache_dir=cache)
+
+
+def test_balanced_mix_keeps_every_row_and_repeats_the_smaller_corpus(tok, tmp_path, cache):
+    from collections import Counter
+
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text(CORPUS_TEXT[:3000], encoding="utf-8")
+    large.write_text(data.load_text("shakespeare")[:20_000], encoding="utf-8")
+    small_rows = Counter(tuple(r) for r in data.pack_sequences(torch.tensor(_stream(tok, CORPUS_TEXT[:3000])),
+                                                               32).tolist())
+    large_rows = Counter(tuple(r) for r in data.pack_sequences(torch.tensor(_stream(tok, data.load_text(
+        "shakespeare")[:20_000])), 32).tolist())
+    train, val = data.training_sequences(tok, [str(small), str(large)], 32, val_fraction=0.1, cache_dir=cache,
+                                         mix="balanced", seed=3)
+    n_s, n_l = sum(small_rows.values()), sum(large_rows.values())
+    v_s, v_l = round(n_s * 0.1), round(n_l * 0.1)
+    rows = Counter(tuple(r) for r in train.tolist())
+    held = Counter(tuple(r) for r in val.tolist())
+    assert val.shape[0] == v_s + v_l and not set(rows) & set(held)            # held out from each, never trained
+    assert sum(held[r] for r in small_rows) == v_s
+    m = n_l - v_l
+    assert train.shape[0] == 2 * m                                           # the same share for each corpus
+    assert sum(rows[r] for r in large_rows) == m and all(rows[r] == 1 for r in large_rows if r not in held)
+    small_counts = [rows[r] for r in small_rows if r not in held]
+    assert sum(small_counts) == m and max(small_counts) - min(small_counts) <= 1 and min(small_counts) >= 2
+    assert data.training_sequences(tok, [str(small), str(large)], 32, val_fraction=0.1, cache_dir=cache,
+                                   mix="balanced", seed=3)[0].equal(train)
+    # the block stage's windows: as "equal", the same number from each
+    a = data.calibration_batch(tok, [str(small), str(large)], 5, 16, mix="balanced", cache_dir=cache)
+    assert a.equal(data.calibration_batch(tok, [str(small), str(large)], 5, 16, mix="equal", cache_dir=cache))

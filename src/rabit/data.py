@@ -477,7 +477,7 @@ def _bos_id(tokenizer) -> int:
     return int(bos)
 
 
-MIXES = ("size", "equal")
+MIXES = ("size", "equal", "balanced")
 
 
 def _check_mix(mix: str) -> None:
@@ -530,6 +530,10 @@ def training_sequences(
     drawn with ``seed``), so that a large corpus does not crowd out the rest. The rows are then shuffled
     with ``torch.Generator().manual_seed(seed)``, and the first ``round(N * val_fraction)`` rows (at
     least one when N >= 2 and val_fraction > 0, never all) become the validation set.
+    mix "balanced": every row of every source is kept and each source still gets the same share of the
+    training rows: each source's validation rows are set aside first (by the same rule, per source), then the
+    training rows of the smaller sources are repeated (as evenly as possible) up to the largest's count, so that a
+    small corpus (e.g. sampled teacher text) neither shrinks the others nor is outweighed by them.
     Returns ``(train[N - M, seq_len], val[M, seq_len])`` as ``torch.long``.
     Evaluation-only sources (see :func:`is_eval_only`) are refused with a ValueError.
     """
@@ -539,6 +543,8 @@ def training_sequences(
     _check_mix(mix)
     _check_trainable(sources, "training")
     bos = _bos_id(tokenizer) if add_bos else None
+    if mix == "balanced" and len(sources) > 1:
+        return _balanced_rows(tokenizer, sources, seq_len, val_fraction, seed, bos, cache_dir)
     if mix == "equal" and len(sources) > 1:
         parts = [pack_sequences(tokenize_corpus(tokenizer, s, cache_dir=cache_dir), seq_len, bos_id=bos,
                                 name=repr(s)) for s in sources]
@@ -554,6 +560,29 @@ def training_sequences(
         n_val = min(n - 1, max(1, round(n * val_fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return rows[perm[n_val:]], rows[perm[:n_val]]
+
+
+def _n_val(n: int, val_fraction: float) -> int:
+    return min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n >= 2 else 0
+
+
+def _balanced_rows(tokenizer, sources: list[str], seq_len: int, val_fraction: float, seed: int, bos: int | None,
+                   cache_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """training_sequences' mix "balanced"."""
+    g = torch.Generator().manual_seed(seed)
+    trains, vals = [], []
+    for s in sources:
+        rows = pack_sequences(tokenize_corpus(tokenizer, s, cache_dir=cache_dir), seq_len, bos_id=bos, name=repr(s))
+        rows = rows[torch.randperm(rows.shape[0], generator=g)]
+        k = _n_val(rows.shape[0], val_fraction)
+        vals.append(rows[:k])
+        trains.append(rows[k:])
+    m = max(t.shape[0] for t in trains)
+    # row i of the repeated set is row i mod n: every row appears floor(m / n) or ceil(m / n) times
+    train = torch.cat([t[torch.arange(m) % t.shape[0]] for t in trains])
+    val = torch.cat(vals)
+    return (train[torch.randperm(train.shape[0], generator=g)],
+            val[torch.randperm(val.shape[0], generator=g)])
 
 
 def overlapping_starts(tokens: torch.Tensor, rows: torch.Tensor, body: int) -> torch.Tensor:
@@ -593,7 +622,7 @@ def calibration_batch(
     """``n_samples`` random windows of ``seq_len`` tokens (``torch.long [n_samples, seq_len]``),
     start positions drawn with ``torch.Generator().manual_seed(seed)``. With ``add_bos`` each row
     is BOS plus ``seq_len - 1`` tokens. Several sources: mix "size" draws from their concatenation
-    (in proportion to their sizes), "equal" draws the same number of windows from each (the first
+    (in proportion to their sizes), "equal" and "balanced" draw the same number of windows from each (the first
     sources get one more when n_samples does not divide). Evaluation-only sources are refused.
     avoid: rows of token ids (e.g. the held-out rows a run measures its loss on) that no window may
     share a token position with: each is found in the stream by its tokens after the first (which
@@ -605,7 +634,7 @@ def calibration_batch(
         raise ValueError(f"seq_len must be >= {2 if add_bos else 1}, got {seq_len}")
     _check_mix(mix)
     _check_trainable(sources, "calibration")
-    if mix == "equal" and len(sources) > 1:
+    if mix in ("equal", "balanced") and len(sources) > 1:
         k = len(sources)
         counts = [n_samples // k + (i < n_samples % k) for i in range(k)]
         parts = [calibration_batch(tokenizer, s, c, seq_len, seed=seed + i, add_bos=add_bos, cache_dir=cache_dir,

@@ -54,14 +54,41 @@ class DataSpec:
     # 0 / 1) and 54.1-54.6 -> 55.9 / 54.9 on Persuasion, the hour 37.6 -> 34.9 and 51.0 -> 51.8, PIQA 0.573 -> 0.580
     # (docs/RESULTS.md section 51)
     mix: str = "equal"
+    # what a `teacher[:TOKENS]` source (text sampled from the full-precision model, rabit.teacher_text) stands for
+    # once the job has sampled it or found it cached: source -> the .jsonl file; set by the job, not an option
+    sampled: dict = field(default_factory=dict, repr=False)
 
     @property
     def sources(self) -> list[str]:
-        return _sources(self.train)
+        """The training corpora as the data module reads them (a sampled `teacher` source as its file)."""
+        return [self.sampled.get(s, s) for s in _sources(self.train)]
 
     @property
     def calib_sources(self) -> list[str]:
-        return _sources(self.calib) if self.calib else self.sources[:1]
+        return [self.sampled.get(s, s) for s in self.declared_calib_sources]
+
+    @property
+    def declared_sources(self) -> list[str]:
+        """The training corpora as given (`teacher:TOKENS` by that name): what defines the run."""
+        return _sources(self.train)
+
+    @property
+    def declared_calib_sources(self) -> list[str]:
+        return _sources(self.calib) if self.calib else self.declared_sources[:1]
+
+    def teacher_sources(self) -> dict[str, int]:
+        """{source: tokens} for every `teacher[:TOKENS]` source among the training and calibration corpora."""
+        from .teacher_text import parse_teacher_source
+
+        out = {}
+        for s in self.declared_sources + self.declared_calib_sources:
+            n = parse_teacher_source(s)
+            if n is not None:
+                out[s] = n
+        return out
+
+    def unsampled(self) -> list[str]:
+        return [s for s in self.teacher_sources() if s not in self.sampled]
 
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16")
@@ -285,6 +312,7 @@ class JobSpec:
         if self.dist.timeout_minutes <= 0:
             raise ValueError(f"--dist-timeout must be > 0, got {self.dist.timeout_minutes}")
         _ = d.sources, d.calib_sources  # raise on an empty corpus list
+        d.teacher_sources()  # raise on a malformed teacher:TOKENS
         if self.scale_tokens < 0:
             raise ValueError(f"--scale-tokens must be >= 0, got {self.scale_tokens}")
         if e.dtype not in EVAL_DTYPES:
@@ -420,8 +448,8 @@ class JobSpec:
             "rabit_config": self.rabit.to_dict(), "train": tcfg.to_dict(),
             # the token budget; None with a time budget, whose steps are chosen as it runs (summary.json has them)
             "tokens": None if self.time_budgeted else self.steps * self.tokens_per_step,
-            "data": {"train": d.sources, "mix": d.mix, "seq_len": d.seq_len, "val_fraction": d.val_fraction,
-                     "train_sequences": int(train_sequences), "calib": d.calib_sources,
+            "data": {"train": d.declared_sources, "mix": d.mix, "seq_len": d.seq_len, "val_fraction": d.val_fraction,
+                     "train_sequences": int(train_sequences), "calib": d.declared_calib_sources,
                      "calib_samples": d.calib_samples, "calib_len": d.calib_len, "bos": bool(train_bos)},
             "eval": {"data": self.eval.data, "seq_len": self.eval.seq_len, "windows": self.eval.windows,
                      "bos": self.eval.bos if eval_bos is None else bool(eval_bos), "val_sequences": d.val_sequences, "skip_init": self.eval.skip_init,

@@ -79,9 +79,11 @@ _OPTIONS = [
            "when the model, init settings and calibration data are the same)", "false"),
 
     Option("--train-data", "data.train", "data", "training corpora, comma-separated: built-in names (wikitext2-valid, "
-           "austen), .txt/.jsonl files or folders, hf:NAME[:CONFIG][:SPLIT]"),
+           "austen), .txt/.jsonl files or folders, hf:NAME[:CONFIG][:SPLIT], or teacher[:TOKENS]: text sampled "
+           "from the full-precision model itself (32768 tokens by default; cached per model, length and seed)"),
     Option("--data-mix", "data.mix", "data", "how several training corpora mix: size (in proportion to their "
-           "sizes) or equal (the same number of sequences from each)", choices=MIXES),
+           "sizes), equal (the same number of sequences from each, as many as the smallest has) or balanced (the "
+           "same share each, every sequence kept: the smaller corpora repeat)", choices=MIXES),
     Option("--seq-len", "data.seq_len", "data", "training sequence length (default: 256 with frozen latents, 512 "
            "with --train-latents)", type=int),
     Option("--val-fraction", "data.val_fraction", "data", "held-out share of the training text", type=float),

@@ -268,6 +268,27 @@ def load_teacher(spec: JobSpec, device: str, say=None):
     return teacher, tok
 
 
+def sample_teacher_sources(spec: JobSpec, teacher, tokenizer, device, progress: bool, say=_say) -> float:
+    """Resolve every `teacher[:TOKENS]` training source to its sampled text (rabit.teacher_text), from the cache or
+    sampled now from `teacher` (as the job will use it: rotated where it is). Returns the seconds it took."""
+    from ..teacher_text import teacher_corpus
+    from ..train.trainer import native_bf16
+
+    wanted = spec.data.teacher_sources()
+    if not wanted:
+        return 0.0
+    t0 = time.time()
+    autocast = native_bf16(torch.device(device)) if spec.train.autocast is None else spec.train.autocast
+    fingerprint = _model_fingerprint(teacher)
+    for source, tokens in wanted.items():
+        path = teacher_corpus(teacher, tokenizer, tokens, fingerprint, seed=spec.train.seed, autocast=autocast,
+                              progress=progress, say=say)
+        spec.data.sampled[source] = str(path)
+    seconds = time.time() - t0
+    say(f"teacher text ready in {seconds:.0f} s")
+    return seconds
+
+
 def check_save_options(spec: JobSpec, teacher) -> None:
     """Refuse a save option that cannot apply to this model before training, not after."""
     if spec.run.embed_bits:
@@ -497,6 +518,7 @@ def run_job(spec: JobSpec) -> int:
     teacher, tok = load_teacher(spec, str(device), _say)
     check_save_options(spec, teacher)
     train_bos, eval_bos = bos_choices(spec, tok)
+    sample_teacher_sources(spec, teacher, tok, str(device), progress)
     sources = d.sources
     train, val = training_sequences(tok, sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
                                     mix=d.mix,
@@ -527,7 +549,7 @@ def run_job(spec: JobSpec) -> int:
         budget = f"{steps} steps"
     _say(f"training: {budget} x {spec.tokens_per_step} tokens"
          + ("" if spec.time_budgeted else f" = {steps * spec.tokens_per_step:,} tokens") + " from "
-         f"{', '.join(sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
+         f"{', '.join(d.declared_sources)} ({train.shape[0]} sequences of {d.seq_len}), bf16 autocast "
          f"{'on' if autocast else 'off'}, mode {rc.mode}, k={rc.num_paths}, "
          f"{'latents and scales' if tcfg.train_latents else 'scales and norms (latents frozen)'} train, "
          f"{train_bos.describe()}")

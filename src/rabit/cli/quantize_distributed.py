@@ -135,6 +135,7 @@ def _run_quantize(spec: JobSpec, env) -> int:
         teacher, tok = single.load_teacher(spec, str(env.device), lambda m: _say0(env, m))
         single.check_save_options(spec, teacher)
         train_bos, eval_bos = single.bos_choices(spec, tok)
+        single.sample_teacher_sources(spec, teacher, tok, str(env.device), progress, lambda m: _say0(env, m))
         train, val = training_sequences(tok, d.sources, d.seq_len, val_fraction=d.val_fraction, seed=spec.train.seed,
                                         mix=d.mix,
                                         add_bos=train_bos.use)

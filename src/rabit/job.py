@@ -87,9 +87,6 @@ class DataSpec:
                 out[s] = n
         return out
 
-    def unsampled(self) -> list[str]:
-        return [s for s in self.teacher_sources() if s not in self.sampled]
-
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16")
 

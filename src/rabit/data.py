@@ -544,10 +544,9 @@ def training_sequences(
     _check_trainable(sources, "training")
     bos = _bos_id(tokenizer) if add_bos else None
     if mix == "balanced" and len(sources) > 1:
-        return _balanced_rows(tokenizer, sources, seq_len, val_fraction, seed, bos, cache_dir)
+        return _balanced_rows(_packed_sources(tokenizer, sources, seq_len, bos, cache_dir), val_fraction, seed)
     if mix == "equal" and len(sources) > 1:
-        parts = [pack_sequences(tokenize_corpus(tokenizer, s, cache_dir=cache_dir), seq_len, bos_id=bos,
-                                name=repr(s)) for s in sources]
+        parts = _packed_sources(tokenizer, sources, seq_len, bos, cache_dir)
         m = min(p.shape[0] for p in parts)
         g = torch.Generator().manual_seed(seed + 1)
         rows = torch.cat([p[torch.randperm(p.shape[0], generator=g)[:m]] for p in parts])
@@ -555,24 +554,27 @@ def training_sequences(
         tokens = _stream(tokenizer, sources, cache_dir)
         rows = pack_sequences(tokens, seq_len, bos_id=bos, name=", ".join(repr(s) for s in sources))
     n = rows.shape[0]
-    n_val = 0
-    if val_fraction > 0 and n >= 2:
-        n_val = min(n - 1, max(1, round(n * val_fraction)))
+    n_val = _n_val(n, val_fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return rows[perm[n_val:]], rows[perm[:n_val]]
 
 
+def _packed_sources(tokenizer, sources: list[str], seq_len: int, bos: int | None, cache_dir) -> list[torch.Tensor]:
+    """Each source packed into rows on its own (the mixes that balance the sources)."""
+    return [pack_sequences(tokenize_corpus(tokenizer, s, cache_dir=cache_dir), seq_len, bos_id=bos, name=repr(s))
+            for s in sources]
+
+
 def _n_val(n: int, val_fraction: float) -> int:
+    """Held-out rows of n: round(n * val_fraction), at least one when n >= 2 and val_fraction > 0, never all."""
     return min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n >= 2 else 0
 
 
-def _balanced_rows(tokenizer, sources: list[str], seq_len: int, val_fraction: float, seed: int, bos: int | None,
-                   cache_dir) -> tuple[torch.Tensor, torch.Tensor]:
-    """training_sequences' mix "balanced"."""
+def _balanced_rows(parts: list[torch.Tensor], val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """training_sequences' mix "balanced" over each source's packed rows."""
     g = torch.Generator().manual_seed(seed)
     trains, vals = [], []
-    for s in sources:
-        rows = pack_sequences(tokenize_corpus(tokenizer, s, cache_dir=cache_dir), seq_len, bos_id=bos, name=repr(s))
+    for rows in parts:
         rows = rows[torch.randperm(rows.shape[0], generator=g)]
         k = _n_val(rows.shape[0], val_fraction)
         vals.append(rows[:k])

@@ -50,6 +50,11 @@ def parse_teacher_source(source: str) -> int | None:
     return n
 
 
+def _rows(n_tokens: int, seq_len: int) -> int:
+    """Sequences of seq_len - 1 sampled tokens that hold n_tokens."""
+    return max(1, math.ceil(n_tokens / (seq_len - 1)))
+
+
 def _start_token(tokenizer) -> int:
     for name in ("bos_token_id", "eos_token_id"):
         tid = getattr(tokenizer, name, None)
@@ -74,7 +79,7 @@ def sample_texts(model, tokenizer, n_tokens: int, seq_len: int = 256, batch_size
     if not 0 < top_p <= 1 or not temperature > 0:
         raise ValueError(f"need 0 < top_p <= 1 and temperature > 0, got {top_p}, {temperature}")
     new = seq_len - 1
-    rows = max(1, math.ceil(n_tokens / new))
+    rows = _rows(n_tokens, seq_len)
     start = _start_token(tokenizer)
     device = next(model.parameters()).device
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -138,7 +143,7 @@ def teacher_corpus(model, tokenizer, n_tokens: int, model_fingerprint: str, seq_
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_teacher_dir()
     digest = _key(model_fingerprint, tokenizer, n_tokens, seq_len, seed, top_p, temperature)
     path = folder / f"teacher-{n_tokens}-{digest[:24]}.jsonl"
-    rows = max(1, math.ceil(n_tokens / (seq_len - 1)))
+    rows = _rows(n_tokens, seq_len)
     if path.is_file():
         if _read_cached(path, rows):
             if say is not None:

@@ -268,15 +268,15 @@ def load_teacher(spec: JobSpec, device: str, say=None):
     return teacher, tok
 
 
-def sample_teacher_sources(spec: JobSpec, teacher, tokenizer, device, progress: bool, say=_say) -> float:
+def sample_teacher_sources(spec: JobSpec, teacher, tokenizer, device, progress: bool, say=_say) -> None:
     """Resolve every `teacher[:TOKENS]` training source to its sampled text (rabit.teacher_text), from the cache or
-    sampled now from `teacher` (as the job will use it: rotated where it is). Returns the seconds it took."""
+    sampled now from `teacher` (as the job will use it: rotated where it is)."""
     from ..teacher_text import teacher_corpus
     from ..train.trainer import native_bf16
 
     wanted = spec.data.teacher_sources()
     if not wanted:
-        return 0.0
+        return
     t0 = time.time()
     autocast = native_bf16(torch.device(device)) if spec.train.autocast is None else spec.train.autocast
     fingerprint = _model_fingerprint(teacher)
@@ -284,9 +284,7 @@ def sample_teacher_sources(spec: JobSpec, teacher, tokenizer, device, progress: 
         path = teacher_corpus(teacher, tokenizer, tokens, fingerprint, seed=spec.train.seed, autocast=autocast,
                               progress=progress, say=say)
         spec.data.sampled[source] = str(path)
-    seconds = time.time() - t0
-    say(f"teacher text ready in {seconds:.0f} s")
-    return seconds
+    say(f"teacher text ready in {time.time() - t0:.0f} s")
 
 
 def check_save_options(spec: JobSpec, teacher) -> None:

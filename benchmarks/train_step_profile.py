@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=100.0)
     ap.add_argument("--latent-lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
     ap.add_argument("--data-seed", type=int, default=None, help="shuffle the rows with this seed (same model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
@@ -86,7 +87,7 @@ def main() -> None:
         ocfg.muon_ns_dtype = args.muon_ns_dtype
     optim = Optimizers(split, ocfg, total_steps=args.steps)
     params = [p for _, p in split.latents + split.others]
-    tokens = args.grad_accum * args.seq_len
+    tokens = args.batch_size * args.grad_accum * args.seq_len
     clock = time.process_time
     # older trees (before rabit.train.frozen_casts) have no casts argument: time them with --no-frozen-casts
     casts_arg = {} if args.no_frozen_casts else {"casts": FrozenCasts()}
@@ -96,7 +97,8 @@ def main() -> None:
         loss = 0.0
         t_start, wall_start = clock(), time.perf_counter()
         for j in range(args.grad_accum):
-            batch = rows[(i * args.grad_accum + j) % rows.shape[0]][None]
+            first = ((i * args.grad_accum + j) * args.batch_size) % rows.shape[0]
+            batch = rows[first:first + args.batch_size]
             t0 = clock()
             out = batch_distillation_loss(teacher, student, batch, args.gamma, 1.0, 256, autocast=args.autocast,
                                           **casts_arg)
@@ -131,7 +133,7 @@ def main() -> None:
         last = i == args.steps - 1
         if args.profile and last:
             from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 row = step(i)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         else:

@@ -310,7 +310,7 @@ def failure(p) -> str:
 
 
 def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
-    """`rabit quantize --nproc 2` with the default batch (1 x 4): the step is split across the processes; rank-0-only
+    """`rabit quantize --nproc 2` with the default batch (4 x 1): the step is split across the processes; rank-0-only
     output, a saved model; a bad combination fails in the launching process with one line."""
     from rabit.testing import tiny_tokenizer
 
@@ -332,10 +332,10 @@ def test_cli_nproc_2_with_default_batch_end_to_end(tmp_path):
     assert p.returncode == 0, failure(p)
     assert p.stderr.count("run folder:") == 1 and p.stderr.count("2-bit after distillation") == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # 256 tokens / (1 x 4 x 32) = 2 steps, each of 4 sequences regrouped as 2 micro-batches of 2 (1 per process)
+    # 256 tokens / (4 x 1 x 32) = 2 steps, each one micro-batch of 4 sequences, 2 per process
     assert summary["world_size"] == 2 and summary["train"]["steps"] == 2 and summary["eval"]["final"] > 1
-    assert summary["step_split"].startswith("4 sequences per step = 2 micro-batch(es) of 2 (1 per process x 2")
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["batch_size"] == 2
+    assert summary["step_split"].startswith("4 sequences per step = 1 micro-batch(es) of 4 (2 per process x 2")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["batch_size"] == 4
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "memory.json").is_file()
     # the out-of-domain score, as a one-process run gives it
     ood = summary["eval"]["ood"]

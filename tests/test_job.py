@@ -24,10 +24,13 @@ def test_the_command_line_defaults_are_the_job_spec_defaults():
     # budgets) where the library's Trainer trains them, as the method does
     assert t.train_latents and not JobSpec().train_config().train_latents
     assert _parse("--train-latents").train_config().train_latents
-    # frozen latents (no Muon) take one sequence per step; latent training keeps the trainer's 4, unless set
+    # frozen latents (no Muon) take one sequence per step; latent training the trainer's 4, as one micro-batch,
+    # unless set
     assert JobSpec().train.grad_accum == _parse().train.grad_accum == 1
-    assert _parse("--train-latents").train.grad_accum == 4
-    assert _parse("--train-latents", "--grad-accum", "2").train.grad_accum == 2
+    latent = _parse("--train-latents").train
+    assert (latent.batch_size, latent.grad_accum) == (4, 1) and latent.batch_size == t.batch_size * t.grad_accum
+    given = _parse("--train-latents", "--grad-accum", "2").train
+    assert (given.batch_size, given.grad_accum) == (1, 2)
     assert _parse("--grad-accum", "3").train.grad_accum == 3
     # ... and 256-token sequences; latent training keeps 512, and a given --seq-len is kept either way
     assert JobSpec().data.seq_len == _parse().data.seq_len == 256
@@ -109,15 +112,20 @@ def test_default_batch_is_split_across_processes_and_an_explicit_one_is_checked(
     two = frozen.for_processes(2)
     assert (two.train.batch_size, two.train.grad_accum) == (2, 1) and two.tokens_per_step == 2 * frozen.tokens_per_step
     assert frozen.for_processes(4).train.batch_size == 4
-    # the latent-training default (4 sequences per step): regrouped, the same step
+    # the latent-training default (4 sequences per step, one micro-batch): 2 or 4 processes split it as it is
     spec = _parse("--train-latents")
+    two = spec.for_processes(2)
+    assert two is spec and two.split_description(2).startswith("4 sequences per step = 1 micro-batch(es) of 4 (2 per")
+    assert spec.for_processes(4) is spec
+    with pytest.raises(ValueError, match="cannot be split evenly across 3 processes"):
+        spec.for_processes(3)
+    # a step of 4 taken as 4 micro-batches of 1 (as given) is regrouped for 2 processes: the same step
+    spec = _parse("--train-latents")
+    spec.train.batch_size, spec.train.grad_accum = 1, 4
     two = spec.for_processes(2)
     assert (two.train.batch_size, two.train.grad_accum) == (2, 2) and two.tokens_per_step == spec.tokens_per_step
     assert two.train_config().optim.warmup_steps == spec.train_config().optim.warmup_steps
     assert two.split_description(2).startswith("4 sequences per step = 2 micro-batch(es) of 2 (1 per process")
-    assert spec.for_processes(4).train.batch_size == 4
-    with pytest.raises(ValueError, match="cannot be split evenly across 3 processes"):
-        spec.for_processes(3)
     with pytest.raises(ValueError, match="--batch-size 3 is the global micro-batch and must be divisible by the 2"):
         _parse("--batch-size", "3").for_processes(2)
 
@@ -222,7 +230,7 @@ def test_ablation_cells_train_latents_with_the_latent_step_size():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     spec = base_job(parser.parse_args(["ablate"]))
-    assert spec.train.train_latents and spec.train.grad_accum == 4
+    assert spec.train.train_latents and spec.train.batch_size * spec.train.grad_accum == 4
     assert "--grad-accum" not in job_to_argv(spec)
     spec = base_job(parser.parse_args(["ablate", "--extra", "--grad-accum 2"]))
     assert spec.train.grad_accum == 2 and job_to_argv(spec)[job_to_argv(spec).index("--grad-accum") + 1] == "2"

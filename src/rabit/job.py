@@ -156,8 +156,11 @@ class DistSpec:
 # 3e-3; at 1e-4 on an AMX CPU, where a latent step costs about the same per token, they tie: section 39).
 # Without Muon a step costs the same per token at any size, so the job takes one sequence per step (80 steps of
 # 512 tokens): 78.3 / 76.3 against 82.4 / 78.4 with 20 steps of 4 (WikiText-2 / Persuasion, section 15).
-# LATENT_GRAD_ACCUM: the micro-batches per step when the latents train (TrainConfig's default, sized for Muon).
-LATENT_GRAD_ACCUM = TrainConfig.grad_accum
+# LATENT_ROWS: the sequences per step when the latents train (TrainConfig's 1 x 4, sized for Muon), taken as one
+# micro-batch of 4: the same rows, loss and update (to fp32 summation order), ~1.13x the tokens/s on 2 Zen 5 cores
+# (4 x 512-token rows: the backward's per-layer passes, the effective weights' casts and the scale gradients run
+# once per step instead of four times; docs/RESULTS.md section 53).
+LATENT_ROWS = TrainConfig.batch_size * TrainConfig.grad_accum
 FROZEN_GRAD_ACCUM = 1
 # Shorter sequences continue that trend: from the same refined start, at the Zen 3 demo's 12,800 tokens, 50 steps
 # of 256 tokens reached 68.6 / 68.7 where 25 steps of 512 reached 74.3 / 70.6 (seed 0; seed 1 in section 34), and
@@ -199,9 +202,9 @@ def default_latent_lr(train_latents: bool, block_stage: bool) -> float:
     return REFINED_LATENT_LR if train_latents and block_stage else OptimConfig.latent_lr
 
 
-def default_grad_accum(train_latents: bool) -> int:
-    """Micro-batches per optimizer step when --batch-size and --grad-accum are left unset."""
-    return LATENT_GRAD_ACCUM if train_latents else FROZEN_GRAD_ACCUM
+def default_split(train_latents: bool) -> tuple[int, int]:
+    """(batch_size, grad_accum) of an optimizer step when --batch-size and --grad-accum are left unset."""
+    return (LATENT_ROWS, 1) if train_latents else (1, FROZEN_GRAD_ACCUM)
 
 
 def default_seq_len(train_latents: bool) -> int:
@@ -340,7 +343,7 @@ class JobSpec:
         (auto_refine_samples) are the block stage's: call after changing train.train_latents, rotate,
         block_stage or blocks.samples."""
         if self.auto_split:
-            self.train.grad_accum = default_grad_accum(self.train.train_latents)
+            self.train.batch_size, self.train.grad_accum = default_split(self.train.train_latents)
         if self.auto_seq_len:
             self.data.seq_len = default_seq_len(self.train.train_latents)
         if self.auto_scale_lr:

@@ -49,6 +49,38 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
+class _ChunkBuffers:
+    """Buffers of the chunk loop on a CPU: the two heads' outputs in the matmul dtype, their fp32 copies (what the
+    KL reads), the KL's fp32 gradient and its cast back to the matmul dtype. Values are those of
+    F.linear(...).float() and g.to(dtype): only where they are written changes. From `casts`' scratch tensors when
+    given (kept for the whole run: one chunk per step, as the job's 256-token steps have, reuses nothing within a
+    call), else made for this call."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, want_grad: bool, casts=None):
+        def make(name, dt):
+            return (casts.scratch("fused_head." + name, (rows, vocab), dt) if casts is not None
+                    else torch.empty(rows, vocab, dtype=dt))
+
+        self.dtype = dtype
+        wide = dtype == torch.float32
+        self.low = [make(f"low{i}", dtype) for i in range(2)]
+        self.wide = self.low if wide else [make(f"wide{i}", torch.float32) for i in range(2)]
+        self.kl_grad = make("kl_grad", torch.float32) if want_grad else None
+        self.grad = make("grad", dtype) if want_grad and not wide else None
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor, which: int) -> torch.Tensor:
+        m = h.shape[0]
+        if h.dtype != self.dtype or w.dtype != self.dtype:   # mm's out= takes no mixed dtypes
+            return F.linear(h, w).float()
+        low = torch.mm(h, w.t(), out=self.low[which][:m])
+        return low if low.dtype == torch.float32 else self.wide[which][:m].copy_(low)
+
+    def cast(self, g: torch.Tensor) -> torch.Tensor:
+        if self.grad is None or g.dtype == self.dtype:
+            return g.to(self.dtype)
+        return self.grad[:g.shape[0]].copy_(g)
+
+
 class _FusedHeadKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, temperature: float, chunk: int, cap_s, cap_t, dtype, casts):
@@ -60,14 +92,21 @@ class _FusedHeadKL(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if want_h else None
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        # on a CPU, one gradient buffer for every chunk (the native KL writes into it): a fresh (chunk, vocab) tensor
-        # per chunk costs its page faults each time; elsewhere the reference's own result is used as it is
-        gbuf = (torch.empty(min(chunk, n), ws.shape[0]) if (want_h or want_w) and h_s.device.type == "cpu"
-                else None)
+        # On a CPU each chunk's head outputs, their fp32 copies, the KL's gradient (the native KL writes into it)
+        # and its cast go to buffers made once (per call, or per run with `casts`): a fresh (chunk, vocab) tensor
+        # costs its page faults each time (a 256 x 49,152 bf16 -> fp32 cast: ~17 ms into a new tensor, ~1 ms into
+        # a used one). Elsewhere the reference's own results are used as they are.
+        bufs = (_ChunkBuffers(min(chunk, n), ws.shape[0], dtype, want_h or want_w, casts)
+                if h_s.device.type == "cpu" else None)
+        gbuf = None if bufs is None else bufs.kl_grad
         for a in range(0, n, chunk):
             hs = h_s[a:a + chunk].detach().to(dtype)
-            s = _softcap(F.linear(hs, ws).float(), cap_s)
-            t = _softcap(F.linear(h_t[a:a + chunk].detach().to(dtype), wt).float(), cap_t)
+            ht = h_t[a:a + chunk].detach().to(dtype)
+            if bufs is None:
+                s, t = F.linear(hs, ws).float(), F.linear(ht, wt).float()
+            else:
+                s, t = bufs.logits(hs, ws, 0), bufs.logits(ht, wt, 1)
+            s, t = _softcap(s, cap_s), _softcap(t, cap_t)
             kl, g = _kl_chunk(s, t, temperature, want_h or want_w,    # g = d kl / d s, fp32 (chunk, vocab)
                               out=None if gbuf is None else gbuf[:s.shape[0]])
             total += kl
@@ -75,7 +114,7 @@ class _FusedHeadKL(torch.autograd.Function):
                 continue
             if cap_s is not None:   # s = cap * tanh(z / cap): ds/dz = 1 - (s / cap)^2
                 g.mul_(1 - (s / cap_s).square())
-            g = g.to(dtype)
+            g = g.to(dtype) if bufs is None else bufs.cast(g)
             if want_h:
                 grad_h[a:a + chunk] = (g @ ws).to(h_s.dtype)
             if want_w:

@@ -234,6 +234,12 @@ def _read_utf8(path: Path, keep_crlf: bool = False) -> str:
 
 
 def _read_jsonl(path: Path) -> str:
+    return "\n\n".join(read_jsonl_texts(path))
+
+
+def read_jsonl_texts(path: Path) -> list[str]:
+    """The 'text' fields of a .jsonl corpus (one JSON object per non-blank line), in order; ValueError naming the
+    line for anything else, OSError when the file cannot be read."""
     texts = []
     for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
         if not line.strip():
@@ -245,7 +251,7 @@ def _read_jsonl(path: Path) -> str:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
         texts.append(obj["text"])
-    return "\n\n".join(texts)
+    return texts
 
 
 def _read_local_file(path: Path) -> str:

@@ -126,10 +126,11 @@ def _key(model_fingerprint: str, tokenizer, n_tokens: int, seq_len: int, seed: i
 
 def _read_cached(path: Path, rows: int) -> bool:
     """True when ``path`` is a complete cached corpus (``rows`` JSON lines with a string text each)."""
+    from .data import read_jsonl_texts
+
     try:
-        lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
-        return len(lines) == rows and all(isinstance(json.loads(ln).get("text"), str) for ln in lines)
-    except (OSError, ValueError, AttributeError):
+        return len(read_jsonl_texts(path)) == rows
+    except (OSError, ValueError):
         return False
 
 

@@ -156,11 +156,13 @@ _OPTIONS = [
            "evaluation is set aside (at least a tenth of the budget, at most a minute), so that the job ends about this long after it started on any "
            "machine (a --scale-tokens phase is not counted; `make demo` uses 13)", type=float),
     Option("--batch-size", "train.batch_size", "distillation", "sequences per micro-batch (the global micro-batch "
-           "with --nproc; left at the default, a step is split across processes automatically)", type=int),
-    Option("--grad-accum", "train.grad_accum", "distillation", "micro-batches per optimizer step (default: 1 "
-           "with frozen latents, where a step costs the same per token at any size and more steps trained better; "
-           "4 with --train-latents: Muon's orthogonalization costs about 1.6 micro-batches of 512 tokens on CPU, "
-           "so fewer, larger steps are faster)", type=int),
+           "with --nproc; default 1, or 4 with --train-latents; left at the default, a step is split across "
+           "processes automatically)", type=int),
+    Option("--grad-accum", "train.grad_accum", "distillation", "micro-batches per optimizer step (default 1: with "
+           "frozen latents a step costs the same per token at any size and more steps trained better; with "
+           "--train-latents a step is one micro-batch of 4 sequences, as Muon's orthogonalization costs about 1.6 "
+           "micro-batches of 512 tokens on CPU, so fewer, larger steps are faster, and one micro-batch of 4 is "
+           "~1.13x faster than 4 of 1)", type=int),
     Option("--latent-lr", "train.optim.latent_lr", "distillation",
            "Muon learning rate of the latent weights, AdamW-matched RMS (default: 1e-4 after the block stage, "
            "else 3e-3)", type=float),

@@ -157,7 +157,7 @@ class DistSpec:
 # Without Muon a step costs the same per token at any size, so the job takes one sequence per step (80 steps of
 # 512 tokens): 78.3 / 76.3 against 82.4 / 78.4 with 20 steps of 4 (WikiText-2 / Persuasion, section 15).
 # LATENT_ROWS: the sequences per step when the latents train (TrainConfig's 1 x 4, sized for Muon), taken as one
-# micro-batch of 4: the same rows, loss and update (to fp32 summation order), ~1.13x the tokens/s on 2 Zen 5 cores
+# micro-batch of 4: the same rows, loss and update (to fp32 summation order), ~1.15x the tokens/s on 2 Zen 5 cores
 # (4 x 512-token rows: the backward's per-layer passes, the effective weights' casts and the scale gradients run
 # once per step instead of four times; docs/RESULTS.md section 53).
 LATENT_ROWS = TrainConfig.batch_size * TrainConfig.grad_accum

@@ -162,7 +162,7 @@ _OPTIONS = [
            "frozen latents a step costs the same per token at any size and more steps trained better; with "
            "--train-latents a step is one micro-batch of 4 sequences, as Muon's orthogonalization costs about 1.6 "
            "micro-batches of 512 tokens on CPU, so fewer, larger steps are faster, and one micro-batch of 4 is "
-           "~1.13x faster than 4 of 1)", type=int),
+           "~1.15x faster than 4 of 1)", type=int),
     Option("--latent-lr", "train.optim.latent_lr", "distillation",
            "Muon learning rate of the latent weights, AdamW-matched RMS (default: 1e-4 after the block stage, "
            "else 3e-3)", type=float),

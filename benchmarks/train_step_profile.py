@@ -133,7 +133,7 @@ def main() -> None:
         last = i == args.steps - 1
         if args.profile and last:
             from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 row = step(i)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         else:

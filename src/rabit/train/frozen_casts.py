@@ -21,7 +21,8 @@ from torch import nn
 
 
 class FrozenCasts:
-    """Casts of frozen tensors to another dtype, reused while the source is unchanged."""
+    """Casts of frozen tensors to another dtype, reused while the source is unchanged; and the scratch tensors a
+    run's steps reuse (``scratch``)."""
 
     def __init__(self):
         self._cache: dict[int, tuple] = {}

@@ -69,16 +69,14 @@ class _ChunkBuffers:
         self.grad = make("grad", dtype) if want_grad and not wide else None
 
     def logits(self, h: torch.Tensor, w: torch.Tensor, which: int) -> torch.Tensor:
+        """F.linear(h, w).float() for h and w in the buffers' dtype (the caller casts both to it)."""
         m = h.shape[0]
-        if h.dtype != self.dtype or w.dtype != self.dtype:   # mm's out= takes no mixed dtypes
-            return F.linear(h, w).float()
         low = torch.mm(h, w.t(), out=self.low[which][:m])
         return low if low.dtype == torch.float32 else self.wide[which][:m].copy_(low)
 
     def cast(self, g: torch.Tensor) -> torch.Tensor:
-        if self.grad is None or g.dtype == self.dtype:
-            return g.to(self.dtype)
-        return self.grad[:g.shape[0]].copy_(g)
+        """g.to(dtype) for the KL's fp32 gradient g (itself when dtype is fp32)."""
+        return g if self.grad is None else self.grad[:g.shape[0]].copy_(g)
 
 
 class _FusedHeadKL(torch.autograd.Function):
